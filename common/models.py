@@ -64,7 +64,9 @@ def load_causal_lm(
 ) -> LoadedModel:
     """Load any Hugging Face causal LM (local folder written by save_pretrained, or hub id)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # workers log JSON lines; no progress bars on stderr
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(name, trust_remote_code)
     try:

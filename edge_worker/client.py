@@ -76,6 +76,8 @@ class SessionResult:
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("round_ms")
+        for key in ("draft_ms", "queue_ms", "verify_ms", "transport_ms", "wall_ms", "first_token_ms"):
+            data[key] = round(data[key], 3)
         data.update(acceptance_rate=round(self.acceptance_rate, 4),
                     mean_accepted_length=round(self.mean_accepted_length, 4),
                     tokens_per_s=round(self.tokens_per_s, 2), tokens=len(self.token_ids))

@@ -19,15 +19,25 @@ import tiny_models  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
+
+# Tests share two cores with worker subprocesses: one intra-op thread avoids oversubscription.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A tiny random target and draft sharing one tokenizer (paths to save_pretrained folders)."""
+    """Paths of a tiny target, a related draft (perturbed copy) and an unrelated draft."""
     root = tmp_path_factory.mktemp("models")
     tokenizer = tiny_models.build_tokenizer()
-    target = tiny_models.build_model(root / "target", seed=1, hidden=64, layers=2, tokenizer=tokenizer)
-    draft = tiny_models.build_model(root / "draft", seed=2, hidden=32, layers=1, tokenizer=tokenizer)
-    return {"target": str(target), "draft": str(draft)}
+    target = tiny_models.random_model(tokenizer, seed=1)
+    return {
+        "target": str(tiny_models.save(target, tokenizer, root / "target")),
+        "draft": str(tiny_models.save(tiny_models.perturbed_copy(target, 2, 0.35), tokenizer,
+                                      root / "draft")),
+        "unrelated": str(tiny_models.save(tiny_models.random_model(tokenizer, 3, hidden=32, layers=1),
+                                          tokenizer, root / "unrelated")),
+    }
 
 
 def _free_port() -> int:
@@ -36,21 +46,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free port, stopped when the module's tests are done."""
+def start_redis_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+         "--dir", str(workdir), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    _wait_for_port(port)
+    return process, port
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free port, stopped when the module's tests are done."""
+    process, port = start_redis_server(tmp_path_factory.mktemp("redis"))
     try:
-        _wait_for_port(port)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(vocab_size: int = 320):
+def build_tokenizer(vocab_size: int = 320) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,23 +31,36 @@ def build_tokenizer(vocab_size: int = 320):
                                    pad_token="<|pad|>")
 
 
-def build_model(folder: Path, seed: int, hidden: int = 64, layers: int = 2, tokenizer=None,
-                vocab_size: int = 320) -> Path:
-    """Save a random Llama with ``save_pretrained`` (the layout a hub download has)."""
+def random_model(tokenizer: Any, seed: int, hidden: int = 64, layers: int = 2) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tokenizer or build_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    # Sharpen the random model so it has confident (argmax-stable) preferences, like a trained one.
+    with torch.no_grad():  # confident, context-dependent predictions, like a trained model
+        model.lm_head.weight.mul_(12.0)
+    return model.eval()
+
+
+def perturbed_copy(model: Any, seed: int, noise: float) -> Any:
+    """A draft that agrees with ``model`` often but not always: the same weights plus noise."""
+    import copy
+
+    torch.manual_seed(seed)
+    draft = copy.deepcopy(model)
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
+        for parameter in draft.parameters():
+            parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
+    return draft
+
+
+def save(model: Any, tokenizer: Any, folder: Path) -> Path:
+    """``save_pretrained`` both: the layout of a hub download."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class DraftBackend(ABC):
     vocab_size: int
     fingerprint: str  # vocabulary fingerprint, checked against the target's
     model_name: str
+    tokenizer: Any  # a transformers tokenizer: prompts are encoded on the edge, ids travel
+    eos_token_ids: frozenset[int]
 
     @abstractmethod
     def new_state(self) -> DraftState: ...

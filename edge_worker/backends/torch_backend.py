@@ -35,6 +35,7 @@ class TorchDraftBackend(DraftBackend):
         self.fingerprint = loaded.fingerprint
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
 
     def new_state(self) -> TorchDraftState:
         return TorchDraftState()

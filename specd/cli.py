@@ -1,0 +1,247 @@
+"""The ``specd`` command line: demo, verifier, edge, generate, train-pair, pair-report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.logs import configure_logging
+from common.settings import ConfigError, Settings, load_settings
+
+# Each flag maps to (section, key) of the settings; None values mean "not given".
+FLAG_TO_SETTING = {
+    "redis_url": ("redis", "url"),
+    "target_model": ("models", "target"),
+    "draft_model": ("models", "draft"),
+    "dtype": ("models", "dtype"),
+    "target_device": ("models", "target_device"),
+    "draft_device": ("models", "draft_device"),
+    "torch_threads": ("models", "torch_threads"),
+    "temperature": ("sampling", "temperature"),
+    "top_p": ("sampling", "top_p"),
+    "top_k": ("sampling", "top_k"),
+    "seed": ("sampling", "seed"),
+    "max_new_tokens": ("sampling", "max_new_tokens"),
+    "gamma": ("edge", "gamma"),
+    "max_support": ("edge", "max_support"),
+    "tenant": ("edge", "tenant"),
+    "backend": ("edge", "backend"),
+    "verifier_worker_id": ("verifier", "worker_id"),
+    "edge_worker_id": ("edge", "worker_id"),
+    "max_batch_sessions": ("verifier", "max_batch_sessions"),
+    "max_batch_tokens": ("verifier", "max_batch_tokens"),
+    "log_level": ("log", "level"),
+    "log_format": ("log", "format"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (override settings.toml and SPECD_* variables)")
+    group.add_argument("--config", type=Path, help="settings TOML file (default ./settings.toml)")
+    group.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL; empty: embedded")
+    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"])
+    group.add_argument("--torch-threads", type=int, help="torch threads per process (0: default)")
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    group.add_argument("--log-format", choices=["auto", "json", "console"])
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("target model")
+    group.add_argument("--target-model", help="HF folder, hub id or bundled:target")
+    group.add_argument("--target-device", help="torch device of the target, e.g. cpu, cuda:0")
+
+
+def _add_batching(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("verifier batching")
+    group.add_argument("--max-batch-sessions", type=int, help="sessions per forward pass")
+    group.add_argument("--max-batch-tokens", type=int, help="tokens per forward pass")
+
+
+def _add_draft(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("draft model and sampling")
+    group.add_argument("--draft-model", help="HF folder, hub id or bundled:draft")
+    group.add_argument("--draft-device", help="torch device of the draft, e.g. cpu, cuda")
+    group.add_argument("--backend", choices=["torch"], help="draft backend")
+    group.add_argument("--gamma", type=int, help="draft tokens per round")
+    group.add_argument("--max-support", type=int, help="sparse support sent per drafted position")
+    group.add_argument("--tenant", help="tenant id of the sessions")
+    group.add_argument("--temperature", type=float, help="0 is greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int, help="0 disables top-k")
+    group.add_argument("--seed", type=int, help="per-session seed (default: a fresh one)")
+    group.add_argument("--max-new-tokens", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specd", description="Distributed speculative decoding: edge drafters, cloud verifiers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="verifier + edge workers on an embedded Redis",
+                               description="Start one verifier and several edge workers (processes) "
+                               "on an embedded Redis with the bundled model pair, stream the text, "
+                               "print per-session and total figures.")
+    demo.add_argument("--edges", type=int, default=3, help="edge worker processes (default 3)")
+    demo.add_argument("--sessions-per-edge", type=int, default=1, help="sessions per edge (default 1)")
+    demo.add_argument("--prompt", action="append", help="a prompt (repeatable); default: built-ins")
+    demo.add_argument("--log-dir", type=Path, help="where worker logs go (default: a temp folder)")
+    demo.add_argument("--json", action="store_true", help="also print the report as JSON")
+
+    verifier = commands.add_parser("verifier", help="run a verifier worker",
+                                   description="Run a verifier worker against a Redis server.")
+    verifier.add_argument("--worker-id", dest="verifier_worker_id", help="stable worker id")
+    verifier.add_argument("--check", action="store_true",
+                          help="exit 0 if the worker (any, without --worker-id) has a live heartbeat")
+
+    edge = commands.add_parser("edge", help="run an edge worker for some prompts",
+                               description="Run an edge worker: draft for its prompts and have "
+                               "them verified by the pool.")
+    edge.add_argument("--worker-id", dest="edge_worker_id", help="stable worker id")
+    edge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    edge.add_argument("--prompts-file", type=Path, help="JSONL with a text field, or plain text lines")
+    edge.add_argument("--field", default="text", help="JSONL field holding the prompt (default text)")
+    edge.add_argument("--events", action="store_true", help="print JSON events (tokens, results)")
+    edge.add_argument("--check", action="store_true", help="exit 0 if an edge has a live heartbeat")
+
+    generate = commands.add_parser("generate", help="generate for one prompt",
+                                   description="Generate for one prompt: speculative (through "
+                                   "Redis; embedded when no URL is configured), target-only or "
+                                   "draft-only.")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--mode", choices=["speculative", "target", "draft"], default="speculative")
+    generate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for sub in (demo, verifier, edge, generate):
+        _add_common(sub)
+    for sub in (demo, verifier, edge, generate):  # the edge names the target it expects
+        _add_target(sub)
+    for sub in (demo, verifier):
+        _add_batching(sub)
+    for sub in (demo, edge, generate):
+        _add_draft(sub)
+
+    train = commands.add_parser("train-pair", help="train the bundled tiny draft/target pair",
+                                add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    report = commands.add_parser("pair-report", help="measure a draft/target pair", add_help=False)
+    report.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    if getattr(args, "config", None):
+        import os
+
+        os.environ["SPECD_CONFIG"] = str(args.config)
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, (section, key) in FLAG_TO_SETTING.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return load_settings(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("train-pair", "pair-report"):
+        return _run_pair_tool(args.command, args.args)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"specd: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, settings.log.format)
+    return COMMANDS[args.command](args, settings)
+
+
+def _run_pair_tool(command: str, argv: list[str]) -> int:
+    if command == "train-pair":
+        from specd.pair.train import main as train_main
+
+        return train_main(argv)
+    from specd.pair.report import main as report_main
+
+    return report_main(argv)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from specd.demo import DEFAULT_PROMPTS, run_demo
+
+    report = asyncio.run(run_demo(settings, args.edges, args.sessions_per_edge,
+                                  args.prompt or DEFAULT_PROMPTS, args.log_dir))
+    if args.json:
+        print(json.dumps(report))
+    return 0 if len(report["sessions"]) == args.edges * args.sessions_per_edge else 1
+
+
+def _require_redis(settings: Settings, command: str) -> bool:
+    if settings.redis.url:
+        return True
+    print(f"specd {command}: redis.url is not set (use --redis-url or SPECD_REDIS__URL); "
+          "the embedded Redis only serves `specd demo` and `specd generate`", file=sys.stderr)
+    return False
+
+
+def _verifier(args: argparse.Namespace, settings: Settings) -> int:
+    from specd.workers import check_health, run_verifier
+
+    if not _require_redis(settings, "verifier"):
+        return 2
+    if args.check:
+        return asyncio.run(check_health(settings, "verifier"))
+    return asyncio.run(run_verifier(settings))
+
+
+def _edge(args: argparse.Namespace, settings: Settings) -> int:
+    from specd.workers import PromptJob, check_health, run_edge
+
+    if not _require_redis(settings, "edge"):
+        return 2
+    if args.check:
+        return asyncio.run(check_health(settings, "edge"))
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file, args.field) if args.prompts_file else [])
+    if not prompts:
+        print("specd edge: give --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    return asyncio.run(run_edge(settings, [PromptJob(p) for p in prompts], args.events))
+
+
+def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    from specd.generate import print_human, run_generate
+
+    result = run_generate(settings, args.prompt, args.mode, args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_human(result, args.prompt)
+    return 0
+
+
+def read_prompts(path: Path, field: str = "text") -> list[str]:
+    """Prompts from a JSONL file (``field``, or the first turn of SpecBench's ``turns``) or text."""
+    prompts = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            prompts.append(line)
+            continue
+        if isinstance(record, dict):
+            value = record.get(field) or (record.get("turns") or [None])[0] or record.get("prompt")
+            if isinstance(value, str):
+                prompts.append(value)
+    return prompts
+
+
+COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

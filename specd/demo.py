@@ -1,0 +1,184 @@
+"""``specd demo``: one verifier process and several edge processes on an embedded Redis.
+
+The edges stream their tokens as JSON events on stdout; the demo relays them as they come,
+then prints per-session and total figures. Worker logs go to files in ``--log-dir``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from broker.streams import Broker, connect
+from common.settings import Settings
+from specd.generate import redis_url_for
+
+DEFAULT_PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n",
+    "def read_config(path):\n    with open(path) as f:\n",
+    "    for i in range(len(items)):\n",
+    "def is_prime(n):\n",
+]
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    # Several processes share the CPU: one torch thread each unless configured otherwise.
+    if not settings.models.torch_threads:
+        env["SPECD_MODELS__TORCH_THREADS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
+    """The demo's effective settings as explicit flags: (verifier flags, edge flags)."""
+    m, e, s, v = settings.models, settings.edge, settings.sampling, settings.verifier
+    shared = ["--redis-url", url, "--dtype", m.dtype, "--target-model", m.target,
+              "--log-format", "json"]
+    verifier = shared + ["--target-device", m.target_device,
+                         "--max-batch-sessions", str(v.max_batch_sessions),
+                         "--max-batch-tokens", str(v.max_batch_tokens)]
+    edge = shared + ["--draft-model", m.draft, "--draft-device", m.draft_device,
+                     "--gamma", str(e.gamma), "--max-support", str(e.max_support),
+                     "--tenant", e.tenant, "--temperature", str(s.temperature),
+                     "--top-p", str(s.top_p), "--top-k", str(s.top_k),
+                     "--max-new-tokens", str(s.max_new_tokens)]
+    if s.seed is not None:
+        edge += ["--seed", str(s.seed)]
+    return verifier, edge
+
+
+async def _wait_healthy(url: str, settings: Settings, timeout_s: float) -> None:
+    broker = Broker(connect(url), prefix=settings.redis.key_prefix)
+    pattern = broker.keys.health("verifier", "*")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if [key async for key in broker.redis.scan_iter(match=pattern)]:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"the verifier did not come up within {timeout_s:.0f}s")
+    finally:
+        await broker.close()
+
+
+async def _relay(process: asyncio.subprocess.Process, label: str, out: TextIO,
+                 results: list[dict[str, Any]], texts: dict[str, str]) -> None:
+    assert process.stdout is not None
+    async for raw in process.stdout:
+        try:
+            event = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        sid = event.get("session_id", "")
+        tag = f"[{label}/{sid[:6]}]"
+        if event["event"] == "tokens":
+            texts[sid] = texts.get(sid, "") + event["text"]
+            print(f"{tag} {event['text']!r}", file=out, flush=True)
+        elif event["event"] == "result":
+            results.append(event)
+        elif event["event"] == "error":
+            print(f"{tag} ERROR {event['code']}: {event['message']}", file=out, flush=True)
+
+
+async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, prompts: list[str],
+                   log_dir: Path | None, out: TextIO = sys.stdout) -> dict[str, Any]:
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="specd-demo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = _worker_env(settings)
+    async with redis_url_for(settings) as (url, embedded):
+        print(f"specd demo: Redis {'embedded at ' + url if embedded else url}; "
+              f"1 verifier, {edges} edge workers x {sessions_per_edge} sessions; logs in {log_dir}",
+              file=out, flush=True)
+        verifier_args, edge_args = _worker_args(settings, url)
+        verifier = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "specd", "verifier", *verifier_args,
+            stdout=asyncio.subprocess.DEVNULL, stderr=open(log_dir / "verifier.log", "wb"), env=env)
+        try:
+            await _wait_healthy(url, settings, timeout_s=180)
+            started = time.perf_counter()
+            results, texts = await _run_edges(edge_args, env, edges, sessions_per_edge, prompts,
+                                              log_dir, out)
+            wall_s = time.perf_counter() - started
+        finally:
+            if verifier.returncode is None:
+                verifier.terminate()
+            await verifier.wait()
+    report = summarise(results, wall_s)
+    print_report(report, texts, out)
+    return report
+
+
+async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sessions_per_edge: int,
+                     prompts: list[str], log_dir: Path, out: TextIO
+                     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    results: list[dict[str, Any]] = []
+    texts: dict[str, str] = {}
+    processes, relays = [], []
+    for index in range(edges):
+        mine = [prompts[(index * sessions_per_edge + k) % len(prompts)] for k in range(sessions_per_edge)]
+        prompt_args = [arg for prompt in mine for arg in ("--prompt", prompt)]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "specd", "edge", *edge_args, *prompt_args, "--events",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=open(log_dir / f"edge-{index}.log", "wb"), env=env)
+        processes.append(process)
+        relays.append(_relay(process, f"edge{index}", out, results, texts))
+    await asyncio.gather(*relays)
+    for process in processes:
+        await process.wait()
+    return results, texts
+
+
+def summarise(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    tokens = sum(r["tokens"] for r in results)
+    rounds = sum(r["rounds"] for r in results)
+    drafted = sum(r["drafted"] for r in results)
+    accepted = sum(r["accepted"] for r in results)
+    total = {
+        "sessions": len(results), "tokens": tokens, "rounds": rounds, "drafted": drafted,
+        "accepted": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        "mean_accepted_length": round(tokens / rounds, 3) if rounds else 0.0,
+        "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0, "wall_s": round(wall_s, 3),
+        **{key: round(sum(r[key] for r in results), 1)
+           for key in ("draft_ms", "queue_ms", "verify_ms", "transport_ms")},
+    }
+    return {"sessions": results, "total": total}
+
+
+COLUMNS = [("session", 8), ("tokens", 6), ("rounds", 6), ("drafted", 7), ("accepted", 8),
+           ("accept%", 7), ("len/rnd", 7), ("tok/s", 7), ("draft ms", 9), ("queue ms", 9),
+           ("verify ms", 9), ("transp ms", 9)]
+
+
+def _row(r: dict[str, Any], name: str) -> list[str]:
+    return [name, str(r["tokens"]), str(r["rounds"]), str(r["drafted"]), str(r["accepted"]),
+            f"{100 * r['acceptance_rate']:.1f}", f"{r['mean_accepted_length']:.2f}",
+            f"{r['tokens_per_s']:.1f}", f"{r['draft_ms']:.0f}", f"{r['queue_ms']:.0f}",
+            f"{r['verify_ms']:.0f}", f"{r['transport_ms']:.0f}"]
+
+
+def print_report(report: dict[str, Any], texts: dict[str, str], out: TextIO) -> None:
+    print("\n=== completions ===", file=out)
+    for r in report["sessions"]:
+        print(f"--- {r['session_id'][:8]} ---\n{r['prompt']}{r['text']}", file=out)
+    print("\n=== figures (times summed over rounds; tok/s per session wall time) ===", file=out)
+    header = "  ".join(name.rjust(width) for name, width in COLUMNS)
+    print(header, file=out)
+    rows = [_row(r, r["session_id"][:8]) for r in report["sessions"]] + [_row(report["total"], "TOTAL")]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, (_, width) in zip(row, COLUMNS, strict=True)),
+              file=out)
+    total = report["total"]
+    print(f"\n{total['sessions']} sessions, {total['tokens']} tokens in {total['wall_s']} s "
+          f"({total['tokens_per_s']} tok/s total), acceptance {100 * total['acceptance_rate']:.1f}%, "
+          f"mean accepted length {total['mean_accepted_length']} tokens/round", file=out)

@@ -1,0 +1,143 @@
+"""``specd generate``: one prompt, speculative (through Redis) or target-only or draft-only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from broker.embedded import EmbeddedRedis
+from common.models import load_causal_lm, set_torch_threads
+from common.sampling import SamplingParams, apply_stop_rules
+from common.settings import Settings
+from edge_worker.backends import create_backend
+from specd.runtime import build_edge, build_verifier, make_broker
+from specd.workers import sampling_spec
+from verifier_worker.engine import TargetEngine, generate_target_only
+
+
+@contextlib.asynccontextmanager
+async def redis_url_for(settings: Settings) -> AsyncIterator[tuple[str, bool]]:
+    """The configured Redis URL, or an embedded Redis for the duration (url, embedded?)."""
+    if settings.redis.url:
+        yield settings.redis.url, False
+        return
+    embedded = EmbeddedRedis()
+    try:
+        yield embedded.url, True
+    finally:
+        embedded.close()
+
+
+@contextlib.asynccontextmanager
+async def local_verifier(settings: Settings, url: str) -> AsyncIterator[Any]:
+    """A verifier worker running as a task in this process until the block exits."""
+    broker = make_broker(settings, url)
+    worker = build_verifier(settings, broker)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task
+        await broker.close()
+
+
+async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str, Any]:
+    async with redis_url_for(settings) as (url, embedded):
+        async with contextlib.AsyncExitStack() as stack:
+            if embedded:  # nobody else can reach an embedded Redis: serve it ourselves
+                await stack.enter_async_context(local_verifier(settings, url))
+            broker = make_broker(settings, url)
+            stack.push_async_callback(broker.close)
+            client = build_edge(settings, broker)
+            tokenizer = client.backend.tokenizer
+            spec = sampling_spec(settings, client.backend.eos_token_ids)
+
+            def on_tokens(_sid: str, tokens: list[int]) -> None:
+                if stream:
+                    print(tokenizer.decode(tokens, skip_special_tokens=True), end="", flush=True)
+
+            if stream:
+                print(prompt, end="", flush=True)
+            result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
+            if stream:
+                print(flush=True)
+            summary = result.summary()
+            summary.update(mode="speculative", gamma=settings.edge.gamma,
+                           text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
+                           redis="embedded" if embedded else url)
+            return summary
+
+
+def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
+    models = settings.models
+    set_torch_threads(models.torch_threads)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
+    engine = TargetEngine(target.model, target.vocab_size)
+    spec = sampling_spec(settings, target.eos_token_ids)
+    prompt_ids = target.tokenizer.encode(prompt)
+    started = time.perf_counter()
+    tokens = generate_target_only(engine, prompt_ids, SamplingParams(
+        spec.temperature, spec.top_p, spec.top_k, spec.seed), frozenset(spec.stop_token_ids),
+        spec.max_new_tokens)
+    return _plain_summary("target", target.tokenizer, prompt_ids, tokens, started,
+                          engine.forward_passes, spec.seed)
+
+
+def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
+    models = settings.models
+    set_torch_threads(models.torch_threads)
+    backend = create_backend(settings.edge.backend, models.draft, models.dtype, models.draft_device,
+                             models.trust_remote_code)
+    spec = sampling_spec(settings, backend.eos_token_ids)
+    params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
+    prompt_ids = backend.tokenizer.encode(prompt)
+    state, context, tokens = backend.new_state(), list(prompt_ids), []
+    started = time.perf_counter()
+    for seq in range(spec.max_new_tokens):
+        proposal = backend.propose(state, context, 1, params, seq, frozenset(spec.stop_token_ids),
+                                   settings.edge.max_support)
+        kept, finish = apply_stop_rules(proposal.token_ids, len(tokens),
+                                        frozenset(spec.stop_token_ids), spec.max_new_tokens)
+        tokens.extend(kept)
+        context.extend(kept)
+        if finish:
+            break
+    return _plain_summary("draft", backend.tokenizer, prompt_ids, tokens, started, 0, spec.seed)
+
+
+def _plain_summary(mode: str, tokenizer: Any, prompt_ids: list[int], tokens: list[int],
+                   started: float, passes: int, seed: int) -> dict[str, Any]:
+    wall_ms = (time.perf_counter() - started) * 1000
+    return {
+        "mode": mode, "prompt_ids": prompt_ids, "token_ids": tokens, "tokens": len(tokens),
+        "text": tokenizer.decode(tokens, skip_special_tokens=True), "rounds": len(tokens),
+        "drafted": 0, "accepted": 0, "acceptance_rate": 0.0, "mean_accepted_length": 1.0,
+        "target_forward_passes": passes, "seed": seed, "wall_ms": round(wall_ms, 3),
+        "tokens_per_s": round(len(tokens) / (wall_ms / 1000), 2) if wall_ms else 0.0,
+        "draft_ms": 0.0, "queue_ms": 0.0, "verify_ms": 0.0, "transport_ms": 0.0,
+    }
+
+
+def run_generate(settings: Settings, prompt: str, mode: str, as_json: bool) -> dict[str, Any]:
+    if mode == "speculative":
+        return asyncio.run(speculative(settings, prompt, stream=not as_json))
+    if mode == "target":
+        return target_only(settings, prompt)
+    if mode == "draft":
+        return draft_only(settings, prompt)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def print_human(result: dict[str, Any], prompt: str) -> None:
+    if result["mode"] != "speculative":
+        print(prompt + result["text"])
+    fields = ["mode", "tokens", "rounds", "drafted", "accepted", "acceptance_rate",
+              "mean_accepted_length", "target_forward_passes", "tokens_per_s", "wall_ms",
+              "draft_ms", "queue_ms", "verify_ms", "transport_ms", "seed"]
+    print("  ".join(f"{name}={result[name]}" for name in fields if name in result), file=sys.stderr)

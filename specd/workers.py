@@ -1,0 +1,140 @@
+"""Process entry points: a verifier worker and an edge worker, with lifecycle and health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.streams import Broker
+from common.logs import bind, get_logger
+from common.settings import Settings
+from common.wire import SamplingSpec
+from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
+from specd.runtime import build_edge, build_verifier, make_broker
+from verifier_worker.worker import default_worker_id
+
+log = get_logger("specd.workers")
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set ``stop``: workers finish their batch and drain."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_verifier(settings: Settings) -> int:
+    broker = make_broker(settings)
+    try:
+        worker = build_verifier(settings, broker)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await worker.run(stop)
+    finally:
+        await broker.close()
+    return 0
+
+
+async def check_health(settings: Settings, role: str) -> int:
+    """Exit code 0 when the worker (or, without a worker id, any worker of the role) is alive."""
+    broker = make_broker(settings)
+    try:
+        worker_id = settings.verifier.worker_id if role == "verifier" else settings.edge.worker_id
+        if worker_id:
+            alive = await broker.healthy(role, worker_id)
+        else:
+            pattern = broker.keys.health(role, "*")
+            alive = bool([key async for key in broker.redis.scan_iter(match=pattern, count=100)])
+        print(f"{role} {worker_id or '(any)'}: {'healthy' if alive else 'no heartbeat'}")
+        return 0 if alive else 1
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        print(f"{role}: health check failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await broker.close()
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    text: str
+    session_id: str = ""
+
+
+def sampling_spec(settings: Settings, stop_token_ids: Iterable[int]) -> SamplingSpec:
+    sampling = settings.sampling
+    return SamplingSpec(
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+        seed=sampling.seed if sampling.seed is not None else new_seed(),
+        max_new_tokens=sampling.max_new_tokens, stop_token_ids=tuple(sorted(stop_token_ids)),
+    )
+
+
+async def run_edge_jobs(settings: Settings, client: EdgeClient, jobs: list[PromptJob],
+                        emit: Any) -> list[SessionResult | None]:
+    """Run prompts concurrently (bounded by the client); ``emit(event_dict)`` reports progress."""
+    tokenizer = client.backend.tokenizer
+    stops = client.backend.eos_token_ids
+
+    def on_tokens(sid: str, tokens: list[int]) -> None:
+        emit({"event": "tokens", "session_id": sid, "token_ids": tokens,
+              "text": tokenizer.decode(tokens, skip_special_tokens=True)})
+
+    async def one(job: PromptJob) -> SessionResult | None:
+        prompt_ids = tokenizer.encode(job.text)
+        spec = sampling_spec(settings, stops)
+        try:
+            result = await client.generate(prompt_ids, spec, on_tokens, job.session_id)
+        except SessionFailed as exc:
+            emit({"event": "error", "session_id": job.session_id, "code": exc.code.value,
+                  "message": str(exc)})
+            return None
+        emit({"event": "result", "prompt": job.text,
+              "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
+              **result.summary()})
+        return result
+
+    return await asyncio.gather(*(one(job) for job in jobs))
+
+
+async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> int:
+    """An edge worker process: run its prompts against the pool, then exit."""
+    broker = make_broker(settings)
+    worker_id = settings.edge.worker_id or default_worker_id("edge")
+    bind(worker_id=worker_id)
+    heartbeat = asyncio.create_task(_edge_heartbeat(broker, worker_id, settings.edge.heartbeat_ttl_s))
+    try:
+        client = build_edge(settings, broker)
+        log.info("edge.started", backend=client.backend.name, device=client.backend.device,
+                 model=client.backend.model_name, sessions=len(jobs))
+        results = await run_edge_jobs(settings, client, jobs, _printer(events))
+    finally:
+        heartbeat.cancel()
+        await broker.clear_heartbeat("edge", worker_id)
+        await broker.close()
+    return 0 if all(r is not None for r in results) else 1
+
+
+async def _edge_heartbeat(broker: Broker, worker_id: str, ttl: int) -> None:
+    while True:
+        try:
+            await broker.heartbeat("edge", worker_id, ttl, b"{}")
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            log.warning("edge.heartbeat_failed", error=str(exc))
+        await asyncio.sleep(ttl / 3)
+
+
+def _printer(events: bool) -> Any:
+    def emit(event: dict[str, Any]) -> None:
+        if events:
+            print(json.dumps(event), flush=True)
+        elif event["event"] == "result":
+            print(f"[{event['session_id'][:8]}] {event['prompt']}{event['text']}", flush=True)
+        elif event["event"] == "error":
+            print(f"[{event['session_id'][:8]}] error {event['code']}: {event['message']}", flush=True)
+
+    return emit
