@@ -15,7 +15,7 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(vocab_size: int = 320) -> Any:
+def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,9 +26,13 @@ def build_tokenizer(vocab_size: int = 320) -> Any:
         vocab_size=vocab_size, special_tokens=["<|eos|>", "<|pad|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(corpus or CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eos|>",
                                    pad_token="<|pad|>")
+
+
+OTHER_CORPUS = ["SELECT name FROM users WHERE id = 1;\n", "<html><body>hi</body></html>\n"] * 30
+"""Text unlike ``CORPUS``: a tokenizer trained on it assigns other ids to other merges."""
 
 
 def random_model(tokenizer: Any, seed: int, hidden: int = 64, layers: int = 2) -> Any:
