@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -165,7 +165,7 @@ class Broker:
                 pipe.xadd(self.keys.verdicts(sid), {FIELD: result.payload}, maxlen=self.maxlen,
                           approximate=True)
                 if result.state:
-                    pipe.hset(self.keys.state(sid), mapping=result.state)
+                    pipe.hset(self.keys.state(sid), mapping=dict(result.state))  # type: ignore[arg-type]
                 for key in self.keys.session_keys(sid):
                     pipe.expire(key, self.ttl)
                 if result.ack_ids:
@@ -173,7 +173,8 @@ class Broker:
             await pipe.execute()
 
     async def load_state(self, sid: str) -> dict[bytes, bytes]:
-        return await self.redis.hgetall(self.keys.state(sid))
+        state: dict[bytes, bytes] = await self.redis.hgetall(self.keys.state(sid))  # type: ignore[assignment]
+        return state
 
     async def delete_session(self, sid: str) -> None:
         """Drop the draft stream and state; the verdict stream lives on until its TTL."""
@@ -203,7 +204,7 @@ class RoundResult:
     session_id: str
     payload: bytes  # an encoded Verdict or ErrorMessage
     ack_ids: list[str]
-    state: dict[str, bytes | str | int] | None = None
+    state: Mapping[str | bytes, bytes | str | int] | None = None
 
 
 async def with_backoff(operation: Callable[[], Awaitable[T]], what: str,

@@ -55,7 +55,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(resolve_model_path(name),
                                              trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/...
+    except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
 
 
@@ -73,10 +73,11 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"cannot load the model {name!r}: {exc}") from exc
     torch_device = torch.device(device)
-    model.to(torch_device).eval()
+    model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types .to narrowly
+    model.eval()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, device=torch_device,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
@@ -115,8 +116,8 @@ def check_tokenizers_compatible(draft: LoadedModel | Any, target: LoadedModel | 
     The draft's ids must all exist in the target with the same meaning; the target may have
     extra (e.g. added special) tokens the draft never produces.
     """
-    draft_tok = getattr(draft, "tokenizer", draft)
-    target_tok = getattr(target, "tokenizer", target)
+    draft_tok: Any = getattr(draft, "tokenizer", draft)
+    target_tok: Any = getattr(target, "tokenizer", target)
     draft_name = draft_name or getattr(draft, "name", "draft")
     target_name = target_name or getattr(target, "name", "target")
     target_vocab = target_tok.get_vocab()

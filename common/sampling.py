@@ -191,7 +191,7 @@ def _sample_recovered_or_bonus(
     exponentials: torch.Tensor,  # [B, V]
 ) -> torch.Tensor:  # [B] int64
     """Sample from ``norm(max(0, p_n - q_n))`` after a rejection, or from ``p_n`` (bonus)."""
-    batch, vocab = exponentials.shape
+    batch, _vocab = exponentials.shape
     rows = torch.arange(batch)
     p = target_probs[rows, num_accepted]  # [B, V]
     if draft_support_ids.shape[1] == 0:  # nobody drafted anything: every row is a bonus

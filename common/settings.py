@@ -189,7 +189,7 @@ def load_settings(overrides: dict[str, dict[str, Any]] | None = None) -> Setting
     if unknown:
         raise ConfigError(f"unknown setting(s) in the environment: {', '.join(sorted(unknown))}")
     try:
-        return Settings(**cleaned)
+        return Settings(**cleaned)  # type: ignore[arg-type]  # sections validated from dicts
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,7 +240,7 @@ def decode(raw: bytes, limits: Limits = Limits()) -> Message:
                         f"message of {len(raw)} bytes exceeds {limits.max_message_bytes}")
     try:
         body = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
+    except Exception as exc:
         raise WireError(ErrorCode.MALFORMED, f"not valid msgpack: {type(exc).__name__}") from exc
     body = _require_map(body, "message")
     version = body.get("v")
@@ -248,11 +249,11 @@ def decode(raw: bytes, limits: Limits = Limits()) -> Message:
                         f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})",
                         session_id=_safe_sid(body))
     session_id = _string(body, "sid", limits.max_id_length)
+    decoder = _DECODERS.get(_string(body, "t", 16))
+    if decoder is None:
+        raise WireError(ErrorCode.MALFORMED, f"unknown message type {body.get('t')!r}", session_id)
     try:
-        return _DECODERS[_string(body, "t", 16)](body, session_id, limits)
-    except KeyError as exc:
-        raise WireError(ErrorCode.MALFORMED, f"unknown message type {body.get('t')!r}",
-                        session_id) from exc
+        return decoder(body, session_id, limits)
     except WireError as exc:
         exc.session_id = session_id
         raise
@@ -342,7 +343,7 @@ def _decode_close(body: dict[str, Any], sid: str, limits: Limits) -> SessionClos
     return SessionClose(session_id=sid, reason=_string(body, "reason", 256))
 
 
-_DECODERS = {
+_DECODERS: dict[str, Callable[[dict[str, Any], str, Limits], Message]] = {
     "open": _decode_open, "draft": _decode_draft, "verdict": _decode_verdict,
     "error": _decode_error, "close": _decode_close,
 }

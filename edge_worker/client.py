@@ -173,7 +173,7 @@ class _EdgeSession:
         self._accept(proposal.token_ids, verdict, draft_ms, round_ms)
 
     def _accept(self, drafted: list[int], verdict: Verdict, draft_ms: float, round_ms: float) -> None:
-        new_tokens = drafted[: verdict.accepted] + [verdict.token]
+        new_tokens = [*drafted[:verdict.accepted], verdict.token]
         generated = len(self.context) - len(self.result.prompt_ids)
         kept, finish = apply_stop_rules(new_tokens, generated, self.stops, self.spec.max_new_tokens)
         self.context.extend(kept)

@@ -7,6 +7,7 @@ then prints per-session and total figures. Worker logs go to files in ``--log-di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -44,14 +45,13 @@ def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
     m, e, s, v = settings.models, settings.edge, settings.sampling, settings.verifier
     shared = ["--redis-url", url, "--dtype", m.dtype, "--target-model", m.target,
               "--log-format", "json"]
-    verifier = shared + ["--target-device", m.target_device,
-                         "--max-batch-sessions", str(v.max_batch_sessions),
-                         "--max-batch-tokens", str(v.max_batch_tokens)]
-    edge = shared + ["--draft-model", m.draft, "--draft-device", m.draft_device,
-                     "--gamma", str(e.gamma), "--max-support", str(e.max_support),
-                     "--tenant", e.tenant, "--temperature", str(s.temperature),
-                     "--top-p", str(s.top_p), "--top-k", str(s.top_k),
-                     "--max-new-tokens", str(s.max_new_tokens)]
+    verifier = [*shared, "--target-device", m.target_device,
+                "--max-batch-sessions", str(v.max_batch_sessions),
+                "--max-batch-tokens", str(v.max_batch_tokens)]
+    edge = [*shared, "--draft-model", m.draft, "--draft-device", m.draft_device,
+            "--gamma", str(e.gamma), "--max-support", str(e.max_support), "--tenant", e.tenant,
+            "--temperature", str(s.temperature), "--top-p", str(s.top_p), "--top-k", str(s.top_k),
+            "--max-new-tokens", str(s.max_new_tokens)]
     if s.seed is not None:
         edge += ["--seed", str(s.seed)]
     return verifier, edge
@@ -95,19 +95,21 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="specd-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     env = _worker_env(settings)
-    async with redis_url_for(settings) as (url, embedded):
+    async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as files:
         print(f"specd demo: Redis {'embedded at ' + url if embedded else url}; "
               f"1 verifier, {edges} edge workers x {sessions_per_edge} sessions; logs in {log_dir}",
               file=out, flush=True)
         verifier_args, edge_args = _worker_args(settings, url)
         verifier = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "specd", "verifier", *verifier_args,
-            stdout=asyncio.subprocess.DEVNULL, stderr=open(log_dir / "verifier.log", "wb"), env=env)
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=files.enter_context(open(log_dir / "verifier.log", "wb")),  # noqa: SIM115
+            env=env)
         try:
             await _wait_healthy(url, settings, timeout_s=180)
             started = time.perf_counter()
             results, texts = await _run_edges(edge_args, env, edges, sessions_per_edge, prompts,
-                                              log_dir, out)
+                                              log_dir, out, files)
             wall_s = time.perf_counter() - started
         finally:
             if verifier.returncode is None:
@@ -119,8 +121,8 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
 
 
 async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sessions_per_edge: int,
-                     prompts: list[str], log_dir: Path, out: TextIO
-                     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                     prompts: list[str], log_dir: Path, out: TextIO,
+                     files: contextlib.AsyncExitStack) -> tuple[list[dict[str, Any]], dict[str, str]]:
     results: list[dict[str, Any]] = []
     texts: dict[str, str] = {}
     processes, relays = [], []
@@ -130,7 +132,8 @@ async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sess
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "specd", "edge", *edge_args, *prompt_args, "--events",
             stdout=asyncio.subprocess.PIPE,
-            stderr=open(log_dir / f"edge-{index}.log", "wb"), env=env)
+            stderr=files.enter_context(open(log_dir / f"edge-{index}.log", "wb")),  # noqa: SIM115
+            env=env)
         processes.append(process)
         relays.append(_relay(process, f"edge{index}", out, results, texts))
     await asyncio.gather(*relays)

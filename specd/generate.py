@@ -48,30 +48,29 @@ async def local_verifier(settings: Settings, url: str) -> AsyncIterator[Any]:
 
 
 async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str, Any]:
-    async with redis_url_for(settings) as (url, embedded):
-        async with contextlib.AsyncExitStack() as stack:
-            if embedded:  # nobody else can reach an embedded Redis: serve it ourselves
-                await stack.enter_async_context(local_verifier(settings, url))
-            broker = make_broker(settings, url)
-            stack.push_async_callback(broker.close)
-            client = build_edge(settings, broker)
-            tokenizer = client.backend.tokenizer
-            spec = sampling_spec(settings, client.backend.eos_token_ids)
+    async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as stack:
+        if embedded:  # nobody else can reach an embedded Redis: serve it ourselves
+            await stack.enter_async_context(local_verifier(settings, url))
+        broker = make_broker(settings, url)
+        stack.push_async_callback(broker.close)
+        client = build_edge(settings, broker)
+        tokenizer = client.backend.tokenizer
+        spec = sampling_spec(settings, client.backend.eos_token_ids)
 
-            def on_tokens(_sid: str, tokens: list[int]) -> None:
-                if stream:
-                    print(tokenizer.decode(tokens, skip_special_tokens=True), end="", flush=True)
+        def on_tokens(_sid: str, tokens: list[int]) -> None:
+            if stream:
+                print(tokenizer.decode(tokens, skip_special_tokens=True), end="", flush=True)
 
-            if stream:
-                print(prompt, end="", flush=True)
-            result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
-            if stream:
-                print(flush=True)
-            summary = result.summary()
-            summary.update(mode="speculative", gamma=settings.edge.gamma,
-                           text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
-                           redis="embedded" if embedded else url)
-            return summary
+        if stream:
+            print(prompt, end="", flush=True)
+        result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
+        if stream:
+            print(flush=True)
+        summary = result.summary()
+        summary.update(mode="speculative", gamma=settings.edge.gamma,
+                       text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
+                       redis="embedded" if embedded else url)
+        return summary
 
 
 def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
@@ -97,7 +96,8 @@ def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
     spec = sampling_spec(settings, backend.eos_token_ids)
     params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
     prompt_ids = backend.tokenizer.encode(prompt)
-    state, context, tokens = backend.new_state(), list(prompt_ids), []
+    state, context = backend.new_state(), list(prompt_ids)
+    tokens: list[int] = []
     started = time.perf_counter()
     for seq in range(spec.max_new_tokens):
         proposal = backend.propose(state, context, 1, params, seq, frozenset(spec.stop_token_ids),

@@ -15,11 +15,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models  # noqa: E402
+import tiny_models
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 # Tests share two cores with worker subprocesses: one intra-op thread avoids oversubscription.
 torch.set_num_threads(1)

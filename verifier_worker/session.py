@@ -81,7 +81,7 @@ class VerifierSession:
 
     def commit(self, draft: DraftBatch, outcome: VerifyOutcome) -> tuple[int, str | None]:
         """Append the round's tokens (cut by the stop rules); returns (kept count, finish)."""
-        new_tokens = draft.token_ids[: outcome.accepted].tolist() + [outcome.token]
+        new_tokens = [*draft.token_ids[:outcome.accepted].tolist(), outcome.token]
         kept, finish = apply_stop_rules(new_tokens, self.generated, self.stop_token_ids,
                                         self.max_new_tokens)
         self.context.extend(kept)

@@ -14,7 +14,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -243,7 +242,8 @@ class VerifierWorker:
         """Ready sessions, oldest draft first, within the session and token budgets."""
         ready = sorted((s for s in self.sessions.values() if s.queue),
                        key=lambda s: s.queue[0].received_at)
-        batch, tokens = [], 0
+        batch: list[VerifierSession] = []
+        tokens = 0
         budget = self.settings.verifier
         for session in ready:
             cost = session.input_tokens(session.queue[0])
@@ -304,12 +304,9 @@ class VerifierWorker:
                  seq=draft.seq, drafted=draft.gamma, accepted=outcome.accepted, committed=kept,
                  context=len(session.context), batch_size=batch_size, queue_ms=round(queue_ms, 3),
                  verify_ms=round(verify_ms, 3), draft_ms=round(draft.draft_ms, 3), finish=finish)
-        state = {
+        state: dict[str | bytes, bytes | str | int] = {
             "context": np.asarray(session.context, dtype="<u4").tobytes(),
             "prompt_len": session.prompt_len, "next_seq": session.next_seq,
             "owner": self.worker_id, "last_verdict": payload,
         }
         return RoundResult(session.session_id, payload, [pending.entry_id], state)
-
-    def load_info(self) -> dict[str, Any]:
-        return {"sessions": len(self.sessions), "kv_bytes": sum(s.kv.nbytes() for s in self.sessions.values())}

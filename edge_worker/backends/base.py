@@ -28,7 +28,7 @@ class Proposal:
         return ids, sizes, np.concatenate(self.support_ids), np.concatenate(self.support_probs)
 
 
-class DraftState(ABC):
+class DraftState:
     """Per-session backend state (typically a KV cache and the tokens it covers)."""
 
 

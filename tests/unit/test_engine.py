@@ -101,7 +101,7 @@ def _exact_two_token_distribution(model, prompt: list[int], params: SamplingPara
                               params.top_k, params.top_p)[0]
         joint = {}
         for t1 in torch.nonzero(first).flatten().tolist():
-            second = filter_logits(model(torch.tensor([prompt + [t1]])).logits[0, -1:],
+            second = filter_logits(model(torch.tensor([[*prompt, t1]])).logits[0, -1:],
                                    params.temperature, params.top_k, params.top_p)[0]
             for t2 in torch.nonzero(second).flatten().tolist():
                 joint[(t1, t2)] = float(first[t1] * second[t2])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 import tiny_models
+
 from common.models import (
     ModelLoadError,
     TokenizerMismatchError,

@@ -53,7 +53,7 @@ def test_invalid_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cross_field_validation() -> None:
-    with pytest.raises(ConfigError, match="limits.max_gamma"):
+    with pytest.raises(ConfigError, match=r"limits\.max_gamma"):
         load_settings({"edge": {"gamma": 20}})
 
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Bootstrap a local virtualenv and run specd or its tests.
+#   bash scripts/dev.sh demo [specd demo flags]   # runs `specd demo` (embedded Redis, bundled pair)
+#   bash scripts/dev.sh test [pytest flags]       # runs lint, types and the test suite
+#   bash scripts/dev.sh specd ARGS...             # any specd command
+# Needs only Python >= 3.10. Tests also need redis-server (installed with apt-get when missing
+# and running as root); they start their own servers on free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SPECD_VENV:-.venv}
+PY=${PYTHON:-python3}
+# The CPU build of torch: pip finds it on this project's machines; elsewhere set
+# PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index to avoid the multi-GB CUDA build.
+TORCH_SPEC=${SPECD_TORCH_SPEC:-torch==2.13.0}
+
+setup() {
+  local extras=$1
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  if ! python -c "import torch" 2>/dev/null; then
+    python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  fi
+  local torch_version
+  torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+  # Constrain torch so no dependency swaps the CPU build for a CUDA one.
+  echo "torch==$torch_version" > "$VENV/constraints.txt"
+  local stamp="$VENV/.specd-installed-$extras"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    python -m pip install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e ".[$extras]"
+    touch "$stamp"
+  fi
+}
+
+need_redis_server() {
+  if command -v redis-server >/dev/null 2>&1; then return; fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2
+    exit 1
+  fi
+}
+
+command=${1:-}
+shift || true
+case "$command" in
+  demo)
+    setup "dev"
+    exec specd demo "$@"
+    ;;
+  test)
+    setup "dev"
+    need_redis_server
+    ruff check .
+    mypy common broker edge_worker verifier_worker specd
+    exec python -m pytest "$@"
+    ;;
+  specd)
+    setup "dev"
+    exec specd "$@"
+    ;;
+  *)
+    echo "usage: bash scripts/dev.sh demo|test|specd [args...]" >&2
+    exit 2
+    ;;
+esac
