@@ -7,11 +7,11 @@
 # and running as root); they start their own servers on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${SPECD_VENV:-.venv}
+VENV=${DEV_VENV:-.venv}
 PY=${PYTHON:-python3}
 # The CPU build of torch: pip finds it on this project's machines; elsewhere set
 # PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index to avoid the multi-GB CUDA build.
-TORCH_SPEC=${SPECD_TORCH_SPEC:-torch==2.13.0}
+TORCH_SPEC=${DEV_TORCH_SPEC:-torch==2.13.0}
 
 setup() {
   local extras=$1
