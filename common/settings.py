@@ -55,7 +55,7 @@ class ModelSettings(Section):
     target_device: str = "cpu"
     """Torch device of the target (verifier). The draft's device is ``edge.device``."""
     torch_threads: int = Field(0, ge=0)
-    """Torch intra-op threads per process; 0 keeps torch's default."""
+    """Torch (and OpenVINO CPU draft) intra-op threads per process; 0 keeps the library default."""
     trust_remote_code: bool = False
 
 

@@ -31,7 +31,8 @@ def build_draft_backend(settings: Settings) -> DraftBackend:
     set_torch_threads(models.torch_threads)
     return create_backend(edge.backend, models.draft, models.dtype, edge.device,
                           fallback=edge.device_fallback, precision=edge.precision,
-                          cache_dir=edge.cache_dir, trust_remote_code=models.trust_remote_code)
+                          cache_dir=edge.cache_dir, trust_remote_code=models.trust_remote_code,
+                          threads=models.torch_threads)
 
 
 def edge_config(settings: Settings) -> EdgeConfig:

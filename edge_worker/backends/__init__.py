@@ -22,7 +22,7 @@ def resolve_precision(precision: str, dtype: str) -> str:
 
 def create_backend(kind: str, model: str, dtype: str = "float32", device: str = "cpu", *,
                    fallback: str = "fallback", precision: str = "auto", cache_dir: str = "",
-                   trust_remote_code: bool = False) -> DraftBackend:
+                   trust_remote_code: bool = False, threads: int = 0) -> DraftBackend:
     """Load ``model`` into the named backend on ``device`` (see ``edge_worker.devices``)."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown draft backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -41,7 +41,7 @@ def create_backend(kind: str, model: str, dtype: str = "float32", device: str = 
     elif kind == "openvino":
         from edge_worker.backends.openvino_backend import OpenVINODraftBackend
 
-        backend = OpenVINODraftBackend(model, choice.used, chosen, folder, trust_remote_code)
+        backend = OpenVINODraftBackend(model, choice.used, chosen, folder, trust_remote_code, threads)
     else:
         from edge_worker.backends.genai_backend import GenAIDraftBackend
 

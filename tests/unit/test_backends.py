@@ -61,7 +61,7 @@ def test_logits_match_torch_through_feeds_and_rollbacks(torch_draft, other_draft
         expected = torch_draft._feed(ours, feed)
         assert torch.allclose(other_draft._feed(theirs, feed), expected, atol=ATOL)
     for state, backend in ((ours, torch_draft), (theirs, other_draft)):  # a rejection: back to 5
-        backend._rollback(state, SEQUENCE[:5] + [1])
+        backend._rollback(state, [*SEQUENCE[:5], 1])
         assert state.tokens == SEQUENCE[:5]
     expected = torch_draft._feed(ours, [SEQUENCE[8], SEQUENCE[9]])
     assert torch.allclose(other_draft._feed(theirs, [SEQUENCE[8], SEQUENCE[9]]), expected, atol=ATOL)
@@ -141,7 +141,7 @@ def test_openvino_npu_falls_back_to_cpu_and_reports_it(tiny_pair, edge_cache) ->
     backend = create_backend("openvino", tiny_pair["draft"], device="npu", fallback="fallback",
                              cache_dir=str(edge_cache))
     assert backend.device == "CPU"
-    with pytest.raises(DeviceUnavailableError, match="npu.*fallback"):
+    with pytest.raises(DeviceUnavailableError, match=r"npu.*fallback"):
         create_backend("openvino", tiny_pair["draft"], device="npu", fallback="fail",
                        cache_dir=str(edge_cache))
 
@@ -172,9 +172,12 @@ def test_missing_package_names_the_install_command(monkeypatch) -> None:
 
 
 def test_specd_devices_lists_every_backend(capsys, monkeypatch, tmp_path) -> None:
+    from specd import cli
     from specd.cli import main
 
     monkeypatch.chdir(tmp_path)
+    # main() would point structlog at the captured stdout, which is closed after this test.
+    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
     assert main(["devices", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"torch", "openvino", "genai"}
