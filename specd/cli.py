@@ -11,6 +11,7 @@ from typing import Any
 
 from common.logs import configure_logging
 from common.settings import ConfigError, Settings, load_settings
+from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
 
 # Each flag maps to (section, key) of the settings; None values mean "not given".
 FLAG_TO_SETTING = {
@@ -180,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specd: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log.level, settings.log.format)
-    return COMMANDS[args.command](args, settings)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except (BackendUnavailableError, DeviceUnavailableError) as exc:
+        print(f"specd: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_pair_tool(command: str, argv: list[str]) -> int:

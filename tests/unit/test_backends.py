@@ -189,3 +189,16 @@ def test_specd_devices_lists_every_backend(capsys, monkeypatch, tmp_path) -> Non
     assert main(["devices"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("torch") and "openvino" in text and "genai" in text
+
+
+def test_cli_fails_clearly_when_the_device_is_missing(capsys, monkeypatch, tmp_path, tiny_pair) -> None:
+    needs("openvino")
+    from specd import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(devices, "openvino_devices", lambda: ["CPU"])  # as on a machine without NPU
+    code = cli.main(["generate", "--mode", "draft", "--prompt", "x", "--draft-model", tiny_pair["draft"],
+                     "--backend", "openvino", "--device", "npu", "--device-fallback", "fail"])
+    assert code == 2
+    assert "edge.device='npu' is not available to the openvino backend" in capsys.readouterr().err
