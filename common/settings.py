@@ -53,9 +53,9 @@ class ModelSettings(Section):
     """Draft model: a Hugging Face causal-LM folder, a hub id, or bundled:draft."""
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     target_device: str = "cpu"
-    draft_device: str = "cpu"
+    """Torch device of the target (verifier). The draft's device is ``edge.device``."""
     torch_threads: int = Field(0, ge=0)
-    """Torch intra-op threads per process; 0 keeps torch's default."""
+    """Torch (and OpenVINO CPU draft) intra-op threads per process; 0 keeps the library default."""
     trust_remote_code: bool = False
 
 
@@ -82,10 +82,29 @@ class VerifierSettings(Section):
     heartbeat_ttl_s: int = Field(15, ge=2)
 
 
+DEVICE_PATTERN = r"^(auto|cpu|npu|cuda(:\d+)?|gpu(\.\d+)?)$"
+
+
 class EdgeSettings(Section):
     worker_id: str = ""
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "openvino", "genai"] = "torch"
+    """Draft backend: torch, openvino (CPU/GPU/NPU) or genai (ONNX Runtime GenAI)."""
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)
+    """Draft device for every backend: auto, cpu, cuda[:N], gpu[.N], npu."""
+    device_fallback: Literal["fallback", "fail"] = "fallback"
+    """When the device is missing: fall back to the backend's CPU (logged), or fail at start-up."""
+    precision: Literal["auto", "f32", "f16", "bf16", "int8", "int4"] = "auto"
+    """Draft precision; auto follows models.dtype. f32 is the exact one."""
+    cache_dir: str = ""
+    """Where converted draft models (OpenVINO IR, GenAI folders) are kept; empty: ~/.cache/specd."""
     gamma: int = Field(4, ge=0)
+    """Draft tokens per round (fixed), or the starting point of adaptive gamma."""
+    adaptive_gamma: bool = False
+    """Choose gamma per round from observed acceptance and costs, within gamma_min..gamma_max."""
+    gamma_min: int = Field(1, ge=1)
+    gamma_max: int = Field(8, ge=1)
+    draft_ahead: bool = False
+    """Draft the next batch while the current one is verified (used iff fully accepted)."""
     max_support: int = Field(64, ge=1)
     """Largest sparse support of a sampled draft distribution sent per position."""
     max_concurrent_sessions: int = Field(8, ge=1)
@@ -127,6 +146,12 @@ class Settings(BaseSettings):
         if self.edge.gamma > self.limits.max_gamma:
             raise ValueError(f"edge.gamma ({self.edge.gamma}) exceeds limits.max_gamma "
                              f"({self.limits.max_gamma})")
+        if self.edge.gamma_max > self.limits.max_gamma:
+            raise ValueError(f"edge.gamma_max ({self.edge.gamma_max}) exceeds limits.max_gamma "
+                             f"({self.limits.max_gamma})")
+        if self.edge.gamma_min > self.edge.gamma_max:
+            raise ValueError(f"edge.gamma_min ({self.edge.gamma_min}) exceeds edge.gamma_max "
+                             f"({self.edge.gamma_max})")
         if self.edge.max_support > self.limits.max_support:
             raise ValueError(f"edge.max_support ({self.edge.max_support}) exceeds "
                              f"limits.max_support ({self.limits.max_support})")

@@ -2,12 +2,21 @@
 
 Drafting runs in a worker thread (torch releases the GIL), bounded by a semaphore, so one edge
 process serves several sessions at once while their drafts and verdicts are in flight.
+
+Gamma per round comes from a ``GammaController`` (fixed, or adaptive). With drafting ahead, the
+edge drafts round ``seq + 1`` while round ``seq`` is verified, assuming every draft is accepted
+and the bonus token equals the draft's own greedy guess; the early batch is sent iff the verdict
+bears that out (the committed context equals the assumed one), otherwise it is cancelled and
+dropped, and the backend rolls its cache back on the next proposal. The early batch is the very
+batch the edge would have drafted after the verdict: the same context and the same ``seq``, so
+the same draws for sampled sessions; exactness does not depend on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +37,8 @@ from common.wire import (
     decode,
     encode,
 )
-from edge_worker.backends.base import DraftBackend
+from edge_worker.adaptive import GammaController
+from edge_worker.backends.base import DraftBackend, Proposal
 
 log = get_logger("specd.edge")
 
@@ -59,6 +69,9 @@ class SessionResult:
     wall_ms: float = 0.0
     first_token_ms: float = 0.0
     round_ms: list[float] = field(default_factory=list)
+    gammas: list[int] = field(default_factory=list)  # gamma asked for per round
+    ahead_hits: int = 0  # rounds whose batch was drafted ahead and sent at once
+    ahead_misses: int = 0  # batches drafted ahead and dropped
 
     @property
     def acceptance_rate(self) -> float:
@@ -76,11 +89,13 @@ class SessionResult:
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("round_ms")
+        data.pop("gammas")
         for key in ("draft_ms", "queue_ms", "verify_ms", "transport_ms", "wall_ms", "first_token_ms"):
             data[key] = round(data[key], 3)
         data.update(acceptance_rate=round(self.acceptance_rate, 4),
                     mean_accepted_length=round(self.mean_accepted_length, 4),
-                    tokens_per_s=round(self.tokens_per_s, 2), tokens=len(self.token_ids))
+                    tokens_per_s=round(self.tokens_per_s, 2), tokens=len(self.token_ids),
+                    mean_gamma=round(sum(self.gammas) / len(self.gammas), 3) if self.gammas else 0.0)
         return data
 
 
@@ -94,6 +109,41 @@ class EdgeConfig:
     verdict_timeout_s: float = 60.0
     tenant: str = "default"
     target_model: str = ""
+    adaptive_gamma: bool = False
+    gamma_min: int = 1
+    gamma_max: int = 8
+    draft_ahead: bool = False
+
+    def controller(self) -> GammaController:
+        return GammaController(gamma=self.gamma, adaptive=self.adaptive_gamma, gamma_min=self.gamma_min,
+                               gamma_max=self.gamma_max, draft_ahead=self.draft_ahead)
+
+
+@dataclass
+class _Draft:
+    """A proposal ready to send: drafted now, or ahead while the previous round was verified."""
+
+    proposal: Proposal
+    compute_ms: float  # time the backend spent drafting it
+    wait_ms: float  # time the round waited for it (near zero when drafted ahead)
+
+
+@dataclass
+class _Ahead:
+    """Drafting of the next round in flight, under the assumption of a full acceptance."""
+
+    assumed: list[int]  # the context if every draft is accepted, before the bonus token
+    cancel: threading.Event = field(default_factory=threading.Event)
+    guess: int | None = None  # the draft's guess of the bonus token, once known
+    task: asyncio.Task[_Draft | None] | None = None
+
+    def holds(self, context: list[int]) -> bool:
+        """Whether the committed ``context`` is the one this batch was drafted for."""
+        return context == [*self.assumed, self.guess]
+
+    def may_hold(self, context: list[int]) -> bool:
+        return (len(context) == len(self.assumed) + 1 and context[:-1] == self.assumed
+                and self.guess in (None, context[-1]))
 
 
 class EdgeClient:
@@ -126,6 +176,8 @@ class _EdgeSession:
         self.on_tokens = on_tokens
         self.state = client.backend.new_state()
         self.last_verdict_id = "0-0"
+        self.gammas = client.config.controller()
+        self.ahead: _Ahead | None = None
 
     async def run(self) -> SessionResult:
         broker, backend = self.client.broker, self.client.backend
@@ -142,6 +194,7 @@ class _EdgeSession:
                 if self.result.rounds == 1:
                     self.result.first_token_ms = (time.perf_counter() - started) * 1000
         finally:
+            await self._drop_ahead()
             backend.release(self.state)
             self.result.wall_ms = (time.perf_counter() - started) * 1000
             if self.result.finish_reason is None:  # tell the verifier to free the session now
@@ -151,26 +204,93 @@ class _EdgeSession:
         return self.result
 
     async def _round(self, seq: int) -> None:
-        """Draft -> send -> await verdict -> accept (the draft backend rolls back next round)."""
-        room = self.spec.max_new_tokens - (len(self.context) - len(self.result.prompt_ids))
-        gamma = max(0, min(self.client.config.gamma, room - 1))  # the verdict adds one token
-        draft_started = time.perf_counter()
-        async with self.client._draft_lock:
-            proposal = await asyncio.to_thread(
-                self.client.backend.propose, self.state, self.context, gamma, self.params, seq,
-                self.stops, self.client.config.max_support)
-        draft_ms = (time.perf_counter() - draft_started) * 1000
+        """Draft (or take the batch drafted ahead) -> send -> await verdict -> accept."""
+        draft = await self._next_draft(seq)
+        proposal = draft.proposal
         ids, sizes, support_ids, support_probs = proposal.wire_arrays()
         message = DraftBatch(
             session_id=self.sid, seq=seq, start=len(self.context), token_ids=ids,
             support_sizes=sizes, support_ids=support_ids, support_probs=support_probs,
-            sent_at=time.time(), draft_ms=round(draft_ms, 3),
+            sent_at=time.time(), draft_ms=round(draft.wait_ms, 3),
         )
         sent = time.perf_counter()
         await with_backoff(lambda: self.client.broker.send_draft(self.sid, encode(message)), "send_draft")
+        self._start_ahead(seq, proposal.token_ids)
         verdict = await self._await_verdict(seq)
         round_ms = (time.perf_counter() - sent) * 1000
-        self._accept(proposal.token_ids, verdict, draft_ms, round_ms)
+        self._accept(proposal.token_ids, verdict, draft.wait_ms, round_ms)
+        self.gammas.observe(len(proposal.token_ids), verdict.accepted, draft.compute_ms, round_ms)
+
+    def _room(self, context_len: int) -> int:
+        """Draft tokens a round may still send: the verdict always adds one token."""
+        return self.spec.max_new_tokens - (context_len - len(self.result.prompt_ids)) - 1
+
+    async def _next_draft(self, seq: int) -> _Draft:
+        """The batch drafted ahead if the verdict bore its assumption out, else a fresh one."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.task is not None:
+            started = time.perf_counter()
+            if not ahead.may_hold(self.context):
+                ahead.cancel.set()  # stop after the current token; its thread must still finish
+            draft = await ahead.task
+            if draft is not None and ahead.holds(self.context):
+                self.result.ahead_hits += 1
+                draft.wait_ms = (time.perf_counter() - started) * 1000
+                self.result.gammas.append(len(draft.proposal.token_ids))
+                return draft
+            self.result.ahead_misses += 1
+        gamma = self.gammas.choose(self._room(len(self.context)))
+        self.result.gammas.append(gamma)
+        started = time.perf_counter()
+        proposal, compute_ms = await self._draft(list(self.context), gamma, seq)
+        return _Draft(proposal, compute_ms, (time.perf_counter() - started) * 1000)
+
+    async def _draft(self, context: list[int], gamma: int, seq: int) -> tuple[Proposal, float]:
+        def work() -> tuple[Proposal, float]:
+            started = time.perf_counter()
+            proposal = self.client.backend.propose(self.state, context, gamma, self.params, seq,
+                                                   self.stops, self.client.config.max_support)
+            return proposal, (time.perf_counter() - started) * 1000
+
+        async with self.client._draft_lock:
+            return await asyncio.to_thread(work)
+
+    def _start_ahead(self, seq: int, drafted: list[int]) -> None:
+        """Draft round ``seq + 1`` now, assuming ``drafted`` all accepted (see the module doc)."""
+        ahead = _Ahead([*self.context, *drafted])
+        if (not self.client.config.draft_ahead or not drafted or self.stops.intersection(drafted)
+                or self._room(len(ahead.assumed) + 1) < 1):
+            return  # nothing drafted, or a full acceptance would end the session anyway
+        backend = self.client.backend
+
+        def work() -> _Draft | None:
+            started = time.perf_counter()
+            ahead.guess = backend.guess_next(self.state, ahead.assumed)
+            if ahead.guess in self.stops or ahead.cancel.is_set():
+                return None
+            context = [*ahead.assumed, ahead.guess]
+            gamma = self.gammas.choose(self._room(len(context)))
+            proposal = backend.propose(self.state, context, gamma, self.params, seq + 1, self.stops,
+                                       self.client.config.max_support, ahead.cancel)
+            return _Draft(proposal, (time.perf_counter() - started) * 1000, 0.0)
+
+        async def run() -> _Draft | None:
+            async with self.client._draft_lock:
+                return None if ahead.cancel.is_set() else await asyncio.to_thread(work)
+
+        ahead.task = asyncio.create_task(run())
+        self.ahead = ahead
+
+    async def _drop_ahead(self) -> None:
+        """Cancel drafting ahead and wait for its thread: the state is not shared while it runs."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None or ahead.task is None:
+            return
+        ahead.cancel.set()
+        try:
+            await ahead.task
+        except Exception as exc:  # noqa: BLE001 - the session is ending; its draft is moot
+            log.warning("edge.draft_ahead_failed", session_id=self.sid, error=str(exc))
 
     def _accept(self, drafted: list[int], verdict: Verdict, draft_ms: float, round_ms: float) -> None:
         new_tokens = [*drafted[:verdict.accepted], verdict.token]

@@ -1,4 +1,4 @@
-"""The ``specd`` command line: demo, verifier, edge, generate, train-pair, pair-report."""
+"""The ``specd`` command line: demo, verifier, edge, generate, devices, train-pair, pair-report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from common.logs import configure_logging
 from common.settings import ConfigError, Settings, load_settings
+from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
 
 # Each flag maps to (section, key) of the settings; None values mean "not given".
 FLAG_TO_SETTING = {
@@ -19,7 +20,14 @@ FLAG_TO_SETTING = {
     "draft_model": ("models", "draft"),
     "dtype": ("models", "dtype"),
     "target_device": ("models", "target_device"),
-    "draft_device": ("models", "draft_device"),
+    "device": ("edge", "device"),
+    "device_fallback": ("edge", "device_fallback"),
+    "precision": ("edge", "precision"),
+    "draft_cache_dir": ("edge", "cache_dir"),
+    "adaptive_gamma": ("edge", "adaptive_gamma"),
+    "gamma_min": ("edge", "gamma_min"),
+    "gamma_max": ("edge", "gamma_max"),
+    "draft_ahead": ("edge", "draft_ahead"),
     "torch_threads": ("models", "torch_threads"),
     "temperature": ("sampling", "temperature"),
     "top_p": ("sampling", "top_p"),
@@ -64,9 +72,21 @@ def _add_batching(parser: argparse.ArgumentParser) -> None:
 def _add_draft(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("draft model and sampling")
     group.add_argument("--draft-model", help="HF folder, hub id or bundled:draft")
-    group.add_argument("--draft-device", help="torch device of the draft, e.g. cpu, cuda")
-    group.add_argument("--backend", choices=["torch"], help="draft backend")
-    group.add_argument("--gamma", type=int, help="draft tokens per round")
+    group.add_argument("--backend", choices=["torch", "openvino", "genai"], help="draft backend")
+    group.add_argument("--device", help="draft device: auto, cpu, cuda[:N], gpu[.N], npu "
+                       "(`specd devices` lists them)")
+    group.add_argument("--device-fallback", choices=["fallback", "fail"],
+                       help="when the device is missing: use the CPU (fallback) or fail")
+    group.add_argument("--precision", choices=["auto", "f32", "f16", "bf16", "int8", "int4"],
+                       help="draft precision (auto follows --dtype; f32 is exact)")
+    group.add_argument("--draft-cache-dir", help="folder of converted draft models")
+    group.add_argument("--gamma", type=int, help="draft tokens per round (adaptive: the start)")
+    group.add_argument("--adaptive-gamma", action=argparse.BooleanOptionalAction, default=None,
+                       help="choose gamma per round from acceptance and costs")
+    group.add_argument("--gamma-min", type=int, help="adaptive gamma's lower bound")
+    group.add_argument("--gamma-max", type=int, help="adaptive gamma's upper bound")
+    group.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None,
+                       help="draft the next batch while the current one is verified")
     group.add_argument("--max-support", type=int, help="sparse support sent per drafted position")
     group.add_argument("--tenant", help="tenant id of the sessions")
     group.add_argument("--temperature", type=float, help="0 is greedy")
@@ -115,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--mode", choices=["speculative", "target", "draft"], default="speculative")
     generate.add_argument("--json", action="store_true", help="print one JSON object")
 
-    for sub in (demo, verifier, edge, generate):
+    devices = commands.add_parser("devices", help="list the draft devices of each backend",
+                                  description="List, per draft backend, whether it is installed, "
+                                  "the devices it can use on this machine and what --device auto picks.")
+    devices.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for sub in (demo, verifier, edge, generate, devices):
         _add_common(sub)
     for sub in (demo, verifier, edge, generate):  # the edge names the target it expects
         _add_target(sub)
@@ -156,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specd: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log.level, settings.log.format)
-    return COMMANDS[args.command](args, settings)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except (BackendUnavailableError, DeviceUnavailableError) as exc:
+        print(f"specd: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_pair_tool(command: str, argv: list[str]) -> int:
@@ -222,6 +251,24 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace, settings: Settings) -> int:
+    from edge_worker.devices import describe_all
+
+    report = describe_all()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for backend, info in report.items():
+        if not info["installed"]:
+            print(f"{backend:9} not installed ({info['hint']})")
+        elif "error" in info:
+            print(f"{backend:9} installed, but listing its devices failed: {info['error']}")
+        else:
+            devices = ", ".join(str(d) for d in info["devices"])  # type: ignore[attr-defined]
+            print(f"{backend:9} {devices}  (auto: {info['auto']})")
+    return 0
+
+
 def read_prompts(path: Path, field: str = "text") -> list[str]:
     """Prompts from a JSONL file (``field``, or the first turn of SpecBench's ``turns``) or text."""
     prompts = []
@@ -240,7 +287,8 @@ def read_prompts(path: Path, field: str = "text") -> list[str]:
     return prompts
 
 
-COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate}
+COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
+            "devices": _devices}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
     verifier = [*shared, "--target-device", m.target_device,
                 "--max-batch-sessions", str(v.max_batch_sessions),
                 "--max-batch-tokens", str(v.max_batch_tokens)]
-    edge = [*shared, "--draft-model", m.draft, "--draft-device", m.draft_device,
+    edge = [*shared, "--draft-model", m.draft, "--backend", e.backend, "--device", e.device,
             "--gamma", str(e.gamma), "--max-support", str(e.max_support), "--tenant", e.tenant,
             "--temperature", str(s.temperature), "--top-p", str(s.top_p), "--top-k", str(s.top_k),
             "--max-new-tokens", str(s.max_new_tokens)]

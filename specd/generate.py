@@ -13,8 +13,7 @@ from broker.embedded import EmbeddedRedis
 from common.models import load_causal_lm, set_torch_threads
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings
-from edge_worker.backends import create_backend
-from specd.runtime import build_edge, build_verifier, make_broker
+from specd.runtime import build_draft_backend, build_edge, build_verifier, make_broker
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
 
@@ -89,10 +88,7 @@ def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
 
 
 def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
-    models = settings.models
-    set_torch_threads(models.torch_threads)
-    backend = create_backend(settings.edge.backend, models.draft, models.dtype, models.draft_device,
-                             models.trust_remote_code)
+    backend = build_draft_backend(settings)
     spec = sampling_spec(settings, backend.eos_token_ids)
     params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
     prompt_ids = backend.tokenizer.encode(prompt)

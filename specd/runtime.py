@@ -5,7 +5,7 @@ from __future__ import annotations
 from broker.streams import Broker, connect
 from common.models import load_causal_lm, set_torch_threads
 from common.settings import Settings
-from edge_worker.backends import create_backend
+from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
@@ -25,12 +25,24 @@ def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> V
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
-def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
+def build_draft_backend(settings: Settings) -> DraftBackend:
+    """The configured draft backend on the configured device (or its fallback: see devices)."""
     models, edge = settings.models, settings.edge
     set_torch_threads(models.torch_threads)
-    backend = create_backend(edge.backend, models.draft, models.dtype, models.draft_device,
-                             models.trust_remote_code)
-    config = EdgeConfig(gamma=edge.gamma, max_support=edge.max_support,
-                        verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
-                        target_model=models.target)
-    return EdgeClient(backend, broker, config, edge.max_concurrent_sessions)
+    return create_backend(edge.backend, models.draft, models.dtype, edge.device,
+                          fallback=edge.device_fallback, precision=edge.precision,
+                          cache_dir=edge.cache_dir, trust_remote_code=models.trust_remote_code,
+                          threads=models.torch_threads)
+
+
+def edge_config(settings: Settings) -> EdgeConfig:
+    edge = settings.edge
+    return EdgeConfig(gamma=edge.gamma, max_support=edge.max_support,
+                      verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
+                      target_model=settings.models.target, adaptive_gamma=edge.adaptive_gamma,
+                      gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead)
+
+
+def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
+    backend = build_draft_backend(settings)
+    return EdgeClient(backend, broker, edge_config(settings), settings.edge.max_concurrent_sessions)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from common.sampling import SamplingParams
+from common.sampling import (
+    SamplingParams,
+    filter_logits,
+    round_generator,
+    sample_sparse,
+    sparse_draft_distribution,
+)
 
 
 @dataclass
@@ -32,6 +40,9 @@ class DraftState:
     """Per-session backend state (typically a KV cache and the tokens it covers)."""
 
 
+GREEDY = SamplingParams()
+
+
 class DraftBackend(ABC):
     """A draft model that proposes tokens with a per-session cache it can roll back."""
 
@@ -48,12 +59,82 @@ class DraftBackend(ABC):
 
     @abstractmethod
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
-                seq: int, stop_token_ids: frozenset[int], max_support: int) -> Proposal:
+                seq: int, stop_token_ids: frozenset[int], max_support: int,
+                cancel: threading.Event | None = None) -> Proposal:
         """Draft up to ``gamma`` tokens after ``context`` (stopping early at a stop token).
 
         Rolls the state back to the longest prefix it shares with ``context`` first, so a
-        rejected suffix from the previous round is discarded.
+        rejected suffix from the previous round is discarded. When ``cancel`` is set, drafting
+        stops after the current token (the caller drops the result): drafting ahead uses this.
         """
+
+    def guess_next(self, state: DraftState, context: list[int]) -> int:
+        """The draft's greedy next token after ``context``: the guess of a verdict's bonus token."""
+        return self.propose(state, context, 1, GREEDY, 0, frozenset(), 1).token_ids[0]
 
     def release(self, state: DraftState) -> None:  # noqa: B027 - optional hook
         """Free what a finished session held."""
+
+
+class IncrementalState(DraftState):
+    """The tokens a backend's cache covers, in order; subclasses add the cache itself."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+
+class IncrementalBackend(DraftBackend):
+    """The drafting loop shared by backends that feed tokens into a truncatable cache.
+
+    A subclass implements ``_truncate`` (drop cached positions past ``keep``) and ``_feed``
+    (append tokens, return the last position's logits); sampling is ``common.sampling``'s, so
+    every backend sends the same sparse distributions for the same logits.
+    """
+
+    def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
+                seq: int, stop_token_ids: frozenset[int], max_support: int,
+                cancel: threading.Event | None = None) -> Proposal:
+        assert isinstance(state, IncrementalState)
+        proposal = Proposal(token_ids=[])
+        if gamma == 0:
+            return proposal
+        self._rollback(state, context)
+        logits = self._feed(state, context[len(state.tokens):])
+        generator = None if params.greedy else round_generator(params.seed, seq, "draft")
+        for step in range(gamma):
+            token = _choose(logits, params, generator, max_support, proposal)
+            proposal.token_ids.append(token)
+            if token in stop_token_ids or step == gamma - 1 or (cancel is not None and cancel.is_set()):
+                break
+            logits = self._feed(state, [token])
+        return proposal
+
+    def _rollback(self, state: IncrementalState, context: list[int]) -> None:
+        """Keep the longest cached prefix of ``context``, leaving at least one token to feed."""
+        keep = 0
+        limit = min(len(state.tokens), len(context) - 1)
+        while keep < limit and state.tokens[keep] == context[keep]:
+            keep += 1
+        if keep < len(state.tokens):
+            self._truncate(state, keep)
+            del state.tokens[keep:]
+
+    @abstractmethod
+    def _truncate(self, state: Any, keep: int) -> None:
+        """Drop cached positions from ``keep`` on (``state.tokens`` is trimmed by the caller)."""
+
+    @abstractmethod
+    def _feed(self, state: Any, tokens: list[int]) -> torch.Tensor:  # [V] float32 on the CPU
+        """Run ``tokens`` through the model on top of the cache; extend ``state.tokens``."""
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+            max_support: int, proposal: Proposal) -> int:
+    if generator is None:
+        return int(logits.argmax())
+    probs = filter_logits(logits[None], params.temperature, params.top_k, params.top_p)[0]
+    dist = sparse_draft_distribution(probs, max_support)
+    proposal.support_sizes.append(int(dist.ids.size))
+    proposal.support_ids.append(dist.ids)
+    proposal.support_probs.append(dist.probs)
+    return sample_sparse(dist, generator)
