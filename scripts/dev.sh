@@ -27,9 +27,11 @@ setup() {
   torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
   # Constrain torch so no dependency swaps the CPU build for a CUDA one.
   echo "torch==$torch_version" > "$VENV/constraints.txt"
-  local stamp="$VENV/.specd-installed-$extras"
+  local stamp="$VENV/.specd-installed-${extras:-base}"
+  local target="."
+  [ -n "$extras" ] && target=".[$extras]"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    python -m pip install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e ".[$extras]"
+    python -m pip install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e "$target"
     touch "$stamp"
   fi
 }
@@ -48,18 +50,19 @@ command=${1:-}
 shift || true
 case "$command" in
   demo)
-    setup "dev"
+    setup ""
     exec specd demo "$@"
     ;;
   test)
-    setup "dev"
+    # The optional edge backends are tested too, so their extras are installed.
+    setup "dev,openvino,genai"
     need_redis_server
     ruff check .
     mypy common broker edge_worker verifier_worker specd
     exec python -m pytest "$@"
     ;;
   specd)
-    setup "dev"
+    setup ""
     exec specd "$@"
     ;;
   *)
