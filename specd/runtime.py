@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect
 from common.models import load_causal_lm, set_torch_threads
 from common.settings import Settings
 from edge_worker.backends import create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
+from edge_worker.verdicts import MultiplexedBroker
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
 
@@ -25,11 +27,22 @@ def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> V
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
+def edge_broker(settings: Settings, broker: Broker) -> Broker:
+    """The edge's view of the broker: multiplexed verdict reads and network shaping when set."""
+    edge = settings.edge
+    if edge.multiplex_verdicts:
+        broker = MultiplexedBroker(broker)
+    if edge.network_delay_ms or edge.network_jitter_ms:
+        broker = ShapedBroker(broker, edge.network_delay_ms, edge.network_jitter_ms)
+    return broker
+
+
 def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     models, edge = settings.models, settings.edge
     set_torch_threads(models.torch_threads)
     backend = create_backend(edge.backend, models.draft, models.dtype, models.draft_device,
-                             models.trust_remote_code)
+                             models.trust_remote_code, edge.replay_file, edge.replay_acceptance)
+    broker = edge_broker(settings, broker)
     config = EdgeConfig(gamma=edge.gamma, max_support=edge.max_support,
                         verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
                         target_model=models.target)
