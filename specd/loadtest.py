@@ -130,6 +130,7 @@ class _Collector:
         self.point = point
         self.token_count = 0
         self.verdict_reads = 0
+        self.last_finish = 0.0  # perf_counter of the last session result or error
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -138,8 +139,10 @@ class _Collector:
             self.token_count += len(event["token_ids"])
         elif kind == "result":
             self.point.results.append(event)
+            self.last_finish = time.perf_counter()
         elif kind == "error":
             self.point.errors.append(event)
+            self.last_finish = time.perf_counter()
         elif kind == "done":
             self.verdict_reads += event.get("verdict_reads") or 0
 
@@ -240,7 +243,8 @@ async def run_point(settings: Settings, options: LoadTestOptions, url: str, env:
             background.append(asyncio.create_task(
                 _progress_loop(collector, sum(counts), started, sys.stderr)))
         await asyncio.gather(*relays)
-        point.wall_s = time.perf_counter() - started
+        # Until the last session ended: edge processes shutting down is not load.
+        point.wall_s = (collector.last_finish or time.perf_counter()) - started
         finished = True
     finally:
         for task in background + relays:

@@ -140,7 +140,9 @@ class ReplayDraftBackend(DraftBackend):
         proposal.support_sizes.append(int(ids.size))
         proposal.support_ids.append(ids)
         proposal.support_probs.append(probs)
-        return int(ids[int(rng.choice(ids.size, p=probs.astype(np.float64) / probs.sum()))])
+        exact = probs.astype(np.float64)
+        exact /= exact.sum()  # exactly the verifier's normalisation of what is sent
+        return int(ids[int(rng.choice(ids.size, p=exact))])
 
     def _other_token(self, rng: np.random.Generator, avoid: int | None) -> int:
         token = int(rng.integers(self.vocab_size))
