@@ -67,7 +67,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings(overrides)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="specd-soak-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(args.prompts_file)[: args.prompt_limit]
+    prompts = [p[: args.max_prompt_chars] for p in read_prompts(args.prompts_file)[: args.prompt_limit]]
     replay_path = log_dir / "replay.json"
     replay = make_replay(settings, prompts, replay_path)
     settings.edge.replay_file = str(replay_path)
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-model", default="", help="tokenizer folder (default: the target's)")
     parser.add_argument("--prompts-file", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--prompt-limit", type=int, default=200)
+    parser.add_argument("--max-prompt-chars", type=int, default=256,
+                        help="cut prompts to this many characters (the test is about sessions, not prefill)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--acceptance", type=float, default=0.8)

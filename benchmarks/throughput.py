@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sampling": {"temperature": 0.0, "max_new_tokens": args.max_new_tokens},
             "edge": {"gamma": args.gamma, "multiplex_verdicts": True, "verdict_timeout_s": 300.0}}
     settings = load_settings(base)
-    texts = read_prompts(args.prompts_file)[: args.prompts]
+    texts = [t[: args.max_prompt_chars or None] for t in read_prompts(args.prompts_file)[: args.prompts]]
     target = load_causal_lm(args.target_model)
     draft = load_causal_lm(args.draft_model)
     ids = [target.tokenizer.encode(t) for t in texts]
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-file", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--prompts", type=int, default=16, help="prompts for the single-session runs")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompt-chars", type=int, default=0, help="cut prompts (0: keep whole)")
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--sessions-per-slot", type=int, default=2, help="sessions each slot runs (multi)")
     parser.add_argument("--redis-url", default="", help="default: an embedded Redis per configuration")
