@@ -87,8 +87,9 @@ DEVICE_PATTERN = r"^(auto|cpu|npu|cuda(:\d+)?|gpu(\.\d+)?)$"
 
 class EdgeSettings(Section):
     worker_id: str = ""
-    backend: Literal["torch", "openvino", "genai"] = "torch"
-    """Draft backend: torch, openvino (CPU/GPU/NPU) or genai (ONNX Runtime GenAI)."""
+    backend: Literal["torch", "openvino", "genai", "replay"] = "torch"
+    """Draft backend: torch, openvino (CPU/GPU/NPU), genai (ONNX Runtime GenAI), or replay (no
+    model: proposes a precomputed target continuation, for load tests)."""
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     """Draft device for every backend: auto, cpu, cuda[:N], gpu[.N], npu."""
     device_fallback: Literal["fallback", "fail"] = "fallback"
@@ -111,6 +112,16 @@ class EdgeSettings(Section):
     verdict_timeout_s: float = Field(60.0, gt=0)
     tenant: str = "default"
     heartbeat_ttl_s: int = Field(15, ge=2)
+    replay_file: str = ""
+    """Replay backend: reference continuations made by ``specd loadtest --make-replay``."""
+    replay_acceptance: float = Field(0.8, ge=0.0, le=1.0)
+    """Replay backend: probability that each drafted token is the reference (target) token."""
+    network_delay_ms: float = Field(0.0, ge=0.0)
+    """Added edge <-> broker round-trip time (half each way), to study edge-cloud latencies."""
+    network_jitter_ms: float = Field(0.0, ge=0.0)
+    """Spread of the added round trip: each direction varies uniformly by +- half of it."""
+    multiplex_verdicts: bool = False
+    """Read every session's verdicts with one XREAD per edge process instead of one per session."""
 
 
 class LimitSettings(Section):

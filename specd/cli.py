@@ -1,4 +1,4 @@
-"""The ``specd`` command line: demo, verifier, edge, generate, devices, train-pair, pair-report."""
+"""The ``specd`` command line: demo, verifier, edge, generate, devices, loadtest, pair tools."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from common.logs import configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
+from specd.prompts import read_prompts
 
 # Each flag maps to (section, key) of the settings; None values mean "not given".
 FLAG_TO_SETTING = {
@@ -42,6 +43,11 @@ FLAG_TO_SETTING = {
     "edge_worker_id": ("edge", "worker_id"),
     "max_batch_sessions": ("verifier", "max_batch_sessions"),
     "max_batch_tokens": ("verifier", "max_batch_tokens"),
+    "replay_file": ("edge", "replay_file"),
+    "replay_acceptance": ("edge", "replay_acceptance"),
+    "network_delay_ms": ("edge", "network_delay_ms"),
+    "network_jitter_ms": ("edge", "network_jitter_ms"),
+    "multiplex_verdicts": ("edge", "multiplex_verdicts"),
     "log_level": ("log", "level"),
     "log_format": ("log", "format"),
 }
@@ -72,7 +78,7 @@ def _add_batching(parser: argparse.ArgumentParser) -> None:
 def _add_draft(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("draft model and sampling")
     group.add_argument("--draft-model", help="HF folder, hub id or bundled:draft")
-    group.add_argument("--backend", choices=["torch", "openvino", "genai"], help="draft backend")
+    group.add_argument("--backend", choices=["torch", "openvino", "genai", "replay"], help="draft backend")
     group.add_argument("--device", help="draft device: auto, cpu, cuda[:N], gpu[.N], npu "
                        "(`specd devices` lists them)")
     group.add_argument("--device-fallback", choices=["fallback", "fail"],
@@ -94,6 +100,13 @@ def _add_draft(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, help="0 disables top-k")
     group.add_argument("--seed", type=int, help="per-session seed (default: a fresh one)")
     group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--replay-file", help="replay backend: reference continuations file")
+    group.add_argument("--replay-acceptance", type=float,
+                       help="replay backend: probability each drafted token is the target's")
+    group.add_argument("--network-delay-ms", type=float, help="added edge<->broker round trip (ms)")
+    group.add_argument("--network-jitter-ms", type=float, help="spread of the added round trip (ms)")
+    group.add_argument("--multiplex-verdicts", action="store_true", default=None,
+                       help="one XREAD for all sessions' verdicts per edge process")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the devices it can use on this machine and what --device auto picks.")
     devices.add_argument("--json", action="store_true", help="print one JSON object")
 
-    for sub in (demo, verifier, edge, generate, devices):
+    loadtest = _add_loadtest(commands)
+    for sub in (demo, verifier, edge, generate, devices, loadtest):
         _add_common(sub)
-    for sub in (demo, verifier, edge, generate):  # the edge names the target it expects
+    for sub in (demo, verifier, edge, generate, loadtest):  # the edge names the target it expects
         _add_target(sub)
-    for sub in (demo, verifier):
+    for sub in (demo, verifier, loadtest):
         _add_batching(sub)
-    for sub in (demo, edge, generate):
+    for sub in (demo, edge, generate, loadtest):
         _add_draft(sub)
 
     train = commands.add_parser("train-pair", help="train the bundled tiny draft/target pair",
@@ -155,6 +169,44 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("pair-report", help="measure a draft/target pair", add_help=False)
     report.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _add_loadtest(commands: Any) -> argparse.ArgumentParser:
+    loadtest = commands.add_parser(
+        "loadtest", help="load-test a verifier pool with N edge processes x M sessions",
+        description="Start (or use, with --redis-url and --no-verifiers) a verifier pool, run edge "
+        "worker processes against it and report throughput, latency percentiles, acceptance, "
+        "verifier batching and broker overhead. See docs/loadtest.md.")
+    loadtest.add_argument("--edges", type=int, default=4, help="edge worker processes (default 4)")
+    loadtest.add_argument("--sessions-per-edge", type=int, default=8,
+                          help="concurrent sessions per edge process (default 8)")
+    loadtest.add_argument("--verifiers", type=int, default=1, help="verifier processes to start (default 1)")
+    loadtest.add_argument("--no-verifiers", action="store_true",
+                          help="start no verifier: use the pool already serving --redis-url")
+    loadtest.add_argument("--duration", type=float, default=0.0,
+                          help="seconds to keep starting sessions (default: run --prompts sessions)")
+    loadtest.add_argument("--prompts", type=int, default=0,
+                          help="sessions to run per point (default: one per concurrent session)")
+    loadtest.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    loadtest.add_argument("--prompts-file", type=Path,
+                          help="SpecBench questions .jsonl, HumanEval .json, any JSONL (--field) or text")
+    loadtest.add_argument("--field", default="text", help="JSONL field holding the prompt (default text)")
+    loadtest.add_argument("--prompt-limit", type=int, default=0, help="use only the first N prompts")
+    loadtest.add_argument("--sweep-sessions", type=_int_list, default=[],
+                          help="comma-separated total concurrent sessions, one point each")
+    loadtest.add_argument("--sweep-gamma", type=_int_list, default=[],
+                          help="comma-separated gammas, one point each")
+    loadtest.add_argument("--make-replay", type=Path, metavar="PATH",
+                          help="write the target's greedy continuations of the prompts to PATH, then exit")
+    loadtest.add_argument("--report", type=Path, help="write the JSON report here")
+    loadtest.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
+    loadtest.add_argument("--log-dir", type=Path, help="worker logs (default: a temp folder)")
+    loadtest.add_argument("--no-progress", action="store_true", help="no live progress line")
+    return loadtest
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -269,26 +321,44 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def read_prompts(path: Path, field: str = "text") -> list[str]:
-    """Prompts from a JSONL file (``field``, or the first turn of SpecBench's ``turns``) or text."""
-    prompts = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            prompts.append(line)
-            continue
-        if isinstance(record, dict):
-            value = record.get(field) or (record.get("turns") or [None])[0] or record.get("prompt")
-            if isinstance(value, str):
-                prompts.append(value)
-    return prompts
+def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    import tempfile
+
+    from specd.demo import DEFAULT_PROMPTS
+    from specd.loadtest import LoadTestError, LoadTestOptions, finish_outputs, run_loadtest
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file, args.field) if args.prompts_file else [])
+    prompts = (prompts or list(DEFAULT_PROMPTS))[: args.prompt_limit or None]
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="specd-loadtest-"))
+    if args.make_replay or (settings.edge.backend == "replay" and not settings.edge.replay_file):
+        from specd.replay import make_replay
+
+        path = args.make_replay or log_dir / "replay.json"
+        replay = make_replay(settings, prompts, path)
+        print(f"replay file: {path} ({len(replay.entries)} prompts, up to "
+              f"{replay.max_new_tokens} tokens each)", file=sys.stderr)
+        if args.make_replay:
+            return 0
+        settings.edge.replay_file = str(path)
+    options = LoadTestOptions(
+        edges=args.edges, sessions_per_edge=args.sessions_per_edge, duration_s=args.duration,
+        prompts=args.prompts, prompt_texts=prompts, verifiers=args.verifiers,
+        start_verifiers=not args.no_verifiers, sweep_sessions=args.sweep_sessions,
+        sweep_gamma=args.sweep_gamma, log_dir=log_dir, progress=not args.no_progress)
+    if args.no_verifiers and not settings.redis.url:
+        print("specd loadtest: --no-verifiers needs --redis-url (a pool serving it)", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(run_loadtest(settings, options, command=["specd", *sys.argv[1:]]))
+    except LoadTestError as exc:
+        print(f"specd loadtest: {exc}", file=sys.stderr)
+        return 1
+    finish_outputs(report, args.report, args.plot, sys.stdout)
+    return 0 if all(p["error_count"] == 0 for p in report["points"]) else 1
 
 
 COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
-            "devices": _devices}
+            "devices": _devices, "loadtest": _loadtest}
 
 
 if __name__ == "__main__":

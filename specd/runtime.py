@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect
 from common.models import load_causal_lm, set_torch_threads
 from common.settings import Settings
 from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
+from edge_worker.verdicts import MultiplexedBroker
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
 
@@ -32,7 +34,8 @@ def build_draft_backend(settings: Settings) -> DraftBackend:
     return create_backend(edge.backend, models.draft, models.dtype, edge.device,
                           fallback=edge.device_fallback, precision=edge.precision,
                           cache_dir=edge.cache_dir, trust_remote_code=models.trust_remote_code,
-                          threads=models.torch_threads)
+                          threads=models.torch_threads, replay_file=edge.replay_file,
+                          replay_acceptance=edge.replay_acceptance)
 
 
 def edge_config(settings: Settings) -> EdgeConfig:
@@ -43,6 +46,17 @@ def edge_config(settings: Settings) -> EdgeConfig:
                       gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead)
 
 
+def edge_broker(settings: Settings, broker: Broker) -> Broker:
+    """The edge's view of the broker: multiplexed verdict reads and network shaping when set."""
+    edge = settings.edge
+    if edge.multiplex_verdicts:
+        broker = MultiplexedBroker(broker)
+    if edge.network_delay_ms or edge.network_jitter_ms:
+        broker = ShapedBroker(broker, edge.network_delay_ms, edge.network_jitter_ms)
+    return broker
+
+
 def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     backend = build_draft_backend(settings)
-    return EdgeClient(backend, broker, edge_config(settings), settings.edge.max_concurrent_sessions)
+    return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings),
+                      settings.edge.max_concurrent_sessions)

@@ -8,7 +8,7 @@ from common.logs import get_logger
 from edge_worker.backends.base import DraftBackend, DraftState, Proposal
 from edge_worker.devices import resolve_device
 
-BACKENDS = ("torch", "openvino", "genai")
+BACKENDS = ("torch", "openvino", "genai", "replay")
 DTYPE_PRECISION = {"float32": "f32", "float64": "f32", "float16": "f16", "bfloat16": "bf16"}
 PRECISION_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
@@ -22,10 +22,18 @@ def resolve_precision(precision: str, dtype: str) -> str:
 
 def create_backend(kind: str, model: str, dtype: str = "float32", device: str = "cpu", *,
                    fallback: str = "fallback", precision: str = "auto", cache_dir: str = "",
-                   trust_remote_code: bool = False, threads: int = 0) -> DraftBackend:
-    """Load ``model`` into the named backend on ``device`` (see ``edge_worker.devices``)."""
+                   trust_remote_code: bool = False, threads: int = 0, replay_file: str = "",
+                   replay_acceptance: float = 0.8) -> DraftBackend:
+    """Load ``model`` into the named backend on ``device`` (see ``edge_worker.devices``).
+
+    ``replay`` loads no model: only ``model``'s tokenizer and the replay file (load tests).
+    """
     if kind not in BACKENDS:
         raise ValueError(f"unknown draft backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if kind == "replay":
+        from edge_worker.backends.replay import ReplayDraftBackend
+
+        return ReplayDraftBackend.from_files(replay_file, model, replay_acceptance, trust_remote_code)
     choice = resolve_device(kind, device, fallback)
     chosen = resolve_precision(precision, dtype)
     folder = Path(cache_dir).expanduser() if cache_dir else None

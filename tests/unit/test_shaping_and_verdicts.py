@@ -1,0 +1,81 @@
+"""Network shaping delays both directions in order; the multiplexed reader loses no verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import fakeredis
+import pytest
+
+from broker.shaping import ShapedBroker
+from broker.streams import FIELD, Broker
+from edge_worker.verdicts import MultiplexedBroker, id_after
+
+
+@pytest.fixture
+async def broker():
+    b = Broker(fakeredis.FakeAsyncRedis(), prefix="t")
+    yield b
+    await b.close()
+
+
+def test_one_way_delay_is_half_the_round_trip_within_the_jitter() -> None:
+    shaped = ShapedBroker(Broker(fakeredis.FakeAsyncRedis()), 20.0, 10.0, random.Random(1))
+    samples = [shaped.one_way_s() * 1000 for _ in range(500)]
+    assert min(samples) >= 5.0 - 1e-9 and max(samples) <= 15.0 + 1e-9
+    assert ShapedBroker(Broker(fakeredis.FakeAsyncRedis()), 0.0, 50.0).one_way_s() >= 0.0
+    with pytest.raises(ValueError):
+        ShapedBroker(Broker(fakeredis.FakeAsyncRedis()), -1.0)
+
+
+async def test_shaped_sends_arrive_in_order_and_late(broker) -> None:
+    shaped = ShapedBroker(broker, 40.0, 39.0, random.Random(2))
+    started = time.monotonic()
+    await asyncio.gather(*(shaped.send_draft("s", str(i).encode()) for i in range(10)))
+    assert time.monotonic() - started >= 0.0005  # it did sleep (never assert real timings)
+    entries = await broker.redis.xrange(broker.keys.drafts("s"))
+    assert [fields[FIELD] for _, fields in entries] == [str(i).encode() for i in range(10)]
+
+
+async def test_shaped_reads_pass_verdicts_through(broker) -> None:
+    shaped = ShapedBroker(broker, 2.0)
+    await broker.redis.xadd(broker.keys.verdicts("s"), {FIELD: b"v"})
+    entries = await shaped.read_verdicts("s", "0-0", 10)
+    assert [e.payload for e in entries] == [b"v"]
+
+
+def test_stream_ids_compare_numerically() -> None:
+    assert id_after("10-0", "9-5") and id_after("5-10", "5-9") and not id_after("5-1", "5-1")
+
+
+async def test_multiplexed_reader_delivers_every_sessions_verdicts(broker) -> None:
+    mux = MultiplexedBroker(broker, block_ms=50)
+    sids = [f"s{i}" for i in range(20)]
+
+    async def session(sid: str) -> list[bytes]:
+        got, last = [], "0-0"
+        while len(got) < 3:
+            for entry in await mux.read_verdicts(sid, last, 200):
+                last = entry.entry_id
+                got.append(entry.payload)
+        return got
+
+    async def publisher() -> None:
+        for round_ in range(3):
+            for sid in sids:
+                await broker.redis.xadd(broker.keys.verdicts(sid), {FIELD: f"{sid}-{round_}".encode()})
+            await asyncio.sleep(0.01)
+
+    results = await asyncio.wait_for(asyncio.gather(publisher(), *(session(s) for s in sids)), 20)
+    for sid, got in zip(sids, results[1:], strict=True):
+        assert got == [f"{sid}-{r}".encode() for r in range(3)]
+
+
+async def test_multiplexed_read_times_out_empty_and_buffers_late_entries(broker) -> None:
+    mux = MultiplexedBroker(broker, block_ms=20)
+    assert await mux.read_verdicts("x", "0-0", 30) == []
+    await broker.redis.xadd(broker.keys.verdicts("x"), {FIELD: b"late"})
+    entries = await asyncio.wait_for(mux.read_verdicts("x", "0-0", 2000), 10)
+    assert [e.payload for e in entries] == [b"late"]
