@@ -293,6 +293,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def load_previous(out: Path, fingerprint: str) -> dict:
+    """The ``training.json`` of the run whose target is reused; it must match the corpus."""
+    previous = json.loads((out / "training.json").read_text())
+    if previous["corpus"]["fingerprint_sha256"] != fingerprint:
+        raise ValueError("corpus differs from the one the saved target was trained on")
+    return previous
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of the recipe."""
     parser = argparse.ArgumentParser(
@@ -314,6 +322,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.02, help="fraction of each budget")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens")
+    parser.add_argument(
+        "--reuse-target",
+        action="store_true",
+        help="keep the target and tokenizer already in --out; retrain only the draft",
+    )
     parser.add_argument("--cache-dir", default="/tmp/specd_pair_cache", help="token cache")
     return parser.parse_args(argv)
 
@@ -330,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
 
     corpus = load_corpus()
-    tokenizer = train_tokenizer(corpus.train_texts, args.vocab_size)
+    previous = load_previous(out, corpus.fingerprint) if args.reuse_target else None
+    if previous is None:
+        tokenizer = train_tokenizer(corpus.train_texts, args.vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / TARGET_DIR)
     wall["tokenizer_s"] = round(time.monotonic() - t0, 1)
     key = f"{corpus.fingerprint[:16]}-v{len(tokenizer)}"
     cache = Path(args.cache_dir)
@@ -346,20 +365,24 @@ def main(argv: list[str] | None = None) -> int:
         return random_batches(train_stream, args.batch_size, args.seq_len, rng)
 
     common = {"warmup": args.warmup, "weight_decay": args.weight_decay}
-    target = build_model(TARGET_SHAPE, tokenizer, args.max_positions)
-    runs = {
-        "target": train_for(
-            target,
-            ce_loss,
-            batches(),
-            minutes=args.target_minutes,
-            lr=args.target_lr,
-            label="target",
-            **common,
-        )
-    }
-    target_val_fp32 = eval_loss(target, val_stream, args.seq_len, args.eval_tokens)
-    save_fp16(target, tokenizer, out / TARGET_DIR)
+    if previous is None:
+        target = build_model(TARGET_SHAPE, tokenizer, args.max_positions)
+        runs = {
+            "target": train_for(
+                target,
+                ce_loss,
+                batches(),
+                minutes=args.target_minutes,
+                lr=args.target_lr,
+                label="target",
+                **common,
+            )
+        }
+        target_val_fp32 = eval_loss(target, val_stream, args.seq_len, args.eval_tokens)
+        save_fp16(target, tokenizer, out / TARGET_DIR)
+    else:
+        runs = {"target": previous["runs"]["target"]}
+        target_val_fp32 = previous["metrics"]["target_val_loss_fp32"]
     target = load_fp32(out / TARGET_DIR)  # distil from exactly what ships
 
     draft = build_model(DRAFT_SHAPE, tokenizer, args.max_positions)
@@ -387,11 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     draft = load_fp32(out / DRAFT_DIR)
     wall["total_s"] = round(time.monotonic() - t0, 1)
 
+    if previous is None:
+        target_val_fp16 = eval_loss(target, val_stream, args.seq_len, args.eval_tokens)
+    else:
+        target_val_fp16 = previous["metrics"]["target_val_loss_fp16_reloaded"]
     metrics = {
         "target_val_loss_fp32": round(target_val_fp32, 4),
-        "target_val_loss_fp16_reloaded": round(
-            eval_loss(target, val_stream, args.seq_len, args.eval_tokens), 4
-        ),
+        "target_val_loss_fp16_reloaded": round(target_val_fp16, 4),
         "draft_val_loss_after_plain": round(draft_val_plain, 4),
         "draft_val_loss_fp32": round(draft_val_fp32, 4),
         "draft_val_loss_fp16_reloaded": round(
@@ -400,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "recipe": "python -m specd.pair.train " + " ".join(argv or []),
+        "target_from_previous_run": None
+        if previous is None
+        else {key: previous[key] for key in ("recipe", "settings", "wall_times")},
         "settings": vars(args),
         "shapes": {"target": asdict(TARGET_SHAPE), "draft": asdict(DRAFT_SHAPE)},
         "params": {"target": param_count(target), "draft": param_count(draft)},
