@@ -45,9 +45,10 @@ def load_pair(folder: Path):
 
 
 def heldout_sequences(stream: np.ndarray, window: int, max_tokens: int) -> list[list[int]]:
-    """Consecutive ``window + 1``-token slices of the first ``max_tokens`` of ``stream``."""
-    stream = stream[: max_tokens + 1]
-    return [stream[s : s + window + 1].tolist() for s in range(0, len(stream) - window, window)]
+    """About ``max_tokens`` tokens of ``stream`` as evenly spaced ``window + 1``-token slices."""
+    count = max(1, min(max_tokens // window, (len(stream) - 1) // window))
+    starts = np.linspace(0, len(stream) - window - 1, count).astype(int)
+    return [stream[s : s + window + 1].tolist() for s in starts]
 
 
 def humaneval_sequences(tokenizer, path: Path, limit: int) -> list[list[int]]:
@@ -192,10 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--humaneval", default="/work/shared/data/humaneval.json")
     parser.add_argument("--json", default="benchmarks/results/pair_report.json")
     parser.add_argument("--md", default="benchmarks/results/pair_report.md")
-    parser.add_argument("--heldout-tokens", type=int, default=32768)
+    parser.add_argument("--heldout-tokens", type=int, default=24576)
     parser.add_argument("--window", type=int, default=256, help="held-out window length")
     parser.add_argument("--humaneval-prompts", type=int, default=164)
-    parser.add_argument("--rounds", type=int, default=300, help="timed steps per model")
+    parser.add_argument("--rounds", type=int, default=500, help="timed steps per model")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for accuracy")
     parser.add_argument("--sample-tokens", type=int, default=48)
     return parser.parse_args(argv)

@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import shutil
+import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
@@ -424,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     report = {
-        "recipe": "python -m specd.pair.train " + " ".join(argv or []),
+        "recipe": " ".join(
+            ["python -m specd.pair.train", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "target_from_previous_run": None
         if previous is None
         else {key: previous[key] for key in ("recipe", "settings", "wall_times")},
