@@ -29,6 +29,7 @@ from common.wire import (
     encode,
 )
 from edge_worker.backends.base import DraftBackend
+from edge_worker.backpressure import Backpressure
 
 log = get_logger("specd.edge")
 
@@ -126,6 +127,7 @@ class _EdgeSession:
         self.on_tokens = on_tokens
         self.state = client.backend.new_state()
         self.last_verdict_id = "0-0"
+        self.pressure = Backpressure()  # verifier load from verdicts: shorter drafts or a wait
 
     async def run(self) -> SessionResult:
         broker, backend = self.client.broker, self.client.backend
@@ -153,7 +155,7 @@ class _EdgeSession:
     async def _round(self, seq: int) -> None:
         """Draft -> send -> await verdict -> accept (the draft backend rolls back next round)."""
         room = self.spec.max_new_tokens - (len(self.context) - len(self.result.prompt_ids))
-        gamma = max(0, min(self.client.config.gamma, room - 1))  # the verdict adds one token
+        gamma = max(0, min(await self.pressure.before_round(self.client.config.gamma), room - 1))
         draft_started = time.perf_counter()
         async with self.client._draft_lock:
             proposal = await asyncio.to_thread(
@@ -207,6 +209,7 @@ class _EdgeSession:
                 if isinstance(message, ErrorMessage):
                     raise SessionFailed(message.code, message.message)
                 if isinstance(message, Verdict) and message.seq == seq:
+                    self.pressure.observe(message.pool_load)
                     return message
                 # An older verdict replayed after a redelivery: already applied, skip it.
         raise SessionFailed(ErrorCode.INTERNAL,

@@ -2,8 +2,8 @@
 
 When the ready drafts of all sessions fit the batch budget (``max_batch_sessions`` and
 ``max_batch_tokens``) every one of them is verified and fairness is moot. When the budget binds,
-each tenant with ready work gets a quantum of tokens per round (``max_tokens / active tenants``
-times its weight) and takes its oldest drafts while its deficit covers them; unused deficit carries
+each tenant with ready work gets a quantum of tokens per round (the largest head draft's cost
+times the tenant's weight) and takes its oldest drafts while its deficit covers them; unused deficit carries
 over to the next batch (classic DRR), so a tenant with 10x more sessions cannot take more than its
 share of a pass, and a tenant with one large draft still gets it verified eventually. The
 scheduler is pure (no clock, no Redis), so its decisions are unit-tested deterministically.
@@ -54,7 +54,9 @@ class DrrScheduler:
         self._rotation += 1
         order = active[start:] + active[:start]
         cursors = {t: _Cursor(queues[t]) for t in order}
-        quantum = max(1, max_tokens // len(order))
+        # A quantum of one (largest) head draft per round: whichever budget binds, sessions or
+        # tokens, the tenants' shares interleave instead of going out in large chunks.
+        quantum = max(1, max(cursors[t].head_cost() for t in order))
         taken: list[K] = []
         tokens = 0
         while order and len(taken) < max_sessions:
