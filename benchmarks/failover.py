@@ -118,8 +118,8 @@ async def run_failover(redis_url: str, target: str, draft: str, workers: int = 3
         edge = build_edge(settings, broker)
         tokenizer = edge.backend.tokenizer
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sessions)]
-        runs = asyncio.gather(*(edge.generate(tokenizer.encode(p), SamplingSpec(max_new_tokens=max_new_tokens))
-                                for p in prompts))
+        spec = SamplingSpec(max_new_tokens=max_new_tokens)
+        runs = asyncio.gather(*(edge.generate(tokenizer.encode(p), spec) for p in prompts))
         victim = "v1"
         killed_at, orphans = await kill_mid_batch(pool, broker, processes, victim, timeout=120)
         results = await runs

@@ -104,8 +104,8 @@ class PoolBroker:
             await pipe.execute()
 
     async def load_open(self, sid: str) -> bytes | None:
-        value: bytes | None = await self.redis.hget(self.broker.keys.meta(sid), "open")  # type: ignore[misc]
-        return value
+        value = await self.redis.hget(self.broker.keys.meta(sid), "open")  # type: ignore[misc]
+        return value if isinstance(value, bytes) else None
 
     # ------------------------------------------------------------ load registry
 

@@ -38,8 +38,7 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
             tenants.update(load.get("tenants", {}))
         info = await redis.info("memory")
         return {
-            "workers": {w: {k: v for k, v in load.items() if k != "tenants"} | {"tenants": load.get("tenants", {})}
-                        for w, load in sorted(workers.items())},
+            "workers": dict(sorted(workers.items())),
             "sessions": len(owners), "sessions_per_owner": dict(Counter(owners.values())),
             "leases_registered": int(await redis.zcard(pool.leases_key)),
             "lapsed_leases": len(await pool.lapsed(limit=10_000)),
@@ -57,7 +56,8 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
 def print_status(status: dict[str, Any]) -> None:
     print(f"{len(status['workers'])} live verifier(s), {status['sessions']} session(s), "
           f"{status['opens_waiting']} open(s) waiting, {status['queued_drafts']} draft(s) queued, "
-          f"{status['deadletter_length']} dead letter(s), Redis {status['redis_used_memory'] / 2**20:.1f} MiB")
+          f"{status['deadletter_length']} dead letter(s), "
+          f"Redis {status['redis_used_memory'] / 2**20:.1f} MiB")
     print(f"{'worker':<32} {'sessions':>8} {'queue':>6} {'load':>6} {'KV tokens':>16} {'KV MiB':>8}  tenants")
     for worker, load in status["workers"].items():
         kv = f"{load.get('resident_tokens', 0)}/{load.get('kv_budget_tokens', 0)}"

@@ -57,28 +57,43 @@ class DrrScheduler:
         # A quantum of one (largest) head draft per round: whichever budget binds, sessions or
         # tokens, the tenants' shares interleave instead of going out in large chunks.
         quantum = max(1, max(cursors[t].head_cost() for t in order))
-        taken: list[K] = []
-        tokens = 0
-        while order and len(taken) < max_sessions:
+        batch = _Batch[K](max_sessions, max_tokens)
+        while order and not batch.full():
             for tenant in list(order):
-                cursor = cursors[tenant]
                 self.deficit[tenant] = self.deficit.get(tenant, 0) + quantum * (weights or {}).get(tenant, 1)
-                while not cursor.done() and len(taken) < max_sessions:
-                    cost = cursor.head_cost()
-                    fits = tokens + cost <= max_tokens or not taken
-                    if not fits or (cost > self.deficit[tenant] and taken):
-                        break
-                    taken.append(cursor.items[cursor.next][0])
-                    cursor.next += 1
-                    tokens += cost
-                    self.deficit[tenant] = max(0, self.deficit[tenant] - cost)
-                if cursor.done() or tokens + cursor.head_cost() > max_tokens:
+                self._serve(tenant, cursors[tenant], batch)
+                cursor = cursors[tenant]
+                if cursor.done() or batch.tokens + cursor.head_cost() > max_tokens:
                     order.remove(tenant)  # nothing more of this tenant fits this batch
-            if len(taken) >= max_sessions or tokens >= max_tokens:
-                break
         for tenant, cursor in cursors.items():
             if cursor.done():
                 self.deficit.pop(tenant, None)
             else:
                 self.deficit[tenant] = min(self.deficit.get(tenant, 0), max_tokens)
-        return taken
+        return batch.taken
+
+    def _serve(self, tenant: str, cursor: _Cursor[K], batch: _Batch[K]) -> None:
+        """Take the tenant's oldest drafts while its deficit and the batch budget allow."""
+        while not cursor.done() and len(batch.taken) < batch.max_sessions:
+            cost = cursor.head_cost()
+            if not batch.fits(cost) or (cost > self.deficit[tenant] and batch.taken):
+                return
+            batch.taken.append(cursor.items[cursor.next][0])
+            batch.tokens += cost
+            cursor.next += 1
+            self.deficit[tenant] = max(0, self.deficit[tenant] - cost)
+
+
+@dataclass
+class _Batch(Generic[K]):
+    max_sessions: int
+    max_tokens: int
+    taken: list[K] = field(default_factory=list)
+    tokens: int = 0
+
+    def fits(self, cost: int) -> bool:
+        """The first item always fits: a long prompt must still be prefilled."""
+        return self.tokens + cost <= self.max_tokens or not self.taken
+
+    def full(self) -> bool:
+        return len(self.taken) >= self.max_sessions or self.tokens >= self.max_tokens

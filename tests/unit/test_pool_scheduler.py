@@ -49,7 +49,7 @@ def test_round_latency_of_the_small_tenant_in_batches() -> None:
         scheduler, waiting = DrrScheduler(), {f"a{i}": 0 for i in range(a_sessions)} | {"b0": 0, "b1": 0}
         latencies = []
         for _ in range(60):
-            ready = {"A": [(k, 5) for k in waiting if k[0] == "a"], "B": [(k, 5) for k in waiting if k[0] == "b"]}
+            ready = {t.upper(): [(k, 5) for k in waiting if k[0] == t] for t in "ab"}
             chosen = set(scheduler.select(ready, max_sessions=6, max_tokens=1000))
             for key in waiting:
                 waiting[key] += 1

@@ -12,7 +12,16 @@ from broker.streams import Broker
 from common.models import load_causal_lm
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings
-from common.wire import DraftBatch, ErrorCode, ErrorMessage, SamplingSpec, SessionOpen, Verdict, decode, encode
+from common.wire import (
+    DraftBatch,
+    ErrorCode,
+    ErrorMessage,
+    SamplingSpec,
+    SessionOpen,
+    Verdict,
+    decode,
+    encode,
+)
 from verifier_worker.engine import TargetEngine, generate_target_only
 from verifier_worker.worker import VerifierWorker
 
@@ -86,8 +95,9 @@ class Edge:
         for v in verdicts[self.seen:]:
             self.seen += 1
             if isinstance(v, Verdict) and v.seq == self.seq:
-                kept, self.finish = apply_stop_rules([5, 6][:v.accepted] + [v.token],
-                                                     len(self.context) - self.prompt_len, frozenset(), MAX_NEW)
+                generated = len(self.context) - self.prompt_len
+                kept, self.finish = apply_stop_rules([*[5, 6][:v.accepted], v.token], generated,
+                                                     frozenset(), MAX_NEW)
                 self.context += kept
                 assert len(self.context) == v.committed
                 self.seq += 1
@@ -106,7 +116,7 @@ async def test_lapsed_session_is_adopted_with_its_pending_draft_and_stays_exact(
     assert edge.seq == 1
     # w1 reads the next draft and dies before verifying it: the draft stays pending at w1.
     await edge.send(w1.broker)
-    [entry] = await w1.broker.read_work("w1", [w1.broker.keys.drafts("s")], None)
+    await w1.broker.read_work("w1", [w1.broker.keys.drafts("s")], None)
     await asyncio.sleep(0.25)  # the lease lapses
     await settle(w2)
     assert "s" in w2.sessions and w2.stats.sessions_adopted == 1
