@@ -36,7 +36,8 @@ def worker_env(redis_url: str, target: str, draft: str, prefix: str, lease_ms: i
             "SPECD_MODELS__DRAFT": draft, "SPECD_MODELS__TORCH_THREADS": "1",
             "SPECD_POOL__LEASE_MS": str(lease_ms), "SPECD_POOL__SCAN_INTERVAL_MS": "100",
             "SPECD_POOL__SPREAD_SLACK": "0", "SPECD_VERIFIER__IDLE_BLOCK_MS": "20",
-            "SPECD_LOG__FORMAT": "json", "SPECD_LOG__LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"), "OMP_NUM_THREADS": "1"}
+            "SPECD_LOG__FORMAT": "json", "SPECD_LOG__LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
+            "OMP_NUM_THREADS": "1"}
 
 
 def start_verifiers(count: int, env: dict[str, str], log_dir: Path) -> dict[str, subprocess.Popen[bytes]]:

@@ -56,7 +56,8 @@ async def run(url: str, target: str, draft: str, args: argparse.Namespace) -> di
     processes = start_verifiers(args.workers, env, Path(tempfile.mkdtemp(prefix="redis-memory-")))
     settings = Settings(redis={"url": url, "key_prefix": prefix},
                         models={"target": target, "draft": draft, "torch_threads": 1},
-                        edge={"gamma": 3, "verdict_timeout_s": 300, "max_concurrent_sessions": args.concurrency})
+                        edge={"gamma": 3, "verdict_timeout_s": 300,
+                              "max_concurrent_sessions": args.concurrency})
     broker = make_broker(settings)
     pool = PoolBroker(broker)
     samples: list[dict[str, Any]] = []
