@@ -117,6 +117,9 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    from common.logs import configure_logging
+
+    configure_logging("warning", "console")  # keep stdout for the JSON report
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
