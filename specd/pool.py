@@ -12,9 +12,15 @@ from collections import Counter
 from typing import Any
 
 from broker.pool import PoolBroker
-from broker.streams import GROUP
+from broker.streams import GROUP, Broker, connect
 from common.settings import Settings
-from specd.runtime import make_broker
+
+
+def make_broker(settings: Settings) -> Broker:
+    """Like specd.runtime.make_broker, without importing torch (status must start fast)."""
+    redis = settings.redis
+    return Broker(connect(redis.url, redis.socket_timeout_s), prefix=redis.key_prefix,
+                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
 
 
 async def pool_status(settings: Settings) -> dict[str, Any]:

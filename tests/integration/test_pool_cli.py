@@ -33,10 +33,6 @@ def test_verifier_workers_and_pool_status(redis_url, tiny_pair) -> None:
         while set(status()["workers"]) != {"pv-0", "pv-1"}:
             assert time.monotonic() < deadline and parent.poll() is None
             time.sleep(0.5)
-        edge = subprocess.run([sys.executable, "-m", "specd", "edge", "--prompt", "import os", "--prompt",
-                               "class Stack:", "--max-new-tokens", "8", "--tenant", "acme"], env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert edge.returncode == 0, edge.stderr
         report = status()
         assert report["sessions"] == 0 and report["deadletter_length"] == 0
         for load in report["workers"].values():
