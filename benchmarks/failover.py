@@ -60,24 +60,52 @@ async def wait_for_workers(pool: Any, names: set[str], processes: dict[str, Any]
         await asyncio.sleep(0.2)
 
 
-async def kill_mid_batch(pool: Any, broker: Any, processes: dict[str, Any], victim: str,
-                         timeout: float) -> tuple[float, list[str]]:
-    """SIGKILL ``victim`` once it owns sessions and holds an unacknowledged draft (mid-batch)."""
+def start_pool(count: int, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
+    """``specd verifier --workers N --worker-id v``: one parent, children v-0 .. v-(N-1)."""
+    log = (log_dir / "verifiers.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "specd", "verifier", "--workers", str(count),
+                             "--worker-id", "v"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def holds_pending_draft(broker: Any, sid: str, worker: str) -> bool:
+    from redis.exceptions import ResponseError
+
     from broker.streams import GROUP
 
+    try:
+        pending = await broker.redis.xpending(broker.keys.drafts(sid), GROUP)
+    except ResponseError:  # the session just finished: its stream is gone
+        return False
+    consumers = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
+                 for c in pending.get("consumers", [])}
+    return bool(pending["pending"]) and worker in consumers
+
+
+async def kill_mid_batch(pool: Any, broker: Any, victim: str, timeout: float) -> tuple[float, list[str]]:
+    """SIGKILL ``victim`` (pid from its published load) once it holds an unacknowledged draft."""
+    pid = int((await pool.loads(fresh_s=30))[victim]["pid"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         owners = {k.decode(): v.decode() for k, v in (await pool.redis.hgetall(pool.owners_key)).items()}
         mine = [sid for sid, owner in owners.items() if owner == victim]
         for sid in mine:
-            pending = await broker.redis.xpending(broker.keys.drafts(sid), GROUP)
-            consumers = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
-                         for c in pending.get("consumers", [])}
-            if pending["pending"] and victim in consumers:
-                processes[victim].send_signal(signal.SIGKILL)
+            if await holds_pending_draft(broker, sid, victim):
+                os.kill(pid, signal.SIGKILL)
                 return time.time(), mine
         await asyncio.sleep(0.005)
     raise RuntimeError(f"{victim} never held a pending draft")
+
+
+async def pool_status_json(env: dict[str, str]) -> dict[str, Any]:
+    """`specd pool status --json` as a process, as an operator would run it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "specd", "pool", "status", "--json", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"specd pool status failed: {err.decode()}")
+    status: dict[str, Any] = json.loads(out)
+    return status
 
 
 async def takeover_times(broker: Any, orphans: list[str], victim: str, killed_at: float) -> list[float]:
@@ -96,7 +124,7 @@ async def takeover_times(broker: Any, orphans: list[str], victim: str, killed_at
 
 
 async def run_failover(redis_url: str, target: str, draft: str, workers: int = 3, sessions: int = 9,
-                       max_new_tokens: int = 40, gamma: int = 3, lease_ms: int = 1500,
+                       max_new_tokens: int = 32, gamma: int = 3, lease_ms: int = 1500,
                        log_dir: Path | None = None) -> dict[str, Any]:
     from broker.pool import PoolBroker
     from common.models import load_causal_lm
@@ -108,21 +136,24 @@ async def run_failover(redis_url: str, target: str, draft: str, workers: int = 3
 
     prefix = f"fo{os.getpid()}{int(time.time())}"
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="failover-"))
-    processes = start_verifiers(workers, worker_env(redis_url, target, draft, prefix, lease_ms), log_dir)
+    env = worker_env(redis_url, target, draft, prefix, lease_ms)
+    parent = start_pool(workers, env, log_dir)
+    names = [f"v-{i}" for i in range(workers)]
     settings = Settings(redis={"url": redis_url, "key_prefix": prefix},
                         models={"target": target, "draft": draft, "torch_threads": 1},
                         edge={"gamma": gamma, "verdict_timeout_s": 60, "max_concurrent_sessions": sessions})
     broker = make_broker(settings)
     pool = PoolBroker(broker)
     try:
-        await wait_for_workers(pool, {f"v{i}" for i in range(workers)}, processes, timeout=180)
+        await wait_for_workers(pool, set(names), {"parent": parent}, timeout=180)
+        status = await pool_status_json(env)
         edge = build_edge(settings, broker)
         tokenizer = edge.backend.tokenizer
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sessions)]
         spec = SamplingSpec(max_new_tokens=max_new_tokens)
         runs = asyncio.gather(*(edge.generate(tokenizer.encode(p), spec) for p in prompts))
-        victim = "v1"
-        killed_at, orphans = await kill_mid_batch(pool, broker, processes, victim, timeout=120)
+        victim = names[1]
+        killed_at, orphans = await kill_mid_batch(pool, broker, victim, timeout=120)
         results = await runs
         loaded = load_causal_lm(target)
         engine = TargetEngine(loaded.model, loaded.vocab_size)
@@ -135,17 +166,24 @@ async def run_failover(redis_url: str, target: str, draft: str, workers: int = 3
                 "finished_sessions": sum(r.finish_reason is not None for r in results),
                 "mismatches": mismatches, "lease_ms": lease_ms, "takeover_s": takeovers,
                 "takeover_first_s": min(takeovers, default=None),
-                "takeover_last_s": max(takeovers, default=None), "log_dir": str(log_dir)}
+                "takeover_last_s": max(takeovers, default=None), "log_dir": str(log_dir),
+                "status_workers": sorted(status["workers"]),
+                "status_fields": sorted(next(iter(status["workers"].values()), {})),
+                "parent_exit": stop_pool(parent)}
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_pool(parent)
         await broker.close()
+
+
+def stop_pool(parent: subprocess.Popen[bytes]) -> int:
+    """SIGTERM the --workers parent (it forwards to its children); its exit code."""
+    if parent.poll() is None:
+        parent.send_signal(signal.SIGTERM)
+    try:
+        return parent.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        parent.kill()
+        return parent.wait()
 
 
 def tiny_pair(folder: Path) -> tuple[str, str]:
@@ -179,7 +217,7 @@ def main() -> int:
     parser.add_argument("--draft", default="")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--sessions", type=int, default=9)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--lease-ms", type=int, default=1500)
     args = parser.parse_args()

@@ -53,8 +53,10 @@ async def run(url: str, target: str, draft: str, args: argparse.Namespace) -> di
     prefix = "mem"
     env = worker_env(url, target, draft, prefix, 3000)
     env["SPECD_VERIFIER__MAX_BATCH_SESSIONS"] = str(args.max_batch_sessions)
+    env["SPECD_POOL__FINISHED_TTL_S"] = str(args.finished_ttl_s)
+    env["SPECD_REDIS__STREAM_MAXLEN"] = str(args.stream_maxlen)
     processes = start_verifiers(args.workers, env, Path(tempfile.mkdtemp(prefix="redis-memory-")))
-    settings = Settings(redis={"url": url, "key_prefix": prefix},
+    settings = Settings(redis={"url": url, "key_prefix": prefix, "stream_maxlen": args.stream_maxlen},
                         models={"target": target, "draft": draft, "torch_threads": 1},
                         edge={"gamma": 3, "verdict_timeout_s": 300,
                               "max_concurrent_sessions": args.concurrency})
@@ -86,6 +88,7 @@ async def run(url: str, target: str, draft: str, args: argparse.Namespace) -> di
         await broker.close()
     peak = max(samples, key=lambda s: s["used_memory"])
     return {"sessions": args.sessions, "concurrency": args.concurrency, "workers": args.workers,
+            "finished_ttl_s": args.finished_ttl_s, "stream_maxlen": args.stream_maxlen,
             "max_new_tokens": args.max_new_tokens, "samples": samples,
             "peak_used_memory": peak["used_memory"], "final": samples[-1],
             "max_keys": max(s["keys"] for s in samples),
@@ -105,6 +108,10 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-sessions", type=int, default=64)
     parser.add_argument("--sample-every", type=int, default=25)
+    parser.add_argument("--finished-ttl-s", type=int, default=60,
+                        help="pool.finished_ttl_s: how long finished sessions' verdict streams stay")
+    parser.add_argument("--stream-maxlen", type=int, default=1000,
+                        help="redis.stream_maxlen (the sessions stream keeps about 10x this)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "redis_memory.json")
     args = parser.parse_args()
     import torch
