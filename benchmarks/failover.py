@@ -220,6 +220,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--lease-ms", type=int, default=1500)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "failover.json")
     args = parser.parse_args()
     import torch
 
@@ -238,6 +239,8 @@ def main() -> int:
             if server is not None:
                 server.terminate()
                 server.wait()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
     return 0 if not report["mismatches"] else 1
 
