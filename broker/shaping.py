@@ -73,11 +73,11 @@ class ShapedBroker(Broker):
             await self._travel("down", sid)
         return entries
 
-    async def delete_session(self, sid: str) -> None:
+    async def delete_session(self, sid: str, verdict_ttl_s: int | None = None) -> None:
         self._last_delivery.pop(("up", sid), None)
         self._last_delivery.pop(("down", sid), None)
         self._order.pop(sid, None)
-        await self.inner.delete_session(sid)
+        await self.inner.delete_session(sid, verdict_ttl_s)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -6,6 +6,8 @@ Key layout (the ``{session}`` hash tag keeps one session's keys in one Redis Clu
     {prefix}:{{sid}}:drafts            the session's drafts and its close (consumer group "verifiers")
     {prefix}:{{sid}}:verdicts          verdicts and errors for the edge (read with XREAD)
     {prefix}:{{sid}}:state             hash: committed tokens, next sequence number, owner
+    {prefix}:{{sid}}:meta              hash: the session's open message (for adoption)
+    {prefix}:{{sid}}:lease             the owning verifier's id, with a PX lifetime (broker.pool)
     {prefix}:health:{role}:{worker}    heartbeat key with a TTL
 
 Verifiers discover sessions by reading the sessions stream, never by scanning the keyspace.
@@ -45,6 +47,8 @@ class Entry:
     stream: str  # key
     entry_id: str
     payload: bytes | None  # None when the entry had no payload field (treated as malformed)
+    hops: int = 0  # session opens: how many times verifiers passed this open on
+    since_ms: int = 0  # session opens passed on: when the first verifier saw it (epoch ms)
 
 
 def connect(url: str, socket_timeout_s: float = 30.0) -> aioredis.Redis:
@@ -69,6 +73,12 @@ class Keys:
 
     def state(self, sid: str) -> str:
         return f"{self.prefix}:{{{sid}}}:state"
+
+    def meta(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:meta"
+
+    def lease(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:lease"
 
     def session_keys(self, sid: str) -> list[str]:
         return [self.drafts(sid), self.verdicts(sid), self.state(sid)]
@@ -147,7 +157,7 @@ class Broker:
         """Take over entries another consumer left pending for ``min_idle_ms`` (XAUTOCLAIM)."""
         reply = await self.redis.xautoclaim(stream, GROUP, consumer, min_idle_ms, "0-0", count=1000)
         claimed = reply[1]
-        return [Entry(stream, _text(i), (f or {}).get(FIELD)) for i, f in claimed if f is not None]
+        return [_entry(stream, i, f) for i, f in claimed if f is not None]
 
     async def ack(self, stream: str, *entry_ids: str) -> None:
         if entry_ids:
@@ -168,6 +178,7 @@ class Broker:
                     pipe.hset(self.keys.state(sid), mapping=dict(result.state))  # type: ignore[arg-type]
                 for key in self.keys.session_keys(sid):
                     pipe.expire(key, self.ttl)
+                pipe.expire(self.keys.meta(sid), self.ttl)  # the lease keeps its own PX lifetime
                 if result.ack_ids:
                     pipe.xack(self.keys.drafts(sid), GROUP, *result.ack_ids)
             await pipe.execute()
@@ -176,9 +187,17 @@ class Broker:
         state: dict[bytes, bytes] = await self.redis.hgetall(self.keys.state(sid))  # type: ignore[assignment]
         return state
 
-    async def delete_session(self, sid: str) -> None:
-        """Drop the draft stream and state; the verdict stream lives on until its TTL."""
-        await self.redis.delete(self.keys.drafts(sid), self.keys.state(sid))
+    async def delete_session(self, sid: str, verdict_ttl_s: int | None = None) -> None:
+        """Drop the draft stream, state, meta and lease; the verdict stream lives on until its TTL.
+
+        ``verdict_ttl_s`` shortens that TTL: a finished session's edge has its last verdict soon.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.drafts(sid), self.keys.state(sid), self.keys.meta(sid),
+                        self.keys.lease(sid))
+            if verdict_ttl_s is not None:
+                pipe.expire(self.keys.verdicts(sid), verdict_ttl_s)
+            await pipe.execute()
 
     async def existing(self, keys: list[str]) -> set[str]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -232,6 +251,15 @@ def _entries(reply: Any) -> list[Entry]:
     for stream, messages in reply or []:
         name = _text(stream)
         for entry_id, fields in messages:
-            payload = fields.get(FIELD) if isinstance(fields, dict) else None
-            entries.append(Entry(name, _text(entry_id), payload))
+            entries.append(_entry(name, entry_id, fields))
     return entries
+
+
+def _entry(stream: str, entry_id: Any, fields: Any) -> Entry:
+    if not isinstance(fields, dict):
+        return Entry(stream, _text(entry_id), None)
+    try:
+        hops, since = int(fields.get(b"h", 0)), int(fields.get(b"t", 0))
+    except ValueError:
+        hops, since = 0, 0
+    return Entry(stream, _text(entry_id), fields.get(FIELD), hops, since)

@@ -85,6 +85,57 @@ class VerifierSettings(Section):
 DEVICE_PATTERN = r"^(auto|cpu|npu|cuda(:\d+)?|gpu(\.\d+)?)$"
 
 
+class PoolSettings(Section):
+    """Several verifiers on one Redis: leases, load spreading, failover, KV budget."""
+
+    lease_ms: int = Field(3000, ge=200)
+    """A session's lease lifetime; the owner renews it every lease_ms / 3."""
+    scan_interval_ms: int = Field(500, ge=50)
+    """How often a verifier looks for sessions whose lease lapsed (and for stuck opens)."""
+    spread_slack: int = Field(2, ge=0)
+    """A verifier passes a new session on when it holds more than slack + the least loaded peer's."""
+    max_open_hops: int = Field(3, ge=0)
+    """How many times a session open may be passed on before a verifier must take it."""
+    max_deliveries: int = Field(5, ge=1)
+    """A draft delivered more often than this (crashes, failing passes) goes to the dead letters."""
+    deadletter_maxlen: int = Field(1000, ge=10)
+    kv_budget_tokens: int = Field(262144, ge=1)
+    """KV cache budget of one verifier, in tokens (prompt + max_new_tokens reserved per session)."""
+    admission_wait_s: float = Field(30.0, ge=0)
+    """How long a session open waits for KV room before it is refused with `capacity`."""
+    idle_evict_s: float = Field(30.0, ge=0)
+    """Sessions without a draft for this long lose their KV cache first when room is needed."""
+    finished_ttl_s: int = Field(60, ge=1)
+    """TTL of a finished session's verdict stream (the edge reads the last verdict within it)."""
+
+
+class TenantLimits(Section):
+    max_sessions: int | None = Field(None, ge=0)
+    """Concurrent sessions of the tenant in the whole pool; unset: the default."""
+    draft_tokens_per_s: float | None = Field(None, ge=0)
+    """Drafted tokens per second of the tenant in the whole pool; unset: the default."""
+    weight: int | None = Field(None, ge=1)
+    """Share of a binding batch budget relative to other tenants; unset: the default."""
+
+
+class TenantSettings(Section):
+    max_sessions: int = Field(0, ge=0)
+    """Default concurrent sessions per tenant in the pool; 0: unlimited."""
+    draft_tokens_per_s: float = Field(0.0, ge=0)
+    """Default drafted tokens per second per tenant in the pool; 0: unlimited."""
+    weight: int = Field(1, ge=1)
+    """Default fair-share weight of a tenant when the batch budget binds."""
+    overrides: dict[str, TenantLimits] = Field(default_factory=dict)
+    """Per-tenant values, e.g. ``[tenants.overrides.acme]`` with ``max_sessions = 4``."""
+
+    def limits(self, tenant: str) -> tuple[int, float, int]:
+        """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied."""
+        own = self.overrides.get(tenant, TenantLimits())
+        return (self.max_sessions if own.max_sessions is None else own.max_sessions,
+                self.draft_tokens_per_s if own.draft_tokens_per_s is None else own.draft_tokens_per_s,
+                self.weight if own.weight is None else own.weight)
+
+
 class EdgeSettings(Section):
     worker_id: str = ""
     backend: Literal["torch", "openvino", "genai", "replay"] = "torch"
@@ -148,6 +199,8 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()
     verifier: VerifierSettings = VerifierSettings()
+    pool: PoolSettings = PoolSettings()
+    tenants: TenantSettings = TenantSettings()
     edge: EdgeSettings = EdgeSettings()
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()

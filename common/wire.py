@@ -34,6 +34,9 @@ class ErrorCode(str, enum.Enum):
     TOKENIZER_MISMATCH = "tokenizer_mismatch"
     MODEL_MISMATCH = "model_mismatch"
     SESSION_EXPIRED = "session_expired"
+    CAPACITY = "capacity"  # no verifier had KV room for the session within the admission wait
+    TENANT_LIMIT = "tenant_limit"  # the tenant is over its session or draft-token limit
+    DEAD_LETTER = "dead_letter"  # a message kept failing and was moved to the dead-letter stream
     INTERNAL = "internal"
 
 
@@ -160,6 +163,7 @@ class Verdict:
     verify_ms: float = 0.0  # the batch's forward pass and sampling
     batch_size: int = 1
     worker_id: str = ""
+    pool_load: float = 0.0  # the verifier's load: >= 1 means its batch or KV budget binds
     type_: str = field(default="verdict", init=False)
 
 
@@ -208,6 +212,7 @@ def encode(message: Message) -> bytes:
             seq=message.seq, accepted=message.accepted, token=message.token,
             committed=message.committed, finish=message.finish_reason, queue_ms=message.queue_ms,
             verify_ms=message.verify_ms, batch=message.batch_size, worker=message.worker_id,
+            load=message.pool_load,
         )
     elif isinstance(message, ErrorMessage):
         body.update(seq=message.seq, code=message.code.value, message=message.message,
@@ -324,6 +329,7 @@ def _decode_verdict(body: dict[str, Any], sid: str, limits: Limits) -> Verdict:
         committed=_integer(body, "committed", 1, 1 << 40), finish_reason=finish,
         queue_ms=_number(body, "queue_ms", 0.0), verify_ms=_number(body, "verify_ms", 0.0),
         batch_size=_integer(body, "batch", 0, 1 << 20), worker_id=_string(body, "worker", 128),
+        pool_load=_number(body, "load", 0.0),  # absent in verdicts of older verifiers
     )
 
 

@@ -39,6 +39,7 @@ from common.wire import (
 )
 from edge_worker.adaptive import GammaController
 from edge_worker.backends.base import DraftBackend, Proposal
+from edge_worker.backpressure import Backpressure
 
 log = get_logger("specd.edge")
 
@@ -178,6 +179,7 @@ class _EdgeSession:
         self.last_verdict_id = "0-0"
         self.gammas = client.config.controller()
         self.ahead: _Ahead | None = None
+        self.pressure = Backpressure()  # verifier load from verdicts: shorter drafts or a wait
 
     async def run(self) -> SessionResult:
         broker, backend = self.client.broker, self.client.backend
@@ -239,7 +241,8 @@ class _EdgeSession:
                 self.result.gammas.append(len(draft.proposal.token_ids))
                 return draft
             self.result.ahead_misses += 1
-        gamma = self.gammas.choose(self._room(len(self.context)))
+        # The controller's choice, shortened (with a wait) when the pool reports saturation.
+        gamma = await self.pressure.before_round(self.gammas.choose(self._room(len(self.context))))
         self.result.gammas.append(gamma)
         started = time.perf_counter()
         proposal, compute_ms = await self._draft(list(self.context), gamma, seq)
@@ -327,6 +330,7 @@ class _EdgeSession:
                 if isinstance(message, ErrorMessage):
                     raise SessionFailed(message.code, message.message)
                 if isinstance(message, Verdict) and message.seq == seq:
+                    self.pressure.observe(message.pool_load)
                     return message
                 # An older verdict replayed after a redelivery: already applied, skip it.
         raise SessionFailed(ErrorCode.INTERNAL,

@@ -1,4 +1,4 @@
-"""The ``specd`` command line: demo, verifier, edge, generate, devices, loadtest, pair tools."""
+"""The ``specd`` command line: demo, verifier, edge, generate, pool, devices, loadtest, pair tools."""
 
 from __future__ import annotations
 
@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     verifier.add_argument("--worker-id", dest="verifier_worker_id", help="stable worker id")
     verifier.add_argument("--check", action="store_true",
                           help="exit 0 if the worker (any, without --worker-id) has a live heartbeat")
+    verifier.add_argument("--workers", type=int, default=1,
+                          help="run N verifier processes (ids WORKER-ID-0..N-1); SIGTERM reaches all")
+
+    pool = commands.add_parser("pool", help="inspect the verifier pool",
+                               description="Inspect the verifier pool in Redis: workers, sessions per "
+                               "worker, KV memory use, queue depths, per-tenant load.")
+    pool.add_argument("action", choices=["status"])
+    pool.add_argument("--json", action="store_true", help="print one JSON object")
 
     edge = commands.add_parser("edge", help="run an edge worker for some prompts",
                                description="Run an edge worker: draft for its prompts and have "
@@ -154,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--json", action="store_true", help="print one JSON object")
 
     loadtest = _add_loadtest(commands)
-    for sub in (demo, verifier, edge, generate, devices, loadtest):
+    for sub in (demo, verifier, edge, generate, pool, devices, loadtest):
         _add_common(sub)
     for sub in (demo, verifier, edge, generate, loadtest):  # the edge names the target it expects
         _add_target(sub)
@@ -233,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specd: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log.level, settings.log.format)
+    if args.command == "verifier" and args.workers > 1 and not args.check:
+        return _verifier_processes(args, settings, list(sys.argv[1:] if argv is None else argv))
     try:
         return COMMANDS[args.command](args, settings)
     except (BackendUnavailableError, DeviceUnavailableError) as exc:
@@ -276,6 +286,28 @@ def _verifier(args: argparse.Namespace, settings: Settings) -> int:
     if args.check:
         return asyncio.run(check_health(settings, "verifier"))
     return asyncio.run(run_verifier(settings))
+
+
+def _verifier_processes(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
+    from specd.pool import run_workers, strip_workers_flag
+
+    if not _require_redis(settings, "verifier"):
+        return 2
+    own = strip_workers_flag(argv[argv.index("verifier") + 1:])
+    return run_workers(args.workers, own, settings.verifier.worker_id)
+
+
+def _pool(args: argparse.Namespace, settings: Settings) -> int:
+    from specd.pool import pool_status, print_status
+
+    if not _require_redis(settings, "pool"):
+        return 2
+    status = asyncio.run(pool_status(settings))
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print_status(status)
+    return 0
 
 
 def _edge(args: argparse.Namespace, settings: Settings) -> int:
@@ -358,7 +390,7 @@ def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
-            "devices": _devices, "loadtest": _loadtest}
+            "pool": _pool, "devices": _devices, "loadtest": _loadtest}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ class VerifierSession:
     drafted: int = 0
     accepted: int = 0
     opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    failures: int = 0  # failed forward passes holding this session's head draft
+    evicted: bool = False  # KV freed to make room; recomputed from the context if it returns
+    solo: bool = False  # after a failed pass: verify alone, so a poison draft cannot sink others
 
     @classmethod
     def from_open(cls, message: SessionOpen) -> VerifierSession:
@@ -49,6 +53,26 @@ class VerifierSession:
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
         )
+
+    @classmethod
+    def restore(cls, message: SessionOpen, state: dict[bytes, bytes]) -> VerifierSession:
+        """Adopt a session from its open message and last persisted round (empty KV cache).
+
+        The engine feeds ``context[kv.length:]``, so the first pass after adoption recomputes the
+        whole cache from the committed tokens.
+        """
+        session = cls.from_open(message)
+        if state.get(b"context"):
+            session.context = np.frombuffer(state[b"context"], dtype="<u4").astype(int).tolist()
+            session.prompt_len = int(state.get(b"prompt_len", session.prompt_len))
+            session.next_seq = int(state.get(b"next_seq", 0))
+            session.last_verdict = state.get(b"last_verdict") or None
+        return session
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens this session may need: its admission cost against the KV budget."""
+        return self.prompt_len + self.max_new_tokens
 
     @property
     def generated(self) -> int:

@@ -1,22 +1,29 @@
-"""The verifier worker: discover sessions, gather drafts, verify them in one pass, publish.
+"""The verifier worker: own sessions by lease, gather drafts, verify them in one pass, publish.
 
 Each iteration reads, in one XREADGROUP, the sessions stream and the draft streams of every
-session this worker owns; then it verifies the ready draft of every session (bounded by
+session this worker owns; then it verifies the ready drafts (chosen fairly across tenants within
 ``max_batch_sessions`` and ``max_batch_tokens``) in a single target forward pass, publishes all
 verdicts and acks in one transaction, and loops. Sessions join and leave between iterations.
+
+Pool behaviour (docs/pool.md): a session is owned through a lease that a background tick renews
+with the worker's published load; every ``scan_interval_ms`` the worker adopts sessions whose
+lease lapsed (a dead or leaving peer's), rebuilding them from the state hash written each round
+and claiming their pending drafts. New sessions are passed on to less loaded peers, admitted
+against a KV budget, and counted against per-tenant limits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from broker.pool import PoolBroker, now_ms
 from broker.streams import Broker, Entry, RoundResult, with_backoff
 from common.logs import bind, get_logger
 from common.settings import Settings
@@ -33,10 +40,22 @@ from common.wire import (
     encode,
     peek_session_id,
 )
+from verifier_worker.capacity import (
+    load_figure,
+    plan_admission,
+    pool_tenant_count,
+    resident_tokens,
+    should_pass_on,
+    tenant_sessions,
+)
 from verifier_worker.engine import TargetEngine, VerifyOutcome
+from verifier_worker.scheduler import DrrScheduler
 from verifier_worker.session import PendingDraft, VerifierSession
 
 log = get_logger("specd.verifier")
+
+FATAL_DRAFT_ERRORS = frozenset({ErrorCode.TENANT_LIMIT})
+"""Errors on a draft stream that end the session (others only reject the one message)."""
 
 
 def default_worker_id(role: str) -> str:
@@ -48,7 +67,13 @@ class VerifierStats:
     forward_passes: int = 0
     rounds: int = 0
     sessions_opened: int = 0
+    sessions_adopted: int = 0
+    sessions_lost: int = 0
     sessions_finished: int = 0
+    opens_passed_on: int = 0
+    evictions: int = 0
+    dead_letters: int = 0
+    max_sessions_held: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -59,6 +84,7 @@ class VerifierWorker:
         self.settings = settings
         self.engine = engine
         self.broker = broker
+        self.pool = PoolBroker(broker)
         self.model_name = model_name
         self.fingerprint = fingerprint
         self.worker_id = worker_id or settings.verifier.worker_id or default_worker_id("verifier")
@@ -71,14 +97,24 @@ class VerifierWorker:
         self.sessions: dict[str, VerifierSession] = {}
         self.stats = VerifierStats()
         self.accepting = True
+        self.scheduler = DrrScheduler()
+        self.peers: dict[str, dict[str, Any]] = {}  # live peers' published loads
+        self.pool_load = 0.0
+        self._next_scan = 0.0
+        self._opens_paused_until = 0.0
+
+    @property
+    def tick_s(self) -> float:
+        """Lease renewal and load publishing period: a third of the shorter lifetime."""
+        return min(self.settings.verifier.heartbeat_ttl_s, self.settings.pool.lease_ms / 1000) / 3
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then drain owned sessions for up to drain_timeout_s."""
+        """Serve until ``stop`` is set, drain for up to drain_timeout_s, then hand sessions over."""
         bind(worker_id=self.worker_id)
         await self.startup()
-        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        ticker = asyncio.create_task(self._tick_loop())
         try:
             await self._serve(stop)
             self.accepting = False
@@ -87,47 +123,80 @@ class VerifierWorker:
             while self.sessions and time.monotonic() < deadline:
                 await self.iterate()
         finally:
-            heartbeat.cancel()
+            ticker.cancel()
             await self.shutdown()
 
     async def startup(self) -> None:
         await with_backoff(lambda: self.broker.ensure_group(self.broker.keys.sessions),
                            "ensure_group")
+        await self.tick()
         # Session opens this consumer read before a restart but never acknowledged.
         for entry in await self.broker.read_pending(self.worker_id, self.broker.keys.sessions):
             await self._on_open(entry)
-        log.info("verifier.started", model=self.model_name, vocab=self.engine.vocab_size)
+        log.info("verifier.started", model=self.model_name, vocab=self.engine.vocab_size,
+                 peers=sorted(self.peers))
 
     async def shutdown(self) -> None:
-        # Unfinished sessions keep their pending drafts in Redis for another verifier to claim.
+        """Release leases at once (peers adopt the sessions now, not after a lapse)."""
         log.info("verifier.stopped", unfinished_sessions=len(self.sessions),
-                 forward_passes=self.engine.forward_passes, rounds=self.stats.rounds)
+                 forward_passes=self.engine.forward_passes, rounds=self.stats.rounds,
+                 max_sessions_held=self.stats.max_sessions_held, adopted=self.stats.sessions_adopted)
         try:
+            await self.pool.release(self.worker_id, list(self.sessions))
+            await self.pool.remove_worker(self.worker_id)
             await self.broker.clear_heartbeat("verifier", self.worker_id)
         except Exception as exc:  # noqa: BLE001 - best effort while stopping
-            log.warning("verifier.heartbeat_clear_failed", error=str(exc))
+            log.warning("verifier.release_failed", error=str(exc))
 
     async def _serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.iterate()
 
-    async def _heartbeat_loop(self) -> None:
-        ttl = self.settings.verifier.heartbeat_ttl_s
+    async def _tick_loop(self) -> None:
         while True:
-            info = json.dumps({"sessions": len(self.sessions), "rounds": self.stats.rounds,
-                               "model": self.model_name, "at": time.time()}).encode()
             try:
-                await self.broker.heartbeat("verifier", self.worker_id, ttl, info)
+                await self.tick()
             except Exception as exc:  # noqa: BLE001 - the main loop reports broker trouble
-                log.warning("verifier.heartbeat_failed", error=str(exc))
-            await asyncio.sleep(ttl / 3)
+                log.warning("verifier.tick_failed", error=str(exc))
+            await asyncio.sleep(self.tick_s)
+
+    async def tick(self) -> None:
+        """Renew leases (dropping sessions another worker took), publish load, read peers' loads."""
+        lost = await self.pool.renew(self.worker_id, list(self.sessions), self.settings.pool.lease_ms)
+        for sid in lost:
+            session = self.sessions.pop(sid, None)
+            if session is not None:
+                session.kv.clear()
+                self.stats.sessions_lost += 1
+                log.warning("session.lost", session_id=sid, reason="lease held by another worker")
+        load = self.load()
+        await self.pool.publish_load(self.worker_id, load)
+        fresh = 3 * self.tick_s + 1
+        loads = await self.pool.loads(fresh_s=fresh, prune_s=max(60.0, 10 * fresh))
+        self.peers = {w: v for w, v in loads.items() if w != self.worker_id}
+        await self.broker.heartbeat("verifier", self.worker_id, self.settings.verifier.heartbeat_ttl_s,
+                                    _json(load))
+
+    def load(self) -> dict[str, Any]:
+        sessions = list(self.sessions.values())
+        return {
+            "sessions": len(sessions), "queue": sum(len(s.queue) for s in sessions),
+            "resident_tokens": resident_tokens(sessions),
+            "kv_budget_tokens": self.settings.pool.kv_budget_tokens,
+            "kv_bytes": sum(s.kv.nbytes() for s in sessions), "tenants": tenant_sessions(sessions),
+            "load": self.pool_load, "rounds": self.stats.rounds, "model": self.model_name,
+            "accepting": self.accepting, "max_sessions_held": self.stats.max_sessions_held,
+            "pid": os.getpid(),
+        }
 
     # ------------------------------------------------------------------ one iteration
 
     async def iterate(self) -> None:
+        await self._maintain()
         ready = any(s.queue for s in self.sessions.values())
         block = None if ready else self.settings.verifier.idle_block_ms
-        streams = [self.broker.keys.sessions] if self.accepting else []
+        reading_opens = self.accepting and time.monotonic() >= self._opens_paused_until
+        streams = [self.broker.keys.sessions] if reading_opens else []
         streams += [self.broker.keys.drafts(sid) for sid in self.sessions]
         if streams:
             entries = await with_backoff(
@@ -143,8 +212,9 @@ class VerifierWorker:
             await self._on_open(entry)
             return
         session = self.sessions.get(self.broker.keys.session_of(entry.stream))
-        if session is None:  # the session ended while the read was in flight
-            await self.broker.ack(entry.stream, entry.entry_id)
+        if session is None:
+            # The session ended, or another worker owns it now: leave the entry pending (the
+            # owner claims stale pending drafts; a deleted stream takes its pending list along).
             return
         try:
             message = decode(entry.payload or b"", self.limits)
@@ -155,7 +225,10 @@ class VerifierWorker:
             else:
                 raise WireError(ErrorCode.MALFORMED, f"unexpected {message.type_} on a draft stream")
         except WireError as exc:
-            await self._reject(session.session_id, entry, exc, fatal=False)
+            fatal = exc.code in FATAL_DRAFT_ERRORS
+            await self._reject(session.session_id, entry, exc, fatal=fatal)
+            if fatal:
+                await self._finish(session, exc.code.value)
 
     async def _on_open(self, entry: Entry) -> None:
         raw = entry.payload or b""
@@ -164,19 +237,33 @@ class VerifierWorker:
             if not isinstance(message, SessionOpen):
                 raise WireError(ErrorCode.MALFORMED, "expected a session open message")
             self._check_compatible(message)
+            if message.session_id in self.sessions:  # a duplicated open
+                await self.broker.ack(entry.stream, entry.entry_id)
+                return
+            self._check_tenant_sessions(message)
         except WireError as exc:
             exc.session_id = exc.session_id or peek_session_id(raw)
             await self._reject(exc.session_id, entry, exc, fatal=True)
             return
-        if message.session_id not in self.sessions:
-            await self.broker.ensure_group(self.broker.keys.drafts(message.session_id))
-            self.sessions[message.session_id] = VerifierSession.from_open(message)
+        if await self._defer_open(entry, message):
+            return
+        sid = message.session_id
+        if await self.pool.acquire(sid, self.worker_id, self.settings.pool.lease_ms):
+            await self.pool.save_open(sid, raw)
+            await self.broker.ensure_group(self.broker.keys.drafts(sid))
+            self._hold(VerifierSession.from_open(message))
             self.stats.sessions_opened += 1
-            log.info("session.opened", session_id=message.session_id, tenant=message.tenant,
+            log.info("session.opened", session_id=sid, tenant=message.tenant,
                      prompt_tokens=int(message.prompt_ids.size),
                      max_new_tokens=message.sampling.max_new_tokens,
-                     temperature=message.sampling.temperature)
+                     temperature=message.sampling.temperature, hops=entry.hops)
+        else:
+            log.info("session.open_ignored", session_id=sid, reason="another worker holds its lease")
         await self.broker.ack(entry.stream, entry.entry_id)
+
+    def _hold(self, session: VerifierSession) -> None:
+        self.sessions[session.session_id] = session
+        self.stats.max_sessions_held = max(self.stats.max_sessions_held, len(self.sessions))
 
     def _check_compatible(self, message: SessionOpen) -> None:
         if message.vocab_fingerprint != self.fingerprint:
@@ -191,7 +278,49 @@ class VerifierWorker:
                             f"session expects target {message.target_model!r}, this pool runs "
                             f"{self.model_name!r}", message.session_id)
 
+    def _check_tenant_sessions(self, message: SessionOpen) -> None:
+        limit, _, _ = self.settings.tenants.limits(message.tenant)
+        if not limit:
+            return
+        count = pool_tenant_count(message.tenant, self.sessions.values(), self.peers)
+        if count >= limit:
+            raise WireError(ErrorCode.TENANT_LIMIT,
+                            f"tenant {message.tenant!r} has {count} sessions in the pool, its limit "
+                            f"is {limit}", message.session_id)
+
+    async def _defer_open(self, entry: Entry, message: SessionOpen) -> bool:
+        """Pass the open to a less loaded peer, or let it wait for KV room; True if not taken."""
+        cfg = self.settings.pool
+        since = entry.since_ms or now_ms()
+        if should_pass_on(len(self.sessions), self.peers, entry.hops, cfg.max_open_hops, cfg.spread_slack):
+            self.stats.opens_passed_on += 1
+            await self.pool.pass_on_open(entry, entry.hops + 1, since)
+            return True
+        need = int(message.prompt_ids.size) + message.sampling.max_new_tokens
+        victims = plan_admission(list(self.sessions.values()), need, cfg.kv_budget_tokens,
+                                 time.monotonic(), cfg.idle_evict_s)
+        if victims is not None:
+            for victim in victims:
+                self._evict(victim)
+            return False
+        if need > cfg.kv_budget_tokens or now_ms() - since > cfg.admission_wait_s * 1000:
+            await self._reject(message.session_id, entry, WireError(
+                ErrorCode.CAPACITY, f"no KV room for {need} tokens (budget {cfg.kv_budget_tokens} tokens "
+                f"per verifier) within {cfg.admission_wait_s}s"), fatal=True)
+            return True
+        await self.pool.pass_on_open(entry, entry.hops, since)  # waits in the stream
+        self._opens_paused_until = time.monotonic() + cfg.scan_interval_ms / 1000
+        return True
+
+    def _evict(self, session: VerifierSession) -> None:
+        session.kv.clear()
+        session.evicted = True
+        self.stats.evictions += 1
+        log.info("session.evicted", session_id=session.session_id, reserve=session.reserve)
+
     async def _on_draft(self, session: VerifierSession, entry: Entry, draft: DraftBatch) -> None:
+        if any(p.entry_id == entry.entry_id for p in session.queue):
+            return  # claimed again while already queued
         if draft.seq < session.next_seq:  # a redelivered or duplicated draft: never recommit
             replay = [RoundResult(session.session_id, session.last_verdict, [entry.entry_id])] \
                 if session.last_verdict is not None and draft.seq == session.next_seq - 1 else []
@@ -204,7 +333,20 @@ class VerifierWorker:
         queued = session.queue[-1].draft.seq + 1 if session.queue else session.next_seq
         if draft.seq != queued:
             raise WireError(ErrorCode.OUT_OF_ORDER, f"draft seq {draft.seq}, expected {queued}")
+        await self._check_tenant_rate(session, draft)
         session.queue.append(PendingDraft(entry.entry_id, draft, time.time()))
+        session.last_active = time.monotonic()
+        session.evicted = False
+
+    async def _check_tenant_rate(self, session: VerifierSession, draft: DraftBatch) -> None:
+        _, rate, _ = self.settings.tenants.limits(session.tenant)
+        if not rate or not draft.gamma:
+            return
+        total = await self.pool.count_draft_tokens(session.tenant, draft.gamma)
+        if total > rate:
+            raise WireError(ErrorCode.TENANT_LIMIT,
+                            f"tenant {session.tenant!r} drafted {total} tokens this second, its limit "
+                            f"is {rate:g} per second", session.session_id)
 
     async def _reject(self, sid: str | None, entry: Entry, exc: WireError, fatal: bool) -> None:
         """Send a typed error to the session (when it can be told), log it, ack the entry."""
@@ -229,29 +371,118 @@ class VerifierWorker:
         self.sessions.pop(session.session_id, None)
         session.kv.clear()
         self.stats.sessions_finished += 1
-        await self.broker.delete_session(session.session_id)
+        await self.broker.delete_session(session.session_id, self.settings.pool.finished_ttl_s)
+        await self.pool.forget(session.session_id)
         log.info("session.summary", session_id=session.session_id, tenant=session.tenant,
                  reason=reason, rounds=session.rounds, generated=session.generated,
                  drafted=session.drafted, accepted=session.accepted,
                  acceptance_rate=round(session.accepted / session.drafted, 4) if session.drafted else None,
                  seconds=round(time.monotonic() - session.opened_at, 3))
 
+    # ------------------------------------------------------------------ pool maintenance
+
+    async def _maintain(self) -> None:
+        """Every scan interval: adopt lapsed sessions, reclaim stuck messages, expire abandoned."""
+        now = time.monotonic()
+        if now < self._next_scan:
+            return
+        self._next_scan = now + self.settings.pool.scan_interval_ms / 1000
+        if self.accepting:
+            await self._adopt_lapsed()
+            await self._claim_stuck_opens()
+        await self._claim_stray_drafts(now)
+        await self._expire_abandoned(now)
+
+    async def _adopt_lapsed(self) -> None:
+        cfg = self.settings.pool
+        for sid in await self.pool.lapsed():
+            if sid in self.sessions:
+                continue
+            if should_pass_on(len(self.sessions), self.peers, 0, 1, cfg.spread_slack):
+                return  # clearly more loaded than a live peer: leave the rest to it
+            if await self.pool.acquire(sid, self.worker_id, cfg.lease_ms):
+                await self._adopt(sid)
+
+    async def _adopt(self, sid: str) -> None:
+        """Rebuild a session from its open message and last round, then claim its pending drafts."""
+        raw = await self.pool.load_open(sid)
+        try:
+            message = decode(raw or b"", self.limits)
+        except WireError:
+            message = None
+        state = await self.broker.load_state(sid)
+        if not isinstance(message, SessionOpen) or _finished(state):
+            await self.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
+            return
+        session = VerifierSession.restore(message, state)
+        await self.broker.ensure_group(self.broker.keys.drafts(sid))
+        self._hold(session)
+        self.stats.sessions_adopted += 1
+        log.info("session.adopted", session_id=sid, tenant=session.tenant, context=len(session.context),
+                 next_seq=session.next_seq)
+        await self._claim_pending(session, min_idle_ms=0)
+
+    async def _claim_pending(self, session: VerifierSession, min_idle_ms: int) -> None:
+        """Take over the session's drafts pending at other consumers; dead-letter repeat failures."""
+        stream = self.broker.keys.drafts(session.session_id)
+        entries = await self.broker.claim_idle(self.worker_id, stream, min_idle_ms)
+        counts = await self.pool.delivery_counts(stream, [e.entry_id for e in entries])
+        for entry in entries:
+            deliveries = counts.get(entry.entry_id, 1)
+            if deliveries > self.settings.pool.max_deliveries:
+                await self._dead_letter(session, entry, f"delivered {deliveries} times without a verdict "
+                                        "(verifiers failed or died while verifying it)", deliveries)
+                return
+            await self._dispatch(entry)
+
+    async def _dead_letter(self, session: VerifierSession, entry: Entry, error: str, deliveries: int) -> None:
+        self.stats.dead_letters += 1
+        await self.pool.dead_letter(entry, error, deliveries, self.settings.pool.deadletter_maxlen)
+        log.error("draft.dead_letter", session_id=session.session_id, entry_id=entry.entry_id, error=error)
+        payload = encode(ErrorMessage(session.session_id, ErrorCode.DEAD_LETTER, error, fatal=True))
+        await self.broker.publish_round([RoundResult(session.session_id, payload, [])])
+        await self._finish(session, ErrorCode.DEAD_LETTER.value)
+
+    async def _claim_stuck_opens(self) -> None:
+        """Opens a dead worker read but never acknowledged."""
+        idle = 2 * self.settings.pool.lease_ms
+        for entry in await self.broker.claim_idle(self.worker_id, self.broker.keys.sessions, idle):
+            await self._on_open(entry)
+
+    async def _claim_stray_drafts(self, now: float) -> None:
+        """Drafts a former owner read after it lost the lease stay pending at it: claim them."""
+        lease_s = self.settings.pool.lease_ms / 1000
+        for session in list(self.sessions.values()):
+            if not session.queue and lease_s <= now - session.last_active <= 4 * lease_s:
+                await self._claim_pending(session, min_idle_ms=self.settings.pool.lease_ms)
+
+    async def _expire_abandoned(self, now: float) -> None:
+        ttl = self.settings.redis.session_ttl_s
+        for session in list(self.sessions.values()):
+            if not session.queue and now - session.last_active > ttl:
+                await self._finish(session, "expired")
+
     # ------------------------------------------------------------------ verification
 
     def _select_batch(self) -> list[VerifierSession]:
-        """Ready sessions, oldest draft first, within the session and token budgets."""
+        """Ready sessions chosen fairly across tenants (DRR) within the session and token budgets."""
         ready = sorted((s for s in self.sessions.values() if s.queue),
                        key=lambda s: s.queue[0].received_at)
-        batch: list[VerifierSession] = []
-        tokens = 0
-        budget = self.settings.verifier
+        solo = [s for s in ready if s.solo]
+        if solo:
+            return solo[:1]
+        queues: dict[str, list[tuple[str, int]]] = {}
         for session in ready:
-            cost = session.input_tokens(session.queue[0])
-            if batch and (len(batch) >= budget.max_batch_sessions or tokens + cost > budget.max_batch_tokens):
-                break
-            batch.append(session)
-            tokens += cost
-        return batch
+            queues.setdefault(session.tenant, []).append(
+                (session.session_id, session.input_tokens(session.queue[0])))
+        budget = self.settings.verifier
+        weights = {t: self.settings.tenants.limits(t)[2] for t in queues}
+        chosen = self.scheduler.select(queues, budget.max_batch_sessions, budget.max_batch_tokens, weights)
+        self.pool_load = load_figure(
+            sum(cost for queue in queues.values() for _, cost in queue), len(ready),
+            resident_tokens(self.sessions.values()), budget.max_batch_tokens, budget.max_batch_sessions,
+            self.settings.pool.kv_budget_tokens)
+        return [self.sessions[sid] for sid in chosen]
 
     async def _verify_ready(self) -> None:
         batch = self._select_batch()
@@ -274,20 +505,40 @@ class VerifierWorker:
             return
         started_wall, started = time.time(), time.perf_counter()
         requests = [s.request(p) for s, p in zip(batch, pending, strict=True)]
-        outcomes = await asyncio.to_thread(self.engine.verify, requests)
+        try:
+            outcomes = await asyncio.to_thread(self.engine.verify, requests)
+        except Exception as exc:  # noqa: BLE001 - a failing pass must not take the worker down
+            await self._batch_failed(batch, pending, exc)
+            return
         verify_ms = (time.perf_counter() - started) * 1000
         self.stats.forward_passes += 1
         self.stats.batch_sizes.append(len(batch))
         results = [self._complete(s, p, o, started_wall, verify_ms, len(batch))
-                   for s, p, o in zip(batch, pending, outcomes, strict=True)]
+                   for s, p, o in zip(batch, pending, outcomes, strict=True)
+                   if self.sessions.get(s.session_id) is s]  # not lost to another worker meanwhile
         await with_backoff(lambda: self.broker.publish_round(results), "publish_round")
         for session in batch:
             if session.finished:
                 await self._finish(session, session.finished)
 
+    async def _batch_failed(self, batch: list[VerifierSession], pending: list[PendingDraft],
+                            exc: Exception) -> None:
+        """Retry each session alone; a draft that keeps failing goes to the dead letters."""
+        log.error("verify.failed", error=repr(exc), sessions=[s.session_id for s in batch])
+        for session, item in zip(batch, pending, strict=True):
+            session.kv.clear()  # the pass may have appended part of its keys: recompute
+            session.failures += 1
+            session.solo = True
+            if session.failures >= self.settings.pool.max_deliveries:
+                session.queue.popleft()
+                entry = Entry(self.broker.keys.drafts(session.session_id), item.entry_id, encode(item.draft))
+                await self._dead_letter(session, entry, f"verification failed {session.failures} times: "
+                                        f"{exc!r}"[:1000], session.failures)
+
     def _complete(self, session: VerifierSession, pending: PendingDraft, outcome: VerifyOutcome,
                   started_wall: float, verify_ms: float, batch_size: int) -> RoundResult:
         session.queue.popleft()
+        session.failures, session.solo, session.last_active = 0, False, time.monotonic()
         draft = pending.draft
         kept, finish = session.commit(draft, outcome)
         queue_ms = max(0.0, (started_wall - draft.sent_at) * 1000) if draft.sent_at else 0.0
@@ -295,7 +546,7 @@ class VerifierWorker:
             session_id=session.session_id, seq=draft.seq, accepted=outcome.accepted,
             token=outcome.token, committed=len(session.context), finish_reason=finish,
             queue_ms=round(queue_ms, 3), verify_ms=round(verify_ms, 3), batch_size=batch_size,
-            worker_id=self.worker_id,
+            worker_id=self.worker_id, pool_load=self.pool_load,
         )
         payload = encode(verdict)
         session.last_verdict = payload
@@ -310,3 +561,21 @@ class VerifierWorker:
             "owner": self.worker_id, "last_verdict": payload,
         }
         return RoundResult(session.session_id, payload, [pending.entry_id], state)
+
+
+def _finished(state: dict[bytes, bytes]) -> bool:
+    """Whether the last persisted verdict ended the session (its owner died before cleaning up)."""
+    raw = state.get(b"last_verdict")
+    if not raw:
+        return False
+    try:
+        message = decode(raw)
+    except WireError:
+        return False
+    return isinstance(message, Verdict) and message.finish_reason is not None
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(value).encode()

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -272,7 +273,7 @@ def eval_loss(model: torch.nn.Module, stream: np.ndarray, seq_len: int, max_toke
     return total / count
 
 
-def save_fp16(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+def save_fp16(model: Any, tokenizer: Any, folder: Path) -> None:
     """Save ``model`` as float16 safetensors plus the tokenizer into ``folder``."""
     if folder.exists():
         shutil.rmtree(folder)

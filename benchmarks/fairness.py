@@ -1,0 +1,141 @@
+"""Tenant fairness: tenant B's round latency alone vs. next to tenant A running 10x its sessions.
+
+One verifier process with a small batch budget (so it binds) serves tenant B's sessions alone,
+then B's sessions together with A's; the edge-measured round latency (send to verdict, drafting
+excluded) of B is compared. Writes benchmarks/results/fairness.json. For real figures:
+
+    PYTHONPATH=. python benchmarks/fairness.py --b-sessions 4 --ratio 10 --max-new-tokens 64
+
+(tiny random models unless --target/--draft; a private redis-server unless --redis-url.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from failover import PROMPTS, ROOT, private_redis, start_verifiers, tiny_pair, wait_for_workers, worker_env
+
+
+async def tenant_rounds(client: Any, sessions: int, max_new_tokens: int, offset: int = 0) -> list[Any]:
+    from common.wire import SamplingSpec
+
+    tokenizer = client.backend.tokenizer
+    spec = SamplingSpec(max_new_tokens=max_new_tokens)
+    results = await asyncio.gather(*(client.generate(tokenizer.encode(PROMPTS[(i + offset) % len(PROMPTS)]),
+                                                     spec) for i in range(sessions)))
+    return list(results)
+
+
+def edge_rounds(results: list[Any]) -> list[float]:
+    """Per round, send to verdict as the edge saw it (drafting excluded)."""
+    return [ms for r in results for ms in r.round_ms]
+
+
+def queue_ms_per_round(results: list[Any]) -> float:
+    """Wait from send to the start of the pass: what the scheduler decides (pass time excluded)."""
+    rounds = sum(r.rounds for r in results)
+    return (sum(r.queue_ms for r in results) / rounds) if rounds else 0.0
+
+
+def verifier_ms_per_round(results: list[Any]) -> float:
+    """Verifier-side latency per round (queue + pass), free of the edge process's own contention."""
+    rounds = sum(r.rounds for r in results)
+    return (sum(r.queue_ms + r.verify_ms for r in results) / rounds) if rounds else 0.0
+
+
+async def run(url: str, target: str, draft: str, args: argparse.Namespace) -> dict[str, Any]:
+    from broker.pool import PoolBroker
+    from common.settings import Settings
+    from edge_worker.client import EdgeClient, EdgeConfig
+    from specd.runtime import build_edge, make_broker
+
+    prefix = "fair"
+    env = worker_env(url, target, draft, prefix, 3000)
+    env["SPECD_VERIFIER__MAX_BATCH_SESSIONS"] = str(args.max_batch_sessions)
+    processes = start_verifiers(1, env, Path(tempfile.mkdtemp(prefix="fairness-")))
+    a_sessions = args.b_sessions * args.ratio  # rounded up to a multiple of --a-clients
+    settings = Settings(redis={"url": url, "key_prefix": prefix},
+                        models={"target": target, "draft": draft, "torch_threads": 1},
+                        edge={"gamma": args.gamma, "verdict_timeout_s": 300,
+                              "max_concurrent_sessions": a_sessions, "tenant": "B"})
+    broker = make_broker(settings)
+    try:
+        await wait_for_workers(PoolBroker(broker), {"v0"}, processes, timeout=180)
+        b = build_edge(settings, broker)
+        # Several A clients (each drafts on its own lock) so that A's offered load is not capped
+        # by one client's serialised drafting.
+        config = EdgeConfig(gamma=args.gamma, verdict_timeout_s=300, tenant="A", target_model=target)
+        per_client = -(-a_sessions // args.a_clients)
+        a_clients = [EdgeClient(b.backend, broker, config, per_client) for _ in range(args.a_clients)]
+        alone = await tenant_rounds(b, args.b_sessions, args.max_new_tokens)
+        a_runs = [tenant_rounds(a, per_client, args.max_new_tokens * 2, i) for i, a in enumerate(a_clients)]
+        *a_lists, crowded = await asyncio.gather(*a_runs,
+                                                 tenant_rounds(b, args.b_sessions, args.max_new_tokens))
+        a_results = [r for rounds in a_lists for r in rounds]
+    finally:
+        for process in processes.values():
+            process.terminate()
+            process.wait(timeout=60)
+        await broker.close()
+    b_alone, b_crowded = statistics.median(edge_rounds(alone)), statistics.median(edge_rounds(crowded))
+    v_alone, v_crowded = verifier_ms_per_round(alone), verifier_ms_per_round(crowded)
+    return {"a_sessions": a_sessions, "a_clients": args.a_clients, "b_sessions": args.b_sessions,
+            "max_batch_sessions": args.max_batch_sessions, "gamma": args.gamma,
+            "b_median_round_ms_alone": round(b_alone, 2), "b_median_round_ms_with_a": round(b_crowded, 2),
+            "a_median_round_ms": round(statistics.median(edge_rounds(a_results)), 2),
+            "b_ratio": round(b_crowded / b_alone, 3),
+            "b_verifier_ms_per_round_alone": round(v_alone, 2),
+            "b_verifier_ms_per_round_with_a": round(v_crowded, 2),
+            "a_verifier_ms_per_round": round(verifier_ms_per_round(a_results), 2),
+            "b_verifier_ratio": round(v_crowded / v_alone, 3) if v_alone else None,
+            "b_queue_ms_per_round_alone": round(queue_ms_per_round(alone), 2),
+            "b_queue_ms_per_round_with_a": round(queue_ms_per_round(crowded), 2),
+            "a_queue_ms_per_round": round(queue_ms_per_round(a_results), 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default="")
+    parser.add_argument("--target", default="")
+    parser.add_argument("--draft", default="")
+    parser.add_argument("--b-sessions", type=int, default=2)
+    parser.add_argument("--ratio", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--gamma", type=int, default=3)
+    parser.add_argument("--a-clients", type=int, default=4, help="edge clients A's sessions spread over")
+    parser.add_argument("--max-batch-sessions", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fairness.json")
+    args = parser.parse_args()
+    import torch
+
+    from common.logs import configure_logging
+
+    configure_logging("warning", "console")  # keep stdout for the JSON report
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        target, draft = (args.target, args.draft) if args.target else tiny_pair(folder)
+        server, url = (None, args.redis_url) if args.redis_url else private_redis(folder)
+        try:
+            report = asyncio.run(run(url, target, draft, args))
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

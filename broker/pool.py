@@ -1,0 +1,183 @@
+"""Pool coordination in Redis: session leases, the worker load registry, dead letters, tenant rates.
+
+Key layout (besides ``broker.streams``):
+
+    {prefix}:{{sid}}:lease        owner worker id, SET NX PX lease_ms, renewed by the owner
+    {prefix}:{{sid}}:meta         hash: ``open`` = the session's open message (for adoption)
+    {prefix}:leases               sorted set: sid -> lease deadline (epoch ms); the registry that
+                                  lets a verifier find lapsed sessions without scanning keys
+    {prefix}:owners               hash: sid -> worker id (for `specd pool status`)
+    {prefix}:workers              hash: worker id -> JSON load (sessions, KV, queue, tenants, at)
+    {prefix}:deadletter           stream of messages that kept failing, with their error
+    {prefix}:tenant:{t}:tps:{s}   drafted tokens of tenant t in second s (expires after 2 s)
+
+Renewal reads each lease then extends only those still held (GET then PEXPIRE, no Lua): a lease
+renewed at a third of its lifetime cannot lapse in between unless the owner stalls, and an owner
+that finds its lease held by another drops the session.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from broker.streams import FIELD, GROUP, Broker, Entry
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PoolBroker:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.redis = broker.redis
+        prefix = broker.keys.prefix
+        self.leases_key = f"{prefix}:leases"
+        self.owners_key = f"{prefix}:owners"
+        self.workers_key = f"{prefix}:workers"
+        self.deadletter_key = f"{prefix}:deadletter"
+        self.prefix = prefix
+
+    # ------------------------------------------------------------ leases
+
+    async def acquire(self, sid: str, worker: str, lease_ms: int) -> bool:
+        """Take the session's lease if nobody holds it; registers the deadline and the owner."""
+        if not await self.redis.set(self.broker.keys.lease(sid), worker, nx=True, px=lease_ms):
+            return False
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.leases_key, {sid: now_ms() + lease_ms})
+            pipe.hset(self.owners_key, sid, worker)
+            await pipe.execute()
+        return True
+
+    async def renew(self, worker: str, sids: list[str], lease_ms: int) -> set[str]:
+        """Extend the leases this worker still holds; returns the sessions it lost."""
+        if not sids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.get(self.broker.keys.lease(sid))
+            holders = await pipe.execute()
+        mine = [sid for sid, holder in zip(sids, holders, strict=True) if _text(holder) == worker]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            deadline = now_ms() + lease_ms
+            for sid in mine:
+                pipe.pexpire(self.broker.keys.lease(sid), lease_ms)
+            if mine:
+                pipe.zadd(self.leases_key, dict.fromkeys(mine, deadline))
+            await pipe.execute()
+        return set(sids) - set(mine)
+
+    async def release(self, worker: str, sids: Iterable[str]) -> None:
+        """Give up leases (a leaving worker): deadline 0 lets any verifier adopt them at once."""
+        for sid in sids:
+            key = self.broker.keys.lease(sid)
+            if _text(await self.redis.get(key)) == worker:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.delete(key)
+                    pipe.zadd(self.leases_key, {sid: 0})
+                    await pipe.execute()
+
+    async def lapsed(self, limit: int = 100) -> list[str]:
+        """Sessions whose registered lease deadline has passed."""
+        found = await self.redis.zrangebyscore(self.leases_key, "-inf", now_ms(), start=0, num=limit)
+        return [_text(sid) for sid in found]
+
+    async def forget(self, sid: str) -> None:
+        """Remove a finished (or vanished) session from the registry."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.leases_key, sid)
+            pipe.hdel(self.owners_key, sid)
+            pipe.delete(self.broker.keys.lease(sid))
+            await pipe.execute()
+
+    # ------------------------------------------------------------ session meta
+
+    async def save_open(self, sid: str, payload: bytes) -> None:
+        key = self.broker.keys.meta(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, "open", payload)
+            pipe.expire(key, self.broker.ttl)
+            await pipe.execute()
+
+    async def load_open(self, sid: str) -> bytes | None:
+        value = await self.redis.hget(self.broker.keys.meta(sid), "open")  # type: ignore[misc]
+        return value if isinstance(value, bytes) else None
+
+    # ------------------------------------------------------------ load registry
+
+    async def publish_load(self, worker: str, load: dict[str, Any]) -> None:
+        await self.redis.hset(self.workers_key, worker, json.dumps({**load, "at": time.time()}))
+
+    async def loads(self, fresh_s: float, prune_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Loads of workers that published within ``fresh_s``; entries older than ``prune_s`` go."""
+        raw = await self.redis.hgetall(self.workers_key)
+        now, live, stale = time.time(), {}, []
+        for worker, blob in raw.items():
+            try:
+                load = json.loads(blob)
+            except ValueError:
+                load = {"at": 0}
+            age = now - float(load.get("at", 0))
+            if age <= fresh_s:
+                live[_text(worker)] = load
+            elif prune_s is not None and age > prune_s:
+                stale.append(worker)
+        if stale:
+            await self.redis.hdel(self.workers_key, *stale)
+        return live
+
+    async def remove_worker(self, worker: str) -> None:
+        await self.redis.hdel(self.workers_key, worker)
+
+    # ------------------------------------------------------------ opens, dead letters
+
+    async def pass_on_open(self, entry: Entry, hops: int, since_ms: int) -> None:
+        """Re-queue a session open for another verifier (acks this delivery in the same MULTI)."""
+        sessions = self.broker.keys.sessions
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(sessions, {FIELD: entry.payload or b"", b"h": hops, b"t": since_ms},
+                      maxlen=self.broker.maxlen * 10, approximate=True)
+            pipe.xack(sessions, GROUP, entry.entry_id)
+            await pipe.execute()
+
+    async def dead_letter(self, entry: Entry, error: str, deliveries: int, maxlen: int) -> None:
+        """Move a failing message to the dead-letter stream with its error, and ack it."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.deadletter_key, {FIELD: entry.payload or b"", b"stream": entry.stream,
+                                            b"id": entry.entry_id, b"error": error,
+                                            b"deliveries": deliveries, b"at": now_ms()},
+                      maxlen=maxlen, approximate=True)
+            pipe.xack(entry.stream, GROUP, entry.entry_id)
+            await pipe.execute()
+
+    async def delivery_counts(self, stream: str, entry_ids: list[str]) -> dict[str, int]:
+        """How many times each pending entry was delivered (XPENDING's counter)."""
+        if not entry_ids:
+            return {}
+        rows = await self.redis.xpending_range(stream, GROUP, min=min(entry_ids, key=_id_key),
+                                               max=max(entry_ids, key=_id_key), count=len(entry_ids) + 100)
+        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    # ------------------------------------------------------------ tenants
+
+    async def count_draft_tokens(self, tenant: str, tokens: int) -> int:
+        """Add to the tenant's drafted tokens of the current second (pool-wide); returns the sum."""
+        key = f"{self.prefix}:tenant:{tenant}:tps:{int(time.time())}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(key, tokens)
+            pipe.expire(key, 2)
+            total, _ = await pipe.execute()
+        return int(total)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))

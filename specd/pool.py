@@ -1,0 +1,123 @@
+"""The verifier pool from the outside: `specd pool status` and `specd verifier --workers N`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from broker.pool import PoolBroker
+from broker.streams import GROUP, Broker, connect
+from common.settings import Settings
+
+
+def make_broker(settings: Settings) -> Broker:
+    """Like specd.runtime.make_broker, without importing torch (status must start fast)."""
+    redis = settings.redis
+    return Broker(connect(redis.url, redis.socket_timeout_s), prefix=redis.key_prefix,
+                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
+
+
+async def pool_status(settings: Settings) -> dict[str, Any]:
+    """Workers with their load, sessions per worker, KV use, queue depths and per-tenant load."""
+    broker = make_broker(settings)
+    pool = PoolBroker(broker)
+    try:
+        fresh = 3 * min(settings.verifier.heartbeat_ttl_s, settings.pool.lease_ms / 1000) + 1
+        workers = await pool.loads(fresh_s=fresh)
+        sessions_key = broker.keys.sessions
+        redis = broker.redis
+        opens_waiting, opens_pending = 0, 0
+        if await redis.exists(sessions_key):
+            for group in await redis.xinfo_groups(sessions_key):
+                if _text(group.get("name")) == GROUP:
+                    opens_waiting = int(group.get("lag") or 0)
+                    opens_pending = int(group.get("pending") or 0)
+        owners = {_text(k): _text(v) for k, v in (await redis.hgetall(pool.owners_key)).items()}
+        tenants: Counter[str] = Counter()
+        for load in workers.values():
+            tenants.update(load.get("tenants", {}))
+        info = await redis.info("memory")
+        return {
+            "workers": dict(sorted(workers.items())),
+            "sessions": len(owners), "sessions_per_owner": dict(Counter(owners.values())),
+            "leases_registered": int(await redis.zcard(pool.leases_key)),
+            "lapsed_leases": len(await pool.lapsed(limit=10_000)),
+            "opens_waiting": opens_waiting, "opens_pending": opens_pending,
+            "sessions_stream_length": int(await redis.xlen(sessions_key)),
+            "queued_drafts": sum(int(v.get("queue", 0)) for v in workers.values()),
+            "kv_bytes": sum(int(v.get("kv_bytes", 0)) for v in workers.values()),
+            "deadletter_length": int(await redis.xlen(pool.deadletter_key)),
+            "tenants": dict(tenants), "redis_used_memory": int(info.get("used_memory", 0)),
+        }
+    finally:
+        await broker.close()
+
+
+def print_status(status: dict[str, Any]) -> None:
+    print(f"{len(status['workers'])} live verifier(s), {status['sessions']} session(s), "
+          f"{status['opens_waiting']} open(s) waiting, {status['queued_drafts']} draft(s) queued, "
+          f"{status['deadletter_length']} dead letter(s), "
+          f"Redis {status['redis_used_memory'] / 2**20:.1f} MiB")
+    print(f"{'worker':<32} {'sessions':>8} {'queue':>6} {'load':>6} {'KV tokens':>16} {'KV MiB':>8}  tenants")
+    for worker, load in status["workers"].items():
+        kv = f"{load.get('resident_tokens', 0)}/{load.get('kv_budget_tokens', 0)}"
+        flag = "" if load.get("accepting", True) else " (draining)"
+        print(f"{worker + flag:<32} {load.get('sessions', 0):>8} {load.get('queue', 0):>6} "
+              f"{load.get('load', 0):>6.2f} {kv:>16} {load.get('kv_bytes', 0) / 2**20:>8.2f}  "
+              f"{json.dumps(load.get('tenants', {}))}")
+    if status["tenants"]:
+        print("tenants: " + ", ".join(f"{t}={n}" for t, n in sorted(status["tenants"].items())))
+
+
+def run_workers(count: int, argv: list[str], base_id: str) -> int:
+    """Run ``count`` verifier processes (this command without --workers); forward SIGTERM/SIGINT.
+
+    Each child gets ``--worker-id {base}-{i}``; the parent waits for all and returns the worst
+    exit code. A child that dies is not restarted: its sessions fail over to its siblings.
+    """
+    base = base_id or f"verifier-{os.uname().nodename}-{os.getpid()}"
+    children = [subprocess.Popen([sys.executable, "-m", "specd", "verifier", *argv,
+                                  "--worker-id", f"{base}-{i}"]) for i in range(count)]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for child in children:
+        while True:
+            try:
+                codes.append(child.wait())
+                break
+            except KeyboardInterrupt:  # pragma: no cover - handled by the forwarder
+                time.sleep(0.1)
+    return max(codes, default=0)
+
+
+def strip_workers_flag(argv: list[str]) -> list[str]:
+    """The verifier's own arguments without ``--workers N`` and ``--worker-id X``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--workers", "--worker-id"):
+            skip = True
+            continue
+        if arg.startswith(("--workers=", "--worker-id=")):
+            continue
+        out.append(arg)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

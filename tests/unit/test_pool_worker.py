@@ -1,0 +1,265 @@
+"""Pool behaviour of verifier workers sharing one (fake) Redis: adoption, dead letters, limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import numpy as np
+import pytest
+
+from broker.streams import Broker
+from common.models import load_causal_lm
+from common.sampling import SamplingParams, apply_stop_rules
+from common.settings import Settings
+from common.wire import (
+    DraftBatch,
+    ErrorCode,
+    ErrorMessage,
+    SamplingSpec,
+    SessionOpen,
+    Verdict,
+    decode,
+    encode,
+)
+from verifier_worker.engine import TargetEngine, generate_target_only
+from verifier_worker.worker import VerifierWorker
+
+PROMPT = "import os"
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def target(tiny_pair):
+    return load_causal_lm(tiny_pair["target"])
+
+
+@pytest.fixture
+def server():
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+async def make_worker(target, server):
+    brokers = []
+
+    async def make(worker_id: str, **sections) -> VerifierWorker:
+        broker = Broker(fakeredis.FakeAsyncRedis(server=server), prefix="p")
+        brokers.append(broker)
+        settings = Settings(verifier={"idle_block_ms": 1}, **sections)
+        worker = VerifierWorker(settings, TargetEngine(target.model, target.vocab_size), broker, "tiny",
+                                target.fingerprint, worker_id=worker_id)
+        await worker.startup()
+        return worker
+
+    yield make
+    for broker in brokers:
+        await broker.close()
+
+
+def open_payload(sid: str, target, tenant: str = "default", max_new: int = MAX_NEW) -> bytes:
+    ids = np.asarray(target.tokenizer.encode(PROMPT), np.uint32)
+    return encode(SessionOpen(sid, ids, SamplingSpec(max_new_tokens=max_new), "draft", target.fingerprint,
+                              tenant=tenant))
+
+
+def draft(sid: str, seq: int, start: int, tokens: list[int]) -> bytes:
+    empty = np.zeros(0, np.uint32)
+    return encode(DraftBatch(sid, seq, start, np.asarray(tokens, np.uint32), np.zeros(0, np.uint16), empty,
+                             np.zeros(0, np.float32)))
+
+
+async def settle(*workers: VerifierWorker, iterations: int = 3) -> None:
+    for _ in range(iterations):
+        for worker in workers:
+            worker._next_scan = 0.0  # scan every iteration in these tests
+            worker._opens_paused_until = 0.0
+            await worker.iterate()
+
+
+async def messages(worker: VerifierWorker, sid: str) -> list:
+    return [decode(e.payload) for e in await worker.broker.read_verdicts(sid, "0-0", block_ms=1)]
+
+
+class Edge:
+    """A minimal greedy edge: drafts two fixed tokens a round and applies verdicts like the client."""
+
+    def __init__(self, sid: str, target) -> None:
+        self.sid, self.context = sid, target.tokenizer.encode(PROMPT)
+        self.prompt_len, self.seq, self.seen, self.finish = len(self.context), 0, 0, None
+
+    async def send(self, broker: Broker) -> None:
+        await broker.send_draft(self.sid, draft(self.sid, self.seq, len(self.context), [5, 6]))
+
+    def apply(self, verdicts: list) -> None:
+        for v in verdicts[self.seen:]:
+            self.seen += 1
+            if isinstance(v, Verdict) and v.seq == self.seq:
+                generated = len(self.context) - self.prompt_len
+                kept, self.finish = apply_stop_rules([*[5, 6][:v.accepted], v.token], generated,
+                                                     frozenset(), MAX_NEW)
+                self.context += kept
+                assert len(self.context) == v.committed
+                self.seq += 1
+
+
+async def test_lapsed_session_is_adopted_with_its_pending_draft_and_stays_exact(make_worker, target) -> None:
+    pool = {"lease_ms": 200}
+    w1, w2 = await make_worker("w1", pool=pool), await make_worker("w2", pool=pool)
+    await w1.broker.open_session("s", open_payload("s", target))
+    await settle(w1)
+    assert "s" in w1.sessions and "s" not in w2.sessions
+    edge = Edge("s", target)
+    await edge.send(w1.broker)
+    await settle(w1)
+    edge.apply(await messages(w1, "s"))
+    assert edge.seq == 1
+    # w1 reads the next draft and dies before verifying it: the draft stays pending at w1.
+    await edge.send(w1.broker)
+    await w1.broker.read_work("w1", [w1.broker.keys.drafts("s")], None)
+    await asyncio.sleep(0.25)  # the lease lapses
+    await settle(w2)
+    assert "s" in w2.sessions and w2.stats.sessions_adopted == 1
+    edge.apply(await messages(w2, "s"))
+    assert edge.seq == 2
+    while edge.finish is None:
+        await edge.send(w2.broker)
+        await settle(w2)
+        edge.apply(await messages(w2, "s"))
+    reference = generate_target_only(w2.engine, target.tokenizer.encode(PROMPT), SamplingParams(),
+                                     frozenset(), MAX_NEW)
+    assert edge.context[edge.prompt_len:] == reference
+    # The old owner learns at its next tick that the session is gone and never touches it again.
+    await w1.tick()
+    assert "s" not in w1.sessions and w1.stats.sessions_lost == 1
+
+
+async def test_repeatedly_failing_draft_goes_to_the_dead_letters(make_worker, target) -> None:
+    pool = {"lease_ms": 200, "max_deliveries": 1}
+    w1, w2 = await make_worker("w1", pool=pool), await make_worker("w2", pool=pool)
+    await w1.broker.open_session("d", open_payload("d", target))
+    await settle(w1)
+    await Edge("d", target).send(w1.broker)
+    await w1.broker.read_work("w1", [w1.broker.keys.drafts("d")], None)  # w1 dies holding it
+    await asyncio.sleep(0.25)
+    await settle(w2)
+    [error] = await messages(w2, "d")
+    assert isinstance(error, ErrorMessage) and error.code is ErrorCode.DEAD_LETTER and error.fatal
+    [(_, fields)] = await w2.broker.redis.xrange("p:deadletter")
+    assert b"delivered 2 times" in fields[b"error"] and "d" not in w2.sessions
+
+
+async def test_failing_pass_retries_alone_then_dead_letters(make_worker, target, monkeypatch) -> None:
+    w = await make_worker("w", pool={"max_deliveries": 2})
+    for sid in ("ok", "poison"):
+        await w.broker.open_session(sid, open_payload(sid, target))
+    await settle(w, iterations=1)
+    real = w.engine.verify
+
+    def verify(requests):
+        if any(r.draft.token_ids.tolist() == [7, 7] for r in requests):
+            raise RuntimeError("boom")
+        return real(requests)
+
+    monkeypatch.setattr(w.engine, "verify", verify)
+    start = len(target.tokenizer.encode(PROMPT))
+    await w.broker.send_draft("poison", draft("poison", 0, start, [7, 7]))
+    await w.broker.send_draft("ok", draft("ok", 0, start, [5, 6]))
+    await settle(w, iterations=4)
+    [verdict] = await messages(w, "ok")
+    [error] = await messages(w, "poison")
+    assert isinstance(verdict, Verdict) and error.code is ErrorCode.DEAD_LETTER
+    assert await w.broker.redis.xlen("p:deadletter") == 1 and "ok" in w.sessions
+
+
+async def test_tenant_over_its_session_limit_gets_a_typed_error(make_worker, target) -> None:
+    w = await make_worker("w", tenants={"overrides": {"flood": {"max_sessions": 1}}})
+    for sid, tenant in (("f1", "flood"), ("f2", "flood"), ("o1", "other"), ("o2", "other")):
+        await w.broker.open_session(sid, open_payload(sid, target, tenant))
+    await settle(w, iterations=1)
+    [error] = await messages(w, "f2")
+    assert error.code is ErrorCode.TENANT_LIMIT and "flood" in error.message
+    assert set(w.sessions) == {"f1", "o1", "o2"}
+    await Edge("o2", target).send(w.broker)
+    await settle(w)
+    [verdict] = await messages(w, "o2")
+    assert isinstance(verdict, Verdict)
+
+
+async def test_tenant_over_its_draft_rate_gets_a_typed_error(make_worker, target) -> None:
+    w = await make_worker("w", tenants={"overrides": {"fast": {"draft_tokens_per_s": 1.0}}})
+    for sid, tenant in (("fast1", "fast"), ("slow1", "slow")):
+        await w.broker.open_session(sid, open_payload(sid, target, tenant))
+    await settle(w, iterations=1)
+    for sid in ("fast1", "slow1"):
+        await Edge(sid, target).send(w.broker)  # two drafted tokens each
+    await settle(w)
+    [error] = await messages(w, "fast1")
+    assert error.code is ErrorCode.TENANT_LIMIT and error.fatal and "fast1" not in w.sessions
+    [verdict] = await messages(w, "slow1")
+    assert isinstance(verdict, Verdict)
+
+
+async def test_admission_control_when_kv_budget_is_full(make_worker, target) -> None:
+    need = len(target.tokenizer.encode(PROMPT)) + MAX_NEW
+    w = await make_worker("w", pool={"kv_budget_tokens": need + 2, "admission_wait_s": 30.0})
+    await w.broker.open_session("first", open_payload("first", target))
+    await settle(w, iterations=1)
+    edge = Edge("first", target)
+    await edge.send(w.broker)
+    await w.broker.open_session("second", open_payload("second", target))
+    await settle(w)
+    assert set(w.sessions) == {"first"} and await messages(w, "second") == []  # waits in the stream
+    edge.apply(await messages(w, "first"))
+    assert edge.seq == 1  # the running session is unaffected
+    while edge.finish is None:
+        await edge.send(w.broker)
+        await settle(w)
+        edge.apply(await messages(w, "first"))
+    await settle(w)
+    assert "second" in w.sessions  # admitted once the first session freed its KV
+    # With no waiting allowed, an open that does not fit is refused with a typed error.
+    w.settings.pool.admission_wait_s = 0.0
+    await w.broker.open_session("third", open_payload("third", target))
+    await asyncio.sleep(0.01)
+    await settle(w)
+    [error] = await messages(w, "third")
+    assert error.code is ErrorCode.CAPACITY and "KV" in error.message
+
+
+async def test_idle_session_is_evicted_for_room_and_recomputed_when_it_returns(make_worker, target) -> None:
+    need = len(target.tokenizer.encode(PROMPT)) + MAX_NEW
+    w = await make_worker("w", pool={"kv_budget_tokens": need + 2, "idle_evict_s": 0.0})
+    await w.broker.open_session("idle", open_payload("idle", target))
+    await settle(w, iterations=1)
+    edge = Edge("idle", target)
+    await edge.send(w.broker)
+    await settle(w)
+    edge.apply(await messages(w, "idle"))
+    await w.broker.open_session("new", open_payload("new", target))
+    await settle(w)
+    assert {"idle", "new"} <= set(w.sessions) and w.sessions["idle"].evicted
+    assert w.sessions["idle"].kv.length == 0 and w.stats.evictions == 1
+    while edge.finish is None:
+        await edge.send(w.broker)
+        await settle(w)
+        edge.apply(await messages(w, "idle"))
+    reference = generate_target_only(w.engine, target.tokenizer.encode(PROMPT), SamplingParams(),
+                                     frozenset(), MAX_NEW)
+    assert edge.context[edge.prompt_len:] == reference
+
+
+async def test_loaded_worker_passes_opens_on_and_leaving_worker_hands_over(make_worker, target) -> None:
+    w1, w2 = await make_worker("w1", pool={"spread_slack": 0}), await make_worker("w2")
+    await w1.broker.open_session("a", open_payload("a", target))
+    await settle(w1, iterations=1)
+    w1.peers = {"w2": {"sessions": 0}}
+    await w1.broker.open_session("b", open_payload("b", target))
+    await settle(w1, iterations=1)
+    assert set(w1.sessions) == {"a"} and w1.stats.opens_passed_on == 1
+    await settle(w2, iterations=1)
+    assert "b" in w2.sessions
+    # w1 leaves: its lease is released at once and w2 adopts the session without waiting.
+    await w1.shutdown()
+    await settle(w2, iterations=1)
+    assert {"a", "b"} <= set(w2.sessions)
