@@ -12,9 +12,13 @@ from verifier_worker.worker import VerifierWorker
 
 
 def make_broker(settings: Settings, url: str | None = None) -> Broker:
+    """A broker on the configured Redis (credentials and TLS included), or on ``url`` (embedded)."""
     redis = settings.redis
-    return Broker(connect(url or redis.url, redis.socket_timeout_s), prefix=redis.key_prefix,
-                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
+    client = connect(url, redis.socket_timeout_s) if url and url != redis.url else connect(
+        redis.url, redis.socket_timeout_s, username=redis.username, password=redis.password,
+        tls_ca_file=redis.tls_ca_file, tls_cert_file=redis.tls_cert_file, tls_key_file=redis.tls_key_file)
+    return Broker(client, prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
+                  session_ttl_s=redis.session_ttl_s)
 
 
 def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> VerifierWorker:

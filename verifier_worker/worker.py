@@ -19,6 +19,7 @@ import numpy as np
 
 from broker.streams import Broker, Entry, RoundResult, with_backoff
 from common.logs import bind, get_logger
+from common.metrics import VerifierMetrics
 from common.settings import Settings
 from common.wire import (
     DraftBatch,
@@ -71,6 +72,9 @@ class VerifierWorker:
         self.sessions: dict[str, VerifierSession] = {}
         self.stats = VerifierStats()
         self.accepting = True
+        self.metrics = VerifierMetrics()
+        self._last_seen: dict[str, float] = {}  # session id -> monotonic time of its last message
+        self._next_expiry_check = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,6 +141,20 @@ class VerifierWorker:
         elif not ready:
             await asyncio.sleep(self.settings.verifier.idle_block_ms / 1000)
         await self._verify_ready()
+        await self._expire_idle()
+
+    async def _expire_idle(self) -> None:
+        """Drop sessions that sent nothing for the session TTL (their edge is gone): frees their KV."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + 1.0
+        ttl = self.broker.ttl
+        for session in [s for s in self.sessions.values() if not s.queue]:
+            if now - self._last_seen.get(session.session_id, now) > ttl:
+                log.warning("session.expired", session_id=session.session_id, tenant=session.tenant,
+                            idle_s=ttl)
+                await self._finish(session, "expired")
 
     async def _dispatch(self, entry: Entry) -> None:
         if entry.stream == self.broker.keys.sessions:
@@ -146,6 +164,7 @@ class VerifierWorker:
         if session is None:  # the session ended while the read was in flight
             await self.broker.ack(entry.stream, entry.entry_id)
             return
+        self._last_seen[session.session_id] = time.monotonic()
         try:
             message = decode(entry.payload or b"", self.limits)
             if isinstance(message, SessionClose):
@@ -171,7 +190,9 @@ class VerifierWorker:
         if message.session_id not in self.sessions:
             await self.broker.ensure_group(self.broker.keys.drafts(message.session_id))
             self.sessions[message.session_id] = VerifierSession.from_open(message)
+            self._last_seen[message.session_id] = time.monotonic()
             self.stats.sessions_opened += 1
+            self.metrics.session_opened(message.tenant)
             log.info("session.opened", session_id=message.session_id, tenant=message.tenant,
                      prompt_tokens=int(message.prompt_ids.size),
                      max_new_tokens=message.sampling.max_new_tokens,
@@ -209,6 +230,7 @@ class VerifierWorker:
     async def _reject(self, sid: str | None, entry: Entry, exc: WireError, fatal: bool) -> None:
         """Send a typed error to the session (when it can be told), log it, ack the entry."""
         self.stats.errors[exc.code.value] = self.stats.errors.get(exc.code.value, 0) + 1
+        self.metrics.error(exc.code.value)
         log.warning("message.rejected", session_id=sid, code=exc.code.value, error=exc.message,
                     stream=entry.stream, entry_id=entry.entry_id)
         if sid is None:
@@ -226,7 +248,9 @@ class VerifierWorker:
         await self._finish(session, reason)
 
     async def _finish(self, session: VerifierSession, reason: str) -> None:
-        self.sessions.pop(session.session_id, None)
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.metrics.session_finished(session.tenant, reason)
+        self._last_seen.pop(session.session_id, None)
         session.kv.clear()
         self.stats.sessions_finished += 1
         await self.broker.delete_session(session.session_id)
@@ -278,6 +302,8 @@ class VerifierWorker:
         verify_ms = (time.perf_counter() - started) * 1000
         self.stats.forward_passes += 1
         self.stats.batch_sizes.append(len(batch))
+        self.metrics.observe_batch(len(batch), verify_ms, sum(len(s.queue) for s in self.sessions.values()),
+                                   sum(s.kv.nbytes() for s in self.sessions.values()))
         results = [self._complete(s, p, o, started_wall, verify_ms, len(batch))
                    for s, p, o in zip(batch, pending, outcomes, strict=True)]
         await with_backoff(lambda: self.broker.publish_round(results), "publish_round")
@@ -300,6 +326,7 @@ class VerifierWorker:
         payload = encode(verdict)
         session.last_verdict = payload
         self.stats.rounds += 1
+        self.metrics.observe_round(session.tenant, draft.gamma, outcome.accepted, queue_ms)
         log.info("verify.round", session_id=session.session_id, tenant=session.tenant,
                  seq=draft.seq, drafted=draft.gamma, accepted=outcome.accepted, committed=kept,
                  context=len(session.context), batch_size=batch_size, queue_ms=round(queue_ms, 3),
