@@ -213,8 +213,9 @@ def session_timeline(records: Iterable[Record], wanted: str) -> tuple[list[Recor
     """The session's log lines in time order and a summary of its rounds, tokens and latencies."""
     candidates = [r for r in records if r.get("session_id")]
     sid = resolve_session(candidates, wanted)
+    epoch = datetime.min.replace(tzinfo=timezone.utc)
     events = sorted((r for r in candidates if r["session_id"] == sid),
-                    key=lambda r: str(r.get("timestamp", "")))
+                    key=lambda r: record_time(r) or epoch)  # stable: same-time lines keep file order
     return events, summarise_session(sid, events)
 
 
@@ -325,8 +326,9 @@ async def _load(request: LogsRequest, redis_factory: Callable[[], Any], key: str
 
 
 def run_logs(request: LogsRequest, redis_factory: Callable[[], Any], key: str,
-             out: TextIO = sys.stdout) -> int:
+             out: TextIO | None = None) -> int:
     """Serve ``specd logs``; ``redis_factory`` makes a client when no file is given."""
+    out = out or sys.stdout
     records = asyncio.run(_load(request, redis_factory, key))
     if request.session is not None:
         try:

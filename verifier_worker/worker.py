@@ -185,6 +185,8 @@ class VerifierWorker:
             self._check_compatible(message)
         except WireError as exc:
             exc.session_id = exc.session_id or peek_session_id(raw)
+            if exc.session_id in self.sessions:  # a bad open naming a live session must not end it
+                exc.session_id = None
             await self._reject(exc.session_id, entry, exc, fatal=True)
             return
         if message.session_id not in self.sessions:
