@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.logs import get_logger
+from common.settings import RedisSettings
 
 GROUP = "verifiers"
 FIELD = b"m"
@@ -70,6 +71,13 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
         socket_connect_timeout=socket_timeout_s, health_check_interval=30,
         retry_on_timeout=False, **options,
     )
+
+
+def connect_settings(redis: RedisSettings) -> aioredis.Redis:
+    """``connect`` with the URL, credentials and TLS files of the ``[redis]`` settings."""
+    return connect(redis.url, redis.socket_timeout_s, username=redis.username, password=redis.password,
+                   tls_ca_file=redis.tls_ca_file, tls_cert_file=redis.tls_cert_file,
+                   tls_key_file=redis.tls_key_file)
 
 
 class Keys:

@@ -8,6 +8,7 @@ same facts; ``serve`` exposes a registry on ``/metrics``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -71,12 +72,15 @@ class VerifierMetrics:
         self.accepted_length.labels(tenant).observe(accepted)
         self.queue_seconds.labels(tenant).observe(queue_ms / 1000)
 
-    def observe_batch(self, size: int, verify_ms: float, queue_depth: int, kv_bytes: int) -> None:
+    def track(self, kv_bytes: Callable[[], float], queue_depth: Callable[[], float]) -> None:
+        """Gauges read at scrape time, so they are right even when no batch runs (after expiry)."""
+        self.kv_bytes.set_function(kv_bytes)
+        self.queue_depth.set_function(queue_depth)
+
+    def observe_batch(self, size: int, verify_ms: float) -> None:
         self.forward_passes.inc()
         self.batch_size.observe(size)
         self.verify_seconds.observe(verify_ms / 1000)
-        self.queue_depth.set(queue_depth)
-        self.kv_bytes.set(kv_bytes)
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

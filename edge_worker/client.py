@@ -211,8 +211,12 @@ class _EdgeSession:
     async def _await_verdict(self, seq: int) -> Verdict:
         deadline = time.monotonic() + self.client.config.verdict_timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            entries = await with_backoff(lambda: self.client.broker.read_verdicts(
-                self.sid, self.last_verdict_id, int(min(left, 1.0) * 1000) or 1), "read_verdicts")
+            try:  # bounded even while Redis is unreachable: the session fails clearly, never hangs
+                entries = await asyncio.wait_for(with_backoff(lambda: self.client.broker.read_verdicts(
+                    self.sid, self.last_verdict_id, int(min(left, 1.0) * 1000) or 1), "read_verdicts"),
+                    left + 1.0)
+            except asyncio.TimeoutError:
+                break
             for entry in entries:
                 self.last_verdict_id = entry.entry_id
                 message = decode(entry.payload or b"")

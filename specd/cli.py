@@ -263,8 +263,8 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _logs(args: argparse.Namespace, settings: Settings) -> int:
+    from broker.streams import connect_settings
     from specd.logs import Filters, LogsRequest, log_stream_key, parse_time, run_logs
-    from specd.runtime import make_broker
 
     if args.what and (args.what[0] != "session" or len(args.what) != 2):
         print("specd logs: the only positional form is `specd logs session ID`", file=sys.stderr)
@@ -281,7 +281,8 @@ def _logs(args: argparse.Namespace, settings: Settings) -> int:
     request = LogsRequest(files=args.file, filters=filters, follow=args.follow,
                           json_mode=args.json or not sys.stdout.isatty(), limit=args.limit,
                           session=args.what[1] if args.what else None)
-    return run_logs(request, lambda: make_broker(settings).redis, log_stream_key(settings.redis.key_prefix))
+    key = log_stream_key(settings.redis.key_prefix)
+    return run_logs(request, lambda: connect_settings(settings.redis), key)
 
 
 def read_prompts(path: Path, field: str = "text") -> list[str]:

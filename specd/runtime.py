@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.streams import Broker, connect
+from broker.streams import Broker, connect, connect_settings
 from common.models import load_causal_lm, set_torch_threads
 from common.settings import Settings
 from edge_worker.backends import create_backend
@@ -14,9 +14,7 @@ from verifier_worker.worker import VerifierWorker
 def make_broker(settings: Settings, url: str | None = None) -> Broker:
     """A broker on the configured Redis (credentials and TLS included), or on ``url`` (embedded)."""
     redis = settings.redis
-    client = connect(url, redis.socket_timeout_s) if url and url != redis.url else connect(
-        redis.url, redis.socket_timeout_s, username=redis.username, password=redis.password,
-        tls_ca_file=redis.tls_ca_file, tls_cert_file=redis.tls_cert_file, tls_key_file=redis.tls_key_file)
+    client = connect(url, redis.socket_timeout_s) if url and url != redis.url else connect_settings(redis)
     return Broker(client, prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
                   session_ttl_s=redis.session_ttl_s)
 

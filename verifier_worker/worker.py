@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker.streams import Broker, Entry, RoundResult, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, Entry, RoundResult, with_backoff
 from common.logs import bind, get_logger
 from common.metrics import VerifierMetrics
 from common.settings import Settings
@@ -73,6 +73,8 @@ class VerifierWorker:
         self.stats = VerifierStats()
         self.accepting = True
         self.metrics = VerifierMetrics()
+        self.metrics.track(lambda: sum(s.kv.nbytes() for s in list(self.sessions.values())),
+                           lambda: sum(len(s.queue) for s in list(self.sessions.values())))
         self._last_seen: dict[str, float] = {}  # session id -> monotonic time of its last message
         self._next_expiry_check = 0.0
 
@@ -113,7 +115,11 @@ class VerifierWorker:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.iterate()
+            try:
+                await self.iterate()
+            except TRANSIENT_ERRORS as exc:  # Redis went away mid-iteration: back off, carry on
+                log.warning("verifier.redis_unavailable", error=str(exc))
+                await asyncio.sleep(0.5)
 
     async def _heartbeat_loop(self) -> None:
         ttl = self.settings.verifier.heartbeat_ttl_s
@@ -304,8 +310,7 @@ class VerifierWorker:
         verify_ms = (time.perf_counter() - started) * 1000
         self.stats.forward_passes += 1
         self.stats.batch_sizes.append(len(batch))
-        self.metrics.observe_batch(len(batch), verify_ms, sum(len(s.queue) for s in self.sessions.values()),
-                                   sum(s.kv.nbytes() for s in self.sessions.values()))
+        self.metrics.observe_batch(len(batch), verify_ms)
         results = [self._complete(s, p, o, started_wall, verify_ms, len(batch))
                    for s, p, o in zip(batch, pending, outcomes, strict=True)]
         await with_backoff(lambda: self.broker.publish_round(results), "publish_round")
