@@ -165,14 +165,19 @@ def metric(samples: dict[str, float], name: str, **labels: str) -> float:
                and all(json.loads(k[len(name):]).get(a) == b for a, b in labels.items()))
 
 
-def specd_logs(*args: str, env: dict[str, Any]) -> list[dict[str, Any]]:
-    result = subprocess.run([sys.executable, "-m", "specd", "logs", *args, "--json"], env=env["vars"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+def specd_logs(*args: str, env: dict[str, Any], capsys: Any, monkeypatch: Any) -> list[dict[str, Any]]:
+    """`specd logs ARGS --json`, run in this process (the CLI's own code path, minus a startup)."""
+    from specd.cli import main
+
+    monkeypatch.setattr("specd.cli.configure_logging", lambda *a, **k: None)  # keep pytest's streams
+    monkeypatch.setenv("SPECD_REDIS__URL", env["server"].url)
+    monkeypatch.setenv("SPECD_REDIS__KEY_PREFIX", PREFIX)
+    capsys.readouterr()
+    assert main(["logs", *args, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_slow_verifier_edges_wait_and_nothing_is_lost(env, reference) -> None:
+def test_slow_verifier_edges_wait_and_nothing_is_lost(env, reference, capsys, monkeypatch) -> None:
     worker = edge(env, "e-slow", PROMPTS, 24)
     worker.wait_event("tokens")
     verifier = env["verifier"].process
@@ -188,14 +193,14 @@ def test_slow_verifier_edges_wait_and_nothing_is_lost(env, reference) -> None:
     # The session's timeline from the worker log files, and its lines in the Redis log stream.
     sid = results[0]["session_id"]
     files = ["--file", str(env["folder"] / "verifier.log"), "--file", str(worker.log)]
-    timeline = specd_logs("session", sid[:10], *files, env=env)
+    timeline = specd_logs("session", sid[:10], *files, env=env, capsys=capsys, monkeypatch=monkeypatch)
     summary = timeline[-1]
     assert summary["event"] == "timeline.summary" and summary["complete"]
     assert summary["rounds"] == results[0]["rounds"] and summary["accepted"] == results[0]["accepted"]
     assert [e["event"] for e in timeline[:2]] == ["session.opened", "verify.round"]
     assert timeline[-2]["event"] in ("edge.session.summary", "session.summary")
     time.sleep(1)  # the drain task flushes every 0.2 s
-    streamed = specd_logs("--session", sid, env=env)
+    streamed = specd_logs("--session", sid, env=env, capsys=capsys, monkeypatch=monkeypatch)
     assert {"session.opened", "verify.round", "edge.session.summary"} <= {e["event"] for e in streamed}
 
     samples = scrape(env["metrics_port"])

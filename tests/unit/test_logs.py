@@ -25,6 +25,12 @@ from specd.workers import flush_logs
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
+@pytest.fixture(autouse=True)
+def _keep_logging_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main()`` would configure structlog for good on pytest's capture stream, closed later."""
+    monkeypatch.setattr("specd.cli.configure_logging", lambda *args, **kwargs: None)
+
+
 def at(seconds: float) -> str:
     return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
 
