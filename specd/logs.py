@@ -193,10 +193,6 @@ def make_emitter(json_mode: bool, out: TextIO) -> Emit:
 
 # ---------------------------------------------------------------- one session's timeline
 
-TIMELINE_EVENTS = ("session.opened", "verify.round", "session.summary", "session.expired",
-                   "message.rejected", "draft.duplicate", "edge.session.summary", "edge.session.failed")
-
-
 def resolve_session(records: list[Record], wanted: str) -> str:
     """The full session id for an id or a unique prefix (the demo prints 8 characters)."""
     ids = {str(r["session_id"]) for r in records if str(r.get("session_id") or "").startswith(wanted)}

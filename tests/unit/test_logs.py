@@ -16,8 +16,10 @@ from common.logs import LogSink
 from specd.cli import main
 from specd.logs import (
     Filters,
+    LogsRequest,
     parse_time,
     read_stream,
+    run_logs,
     session_timeline,
 )
 from specd.workers import flush_logs
@@ -126,8 +128,7 @@ def _write(path: Path, lines: list[dict]) -> Path:
     return path
 
 
-def test_cli_session_timeline_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_session_timeline_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = session_lines()
     verifier = _write(tmp_path / "verifier.log", [line for line in lines if line["worker_id"] == "v1"])
     edge = _write(tmp_path / "edge-0.log", [line for line in lines if line["worker_id"] == "e1"])
@@ -135,10 +136,10 @@ def test_cli_session_timeline_from_files(tmp_path: Path, capsys: pytest.CaptureF
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert out[-1]["event"] == "timeline.summary" and out[-1]["rounds"] == 3
     assert out[-2]["event"] == "edge.session.summary"
-    terminal = _Tty()
-    monkeypatch.setattr("sys.stdout", terminal)
-    assert main(["logs", "session", "abcdef", "--file", str(verifier), "--file", str(edge)]) == 0
-    text = terminal.getvalue()
+    table = io.StringIO()  # what a terminal gets (the CLI picks tables when stdout is a tty)
+    request = LogsRequest(files=[verifier, edge], filters=Filters(), json_mode=False, session="abcdef")
+    assert run_logs(request, lambda: None, "unused", out=table) == 0
+    text = table.getvalue()
     assert "verify.round" in text and "3 rounds, 12 tokens, 9/12 drafted tokens accepted (75.0%)" in text
     assert "edge: e1" in text and "verifiers: v1" in text
 
@@ -151,8 +152,3 @@ def test_cli_filters_files_as_json_lines(tmp_path: Path, capsys: pytest.CaptureF
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["logs", "session", "missing", "--file", str(path)]) == 1
     assert main(["logs", "--file", str(path), "--since", "whenever"]) == 2
-
-
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
