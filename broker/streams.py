@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.logs import get_logger
+from common.settings import RedisSettings
 
 GROUP = "verifiers"
 FIELD = b"m"
@@ -51,13 +52,36 @@ class Entry:
     since_ms: int = 0  # session opens passed on: when the first verifier saw it (epoch ms)
 
 
-def connect(url: str, socket_timeout_s: float = 30.0) -> aioredis.Redis:
-    """A redis.asyncio client (hiredis parser when installed); bytes in, bytes out."""
+def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", password: str = "",
+            tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "") -> aioredis.Redis:
+    """A redis.asyncio client (hiredis parser when installed); bytes in, bytes out.
+
+    ``username``/``password`` log in as a Redis ACL user (they override credentials in the URL).
+    A ``rediss://`` URL speaks TLS and verifies the server certificate against ``tls_ca_file``
+    (system CAs when empty); ``tls_cert_file``/``tls_key_file`` present a client certificate.
+    """
+    options: dict[str, Any] = {}
+    if username:
+        options["username"] = username
+    if password:
+        options["password"] = password
+    if url.startswith("rediss://"):
+        options.update(ssl_cert_reqs="required", ssl_ca_certs=tls_ca_file or None,
+                       ssl_certfile=tls_cert_file or None, ssl_keyfile=tls_key_file or None)
+    elif tls_ca_file or tls_cert_file or tls_key_file:
+        raise BrokerError("TLS files are set but the Redis URL is not rediss://")
     return aioredis.Redis.from_url(
         url, decode_responses=False, socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s, health_check_interval=30,
-        retry_on_timeout=False,
+        retry_on_timeout=False, **options,
     )
+
+
+def connect_settings(redis: RedisSettings) -> aioredis.Redis:
+    """``connect`` with the URL, credentials and TLS files of the ``[redis]`` settings."""
+    return connect(redis.url, redis.socket_timeout_s, username=redis.username, password=redis.password,
+                   tls_ca_file=redis.tls_ca_file, tls_cert_file=redis.tls_cert_file,
+                   tls_key_file=redis.tls_key_file)
 
 
 class Keys:
@@ -142,10 +166,22 @@ class Broker:
 
     async def read_work(self, consumer: str, streams: list[str], block_ms: int | None,
                         count: int = 8) -> list[Entry]:
-        """New entries for this consumer from the sessions stream and the given draft streams."""
-        reply = await self.redis.xreadgroup(
-            GROUP, consumer, {stream: ">" for stream in streams}, count=count, block=block_ms,
-        )
+        """New entries for this consumer from the sessions stream and the given draft streams.
+
+        A missing group (Redis restarted without persistence, or a session's keys expired) is
+        recreated and the read answers nothing this time, instead of failing the worker.
+        """
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP, consumer, {stream: ">" for stream in streams}, count=count, block=block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("broker.groups_recreated", error=str(exc), streams=len(streams))
+            for stream in streams:
+                await self.ensure_group(stream)
+            return []
         return _entries(reply)
 
     async def read_pending(self, consumer: str, stream: str) -> list[Entry]:

@@ -2,22 +2,75 @@
 
 Context (``worker_id``, ``session_id``) is bound with ``structlog.contextvars`` and merged first,
 so every line of a worker carries it.
+
+A process can also hand its lines to a ``LogSink``: a bounded in-memory buffer of JSON lines
+that a background task elsewhere (``specd.workers``) drains to a Redis stream. Logging never
+waits on Redis: when the buffer is full the line is dropped and counted. This module imports
+nothing of ours, so the sink knows nothing of Redis.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
+from collections import deque
 from typing import Any
 
 import structlog
 
 _configured = False
+_sink: LogSink | None = None
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+class LogSink:
+    """A bounded, thread-safe buffer of JSON log lines; full means drop (and count), not block."""
+
+    def __init__(self, capacity: int = 10_000, max_value_bytes: int = 8192) -> None:
+        self.capacity = capacity
+        self.max_value_bytes = max_value_bytes
+        self.dropped = 0
+        self._lines: deque[str] = deque()
+        self._lock = threading.Lock()
+
+    def __call__(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        """A structlog processor: copy the (trimmed) event into the buffer, pass it on unchanged."""
+        line = json.dumps({k: self._trim(v) for k, v in event_dict.items()}, default=str)
+        self.put(line)
+        return event_dict
+
+    def put(self, line: str) -> None:
+        with self._lock:
+            if len(self._lines) >= self.capacity:
+                self.dropped += 1
+                return
+            self._lines.append(line)
+
+    def take(self, limit: int = 500) -> list[str]:
+        """Up to ``limit`` of the oldest lines, removed from the buffer."""
+        with self._lock:
+            count = min(limit, len(self._lines))
+            return [self._lines.popleft() for _ in range(count)]
+
+    def drop(self, count: int) -> None:
+        """Count lines that were taken but could not be delivered."""
+        with self._lock:
+            self.dropped += count
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _trim(self, value: Any) -> Any:
+        if isinstance(value, str) and len(value) > self.max_value_bytes:
+            return value[: self.max_value_bytes] + f"...[{len(value) - self.max_value_bytes} more]"
+        return value
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None,
+                      sink: LogSink | None = None) -> None:
     """Configure structlog and the stdlib root logger; later calls are no-ops."""
-    global _configured
+    global _configured, _sink
     if _configured:
         return
     stream = stream or sys.stderr
@@ -26,21 +79,29 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    if sink is not None:
+        processors.append(sink)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream)
+    _sink = sink
     _configured = True
+
+
+def log_sink() -> LogSink | None:
+    """The sink this process's logging feeds, if ``configure_logging`` was given one."""
+    return _sink
 
 
 def get_logger(name: str) -> Any:

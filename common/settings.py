@@ -37,6 +37,16 @@ class RedisSettings(Section):
     session_ttl_s: int = Field(600, ge=5)
     """TTL refreshed on every session key at each round: abandoned sessions clean themselves up."""
     socket_timeout_s: float = Field(30.0, gt=0)
+    username: str = ""
+    """ACL user (Redis 6+); empty: the default user, or the user named in the URL."""
+    password: str = ""
+    """Password of the ACL user; prefer SPECD_REDIS__PASSWORD over writing it in a file."""
+    tls_ca_file: str = ""
+    """CA bundle that signed the server certificate (rediss:// only); empty: system CAs."""
+    tls_cert_file: str = ""
+    """Client certificate for mutual TLS (rediss:// only)."""
+    tls_key_file: str = ""
+    """Private key of the client certificate (rediss:// only)."""
 
     @field_validator("url")
     @classmethod
@@ -44,6 +54,15 @@ class RedisSettings(Section):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
         return value
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisSettings:
+        tls = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
+        if tls and not self.url.startswith("rediss://"):
+            raise ValueError(f"{', '.join(tls)} need a rediss:// url")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
 
 class ModelSettings(Section):
@@ -161,7 +180,8 @@ class EdgeSettings(Section):
     """Largest sparse support of a sampled draft distribution sent per position."""
     max_concurrent_sessions: int = Field(8, ge=1)
     verdict_timeout_s: float = Field(60.0, gt=0)
-    tenant: str = "default"
+    tenant: str = Field("default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """Tenant id; not "default": session ids become ``{tenant}.{uuid}`` (per-tenant Redis ACLs)."""
     heartbeat_ttl_s: int = Field(15, ge=2)
     replay_file: str = ""
     """Replay backend: reference continuations made by ``specd loadtest --make-replay``."""
@@ -187,6 +207,21 @@ class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
     """auto: readable console on a terminal, JSON lines otherwise."""
+    redis_stream: bool = False
+    """Also send every log line (workers only) to the Redis stream ``{prefix}:logs``."""
+    redis_stream_maxlen: int = Field(100_000, ge=100)
+    """Approximate MAXLEN of the log stream."""
+    redis_buffer: int = Field(10_000, ge=10)
+    """Lines held in memory while Redis is slow or down; beyond it lines are dropped and counted."""
+    max_line_bytes: int = Field(8192, ge=256)
+    """Longer values are trimmed before a line goes to the stream."""
+
+
+class MetricsSettings(Section):
+    port: int = Field(0, ge=0, le=65535)
+    """Prometheus /metrics port of this worker process (verifier or edge); 0: no endpoint."""
+    host: str = "0.0.0.0"
+    """Address the metrics endpoint binds to."""
 
 
 class Settings(BaseSettings):
@@ -204,6 +239,7 @@ class Settings(BaseSettings):
     edge: EdgeSettings = EdgeSettings()
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -25,6 +25,7 @@ from typing import Any
 
 from broker.streams import Broker, with_backoff
 from common.logs import get_logger
+from common.metrics import EdgeMetrics
 from common.sampling import SamplingParams, apply_stop_rules
 from common.wire import (
     DraftBatch,
@@ -157,6 +158,7 @@ class EdgeClient:
         self.config = config
         self._slots = asyncio.Semaphore(max_concurrent_sessions)
         self._draft_lock = asyncio.Lock()  # one forward at a time on the shared draft model
+        self.metrics = EdgeMetrics()
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
                        on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
@@ -168,7 +170,8 @@ class _EdgeSession:
     def __init__(self, client: EdgeClient, prompt_ids: list[int], spec: SamplingSpec,
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
-        self.sid = session_id or uuid.uuid4().hex
+        tenant = client.config.tenant  # a tenant prefix lets Redis ACLs isolate tenants' keys
+        self.sid = session_id or (uuid.uuid4().hex if tenant == "default" else f"{tenant}.{uuid.uuid4().hex}")
         self.spec = spec
         self.params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
         self.stops = frozenset(spec.stop_token_ids)
@@ -190,13 +193,20 @@ class _EdgeSession:
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
         )
         await with_backoff(lambda: broker.open_session(self.sid, encode(opened)), "open_session")
+        tenant, metrics = self.client.config.tenant, self.client.metrics
+        metrics.session_started(tenant)
         try:
             while self.result.finish_reason is None:
                 await self._round(self.result.rounds)
                 if self.result.rounds == 1:
                     self.result.first_token_ms = (time.perf_counter() - started) * 1000
+        except SessionFailed as exc:
+            log.warning("edge.session.failed", session_id=self.sid, code=exc.code.value, error=str(exc))
+            metrics.error(exc.code.value)
+            raise
         finally:
             await self._drop_ahead()
+            metrics.session_ended(tenant, self.result.finish_reason or "failed")
             backend.release(self.state)
             self.result.wall_ms = (time.perf_counter() - started) * 1000
             if self.result.finish_reason is None:  # tell the verifier to free the session now
@@ -316,14 +326,20 @@ class _EdgeSession:
         r.verify_ms += verdict.verify_ms
         r.transport_ms += max(0.0, round_ms - verdict.queue_ms - verdict.verify_ms)
         r.round_ms.append(round_ms)
+        self.client.metrics.observe_round(self.client.config.tenant, len(drafted), verdict.accepted,
+                                          len(kept), draft_ms, round_ms)
         if self.on_tokens is not None and kept:
             self.on_tokens(self.sid, kept)
 
     async def _await_verdict(self, seq: int) -> Verdict:
         deadline = time.monotonic() + self.client.config.verdict_timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            entries = await with_backoff(lambda: self.client.broker.read_verdicts(
-                self.sid, self.last_verdict_id, int(min(left, 1.0) * 1000) or 1), "read_verdicts")
+            try:  # bounded even while Redis is unreachable: the session fails clearly, never hangs
+                entries = await asyncio.wait_for(with_backoff(lambda: self.client.broker.read_verdicts(
+                    self.sid, self.last_verdict_id, int(min(left, 1.0) * 1000) or 1), "read_verdicts"),
+                    left + 1.0)
+            except asyncio.TimeoutError:
+                break
             for entry in entries:
                 self.last_verdict_id = entry.entry_id
                 message = decode(entry.payload or b"")

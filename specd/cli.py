@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.logs import configure_logging
+from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
 from specd.prompts import read_prompts
@@ -50,6 +50,8 @@ FLAG_TO_SETTING = {
     "multiplex_verdicts": ("edge", "multiplex_verdicts"),
     "log_level": ("log", "level"),
     "log_format": ("log", "format"),
+    "metrics_port": ("metrics", "port"),
+    "log_redis_stream": ("log", "redis_stream"),
 }
 
 
@@ -107,6 +109,38 @@ def _add_draft(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network-jitter-ms", type=float, help="spread of the added round trip (ms)")
     group.add_argument("--multiplex-verdicts", action="store_true", default=None,
                        help="one XREAD for all sessions' verdicts per edge process")
+
+
+def _add_operations(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("operations")
+    group.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: off)")
+    group.add_argument("--log-redis-stream", action="store_true", default=None,
+                       help="also send log lines to the Redis stream <prefix>:logs (see specd logs)")
+
+
+def _add_logs(commands: Any) -> None:
+    logs = commands.add_parser(
+        "logs", help="read worker logs (Redis log stream or JSON log files)",
+        description="Filter, follow or summarise worker log lines. `specd logs session ID` prints one "
+        "session's timeline across its edge and verifiers, then a summary. Reads the Redis stream "
+        "<prefix>:logs unless --file is given. A terminal gets a table, a pipe JSON lines.")
+    logs.add_argument("what", nargs="*", metavar="session ID",
+                      help="`session ID`: the timeline of one session (an id or a unique prefix)")
+    logs.add_argument("--file", action="append", type=Path, default=[],
+                      help="a JSON log file (repeatable), e.g. the demo's --log-dir files")
+    logs.add_argument("--session", help="session id or prefix")
+    logs.add_argument("--tenant")
+    logs.add_argument("--worker", help="worker id or glob, e.g. 'edge-*'")
+    logs.add_argument("--level", choices=["debug", "info", "warning", "error"], help="lowest level shown")
+    logs.add_argument("--event", help="event name or glob, e.g. 'verify.*'")
+    logs.add_argument("--since", help="ISO time or relative (30s, 10m, 2h, 1d)")
+    logs.add_argument("--until", help="ISO time or relative")
+    logs.add_argument("--limit", type=int, default=0, help="only the last N matching lines")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    logs.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    group = logs.add_argument_group("settings")
+    group.add_argument("--config", type=Path, help="settings TOML file (default ./settings.toml)")
+    group.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_batching(sub)
     for sub in (demo, edge, generate, loadtest):
         _add_draft(sub)
+    for sub in (verifier, edge):
+        _add_operations(sub)
+    _add_logs(commands)
 
     train = commands.add_parser("train-pair", help="train the bundled tiny draft/target pair",
                                 add_help=False)
@@ -240,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"specd: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log.level, settings.log.format)
+    sink = None
+    if settings.log.redis_stream and args.command in ("verifier", "edge") and not args.check:
+        sink = LogSink(settings.log.redis_buffer, settings.log.max_line_bytes)
+    configure_logging(settings.log.level, settings.log.format, sink=sink)
     if args.command == "verifier" and args.workers > 1 and not args.check:
         return _verifier_processes(args, settings, list(sys.argv[1:] if argv is None else argv))
     try:
@@ -389,8 +429,31 @@ def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(p["error_count"] == 0 for p in report["points"]) else 1
 
 
+def _logs(args: argparse.Namespace, settings: Settings) -> int:
+    from broker.streams import connect_settings
+    from specd.logs import Filters, LogsRequest, log_stream_key, parse_time, run_logs
+
+    if args.what and (args.what[0] != "session" or len(args.what) != 2):
+        print("specd logs: the only positional form is `specd logs session ID`", file=sys.stderr)
+        return 2
+    if not args.file and not _require_redis(settings, "logs"):
+        return 2
+    try:
+        filters = Filters(session=args.session, tenant=args.tenant, worker=args.worker, level=args.level,
+                          event=args.event, since=parse_time(args.since) if args.since else None,
+                          until=parse_time(args.until) if args.until else None)
+    except ValueError as exc:
+        print(f"specd logs: {exc}", file=sys.stderr)
+        return 2
+    request = LogsRequest(files=args.file, filters=filters, follow=args.follow,
+                          json_mode=args.json or not sys.stdout.isatty(), limit=args.limit,
+                          session=args.what[1] if args.what else None)
+    key = log_stream_key(settings.redis.key_prefix)
+    return run_logs(request, lambda: connect_settings(settings.redis), key)
+
+
 COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
-            "pool": _pool, "devices": _devices, "loadtest": _loadtest}
+            "pool": _pool, "devices": _devices, "loadtest": _loadtest, "logs": _logs}
 
 
 if __name__ == "__main__":

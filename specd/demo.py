@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from broker.streams import Broker, connect
 from common.settings import Settings
 from specd.generate import redis_url_for
+from specd.runtime import make_broker
 
 DEFAULT_PROMPTS = [
     "def fibonacci(n):\n",
@@ -58,7 +58,7 @@ def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
 
 
 async def _wait_healthy(url: str, settings: Settings, timeout_s: float) -> None:
-    broker = Broker(connect(url), prefix=settings.redis.key_prefix)
+    broker = make_broker(settings, url)
     pattern = broker.keys.health("verifier", "*")
     deadline = time.monotonic() + timeout_s
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.shaping import ShapedBroker
-from broker.streams import Broker, connect
+from broker.streams import Broker, connect, connect_settings
 from common.models import load_causal_lm, set_torch_threads
 from common.settings import Settings
 from edge_worker.backends import DraftBackend, create_backend
@@ -14,9 +14,11 @@ from verifier_worker.worker import VerifierWorker
 
 
 def make_broker(settings: Settings, url: str | None = None) -> Broker:
+    """A broker on the configured Redis (credentials and TLS included), or on ``url`` (embedded)."""
     redis = settings.redis
-    return Broker(connect(url or redis.url, redis.socket_timeout_s), prefix=redis.key_prefix,
-                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
+    client = connect(url, redis.socket_timeout_s) if url and url != redis.url else connect_settings(redis)
+    return Broker(client, prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
+                  session_ttl_s=redis.session_ttl_s)
 
 
 def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> VerifierWorker:

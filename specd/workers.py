@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from broker.streams import Broker
-from common.logs import bind, get_logger
+from common.logs import LogSink, bind, get_logger, log_sink
+from common.metrics import serve
 from common.settings import Settings
 from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
+from specd.logs import LOG_FIELD, log_stream_key
 from specd.runtime import build_edge, build_verifier, make_broker
 from verifier_worker.worker import default_worker_id
 
@@ -34,10 +38,60 @@ async def run_verifier(settings: Settings) -> int:
         worker = build_verifier(settings, broker)
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await worker.run(stop)
+        async with worker_services(settings, broker, worker.metrics.registry):
+            await worker.run(stop)
     finally:
         await broker.close()
     return 0
+
+
+@contextlib.asynccontextmanager
+async def worker_services(settings: Settings, broker: Broker, registry: Any) -> AsyncIterator[None]:
+    """Around a worker's life: its /metrics endpoint and the drain of its log lines to Redis."""
+    server = serve(registry, settings.metrics.port, settings.metrics.host) if settings.metrics.port else None
+    if server is not None:
+        log.info("metrics.serving", port=settings.metrics.port, host=settings.metrics.host)
+    sink = log_sink() if settings.log.redis_stream else None
+    drain = asyncio.create_task(drain_logs(broker, sink, settings.log.redis_stream_maxlen)) if sink else None
+    try:
+        yield
+    finally:
+        if drain is not None and sink is not None:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            with contextlib.suppress(asyncio.TimeoutError):  # the last lines, if Redis answers in time
+                await asyncio.wait_for(flush_logs(broker, sink, settings.log.redis_stream_maxlen), 5)
+        if server is not None:
+            server.shutdown()
+
+
+async def drain_logs(broker: Broker, sink: LogSink, maxlen: int, interval_s: float = 0.2) -> None:
+    """Forever: move buffered log lines to the log stream; lines Redis cannot take are dropped."""
+    reported, last_report = 0, 0.0
+    while True:
+        await flush_logs(broker, sink, maxlen)
+        if sink.dropped != reported and time.monotonic() - last_report > 10:
+            reported, last_report = sink.dropped, time.monotonic()
+            log.warning("log.stream_dropped", dropped_total=reported)
+        await asyncio.sleep(interval_s)
+
+
+async def flush_logs(broker: Broker, sink: LogSink, maxlen: int, batch: int = 500) -> int:
+    """One pipelined XADD per buffered line (up to ``batch``); returns the lines delivered."""
+    lines = sink.take(batch)
+    if not lines:
+        return 0
+    key = log_stream_key(broker.keys.prefix)
+    try:
+        async with broker.redis.pipeline(transaction=False) as pipe:
+            for line in lines:
+                pipe.xadd(key, {LOG_FIELD: line.encode()}, maxlen=maxlen, approximate=True)
+            await pipe.execute()
+    except Exception:  # noqa: BLE001 - Redis down or slow: never let logging hurt the worker
+        sink.drop(len(lines))
+        return 0
+    return len(lines)
 
 
 async def check_health(settings: Settings, role: str) -> int:
@@ -111,7 +165,8 @@ async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> i
         client = build_edge(settings, broker)
         log.info("edge.started", backend=client.backend.name, device=client.backend.device,
                  model=client.backend.model_name, sessions=len(jobs))
-        results = await run_edge_jobs(settings, client, jobs, _printer(events))
+        async with worker_services(settings, broker, client.metrics.registry):
+            results = await run_edge_jobs(settings, client, jobs, _printer(events))
     finally:
         heartbeat.cancel()
         await broker.clear_heartbeat("edge", worker_id)

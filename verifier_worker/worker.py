@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from broker.pool import PoolBroker, now_ms
-from broker.streams import Broker, Entry, RoundResult, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, Entry, RoundResult, with_backoff
 from common.logs import bind, get_logger
+from common.metrics import VerifierMetrics
 from common.settings import Settings
 from common.wire import (
     DraftBatch,
@@ -102,6 +103,9 @@ class VerifierWorker:
         self.pool_load = 0.0
         self._next_scan = 0.0
         self._opens_paused_until = 0.0
+        self.metrics = VerifierMetrics()
+        self.metrics.track(lambda: sum(s.kv.nbytes() for s in list(self.sessions.values())),
+                           lambda: sum(len(s.queue) for s in list(self.sessions.values())))
 
     @property
     def tick_s(self) -> float:
@@ -150,7 +154,11 @@ class VerifierWorker:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.iterate()
+            try:
+                await self.iterate()
+            except TRANSIENT_ERRORS as exc:  # Redis went away mid-iteration: back off, carry on
+                log.warning("verifier.redis_unavailable", error=str(exc))
+                await asyncio.sleep(0.5)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -243,6 +251,8 @@ class VerifierWorker:
             self._check_tenant_sessions(message)
         except WireError as exc:
             exc.session_id = exc.session_id or peek_session_id(raw)
+            if exc.session_id in self.sessions:  # a bad open naming a live session must not end it
+                exc.session_id = None
             await self._reject(exc.session_id, entry, exc, fatal=True)
             return
         if await self._defer_open(entry, message):
@@ -263,6 +273,7 @@ class VerifierWorker:
 
     def _hold(self, session: VerifierSession) -> None:
         self.sessions[session.session_id] = session
+        self.metrics.session_opened(session.tenant)
         self.stats.max_sessions_held = max(self.stats.max_sessions_held, len(self.sessions))
 
     def _check_compatible(self, message: SessionOpen) -> None:
@@ -351,6 +362,7 @@ class VerifierWorker:
     async def _reject(self, sid: str | None, entry: Entry, exc: WireError, fatal: bool) -> None:
         """Send a typed error to the session (when it can be told), log it, ack the entry."""
         self.stats.errors[exc.code.value] = self.stats.errors.get(exc.code.value, 0) + 1
+        self.metrics.error(exc.code.value)
         log.warning("message.rejected", session_id=sid, code=exc.code.value, error=exc.message,
                     stream=entry.stream, entry_id=entry.entry_id)
         if sid is None:
@@ -368,7 +380,8 @@ class VerifierWorker:
         await self._finish(session, reason)
 
     async def _finish(self, session: VerifierSession, reason: str) -> None:
-        self.sessions.pop(session.session_id, None)
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.metrics.session_finished(session.tenant, reason)
         session.kv.clear()
         self.stats.sessions_finished += 1
         await self.broker.delete_session(session.session_id, self.settings.pool.finished_ttl_s)
@@ -460,6 +473,9 @@ class VerifierWorker:
         ttl = self.settings.redis.session_ttl_s
         for session in list(self.sessions.values()):
             if not session.queue and now - session.last_active > ttl:
+                # Its edge is gone (no draft for the session TTL): free the KV memory it holds.
+                log.warning("session.expired", session_id=session.session_id, tenant=session.tenant,
+                            idle_s=ttl)
                 await self._finish(session, "expired")
 
     # ------------------------------------------------------------------ verification
@@ -513,6 +529,7 @@ class VerifierWorker:
         verify_ms = (time.perf_counter() - started) * 1000
         self.stats.forward_passes += 1
         self.stats.batch_sizes.append(len(batch))
+        self.metrics.observe_batch(len(batch), verify_ms)
         results = [self._complete(s, p, o, started_wall, verify_ms, len(batch))
                    for s, p, o in zip(batch, pending, outcomes, strict=True)
                    if self.sessions.get(s.session_id) is s]  # not lost to another worker meanwhile
@@ -551,6 +568,7 @@ class VerifierWorker:
         payload = encode(verdict)
         session.last_verdict = payload
         self.stats.rounds += 1
+        self.metrics.observe_round(session.tenant, draft.gamma, outcome.accepted, queue_ms)
         log.info("verify.round", session_id=session.session_id, tenant=session.tenant,
                  seq=draft.seq, drafted=draft.gamma, accepted=outcome.accepted, committed=kept,
                  context=len(session.context), batch_size=batch_size, queue_ms=round(queue_ms, 3),
