@@ -62,6 +62,8 @@ class PoolBroker:
                 pipe.get(self.broker.keys.lease(sid))
             holders = await pipe.execute()
         mine = [sid for sid, holder in zip(sids, holders, strict=True) if _text(holder) == worker]
+        mine += await self._retake_vacant(worker, [sid for sid, holder in zip(sids, holders, strict=True)
+                                                   if holder is None], lease_ms)
         async with self.redis.pipeline(transaction=False) as pipe:
             deadline = now_ms() + lease_ms
             for sid in mine:
@@ -70,6 +72,25 @@ class PoolBroker:
                 pipe.zadd(self.leases_key, dict.fromkeys(mine, deadline))
             await pipe.execute()
         return set(sids) - set(mine)
+
+    async def _retake_vacant(self, worker: str, vacant: list[str], lease_ms: int) -> list[str]:
+        """Leases that lapsed while this worker stalled and that nobody took meanwhile.
+
+        Taking them again keeps the session's KV cache (dropping and re-adopting it would throw the
+        cache away). A session that another worker adopted and finished meanwhile has lost its
+        meta key, so it is not taken again.
+        """
+        if not vacant:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in vacant:
+                pipe.exists(self.broker.keys.meta(sid))
+            alive = [sid for sid, found in zip(vacant, await pipe.execute(), strict=True) if found]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in alive:
+                pipe.set(self.broker.keys.lease(sid), worker, nx=True, px=lease_ms)
+            taken = await pipe.execute()
+        return [sid for sid, ok in zip(alive, taken, strict=True) if ok]
 
     async def release(self, worker: str, sids: Iterable[str]) -> None:
         """Give up leases (a leaving worker): deadline 0 lets any verifier adopt them at once."""

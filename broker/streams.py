@@ -191,7 +191,13 @@ class Broker:
 
     async def claim_idle(self, consumer: str, stream: str, min_idle_ms: int) -> list[Entry]:
         """Take over entries another consumer left pending for ``min_idle_ms`` (XAUTOCLAIM)."""
-        reply = await self.redis.xautoclaim(stream, GROUP, consumer, min_idle_ms, "0-0", count=1000)
+        try:
+            reply = await self.redis.xautoclaim(stream, GROUP, consumer, min_idle_ms, "0-0", count=1000)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(stream)  # Redis restarted empty: nothing can be pending
+            return []
         claimed = reply[1]
         return [_entry(stream, i, f) for i, f in claimed if f is not None]
 

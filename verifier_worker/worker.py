@@ -174,6 +174,7 @@ class VerifierWorker:
         for sid in lost:
             session = self.sessions.pop(sid, None)
             if session is not None:
+                self.metrics.session_finished(session.tenant, "lost")
                 session.kv.clear()
                 self.stats.sessions_lost += 1
                 log.warning("session.lost", session_id=sid, reason="lease held by another worker")
