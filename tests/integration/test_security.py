@@ -54,16 +54,16 @@ def make_certificates(folder: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def secure_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Path]]]:
     """redis-server with TLS only (no plain port), client certificates required, ACL users."""
-    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
-        pytest.skip("needs openssl and redis-server")
-    from conftest import _free_port, _wait_for_port
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    from conftest import _free_port, _wait_for_port, redis_server_binary
 
     folder = tmp_path_factory.mktemp("tls")
     certs = make_certificates(folder)
     (folder / "users.acl").write_text(ACL)
     port = _free_port()
     process = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
          "--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"]),
          "--tls-ca-cert-file", str(certs["ca.crt"]), "--tls-auth-clients", "yes",
          "--aclfile", str(folder / "users.acl"), "--save", "", "--appendonly", "no", "--dir", str(folder)],
