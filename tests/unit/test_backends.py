@@ -177,7 +177,7 @@ def test_specd_devices_lists_every_backend(capsys, monkeypatch, tmp_path) -> Non
 
     monkeypatch.chdir(tmp_path)
     # main() would point structlog at the captured stdout, which is closed after this test.
-    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     assert main(["devices", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"torch", "openvino", "genai"}
@@ -196,7 +196,7 @@ def test_cli_fails_clearly_when_the_device_is_missing(capsys, monkeypatch, tmp_p
     from specd import cli
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     monkeypatch.setattr(devices, "openvino_devices", lambda: ["CPU"])  # as on a machine without NPU
     code = cli.main(["generate", "--mode", "draft", "--prompt", "x", "--draft-model", tiny_pair["draft"],
                      "--backend", "openvino", "--device", "npu", "--device-fallback", "fail"])
