@@ -142,7 +142,10 @@ async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sess
     return results, texts
 
 
-def summarise(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+def summarise(results: list[dict[str, Any]], run_s: float) -> dict[str, Any]:
+    """Totals; throughput over the generation span (the longest session, all run concurrently),
+    so edge processes' start-up (``run_s`` includes it) does not count as generation time."""
+    wall_s = max((r["wall_ms"] for r in results), default=0.0) / 1000
     tokens = sum(r["tokens"] for r in results)
     rounds = sum(r["rounds"] for r in results)
     drafted = sum(r["drafted"] for r in results)
@@ -152,6 +155,7 @@ def summarise(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "accepted": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
         "mean_accepted_length": round(tokens / rounds, 3) if rounds else 0.0,
         "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0, "wall_s": round(wall_s, 3),
+        "run_s": round(run_s, 3),
         **{key: round(sum(r[key] for r in results), 1)
            for key in ("draft_ms", "queue_ms", "verify_ms", "transport_ms")},
     }
@@ -182,6 +186,7 @@ def print_report(report: dict[str, Any], texts: dict[str, str], out: TextIO) -> 
         print("  ".join(cell.rjust(width) for cell, (_, width) in zip(row, COLUMNS, strict=True)),
               file=out)
     total = report["total"]
-    print(f"\n{total['sessions']} sessions, {total['tokens']} tokens in {total['wall_s']} s "
+    print(f"\n{total['sessions']} sessions, {total['tokens']} tokens in {total['wall_s']} s of generation "
           f"({total['tokens_per_s']} tok/s total), acceptance {100 * total['acceptance_rate']:.1f}%, "
-          f"mean accepted length {total['mean_accepted_length']} tokens/round", file=out)
+          f"mean accepted length {total['mean_accepted_length']} tokens/round; "
+          f"{total['run_s']} s including worker start-up", file=out)
