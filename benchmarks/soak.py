@@ -31,7 +31,8 @@ from specd.loadtest import LoadTestOptions, VerifierPool, child_env, run_point
 from specd.prompts import read_prompts
 from specd.replay import make_replay
 
-DEFAULT_PROMPTS = Path("/work/shared/data/specbench_questions.jsonl")
+# ../shared beside the checkout (see the project README); any JSONL with a text field works.
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench_questions.jsonl"
 
 
 def check_sessions(point: PointData, replay: ReplayFile, max_new_tokens: int) -> dict[str, Any]:

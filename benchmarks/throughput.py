@@ -45,7 +45,8 @@ from specd.replay import make_replay
 from verifier_worker.engine import TargetEngine, generate_target_only
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_PROMPTS = Path("/work/shared/data/humaneval.json")
+# ../shared beside the checkout (see the project README); any JSONL with a text field works.
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.json"
 
 
 def target_only(target: Any, prompts: list[list[int]], max_new: int) -> dict[str, Any]:

@@ -425,7 +425,11 @@ def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
     except LoadTestError as exc:
         print(f"specd loadtest: {exc}", file=sys.stderr)
         return 1
-    finish_outputs(report, args.report, args.plot, sys.stdout)
+    try:
+        finish_outputs(report, args.report, args.plot, sys.stdout)
+    except RuntimeError as exc:  # e.g. --plot without matplotlib: the report is already written
+        print(f"specd loadtest: {exc}", file=sys.stderr)
+        return 2
     return 0 if all(p["error_count"] == 0 for p in report["points"]) else 1
 
 

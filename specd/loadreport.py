@@ -171,7 +171,10 @@ def print_table(points: list[dict[str, Any]], out: TextIO) -> None:
 
 def write_plots(points: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Throughput and latency against sessions, acceptance against gamma, batch sizes (PNG)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'specd[bench]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -190,7 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m specd.pair.report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--pair", default="common/assets/tiny_pair", help="pair folder")
-    parser.add_argument("--humaneval", default="/work/shared/data/humaneval.json")
+    shared = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout
+    parser.add_argument("--humaneval", default=str(shared / "data" / "humaneval.json"))
     parser.add_argument("--json", default="benchmarks/results/pair_report.json")
     parser.add_argument("--md", default="benchmarks/results/pair_report.md")
     parser.add_argument("--heldout-tokens", type=int, default=24576)

@@ -51,25 +51,39 @@ def make_certificates(folder: Path) -> dict[str, Path]:
                                              "client.key")}
 
 
+def _start_tls_redis(folder: Path, certs: dict[str, Path]) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the TLS-only server; retried on a fresh port, its log quoted when it will not start."""
+    from conftest import _free_port, _wait_for_port, redis_server_binary
+
+    log = folder / "redis.log"
+    for _attempt in range(3):
+        port = _free_port()
+        process = subprocess.Popen(
+            [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+             "--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"]),
+             "--tls-ca-cert-file", str(certs["ca.crt"]), "--tls-auth-clients", "yes",
+             "--aclfile", str(folder / "users.acl"), "--save", "", "--appendonly", "no",
+             "--dir", str(folder), "--logfile", str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for_port(port, timeout=20.0)
+            return process, port
+        except RuntimeError:
+            process.kill()
+            process.wait(timeout=10)
+    raise RuntimeError(f"TLS redis-server did not start: {log.read_text()[-2000:] if log.exists() else ''}")
+
+
 @pytest.fixture(scope="module")
 def secure_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Path]]]:
     """redis-server with TLS only (no plain port), client certificates required, ACL users."""
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl")
-    from conftest import _free_port, _wait_for_port, redis_server_binary
-
     folder = tmp_path_factory.mktemp("tls")
     certs = make_certificates(folder)
     (folder / "users.acl").write_text(ACL)
-    port = _free_port()
-    process = subprocess.Popen(
-        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"]),
-         "--tls-ca-cert-file", str(certs["ca.crt"]), "--tls-auth-clients", "yes",
-         "--aclfile", str(folder / "users.acl"), "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process, port = _start_tls_redis(folder, certs)
     try:
-        _wait_for_port(port)
         yield f"rediss://127.0.0.1:{port}/0", certs
     finally:
         process.terminate()
