@@ -108,6 +108,13 @@ class VerifierWorker:
                            lambda: sum(len(s.queue) for s in list(self.sessions.values())))
 
     @property
+    def _read_count(self) -> int:
+        """Entries per stream per read. COUNT also bounds how many session opens one iteration
+        admits: under load an iteration takes a whole forward pass, so admitting only a few
+        opens each time would leave new sessions waiting for minutes."""
+        return max(8, self.settings.verifier.max_batch_sessions)
+
+    @property
     def tick_s(self) -> float:
         """Lease renewal and load publishing period: a third of the shorter lifetime."""
         return min(self.settings.verifier.heartbeat_ttl_s, self.settings.pool.lease_ms / 1000) / 3
@@ -208,8 +215,9 @@ class VerifierWorker:
         streams = [self.broker.keys.sessions] if reading_opens else []
         streams += [self.broker.keys.drafts(sid) for sid in self.sessions]
         if streams:
+            count = self._read_count
             entries = await with_backoff(
-                lambda: self.broker.read_work(self.worker_id, streams, block), "read_work")
+                lambda: self.broker.read_work(self.worker_id, streams, block, count=count), "read_work")
             for entry in entries:
                 await self._dispatch(entry)
         elif not ready:
