@@ -210,6 +210,30 @@ def private_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, f"redis://127.0.0.1:{port}/0"
 
 
+def run_with_pool(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
+    """The pool benchmarks' common frame: quiet logs, one torch thread, the given models (or a
+    tiny pair built here), the given Redis (or a private one), then the report saved to --out."""
+    import torch
+
+    from common.logs import configure_logging
+
+    configure_logging("warning", "console")  # keep stdout for the JSON report
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        target, draft = (args.target, args.draft) if args.target else tiny_pair(folder)
+        server, url = (None, args.redis_url) if args.redis_url else private_redis(folder)
+        try:
+            report: dict[str, Any] = asyncio.run(runner(url, target, draft))
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default="")
@@ -222,25 +246,8 @@ def main() -> int:
     parser.add_argument("--lease-ms", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "failover.json")
     args = parser.parse_args()
-    import torch
-
-    from common.logs import configure_logging
-
-    configure_logging("warning", "console")  # keep stdout for the JSON report
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        target, draft = (args.target, args.draft) if args.target else tiny_pair(folder)
-        server, url = (None, args.redis_url) if args.redis_url else private_redis(folder)
-        try:
-            report = asyncio.run(run_failover(url, target, draft, args.workers, args.sessions,
-                                              args.max_new_tokens, args.gamma, args.lease_ms))
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report = run_with_pool(args, lambda url, target, draft: run_failover(
+        url, target, draft, args.workers, args.sessions, args.max_new_tokens, args.gamma, args.lease_ms))
     print(json.dumps(report))
     return 0 if not report["mismatches"] else 1
 

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from failover import PROMPTS, ROOT, private_redis, start_verifiers, tiny_pair, wait_for_workers, worker_env
+from failover import PROMPTS, ROOT, run_with_pool, start_verifiers, wait_for_workers, worker_env
 
 
 async def tenant_rounds(client: Any, sessions: int, max_new_tokens: int, offset: int = 0) -> list[Any]:
@@ -115,24 +115,7 @@ def main() -> int:
     parser.add_argument("--max-batch-sessions", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fairness.json")
     args = parser.parse_args()
-    import torch
-
-    from common.logs import configure_logging
-
-    configure_logging("warning", "console")  # keep stdout for the JSON report
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        target, draft = (args.target, args.draft) if args.target else tiny_pair(folder)
-        server, url = (None, args.redis_url) if args.redis_url else private_redis(folder)
-        try:
-            report = asyncio.run(run(url, target, draft, args))
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report = run_with_pool(args, lambda url, target, draft: run(url, target, draft, args))
     print(json.dumps(report))
     return 0
 
