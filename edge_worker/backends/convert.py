@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,3 +112,19 @@ def read_meta(name: str, folder: Path, trust_remote_code: bool = False) -> Draft
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return DraftMeta(tokenizer, vocab_fingerprint(tokenizer), eos_token_ids(holder, tokenizer),
                      int(text_config.vocab_size), config)
+
+
+def check_precision(backend: str, precision: str, supported: Iterable[str]) -> None:
+    supported = list(supported)
+    if precision not in supported:
+        raise ValueError(f"the {backend} backend supports precision {', '.join(supported)}, "
+                         f"not {precision!r}")
+
+
+def adopt_identity(backend: Any, model: str, folder: Path, trust_remote_code: bool) -> DraftMeta:
+    """Set a converted backend's model name, tokenizer, fingerprint, stop ids and vocabulary."""
+    meta = read_meta(model, folder, trust_remote_code)
+    backend.model_name, backend.tokenizer = model, meta.tokenizer
+    backend.fingerprint, backend.eos_token_ids, backend.vocab_size = (
+        meta.fingerprint, meta.eos_token_ids, meta.vocab_size)
+    return meta

@@ -26,11 +26,12 @@ import torch
 from common.logs import get_logger
 from edge_worker.backends.base import IncrementalBackend, IncrementalState
 from edge_worker.backends.convert import (
+    adopt_identity,
     cache_key,
     cached_conversion,
+    check_precision,
     default_cache_dir,
     model_folder,
-    read_meta,
 )
 from edge_worker.devices import require
 
@@ -59,14 +60,9 @@ class GenAIDraftBackend(IncrementalBackend):
         require("genai")
         import onnxruntime_genai as og
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"the genai backend supports precision {', '.join(PRECISIONS)}, "
-                             f"not {precision!r}")
+        check_precision("genai", precision, PRECISIONS)
         folder = model_folder(model)
-        meta = read_meta(model, folder, trust_remote_code)
-        self.model_name, self.tokenizer = model, meta.tokenizer
-        self.fingerprint, self.eos_token_ids, self.vocab_size = (
-            meta.fingerprint, meta.eos_token_ids, meta.vocab_size)
+        meta = adopt_identity(self, model, folder, trust_remote_code)
         target = BUILDER_TARGET[provider]
         key = cache_key(folder, PRECISIONS[precision], target, og.__version__)
         root = (cache_dir or default_cache_dir()) / "genai"

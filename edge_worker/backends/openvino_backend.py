@@ -27,11 +27,12 @@ import torch
 from common.logs import get_logger
 from edge_worker.backends.base import IncrementalBackend, IncrementalState
 from edge_worker.backends.convert import (
+    adopt_identity,
     cache_key,
     cached_conversion,
+    check_precision,
     default_cache_dir,
     model_folder,
-    read_meta,
 )
 from edge_worker.devices import BackendUnavailableError, require
 
@@ -59,14 +60,9 @@ class OpenVINODraftBackend(IncrementalBackend):
         require("openvino")
         import openvino as ov
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"the openvino backend supports precision {', '.join(PRECISIONS)}, "
-                             f"not {precision!r}")
+        check_precision("openvino", precision, PRECISIONS)
         folder = model_folder(model)
-        meta = read_meta(model, folder, trust_remote_code)
-        self.model_name, self.tokenizer = model, meta.tokenizer
-        self.fingerprint, self.eos_token_ids, self.vocab_size = (
-            meta.fingerprint, meta.eos_token_ids, meta.vocab_size)
+        meta = adopt_identity(self, model, folder, trust_remote_code)
         text = meta.config.get_text_config()
         self._layers, self._kv_heads = int(text.num_hidden_layers), int(text.num_key_value_heads)
         self._head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)

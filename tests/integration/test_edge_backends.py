@@ -8,16 +8,15 @@ tokens with and without drafting ahead (the early batch is the batch that would 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from pathlib import Path
 
 import pytest
+from local_pool import local_pool
 
 from common.sampling import SamplingParams
 from common.settings import Settings
 from common.wire import SamplingSpec
-from specd.runtime import build_edge, build_verifier, make_broker
 from verifier_worker.engine import generate_target_only
 
 pytestmark = pytest.mark.integration
@@ -41,20 +40,8 @@ def settings_for(redis_url: str, tiny_pair: dict, edge_cache: Path, prefix: str,
                     edge={"verdict_timeout_s": 30, "cache_dir": str(edge_cache), **edge})
 
 
-@contextlib.asynccontextmanager
-async def pool(settings: Settings):
-    verifier_broker, edge_broker = make_broker(settings), make_broker(settings)
-    verifier = build_verifier(settings, verifier_broker, worker_id="v-edge-test")
-    stop = asyncio.Event()
-    task = asyncio.create_task(verifier.run(stop))
-    edge = build_edge(settings, edge_broker)
-    try:
-        yield verifier, edge
-    finally:
-        stop.set()
-        await task
-        await verifier_broker.close()
-        await edge_broker.close()
+def pool(settings: Settings):
+    return local_pool(settings, worker_id="v-edge-test")
 
 
 @pytest.mark.parametrize("backend", ["torch", "openvino", "genai"])

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import msgpack
 import pytest
+from local_pool import local_pool
 
 from common.sampling import SamplingParams
 from common.settings import Settings
 from common.wire import ErrorCode, SamplingSpec
 from edge_worker.client import EdgeConfig, SessionFailed
-from specd.runtime import build_edge, build_verifier, make_broker
 from verifier_worker.engine import generate_target_only
 
 pytestmark = pytest.mark.integration
@@ -26,21 +25,8 @@ def settings_for(redis_url: str, tiny_pair: dict, draft: str = "draft", **edge) 
                     verifier={"idle_block_ms": 20}, edge={"verdict_timeout_s": 30, **edge})
 
 
-@contextlib.asynccontextmanager
-async def pool(settings: Settings):
-    """A verifier task and an edge client, both talking to the real Redis."""
-    verifier_broker, edge_broker = make_broker(settings), make_broker(settings)
-    verifier = build_verifier(settings, verifier_broker, worker_id="v-test")
-    stop = asyncio.Event()
-    task = asyncio.create_task(verifier.run(stop))
-    edge = build_edge(settings, edge_broker)
-    try:
-        yield verifier, edge
-    finally:
-        stop.set()
-        await task
-        await verifier_broker.close()
-        await edge_broker.close()
+def pool(settings: Settings):
+    return local_pool(settings, worker_id="v-test")
 
 
 def greedy_reference(verifier, tokenizer, prompt: str, n: int, stops=frozenset()) -> list[int]:
