@@ -142,7 +142,7 @@ async def start_verifier(url: str, target: str) -> subprocess.Popen[bytes]:
     probe = Broker(connect(url), prefix="bench")
     try:
         for _ in range(600):
-            if [key async for key in probe.redis.scan_iter(match=probe.keys.health("verifier", "*"))]:
+            if await probe.any_healthy("verifier"):
                 return process
             if process.poll() is not None:
                 raise RuntimeError("the verifier process exited")

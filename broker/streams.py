@@ -256,6 +256,12 @@ class Broker:
     async def healthy(self, role: str, worker_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.health(role, worker_id)))
 
+    async def any_healthy(self, role: str) -> bool:
+        """Whether any worker of the role heartbeats (a SCAN: for checks, not hot paths)."""
+        async for _ in self.redis.scan_iter(match=self.keys.health(role, "*"), count=100):
+            return True
+        return False
+
     async def clear_heartbeat(self, role: str, worker_id: str) -> None:
         await self.redis.delete(self.keys.health(role, worker_id))
 

@@ -243,18 +243,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.edge.gamma > self.limits.max_gamma:
-            raise ValueError(f"edge.gamma ({self.edge.gamma}) exceeds limits.max_gamma "
-                             f"({self.limits.max_gamma})")
-        if self.edge.gamma_max > self.limits.max_gamma:
-            raise ValueError(f"edge.gamma_max ({self.edge.gamma_max}) exceeds limits.max_gamma "
-                             f"({self.limits.max_gamma})")
-        if self.edge.gamma_min > self.edge.gamma_max:
-            raise ValueError(f"edge.gamma_min ({self.edge.gamma_min}) exceeds edge.gamma_max "
-                             f"({self.edge.gamma_max})")
-        if self.edge.max_support > self.limits.max_support:
-            raise ValueError(f"edge.max_support ({self.edge.max_support}) exceeds "
-                             f"limits.max_support ({self.limits.max_support})")
+        bounds = [
+            ("edge.gamma", self.edge.gamma, "limits.max_gamma", self.limits.max_gamma),
+            ("edge.gamma_max", self.edge.gamma_max, "limits.max_gamma", self.limits.max_gamma),
+            ("edge.gamma_min", self.edge.gamma_min, "edge.gamma_max", self.edge.gamma_max),
+            ("edge.max_support", self.edge.max_support, "limits.max_support", self.limits.max_support),
+        ]
+        for name, value, bound_name, bound in bounds:
+            if value > bound:
+                raise ValueError(f"{name} ({value}) exceeds {bound_name} ({bound})")
         return self
 
     @classmethod

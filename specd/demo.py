@@ -59,11 +59,10 @@ def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
 
 async def _wait_healthy(url: str, settings: Settings, timeout_s: float) -> None:
     broker = make_broker(settings, url)
-    pattern = broker.keys.health("verifier", "*")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            if [key async for key in broker.redis.scan_iter(match=pattern)]:
+            if await broker.any_healthy("verifier"):
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the verifier did not come up within {timeout_s:.0f}s")

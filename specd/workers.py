@@ -99,11 +99,7 @@ async def check_health(settings: Settings, role: str) -> int:
     broker = make_broker(settings)
     try:
         worker_id = settings.verifier.worker_id if role == "verifier" else settings.edge.worker_id
-        if worker_id:
-            alive = await broker.healthy(role, worker_id)
-        else:
-            pattern = broker.keys.health(role, "*")
-            alive = bool([key async for key in broker.redis.scan_iter(match=pattern, count=100)])
+        alive = await (broker.healthy(role, worker_id) if worker_id else broker.any_healthy(role))
         print(f"{role} {worker_id or '(any)'}: {'healthy' if alive else 'no heartbeat'}")
         return 0 if alive else 1
     except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
