@@ -4,6 +4,12 @@
 batch. A request's input is whatever its KV cache lacks of the committed context (one token in
 steady state; the whole prompt on a session's first round, or after a cache was lost) followed
 by its drafted tokens, so prefill and context rebuild ride in the same pass as verification.
+
+The pass is packed, not padded: every request's new tokens sit side by side in one row, so the
+token-wise layers (projections, MLP, norms) see exactly the real tokens. Attention goes through
+``slot_attention``, registered with transformers' ``AttentionInterface``: per layer it writes each
+request's new keys/values into the session's extent of the worker's ``KVArena`` and attends to a
+view of that extent. No session's cache is gathered, padded or copied per pass.
 """
 
 from __future__ import annotations
@@ -13,9 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.sampling import SamplingParams, draw_round_noise, filter_logits, rejection_sample
-from verifier_worker.kv import SessionKV
+from verifier_worker.kv import ArenaShape, KVArena, SessionKV
+
+SLOT_ATTENTION = "specd_slots"
+DEFAULT_KV_BUDGET_TOKENS = 65536
 
 
 @dataclass
@@ -44,6 +54,7 @@ class VerifyRequest:
     draft: Draft
     params: SamplingParams
     seq: int  # round sequence number, keys the round's random draws
+    reserve: int = 0  # KV positions to reserve when the session has no extent yet
 
 
 @dataclass(frozen=True)
@@ -53,14 +64,26 @@ class VerifyOutcome:
 
 
 class TargetEngine:
-    """Batched verification on a loaded Hugging Face causal LM."""
+    """Batched verification on a loaded Hugging Face causal LM with a fixed KV budget."""
 
-    def __init__(self, model: Any, vocab_size: int) -> None:
+    def __init__(self, model: Any, vocab_size: int,
+                 kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS) -> None:
         self.model = model
         self.vocab_size = vocab_size
-        self.num_layers = int(model.config.num_hidden_layers)
-        self.device = next(model.parameters()).device
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.arena = KVArena(arena_shape(model.config), kv_budget_tokens, self.dtype, self.device)
+        self.num_layers = self.arena.shape.layers
+        use_slot_attention(model)
         self.forward_passes = 0
+
+    def set_kv_budget(self, tokens: int) -> None:
+        """Re-size the KV arena (``pool.kv_budget_tokens``); only while no session holds memory."""
+        if tokens == self.arena.budget_tokens:
+            return
+        if self.arena.used_tokens:
+            raise RuntimeError("the KV arena cannot be re-sized while sessions hold extents")
+        self.arena = KVArena(self.arena.shape, tokens, self.dtype, self.device)
 
     @torch.inference_mode()
     def verify(self, requests: list[VerifyRequest]) -> list[VerifyOutcome]:
@@ -79,16 +102,28 @@ class TargetEngine:
         inputs = [r.context[r.kv.length:] + r.draft.token_ids.tolist() for r in requests]
         if any(len(tokens) == 0 for tokens in inputs):
             raise ValueError("a request has nothing to feed: its cache covers the whole context")
-        keep = max(r.draft.gamma for r in requests) + 1
-        batch = _PaddedBatch.build(requests, inputs, self.num_layers, self.device)
+        for request, tokens in zip(requests, inputs, strict=True):
+            self._reserve(request, request.kv.length + len(tokens))
+        packed = _PackedPass.build(self.arena, requests, inputs)
         out = self.model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask, past_key_values=batch.cache,
-            use_cache=True, logits_to_keep=keep,
+            input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+            logits_to_keep=packed.keep, specd_pass=packed,
         )
         self.forward_passes += 1
-        batch.store_new_kv(out.past_key_values, requests, inputs)
-        return [out.logits[i, keep - (r.draft.gamma + 1):].float() for i, r in enumerate(requests)]
+        packed.check_layers(self.num_layers)
+        for request, tokens in zip(requests, inputs, strict=True):
+            if request.kv.allocated:  # not freed meanwhile (a session lost during the pass)
+                request.kv.length += len(tokens)
+        logits = out.logits[0].float()  # [sum(gamma + 1), V]
+        return list(logits.split([r.draft.gamma + 1 for r in requests]))
+
+    def _reserve(self, request: VerifyRequest, needed: int) -> None:
+        """Make the session's extent hold ``needed`` positions (its reserve on first use)."""
+        kv = request.kv
+        if kv.allocated and kv.size >= needed:
+            return
+        size = max(needed, request.reserve) if not kv.allocated else max(needed, 2 * kv.size)
+        self.arena.allocate(kv, size)
 
     # ------------------------------------------------------------------ accept
 
@@ -138,78 +173,117 @@ def _fill_support(draft: Draft, ids_out: torch.Tensor, probs_out: torch.Tensor,
         token_q_out[j] = float(probs[int(np.flatnonzero(ids == token)[0])])
 
 
-@dataclass
-class _PaddedBatch:
-    """Left-padded inputs and cache for sessions of different lengths, with a 4D mask."""
+def arena_shape(config: Any) -> ArenaShape:
+    """The KV layout of a decoder-only model; refuses attention the slot kernel cannot reproduce."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types) or getattr(
+            config, "attn_logit_softcapping", None):
+        raise ValueError(f"{config.model_type}: sliding-window or soft-capped attention is not "
+                         "supported by the verifier's KV arena (full causal attention only)")
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ArenaShape(layers=int(config.num_hidden_layers),
+                      kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                      head_dim=int(head_dim))
 
-    input_ids: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor | None  # [B, 1, T, P + T] additive, None when B == 1
-    cache: Any  # DynamicCache over [B, kv_heads, P, head_dim] per layer
-    past: int  # P
+
+def use_slot_attention(model: Any) -> None:
+    """Route the model's attention through ``slot_attention`` (plain SDPA when called without a
+    packed pass, e.g. by ``generate``)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SLOT_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(SLOT_ATTENTION)
+
+
+def slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None,
+                   dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the packed pass's per-session attention over the arena."""
+    packed = kwargs.pop("specd_pass", None)
+    if packed is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    return packed.attend(module.layer_idx, query, key, value, scaling), None
+
+
+@dataclass
+class _Row:
+    start: int  # the session's extent in the arena, as allocated for this pass
+    offset: int  # first position of this request's new tokens in the packed row
+    count: int  # new tokens
+    past: int  # cached positions before this pass
+    mask: torch.Tensor | None  # [group * count, past + count] bool, None for one token
+
+
+@dataclass
+class _PackedPass:
+    """All requests' new tokens in one row, and where each one's keys live in the arena."""
+
+    arena: KVArena
+    rows: list[_Row]
+    input_ids: torch.Tensor  # [1, N] N = total new tokens
+    position_ids: torch.Tensor  # [1, N]
+    keep: torch.Tensor  # [sum(gamma + 1)] indices of the positions whose logits are needed
+    layers_seen: int = 0
 
     @classmethod
-    def build(cls, requests: list[VerifyRequest], inputs: list[list[int]], num_layers: int,
-              device: torch.device) -> _PaddedBatch:
-        from transformers import DynamicCache
+    def build(cls, arena: KVArena, requests: list[VerifyRequest], inputs: list[list[int]]) -> _PackedPass:
+        rows: list[_Row] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        keep: list[int] = []
+        offset = 0
+        for request, tokens in zip(requests, inputs, strict=True):
+            past, count = request.kv.length, len(tokens)
+            rows.append(_Row(request.kv.start, offset, count, past, None))
+            ids.extend(tokens)
+            positions.extend(range(past, past + count))
+            keep.extend(range(offset + count - request.draft.gamma - 1, offset + count))
+            offset += count
+        device = arena.keys[0].device
+        return cls(arena, rows, torch.tensor([ids], device=device),
+                   torch.tensor([positions], device=device), torch.tensor(keep, device=device))
 
-        lengths = [r.kv.length for r in requests]
-        past, width = max(lengths), max(len(tokens) for tokens in inputs)
-        input_ids = torch.zeros(len(requests), width, dtype=torch.long)
-        position_ids = torch.zeros(len(requests), width, dtype=torch.long)
-        for i, (tokens, start) in enumerate(zip(inputs, lengths, strict=True)):
-            input_ids[i, width - len(tokens):] = torch.tensor(tokens)
-            position_ids[i, width - len(tokens):] = torch.arange(start, start + len(tokens))
-        layers = [_stack_layer(requests, layer, past) for layer in range(num_layers)] if past else None
-        mask = None
-        if len(requests) > 1:
-            mask = _attention_mask(lengths, [len(t) for t in inputs], past, width)
-        return cls(input_ids.to(device), position_ids.to(device),
-                   None if mask is None else mask.to(device),
-                   DynamicCache(ddp_cache_data=layers) if layers else DynamicCache(), past)
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None) -> torch.Tensor:
+        """query ``[1, Hq, N, D]``, key/value ``[1, Hkv, N, D]`` -> output ``[1, N, Hq, D]``.
 
-    def store_new_kv(self, cache: Any, requests: list[VerifyRequest], inputs: list[list[int]]) -> None:
-        """Append each request's new keys/values (its real, unpadded inputs) to its cache."""
-        width = self.input_ids.shape[1]
-        for i, (request, tokens) in enumerate(zip(requests, inputs, strict=True)):
-            begin = self.past + width - len(tokens)
-            request.kv.append([layer.keys[i, :, begin:] for layer in cache.layers],
-                              [layer.values[i, :, begin:] for layer in cache.layers])
+        Query heads are grouped onto their shared key/value head (``[Hkv, group * n, D]``), so
+        grouped-query attention needs no repeated keys either.
+        """
+        self.layers_seen += 1
+        _, q_heads, total, dim = query.shape
+        kv_heads = key.shape[1]
+        group = q_heads // kv_heads
+        out = query.new_empty(1, total, q_heads, dim)
+        for row in self.rows:
+            begin, end = row.offset, row.offset + row.count
+            self.arena.write(layer, row.start + row.past, key[0, :, begin:end], value[0, :, begin:end])
+            keys, values = self.arena.view(layer, row.start, row.start + row.past + row.count)
+            q = query[0, :, begin:end].reshape(kv_heads, group * row.count, dim)
+            if row.mask is None and row.count > 1:
+                row.mask = _offset_causal_mask(row.count, row.past, group, query.device)
+            o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                               attn_mask=row.mask, scale=scaling)
+            out[0, begin:end] = o.view(q_heads, row.count, dim).transpose(0, 1)
+        return out
 
-
-def _stack_layer(requests: list[VerifyRequest], layer: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-    first_k, _ = next(r.kv.layer(layer) for r in requests if r.kv.length)
-    heads, _, dim = first_k.shape
-    keys = first_k.new_zeros(len(requests), heads, past, dim)
-    values = first_k.new_zeros(len(requests), heads, past, dim)
-    for i, request in enumerate(requests):
-        if request.kv.length:
-            k, v = request.kv.layer(layer)
-            keys[i, :, past - request.kv.length:] = k
-            values[i, :, past - request.kv.length:] = v
-    return keys, values
+    def check_layers(self, layers: int) -> None:
+        if self.layers_seen != layers:
+            raise RuntimeError(f"the model ran {self.layers_seen} of {layers} attention layers "
+                               "through the slot attention: its architecture is not supported")
 
 
-def _attention_mask(past_lengths: list[int], input_lengths: list[int], past: int,
-                    width: int) -> torch.Tensor:  # [B, 1, T, P + T] float additive
-    """Causal attention over each row's real keys; padded query rows attend only to themselves.
-
-    Letting padding rows see themselves keeps every softmax row non-empty, so no NaN can arise
-    and leak into real rows through the cached values.
-    """
-    batch = len(past_lengths)
-    key_index = torch.arange(past + width)
-    query_index = past + torch.arange(width)
-    past_len = torch.tensor(past_lengths).view(batch, 1, 1)
-    new_len = torch.tensor(input_lengths).view(batch, 1, 1)
-    key = key_index.view(1, 1, -1)
-    query = query_index.view(1, -1, 1)
-    real_past = (key < past) & (key >= past - past_len)
-    real_new = (key >= past + width - new_len) & (key <= query)
-    real_query = query >= past + width - new_len
-    allowed = ((real_past | real_new) & real_query) | (~real_query & (key == query))
-    mask = torch.zeros(batch, 1, width, past + width)
-    return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
+def _offset_causal_mask(count: int, past: int, group: int,
+                        device: torch.device) -> torch.Tensor:  # [group * count, past + count] bool
+    """New token ``i`` sees every cached position and new tokens ``0 .. i``."""
+    mask = torch.ones(count, past + count, dtype=torch.bool, device=device).tril(past)
+    return mask.repeat(group, 1)
 
 
 def generate_target_only(engine: TargetEngine, prompt_ids: list[int], params: SamplingParams,
@@ -223,12 +297,14 @@ def generate_target_only(engine: TargetEngine, prompt_ids: list[int], params: Sa
 
     kv, context = SessionKV(), list(prompt_ids)
     generated: list[int] = []
+    reserve = len(prompt_ids) + max_new_tokens
     for seq in range(max_new_tokens):
-        outcome = engine.verify([VerifyRequest(kv, context, Draft.empty(), params, seq)])[0]
+        outcome = engine.verify([VerifyRequest(kv, context, Draft.empty(), params, seq, reserve)])[0]
         kept, finish = apply_stop_rules([outcome.token], len(generated), stop_token_ids,
                                         max_new_tokens)
         generated.extend(kept)
         context.extend(kept)
         if finish:
             break
+    kv.clear()
     return generated

@@ -21,6 +21,14 @@ class PendingDraft:
     received_at: float
 
 
+DEFAULT_DRAFT_ROOM = 16
+
+
+def kv_reserve(prompt_tokens: int, max_new_tokens: int, draft_room: int) -> int:
+    """KV positions a session can fill: its prompt, its new tokens and one round's draft."""
+    return prompt_tokens + max_new_tokens + draft_room
+
+
 @dataclass
 class VerifierSession:
     session_id: str
@@ -43,11 +51,13 @@ class VerifierSession:
     failures: int = 0  # failed forward passes holding this session's head draft
     evicted: bool = False  # KV freed to make room; recomputed from the context if it returns
     solo: bool = False  # after a failed pass: verify alone, so a poison draft cannot sink others
+    draft_room: int = DEFAULT_DRAFT_ROOM  # the largest draft a round may carry (limits.max_gamma)
 
     @classmethod
-    def from_open(cls, message: SessionOpen) -> VerifierSession:
+    def from_open(cls, message: SessionOpen, draft_room: int = 0) -> VerifierSession:
         spec = message.sampling
         return cls(
+            draft_room=draft_room or DEFAULT_DRAFT_ROOM,
             session_id=message.session_id, tenant=message.tenant,
             params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
@@ -55,13 +65,14 @@ class VerifierSession:
         )
 
     @classmethod
-    def restore(cls, message: SessionOpen, state: dict[bytes, bytes]) -> VerifierSession:
+    def restore(cls, message: SessionOpen, state: dict[bytes, bytes],
+                draft_room: int = 0) -> VerifierSession:
         """Adopt a session from its open message and last persisted round (empty KV cache).
 
         The engine feeds ``context[kv.length:]``, so the first pass after adoption recomputes the
         whole cache from the committed tokens.
         """
-        session = cls.from_open(message)
+        session = cls.from_open(message, draft_room)
         if state.get(b"context"):
             session.context = np.frombuffer(state[b"context"], dtype="<u4").astype(int).tolist()
             session.prompt_len = int(state.get(b"prompt_len", session.prompt_len))
@@ -72,7 +83,7 @@ class VerifierSession:
     @property
     def reserve(self) -> int:
         """KV tokens this session may need: its admission cost against the KV budget."""
-        return self.prompt_len + self.max_new_tokens
+        return kv_reserve(self.prompt_len, self.max_new_tokens, self.draft_room)
 
     @property
     def generated(self) -> int:
@@ -95,7 +106,7 @@ class VerifierSession:
         draft = pending.draft
         sizes = draft.support_sizes if not self.params.greedy else np.zeros(0, np.uint16)
         return VerifyRequest(
-            kv=self.kv, context=self.context, seq=draft.seq, params=self.params,
+            kv=self.kv, context=self.context, seq=draft.seq, params=self.params, reserve=self.reserve,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
         )
 

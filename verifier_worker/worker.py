@@ -51,7 +51,7 @@ from verifier_worker.capacity import (
 )
 from verifier_worker.engine import TargetEngine, VerifyOutcome
 from verifier_worker.scheduler import DrrScheduler
-from verifier_worker.session import PendingDraft, VerifierSession
+from verifier_worker.session import PendingDraft, VerifierSession, kv_reserve
 
 log = get_logger("specd.verifier")
 
@@ -95,6 +95,7 @@ class VerifierWorker:
             max_new_tokens=limits.max_new_tokens, max_gamma=limits.max_gamma,
             max_support=limits.max_support, vocab_size=engine.vocab_size,
         )
+        engine.set_kv_budget(settings.pool.kv_budget_tokens)
         self.sessions: dict[str, VerifierSession] = {}
         self.stats = VerifierStats()
         self.accepting = True
@@ -270,7 +271,7 @@ class VerifierWorker:
         if await self.pool.acquire(sid, self.worker_id, self.settings.pool.lease_ms):
             await self.pool.save_open(sid, raw)
             await self.broker.ensure_group(self.broker.keys.drafts(sid))
-            self._hold(VerifierSession.from_open(message))
+            self._hold(VerifierSession.from_open(message, self.limits.max_gamma))
             self.stats.sessions_opened += 1
             log.info("session.opened", session_id=sid, tenant=message.tenant,
                      prompt_tokens=int(message.prompt_ids.size),
@@ -316,7 +317,8 @@ class VerifierWorker:
             self.stats.opens_passed_on += 1
             await self.pool.pass_on_open(entry, entry.hops + 1, since)
             return True
-        need = int(message.prompt_ids.size) + message.sampling.max_new_tokens
+        need = kv_reserve(int(message.prompt_ids.size), message.sampling.max_new_tokens,
+                          self.limits.max_gamma)
         victims = plan_admission(list(self.sessions.values()), need, cfg.kv_budget_tokens,
                                  time.monotonic(), cfg.idle_evict_s)
         if victims is not None:
@@ -436,7 +438,7 @@ class VerifierWorker:
         if not isinstance(message, SessionOpen) or _finished(state):
             await self.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
             return
-        session = VerifierSession.restore(message, state)
+        session = VerifierSession.restore(message, state, self.limits.max_gamma)
         await self.broker.ensure_group(self.broker.keys.drafts(sid))
         self._hold(session)
         self.stats.sessions_adopted += 1

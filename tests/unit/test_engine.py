@@ -60,6 +60,8 @@ def run_local(engine: TargetEngine, backend: TorchDraftBackend, prompts: list[li
         outcomes = engine.verify([sessions[i].request(p) for i, p in zip(live, pendings, strict=True)])
         for i, pending, outcome in zip(live, pendings, outcomes, strict=True):
             sessions[i].commit(pending.draft, outcome)
+            if sessions[i].finished:
+                sessions[i].kv.clear()  # as the worker does: give the KV extent back
     return sessions
 
 

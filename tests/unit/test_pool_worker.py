@@ -23,6 +23,7 @@ from common.wire import (
     encode,
 )
 from verifier_worker.engine import TargetEngine, generate_target_only
+from verifier_worker.session import kv_reserve
 from verifier_worker.worker import VerifierWorker
 
 PROMPT = "import os"
@@ -201,7 +202,7 @@ async def test_tenant_over_its_draft_rate_gets_a_typed_error(make_worker, target
 
 
 async def test_admission_control_when_kv_budget_is_full(make_worker, target) -> None:
-    need = len(target.tokenizer.encode(PROMPT)) + MAX_NEW
+    need = kv_reserve(len(target.tokenizer.encode(PROMPT)), MAX_NEW, Settings().limits.max_gamma)
     w = await make_worker("w", pool={"kv_budget_tokens": need + 2, "admission_wait_s": 30.0})
     await w.broker.open_session("first", open_payload("first", target))
     await settle(w, iterations=1)
@@ -228,7 +229,7 @@ async def test_admission_control_when_kv_budget_is_full(make_worker, target) -> 
 
 
 async def test_idle_session_is_evicted_for_room_and_recomputed_when_it_returns(make_worker, target) -> None:
-    need = len(target.tokenizer.encode(PROMPT)) + MAX_NEW
+    need = kv_reserve(len(target.tokenizer.encode(PROMPT)), MAX_NEW, Settings().limits.max_gamma)
     w = await make_worker("w", pool={"kv_budget_tokens": need + 2, "idle_evict_s": 0.0})
     await w.broker.open_session("idle", open_payload("idle", target))
     await settle(w, iterations=1)
@@ -244,8 +245,8 @@ async def test_idle_session_is_evicted_for_room_and_recomputed_when_it_returns(m
         await edge.send(w.broker)
         await settle(w)
         edge.apply(await messages(w, "idle"))
-    reference = generate_target_only(w.engine, target.tokenizer.encode(PROMPT), SamplingParams(),
-                                     frozenset(), MAX_NEW)
+    reference = generate_target_only(TargetEngine(target.model, target.vocab_size),
+                                     target.tokenizer.encode(PROMPT), SamplingParams(), frozenset(), MAX_NEW)
     assert edge.context[edge.prompt_len:] == reference
 
 
