@@ -139,9 +139,11 @@ class TenantLimits(Section):
 
 class TenantSettings(Section):
     max_sessions: int = Field(0, ge=0)
-    """Default concurrent sessions per tenant in the pool; 0: unlimited."""
+    """Default concurrent sessions per tenant in the pool (admitted atomically in Redis; over it a
+    new session gets a fatal ``tenant_limit``); 0: unlimited."""
     draft_tokens_per_s: float = Field(0.0, ge=0)
-    """Default drafted tokens per second per tenant in the pool; 0: unlimited."""
+    """Default drafted tokens per second per tenant in the pool: a token bucket holding one second of
+    it; drafts over it wait (the edge gets a non-fatal ``tenant_limit``), never fail; 0: unlimited."""
     weight: int = Field(1, ge=1)
     """Default fair-share weight of a tenant when the batch budget binds."""
     overrides: dict[str, TenantLimits] = Field(default_factory=dict)
