@@ -150,8 +150,14 @@ class TenantSettings(Section):
     """Per-tenant values, e.g. ``[tenants.overrides.acme]`` with ``max_sessions = 4``."""
 
     def limits(self, tenant: str) -> tuple[int, float, int]:
-        """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied."""
-        own = self.overrides.get(tenant, TenantLimits())
+        """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied.
+
+        Called per session on the verifier's hot path: no model is built for a tenant without
+        overrides.
+        """
+        own = self.overrides.get(tenant)
+        if own is None:
+            return self.max_sessions, self.draft_tokens_per_s, self.weight
         return (self.max_sessions if own.max_sessions is None else own.max_sessions,
                 self.draft_tokens_per_s if own.draft_tokens_per_s is None else own.draft_tokens_per_s,
                 self.weight if own.weight is None else own.weight)
