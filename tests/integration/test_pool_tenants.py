@@ -1,7 +1,7 @@
 """Tenant limits on a real redis-server: the draft-token rate throttles, max_sessions is exact.
 
-Verifiers and edges run in this process (tests/local_pool.py wiring), all on one real Redis, so
-the limits' Lua scripts run on the server they run on in production.
+Three verifiers and the edges run in this process (specd.runtime wiring, as tests/local_pool.py),
+all on one real Redis, so the limits' Lua scripts run on the server they run on in production.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from local_pool import local_pool
 
 from broker.streams import FIELD, Broker
 from common.sampling import SamplingParams
@@ -53,33 +52,6 @@ async def run_tenant(edge: EdgeClient, verifier: VerifierWorker) -> tuple[list[S
     return results, wall
 
 
-async def test_tenant_over_its_draft_rate_is_throttled_exactly_and_the_other_is_unaffected(
-        redis_url, tiny_pair) -> None:
-    limited = settings_for(redis_url, tiny_pair, "rl", "a", overrides={"a": {"draft_tokens_per_s": RATE}})
-    async with local_pool(limited) as (verifier, edge_a):
-        b_broker = make_broker(limited)
-        edge_b = build_edge(settings_for(redis_url, tiny_pair, "rl", "b"), b_broker)
-        try:
-            (a_results, a_wall), (b_results, b_wall) = await asyncio.gather(
-                run_tenant(edge_a, verifier), run_tenant(edge_b, verifier))
-        finally:
-            await b_broker.close()
-    drafted = sum(r.drafted for r in a_results)
-    rate = drafted / a_wall
-    one_batch = len(PROMPTS) * GAMMA
-    print(f"\ntenant a: {drafted} draft tokens in {a_wall:.2f} s = {rate:.1f}/s (limit {RATE:g}/s), "
-          f"{sum(r.throttled for r in a_results)} notices, mean gamma "
-          f"{drafted / sum(r.rounds for r in a_results):.2f}; tenant b: "
-          f"{sum(r.drafted for r in b_results)} draft tokens in {b_wall:.2f} s, "
-          f"{sum(r.throttled for r in b_results)} notices")
-    assert all(r.finish_reason == "length" for r in a_results + b_results)  # nobody was ended
-    assert sum(r.throttled for r in a_results) > 0 and verifier.stats.drafts_throttled > 0
-    assert rate <= 1.5 * RATE + one_batch / a_wall  # the pool-wide bucket bounds tenant a ...
-    assert rate >= 0.5 * RATE  # ... which still gets about its rate, not a stall
-    assert sum(r.throttled for r in b_results) == 0 and b_wall < a_wall
-    assert ErrorCode.TENANT_LIMIT.value not in verifier.stats.errors
-
-
 @contextlib.asynccontextmanager
 async def three_workers(settings: Settings) -> AsyncIterator[list[VerifierWorker]]:
     brokers = [make_broker(settings) for _ in range(3)]
@@ -93,6 +65,36 @@ async def three_workers(settings: Settings) -> AsyncIterator[list[VerifierWorker
         await asyncio.gather(*tasks)
         for broker in brokers:
             await broker.close()
+
+
+async def test_tenant_over_its_draft_rate_is_throttled_exactly_and_the_other_is_unaffected(
+        redis_url, tiny_pair) -> None:
+    limited = settings_for(redis_url, tiny_pair, "rl", "a", overrides={"a": {"draft_tokens_per_s": RATE}})
+    async with three_workers(limited) as workers:  # one bucket for the tenant across the pool
+        a_broker, b_broker = make_broker(limited), make_broker(limited)
+        edge_a = build_edge(limited, a_broker)
+        edge_b = build_edge(settings_for(redis_url, tiny_pair, "rl", "b"), b_broker)
+        try:
+            (a_results, a_wall), (b_results, b_wall) = await asyncio.gather(
+                run_tenant(edge_a, workers[0]), run_tenant(edge_b, workers[0]))
+        finally:
+            await a_broker.close()
+            await b_broker.close()
+    drafted = sum(r.drafted for r in a_results)
+    rate = drafted / a_wall
+    one_batch = len(PROMPTS) * GAMMA
+    owners = {w.worker_id: w.stats.drafts_throttled for w in workers}
+    print(f"\ntenant a: {drafted} draft tokens in {a_wall:.2f} s = {rate:.1f}/s (limit {RATE:g}/s), "
+          f"{sum(r.throttled for r in a_results)} notices (by worker {owners}), mean gamma "
+          f"{drafted / sum(r.rounds for r in a_results):.2f}; tenant b: "
+          f"{sum(r.drafted for r in b_results)} draft tokens in {b_wall:.2f} s, "
+          f"{sum(r.throttled for r in b_results)} notices")
+    assert all(r.finish_reason == "length" for r in a_results + b_results)  # nobody was ended
+    assert sum(r.throttled for r in a_results) > 0 and sum(owners.values()) > 0
+    assert rate <= 1.5 * RATE + one_batch / a_wall  # the pool-wide bucket bounds tenant a ...
+    assert rate >= 0.5 * RATE  # ... which still gets about its rate, not a stall
+    assert sum(r.throttled for r in b_results) == 0 and b_wall < a_wall
+    assert all(ErrorCode.TENANT_LIMIT.value not in w.stats.errors for w in workers)
 
 
 async def opens_at_once(broker: Broker, worker: VerifierWorker, sids: list[str], tenant: str) -> None:
