@@ -1,4 +1,8 @@
-"""Pool behaviour of verifier workers sharing one (fake) Redis: adoption, dead letters, limits."""
+"""Pool behaviour of verifier workers sharing one (fake) Redis: adoption, dead letters, limits.
+
+The tenant-limit tests run the Lua scripts of broker/pool.py in fakeredis, which needs lupa (the
+dev extra's ``fakeredis[lua]``); without it they fail with "unknown command 'evalsha'".
+"""
 
 from __future__ import annotations
 
