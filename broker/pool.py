@@ -1,4 +1,4 @@
-"""Pool coordination in Redis: session leases, the worker load registry, dead letters, tenant rates.
+"""Pool coordination in Redis: session leases, the worker load registry, dead letters, tenant limits.
 
 Key layout (besides ``broker.streams``):
 
@@ -9,11 +9,18 @@ Key layout (besides ``broker.streams``):
     {prefix}:owners               hash: sid -> worker id (for `specd pool status`)
     {prefix}:workers              hash: worker id -> JSON load (sessions, KV, queue, tenants, at)
     {prefix}:deadletter           stream of messages that kept failing, with their error
-    {prefix}:tenant:{t}:tps:{s}   drafted tokens of tenant t in second s (expires after 2 s)
+    {prefix}:tenant:{t}:sessions  sorted set: sid -> deadline (epoch ms, Redis clock) of tenant t's
+                                  admitted sessions, for its pool-wide ``max_sessions``
+    {prefix}:tenant:{t}:bucket    hash: ``tokens``, ``at`` (ms): tenant t's draft-token bucket
 
 Renewal reads each lease then extends only those still held (GET then PEXPIRE, no Lua): a lease
 renewed at a third of its lifetime cannot lapse in between unless the owner stalls, and an owner
 that finds its lease held by another drops the session.
+
+Tenant limits are read-modify-write decisions shared by every verifier, so each is one Lua script
+(atomic on the server, one round trip, timed by the Redis clock so that workers' clocks do not
+matter): admitting a session checks and adds in one step, and taking draft tokens from a bucket
+refills, checks and takes in one step.
 """
 
 from __future__ import annotations
@@ -24,6 +31,65 @@ from collections.abc import Iterable
 from typing import Any
 
 from broker.streams import FIELD, GROUP, Broker, Entry
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+"""Lua prelude: ``now``, the Redis server's clock in ms (one clock for every verifier)."""
+
+ADMIT_SESSION = _NOW_MS + """
+-- KEYS[1] the tenant's session set; ARGV: sid, limit (0: no check), entry lifetime (ms).
+-- Drops lapsed members, then adds the session if the tenant has room or it is a member already.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local count = redis.call('ZCARD', KEYS[1])
+local limit = tonumber(ARGV[2])
+if limit > 0 and count >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return {0, count}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, redis.call('ZCARD', KEYS[1])}
+"""
+
+REFRESH_SESSIONS = _NOW_MS + """
+-- KEYS[1] the tenant's session set; ARGV: entry lifetime (ms), then the sids its owner still holds.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
+
+TAKE_TOKENS = _NOW_MS + """
+-- KEYS[1] the tenant's bucket; ARGV: rate (tokens/s), capacity, then the drafts' costs, oldest first.
+-- Takes the longest prefix of costs the bucket covers; a draft larger than the whole bucket passes
+-- when the bucket is full (leaving a debt). Returns {drafts taken, ms until the next one fits}.
+local rate, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]), tonumber(state[2])
+if tokens == nil or at == nil then
+  tokens, at = capacity, now
+end
+tokens = math.min(capacity, tokens + math.max(0, now - at) * rate / 1000)
+local taken = 0
+for i = 3, #ARGV do
+  local cost = tonumber(ARGV[i])
+  if cost > tokens and tokens < capacity then
+    break
+  end
+  tokens = tokens - cost
+  taken = taken + 1
+end
+local wait = 0
+if taken < #ARGV - 2 then
+  wait = math.ceil((math.min(tonumber(ARGV[3 + taken]), capacity) - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) * 1000 / rate) + 1000)
+return {taken, wait}
+"""
 
 
 def now_ms() -> int:
@@ -40,6 +106,9 @@ class PoolBroker:
         self.workers_key = f"{prefix}:workers"
         self.deadletter_key = f"{prefix}:deadletter"
         self.prefix = prefix
+        self._admit = self.redis.register_script(ADMIT_SESSION)
+        self._refresh = self.redis.register_script(REFRESH_SESSIONS)
+        self._take = self.redis.register_script(TAKE_TOKENS)
 
     # ------------------------------------------------------------ leases
 
@@ -185,14 +254,43 @@ class PoolBroker:
 
     # ------------------------------------------------------------ tenants
 
-    async def count_draft_tokens(self, tenant: str, tokens: int) -> int:
-        """Add to the tenant's drafted tokens of the current second (pool-wide); returns the sum."""
-        key = f"{self.prefix}:tenant:{tenant}:tps:{int(time.time())}"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incrby(key, tokens)
-            pipe.expire(key, 2)
-            total, _ = await pipe.execute()
-        return int(total)
+    def tenant_sessions_key(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:sessions"
+
+    def tenant_bucket_key(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:bucket"
+
+    async def admit_session(self, tenant: str, sid: str, limit: int, lifetime_ms: int) -> tuple[bool, int]:
+        """Count the session against the tenant's pool-wide limit, atomically; (admitted, count).
+
+        ``limit`` 0 registers it unconditionally (an adopted session, admitted once already). A
+        session already counted is admitted again (a duplicated open or an adoption).
+        """
+        admitted, count = await self._admit(keys=[self.tenant_sessions_key(tenant)],
+                                            args=[sid, limit, lifetime_ms])
+        return bool(admitted), int(count)
+
+    async def refresh_sessions(self, tenant: str, sids: list[str], lifetime_ms: int) -> None:
+        """Extend the entries of the tenant's sessions this worker still owns (lease renewal)."""
+        if sids:
+            await self._refresh(keys=[self.tenant_sessions_key(tenant)], args=[lifetime_ms, *sids])
+
+    async def leave_session(self, tenant: str, sid: str) -> None:
+        """A finished session stops counting against its tenant."""
+        await self.redis.zrem(self.tenant_sessions_key(tenant), sid)
+
+    async def take_draft_tokens(self, tenant: str, costs: list[int], rate: float,
+                                capacity: float) -> tuple[int, float]:
+        """Take the drafts' tokens from the tenant's bucket (pool-wide, refilled at ``rate``/s).
+
+        Returns how many of ``costs`` (a prefix, oldest first) were taken, and the seconds until
+        the next one would fit when not all were.
+        """
+        if not costs:
+            return 0, 0.0
+        taken, wait_ms = await self._take(keys=[self.tenant_bucket_key(tenant)],
+                                          args=[repr(float(rate)), repr(float(capacity)), *costs])
+        return int(taken), int(wait_ms) / 1000
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -56,6 +56,9 @@ class VerifierMetrics:
                               registry=r)
         self.errors = Counter("specd_verifier_errors_total", "Rejected messages, by error code.",
                               ["code"], registry=r)
+        self.throttled = Counter("specd_verifier_throttled_drafts_total",
+                                 "Drafts held back for their tenant's draft-token rate.", ["tenant"],
+                                 registry=r)
 
     def session_opened(self, tenant: str) -> None:
         self.sessions_opened.labels(tenant).inc()
@@ -84,6 +87,9 @@ class VerifierMetrics:
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
+
+    def draft_throttled(self, tenant: str) -> None:
+        self.throttled.labels(tenant).inc()
 
 
 class EdgeMetrics:

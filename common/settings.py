@@ -139,17 +139,25 @@ class TenantLimits(Section):
 
 class TenantSettings(Section):
     max_sessions: int = Field(0, ge=0)
-    """Default concurrent sessions per tenant in the pool; 0: unlimited."""
+    """Default concurrent sessions per tenant in the pool (admitted atomically in Redis; over it a
+    new session gets a fatal ``tenant_limit``); 0: unlimited."""
     draft_tokens_per_s: float = Field(0.0, ge=0)
-    """Default drafted tokens per second per tenant in the pool; 0: unlimited."""
+    """Default drafted tokens per second per tenant in the pool: a token bucket holding one second of
+    it; drafts over it wait (the edge gets a non-fatal ``tenant_limit``), never fail; 0: unlimited."""
     weight: int = Field(1, ge=1)
     """Default fair-share weight of a tenant when the batch budget binds."""
     overrides: dict[str, TenantLimits] = Field(default_factory=dict)
     """Per-tenant values, e.g. ``[tenants.overrides.acme]`` with ``max_sessions = 4``."""
 
     def limits(self, tenant: str) -> tuple[int, float, int]:
-        """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied."""
-        own = self.overrides.get(tenant, TenantLimits())
+        """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied.
+
+        Called per session on the verifier's hot path: no model is built for a tenant without
+        overrides.
+        """
+        own = self.overrides.get(tenant)
+        if own is None:
+            return self.max_sessions, self.draft_tokens_per_s, self.weight
         return (self.max_sessions if own.max_sessions is None else own.max_sessions,
                 self.draft_tokens_per_s if own.draft_tokens_per_s is None else own.draft_tokens_per_s,
                 self.weight if own.weight is None else own.weight)

@@ -35,7 +35,7 @@ class ErrorCode(str, enum.Enum):
     MODEL_MISMATCH = "model_mismatch"
     SESSION_EXPIRED = "session_expired"
     CAPACITY = "capacity"  # no verifier had KV room for the session within the admission wait
-    TENANT_LIMIT = "tenant_limit"  # the tenant is over its session or draft-token limit
+    TENANT_LIMIT = "tenant_limit"  # over the session limit (fatal) or draft-token rate (non-fatal)
     DEAD_LETTER = "dead_letter"  # a message kept failing and was moved to the dead-letter stream
     INTERNAL = "internal"
 
@@ -174,6 +174,7 @@ class ErrorMessage:
     message: str
     seq: int = -1
     fatal: bool = True  # the session is over
+    retry_after_s: float = 0.0  # non-fatal throttling: about when the held draft goes on (wire "retry")
     type_: str = field(default="error", init=False)
 
 
@@ -216,7 +217,7 @@ def encode(message: Message) -> bytes:
         )
     elif isinstance(message, ErrorMessage):
         body.update(seq=message.seq, code=message.code.value, message=message.message,
-                    fatal=message.fatal)
+                    fatal=message.fatal, retry=message.retry_after_s)
     elif isinstance(message, SessionClose):
         body.update(reason=message.reason)
     else:  # pragma: no cover - exhaustive over Message
@@ -342,6 +343,7 @@ def _decode_error(body: dict[str, Any], sid: str, limits: Limits) -> ErrorMessag
     return ErrorMessage(
         session_id=sid, code=code, message=_string(body, "message", 4096),
         seq=_integer(body, "seq", -1, 1 << 62), fatal=bool(body.get("fatal", True)),
+        retry_after_s=max(0.0, _number(body, "retry", 0.0)),  # absent from older verifiers
     )
 
 

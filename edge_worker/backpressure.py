@@ -7,30 +7,51 @@ of (ready draft tokens / batch token budget), (ready sessions / batch session bu
 more sessions fit one pass and queues stop growing; at or above ``WAIT_LOAD`` it also waits a
 little before drafting, bounded by ``MAX_WAIT_S``. Output is unchanged (exactness does not
 depend on gamma); only throughput and queue lengths are.
+
+A tenant over its draft-token rate gets, per held draft, a non-fatal ``tenant_limit`` notice (the
+draft is verified once the tenant's bucket has its tokens). Each notice halves the edge's next
+drafts (at least 1 token): under a token budget, short drafts commit more tokens per drafted
+token, as fewer are rejected. Without a notice for ``THROTTLE_HOLD_S`` the configured gamma
+comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 WAIT_LOAD = 2.0
 """From this load on the edge also pauses before its next draft."""
 MAX_WAIT_S = 0.5
+THROTTLE_HOLD_S = 5.0
+"""How long shortened drafts last after the last rate-limit notice."""
+MAX_CUT = 64
 
 
 @dataclass
 class Backpressure:
     load: float = 0.0  # the last verdict's pool_load
+    cut: int = 1  # divisor of gamma from rate-limit notices
+    throttled_at: float = 0.0  # monotonic time of the last notice
+    retry_after_s: float = 0.0  # the last notice's expected wait
 
     def observe(self, pool_load: float) -> None:
         self.load = max(0.0, pool_load)
 
-    def gamma(self, configured: int) -> int:
+    def throttle(self, retry_after_s: float, now: float | None = None) -> None:
+        """A draft of this session waits for its tenant's draft-token rate."""
+        self.cut = min(MAX_CUT, 2 * self.cut)
+        self.throttled_at = time.monotonic() if now is None else now
+        self.retry_after_s = max(0.0, retry_after_s)
+
+    def gamma(self, configured: int, now: float | None = None) -> int:
         """The draft length to use now."""
-        if self.load < 1.0 or configured <= 1:
-            return configured
-        return max(1, int(configured / self.load))
+        now = time.monotonic() if now is None else now
+        if self.cut > 1 and now - self.throttled_at > THROTTLE_HOLD_S:
+            self.cut = 1
+        gamma = configured if self.load < 1.0 else int(configured / self.load)
+        return max(1, gamma // self.cut) if configured > 1 else configured
 
     def wait_s(self) -> float:
         if self.load < WAIT_LOAD:

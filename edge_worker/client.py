@@ -74,6 +74,7 @@ class SessionResult:
     gammas: list[int] = field(default_factory=list)  # gamma asked for per round
     ahead_hits: int = 0  # rounds whose batch was drafted ahead and sent at once
     ahead_misses: int = 0  # batches drafted ahead and dropped
+    throttled: int = 0  # drafts held back for the tenant's draft-token rate (non-fatal notices)
 
     @property
     def acceptance_rate(self) -> float:
@@ -343,6 +344,9 @@ class _EdgeSession:
             for entry in entries:
                 self.last_verdict_id = entry.entry_id
                 message = decode(entry.payload or b"")
+                if isinstance(message, ErrorMessage) and self._held_back(message):
+                    deadline = time.monotonic() + self.client.config.verdict_timeout_s
+                    continue
                 if isinstance(message, ErrorMessage):
                     raise SessionFailed(message.code, message.message)
                 if isinstance(message, Verdict) and message.seq == seq:
@@ -351,6 +355,20 @@ class _EdgeSession:
                 # An older verdict replayed after a redelivery: already applied, skip it.
         raise SessionFailed(ErrorCode.INTERNAL,
                             f"no verdict for seq {seq} within {self.client.config.verdict_timeout_s}s")
+
+
+    def _held_back(self, message: ErrorMessage) -> bool:
+        """A non-fatal rate-limit notice: the draft waits for the tenant's bucket, the session goes on.
+
+        The verdict comes later (the verdict timeout starts again) and the next drafts are shorter.
+        """
+        if message.fatal or message.code is not ErrorCode.TENANT_LIMIT:
+            return False
+        self.pressure.throttle(message.retry_after_s)
+        self.result.throttled += 1
+        log.info("edge.draft_throttled", session_id=self.sid, seq=message.seq,
+                 retry_after_s=message.retry_after_s)
+        return True
 
 
 def new_seed() -> int:

@@ -52,13 +52,6 @@ def tenant_sessions(sessions: Iterable[VerifierSession]) -> dict[str, int]:
     return dict(Counter(s.tenant for s in sessions))
 
 
-def pool_tenant_count(tenant: str, own: Iterable[VerifierSession],
-                      peers: Mapping[str, Mapping[str, Any]]) -> int:
-    """The tenant's sessions in the whole pool: ours now, the peers' as last published."""
-    mine = sum(1 for s in own if s.tenant == tenant)
-    return mine + sum(int(load.get("tenants", {}).get(tenant, 0)) for load in peers.values())
-
-
 def load_figure(ready_tokens: int, ready_sessions: int, resident: int, max_tokens: int,
                 max_sessions: int, budget: int) -> float:
     """One number for backpressure: >= 1 when the batch or KV budget binds."""

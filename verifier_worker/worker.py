@@ -9,7 +9,10 @@ Pool behaviour (docs/pool.md): a session is owned through a lease that a backgro
 with the worker's published load; every ``scan_interval_ms`` the worker adopts sessions whose
 lease lapsed (a dead or leaving peer's), rebuilding them from the state hash written each round
 and claiming their pending drafts. New sessions are passed on to less loaded peers, admitted
-against a KV budget, and counted against per-tenant limits.
+against a KV budget, and counted against per-tenant limits: a tenant's concurrent sessions are
+admitted atomically in Redis, and its drafts over its draft-token rate wait in their queues
+(unacknowledged) until the tenant's pool-wide bucket has their tokens, while other tenants'
+drafts are verified.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ from common.wire import (
 from verifier_worker.capacity import (
     load_figure,
     plan_admission,
-    pool_tenant_count,
     resident_tokens,
     should_pass_on,
     tenant_sessions,
@@ -52,11 +54,9 @@ from verifier_worker.capacity import (
 from verifier_worker.engine import TargetEngine, VerifyOutcome
 from verifier_worker.scheduler import DrrScheduler
 from verifier_worker.session import PendingDraft, VerifierSession, kv_reserve
+from verifier_worker.tenants import BURST_S, DraftThrottle
 
 log = get_logger("specd.verifier")
-
-FATAL_DRAFT_ERRORS = frozenset({ErrorCode.TENANT_LIMIT})
-"""Errors on a draft stream that end the session (others only reject the one message)."""
 
 
 def default_worker_id(role: str) -> str:
@@ -74,6 +74,7 @@ class VerifierStats:
     opens_passed_on: int = 0
     evictions: int = 0
     dead_letters: int = 0
+    drafts_throttled: int = 0  # rate-limit notices: a held draft's first, then one per RETELL_S
     max_sessions_held: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
@@ -100,6 +101,7 @@ class VerifierWorker:
         self.stats = VerifierStats()
         self.accepting = True
         self.scheduler = DrrScheduler()
+        self.throttle = DraftThrottle()
         self.peers: dict[str, dict[str, Any]] = {}  # live peers' published loads
         self.pool_load = 0.0
         self._next_scan = 0.0
@@ -186,6 +188,7 @@ class VerifierWorker:
                 session.kv.clear()
                 self.stats.sessions_lost += 1
                 log.warning("session.lost", session_id=sid, reason="lease held by another worker")
+        await self._refresh_tenant_sessions()
         load = self.load()
         await self.pool.publish_load(self.worker_id, load)
         fresh = 3 * self.tick_s + 1
@@ -210,8 +213,8 @@ class VerifierWorker:
 
     async def iterate(self) -> None:
         await self._maintain()
-        ready = any(s.queue for s in self.sessions.values())
-        block = None if ready else self.settings.verifier.idle_block_ms
+        ready = self._has_runnable_draft()
+        block = None if ready else self._idle_block_ms()
         reading_opens = self.accepting and time.monotonic() >= self._opens_paused_until
         streams = [self.broker.keys.sessions] if reading_opens else []
         streams += [self.broker.keys.drafts(sid) for sid in self.sessions]
@@ -222,8 +225,20 @@ class VerifierWorker:
             for entry in entries:
                 await self._dispatch(entry)
         elif not ready:
-            await asyncio.sleep(self.settings.verifier.idle_block_ms / 1000)
+            await asyncio.sleep(self._idle_block_ms() / 1000)
         await self._verify_ready()
+
+    def _has_runnable_draft(self) -> bool:
+        """A queued draft that may be verified now (not held back for its tenant's rate)."""
+        now = time.monotonic()
+        return any(s.queue and not (self.throttle.held(s.tenant, now) and not self.throttle.is_paid(s))
+                   for s in self.sessions.values())
+
+    def _idle_block_ms(self) -> int:
+        """How long a read may block: the idle block, or less when a held tenant's wait ends first."""
+        block = self.settings.verifier.idle_block_ms
+        release = self.throttle.next_release(time.monotonic())
+        return block if release is None else max(1, min(block, int(release * 1000) + 1))
 
     async def _dispatch(self, entry: Entry) -> None:
         if entry.stream == self.broker.keys.sessions:
@@ -243,10 +258,7 @@ class VerifierWorker:
             else:
                 raise WireError(ErrorCode.MALFORMED, f"unexpected {message.type_} on a draft stream")
         except WireError as exc:
-            fatal = exc.code in FATAL_DRAFT_ERRORS
-            await self._reject(session.session_id, entry, exc, fatal=fatal)
-            if fatal:
-                await self._finish(session, exc.code.value)
+            await self._reject(session.session_id, entry, exc, fatal=False)
 
     async def _on_open(self, entry: Entry) -> None:
         raw = entry.payload or b""
@@ -258,14 +270,13 @@ class VerifierWorker:
             if message.session_id in self.sessions:  # a duplicated open
                 await self.broker.ack(entry.stream, entry.entry_id)
                 return
-            self._check_tenant_sessions(message)
         except WireError as exc:
             exc.session_id = exc.session_id or peek_session_id(raw)
             if exc.session_id in self.sessions:  # a bad open naming a live session must not end it
                 exc.session_id = None
             await self._reject(exc.session_id, entry, exc, fatal=True)
             return
-        if await self._defer_open(entry, message):
+        if await self._defer_open(entry, message) or not await self._admit_tenant_session(entry, message):
             return
         sid = message.session_id
         if await self.pool.acquire(sid, self.worker_id, self.settings.pool.lease_ms):
@@ -299,15 +310,39 @@ class VerifierWorker:
                             f"session expects target {message.target_model!r}, this pool runs "
                             f"{self.model_name!r}", message.session_id)
 
-    def _check_tenant_sessions(self, message: SessionOpen) -> None:
-        limit, _, _ = self.settings.tenants.limits(message.tenant)
+    async def _admit_tenant_session(self, entry: Entry, message: SessionOpen) -> bool:
+        """Count the session against its tenant's pool-wide limit (atomic in Redis); refuse if over."""
+        limit = self.settings.tenants.limits(message.tenant)[0]
         if not limit:
-            return
-        count = pool_tenant_count(message.tenant, self.sessions.values(), self.peers)
-        if count >= limit:
-            raise WireError(ErrorCode.TENANT_LIMIT,
-                            f"tenant {message.tenant!r} has {count} sessions in the pool, its limit "
-                            f"is {limit}", message.session_id)
+            return True
+        admitted, count = await self.pool.admit_session(message.tenant, message.session_id, limit,
+                                                        self._tenant_entry_ms)
+        if not admitted:
+            await self._reject(message.session_id, entry, WireError(
+                ErrorCode.TENANT_LIMIT, f"tenant {message.tenant!r} has {count} sessions in the pool, "
+                f"its limit is {limit}", message.session_id), fatal=True)
+        return admitted
+
+    @property
+    def _tenant_entry_ms(self) -> int:
+        """Lifetime of a session's entry in its tenant's set, renewed with the lease.
+
+        It outlives a lapsed lease by one more lease and a scan, so that a dead worker's sessions
+        still count until a peer adopts them (adoption renews the entry, it never refuses).
+        """
+        return 2 * self.settings.pool.lease_ms + self.settings.pool.scan_interval_ms
+
+    def _session_limited(self, tenant: str) -> bool:
+        return bool(self.settings.tenants.limits(tenant)[0])
+
+    async def _refresh_tenant_sessions(self) -> None:
+        """Renew the tenant-set entries of the sessions this worker still owns."""
+        held: dict[str, list[str]] = {}
+        for session in list(self.sessions.values()):
+            if self._session_limited(session.tenant):
+                held.setdefault(session.tenant, []).append(session.session_id)
+        for tenant, sids in held.items():
+            await self.pool.refresh_sessions(tenant, sids, self._tenant_entry_ms)
 
     async def _defer_open(self, entry: Entry, message: SessionOpen) -> bool:
         """Pass the open to a less loaded peer, or let it wait for KV room; True if not taken."""
@@ -355,20 +390,54 @@ class VerifierWorker:
         queued = session.queue[-1].draft.seq + 1 if session.queue else session.next_seq
         if draft.seq != queued:
             raise WireError(ErrorCode.OUT_OF_ORDER, f"draft seq {draft.seq}, expected {queued}")
-        await self._check_tenant_rate(session, draft)
         session.queue.append(PendingDraft(entry.entry_id, draft, time.time()))
         session.last_active = time.monotonic()
         session.evicted = False
 
-    async def _check_tenant_rate(self, session: VerifierSession, draft: DraftBatch) -> None:
-        _, rate, _ = self.settings.tenants.limits(session.tenant)
-        if not rate or not draft.gamma:
-            return
-        total = await self.pool.count_draft_tokens(session.tenant, draft.gamma)
-        if total > rate:
-            raise WireError(ErrorCode.TENANT_LIMIT,
-                            f"tenant {session.tenant!r} drafted {total} tokens this second, its limit "
-                            f"is {rate:g} per second", session.session_id)
+    async def _pay_for_drafts(self, ready: list[VerifierSession]) -> None:
+        """Take rate-limited tenants' head drafts' tokens from their buckets, oldest drafts first.
+
+        Drafts the bucket cannot cover yet stay queued (held back, not acked) and their edges are
+        told once, with a typed non-fatal ``tenant_limit`` carrying the expected wait.
+        """
+        now = time.monotonic()
+        due: dict[str, list[VerifierSession]] = {}
+        for session in ready:
+            if (self._draft_rate(session.tenant) and not self.throttle.is_paid(session)
+                    and not self.throttle.held(session.tenant, now)):
+                due.setdefault(session.tenant, []).append(session)
+        for tenant, sessions in due.items():
+            rate = self._draft_rate(tenant)
+            costs = [s.queue[0].draft.gamma for s in sessions]
+            taken, wait_s = await self.pool.take_draft_tokens(tenant, costs, rate, rate * BURST_S)
+            for session in sessions[:taken]:
+                self.throttle.pay(session)
+            if taken < len(sessions):
+                self.throttle.hold(tenant, now + wait_s)
+                await self._tell_throttled(sessions[taken:], rate, wait_s, now)
+
+    def _draft_rate(self, tenant: str) -> float:
+        return self.settings.tenants.limits(tenant)[1]
+
+    async def _tell_throttled(self, sessions: list[VerifierSession], rate: float, wait_s: float,
+                              now: float) -> None:
+        """Tell the edges of held drafts that they wait for their tenant's draft-token rate."""
+        notices = []
+        for session in sessions:
+            if not self.throttle.should_tell(session, now):
+                continue
+            draft = session.queue[0].draft
+            self.stats.drafts_throttled += 1
+            self.metrics.draft_throttled(session.tenant)
+            message = (f"tenant {session.tenant!r} is over its draft-token rate of {rate:g} per second: "
+                       f"draft {draft.seq} waits about {wait_s:.3f}s")
+            notices.append(RoundResult(session.session_id, encode(ErrorMessage(
+                session.session_id, ErrorCode.TENANT_LIMIT, message, seq=draft.seq, fatal=False,
+                retry_after_s=round(wait_s, 3))), []))
+            log.info("draft.throttled", session_id=session.session_id, tenant=session.tenant,
+                     seq=draft.seq, drafted=draft.gamma, wait_s=round(wait_s, 3))
+        if notices:
+            await self.broker.publish_round(notices)
 
     async def _reject(self, sid: str | None, entry: Entry, exc: WireError, fatal: bool) -> None:
         """Send a typed error to the session (when it can be told), log it, ack the entry."""
@@ -397,6 +466,8 @@ class VerifierWorker:
         self.stats.sessions_finished += 1
         await self.broker.delete_session(session.session_id, self.settings.pool.finished_ttl_s)
         await self.pool.forget(session.session_id)
+        if self._session_limited(session.tenant):
+            await self.pool.leave_session(session.tenant, session.session_id)
         log.info("session.summary", session_id=session.session_id, tenant=session.tenant,
                  reason=reason, rounds=session.rounds, generated=session.generated,
                  drafted=session.drafted, accepted=session.accepted,
@@ -440,6 +511,8 @@ class VerifierWorker:
             return
         session = VerifierSession.restore(message, state, self.limits.max_gamma)
         await self.broker.ensure_group(self.broker.keys.drafts(sid))
+        if self._session_limited(session.tenant):  # admitted once: count it, never refuse it
+            await self.pool.admit_session(session.tenant, sid, 0, self._tenant_entry_ms)
         self._hold(session)
         self.stats.sessions_adopted += 1
         log.info("session.adopted", session_id=sid, tenant=session.tenant, context=len(session.context),
@@ -491,10 +564,17 @@ class VerifierWorker:
 
     # ------------------------------------------------------------------ verification
 
-    def _select_batch(self) -> list[VerifierSession]:
-        """Ready sessions chosen fairly across tenants (DRR) within the session and token budgets."""
+    async def _select_batch(self) -> list[VerifierSession]:
+        """Ready sessions chosen fairly across tenants (DRR) within the session and token budgets.
+
+        Drafts held back for their tenant's draft-token rate are not ready: the scheduler sees
+        only the other tenants (and the held tenant's paid drafts) until its bucket refills.
+        """
         ready = sorted((s for s in self.sessions.values() if s.queue),
                        key=lambda s: s.queue[0].received_at)
+        await self._pay_for_drafts(ready)
+        self.throttle.prune(self.sessions, time.monotonic())
+        ready = [s for s in ready if not self._draft_rate(s.tenant) or self.throttle.is_paid(s)]
         solo = [s for s in ready if s.solo]
         if solo:
             return solo[:1]
@@ -512,7 +592,7 @@ class VerifierWorker:
         return [self.sessions[sid] for sid in chosen]
 
     async def _verify_ready(self) -> None:
-        batch = self._select_batch()
+        batch = await self._select_batch()
         if not batch:
             return
         pending = [s.queue[0] for s in batch]

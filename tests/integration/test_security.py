@@ -27,7 +27,7 @@ from verifier_worker.engine import generate_target_only
 PREFIX = "sec"
 ACL = """\
 user default off
-user verifier on >verifier-pw resetkeys ~sec:* resetchannels -@all +@read +@write +@stream +@keyspace +@transaction +@connection +@hash -@dangerous +scan
+user verifier on >verifier-pw resetkeys ~sec:* resetchannels -@all +@read +@write +@stream +@keyspace +@transaction +@connection +@hash -@dangerous +scan +evalsha +script|load +time
 user edge-acme on >acme-pw resetkeys ~sec:{acme.*}:* %W~sec:sessions %W~sec:logs ~sec:health:edge:acme-* resetchannels -@all +xadd +xread +expire +set +del +exists +ping +hello +auth +client|setname
 user admin on >admin-pw ~* &* +@all
 """  # noqa: E501 - one ACL rule per line, as in an ACL file
@@ -98,7 +98,9 @@ def secure_settings(url: str, certs: dict[str, Path], tiny_pair: dict, user: str
                "tls_key_file": str(certs["client.key"])},
         models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
         verifier={"idle_block_ms": 20, "worker_id": "v-sec"},
-        edge={"verdict_timeout_s": 30, "tenant": tenant, "worker_id": f"{tenant}-e1"})
+        edge={"verdict_timeout_s": 30, "tenant": tenant, "worker_id": f"{tenant}-e1"},
+        # Limits that do not bind, so that the tenant-limit scripts run under the verifier's ACL.
+        tenants={"overrides": {"acme": {"max_sessions": 8, "draft_tokens_per_s": 10000.0}}})
 
 
 @pytest.mark.integration

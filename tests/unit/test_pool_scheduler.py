@@ -1,4 +1,4 @@
-"""Pool decisions without Redis: DRR fairness, admission, spreading, backpressure (deterministic)."""
+"""Pool decisions without Redis: DRR fairness, admission, spreading, backpressure, draft-rate holds."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import statistics
 
 import numpy as np
 
-from common.wire import SamplingSpec, SessionOpen
-from edge_worker.backpressure import Backpressure
+from common.wire import DraftBatch, SamplingSpec, SessionOpen
+from edge_worker.backpressure import THROTTLE_HOLD_S, Backpressure
 from verifier_worker.capacity import load_figure, plan_admission, should_pass_on
 from verifier_worker.scheduler import DrrScheduler
-from verifier_worker.session import VerifierSession
+from verifier_worker.session import PendingDraft, VerifierSession
+from verifier_worker.tenants import RETELL_S, DraftThrottle
 
 
 def queues(a: int, b: int, cost: int = 5) -> dict[str, list[tuple[str, int]]]:
@@ -104,3 +105,41 @@ def test_backpressure_shortens_gamma_and_waits_when_saturated() -> None:
     assert pressure.gamma(6) == 1 and pressure.wait_s() == 0.5
     assert load_figure(50, 1, 0, 100, 64, 1000) == 0.5
     assert load_figure(10, 128, 0, 100, 64, 1000) == 2.0
+
+
+def test_rate_limit_notices_halve_gamma_until_a_quiet_spell() -> None:
+    pressure = Backpressure()
+    pressure.throttle(0.2, now=10.0)
+    assert pressure.gamma(8, now=10.0) == 4 and pressure.retry_after_s == 0.2
+    pressure.throttle(0.1, now=11.0)
+    assert pressure.gamma(8, now=11.0) == 2 and pressure.gamma(1, now=11.0) == 1
+    pressure.observe(2.0)  # both kinds of pressure together
+    assert pressure.gamma(8, now=11.0) == 1 and pressure.gamma(16, now=11.0) == 2
+    pressure.observe(0.0)
+    assert pressure.gamma(8, now=11.0 + THROTTLE_HOLD_S + 0.1) == 8  # the configured gamma is back
+
+
+def queued(sid: str, tenant: str, entry_id: str, gamma: int) -> VerifierSession:
+    s = session(sid, 4, 8, tenant)
+    s.queue.append(PendingDraft(entry_id, DraftBatch(sid, 0, 4, np.arange(gamma, dtype=np.uint32),
+                                                     np.zeros(0, np.uint16), np.zeros(0, np.uint32),
+                                                     np.zeros(0, np.float32)), 0.0))
+    return s
+
+
+def test_draft_throttle_keeps_paid_drafts_paid_and_holds_tenants_until_their_estimate() -> None:
+    throttle = DraftThrottle()
+    a, free = queued("a", "A", "1-0", 4), queued("z", "A", "2-0", 0)
+    assert not throttle.is_paid(a) and throttle.is_paid(free)  # an empty draft costs nothing
+    throttle.pay(a)
+    assert throttle.is_paid(a) and throttle.is_paid(a)  # a retried pass does not pay again
+    head = a.queue.popleft()  # verified; the session's next draft arrives
+    a.queue.append(PendingDraft("3-0", head.draft, 0.0))
+    assert not throttle.is_paid(a)  # the next draft is paid for on its own
+    throttle.hold("A", until=5.0)
+    assert throttle.held("A", now=4.9) and not throttle.held("A", now=5.0) and not throttle.held("B", 0.0)
+    assert throttle.next_release(now=4.0) == 1.0 and throttle.next_release(now=6.0) is None
+    assert throttle.should_tell(a, now=4.0) and not throttle.should_tell(a, now=4.0 + RETELL_S - 0.1)
+    assert throttle.should_tell(a, now=4.0 + RETELL_S)  # a long hold is told again
+    throttle.prune(live=[], now=6.0)
+    assert throttle.paid == {} and throttle.told == {} and throttle.held_until == {}

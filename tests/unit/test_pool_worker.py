@@ -1,4 +1,8 @@
-"""Pool behaviour of verifier workers sharing one (fake) Redis: adoption, dead letters, limits."""
+"""Pool behaviour of verifier workers sharing one (fake) Redis: adoption, dead letters, limits.
+
+The tenant-limit tests run the Lua scripts of broker/pool.py in fakeredis, which needs lupa (the
+dev extra's ``fakeredis[lua]``); without it they fail with "unknown command 'evalsha'".
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from common.wire import (
     ErrorCode,
     ErrorMessage,
     SamplingSpec,
+    SessionClose,
     SessionOpen,
     Verdict,
     decode,
@@ -83,21 +88,23 @@ async def messages(worker: VerifierWorker, sid: str) -> list:
 
 
 class Edge:
-    """A minimal greedy edge: drafts two fixed tokens a round and applies verdicts like the client."""
+    """A minimal greedy edge: drafts fixed tokens (two by default) and applies verdicts like the client."""
 
     def __init__(self, sid: str, target) -> None:
         self.sid, self.context = sid, target.tokenizer.encode(PROMPT)
         self.prompt_len, self.seq, self.seen, self.finish = len(self.context), 0, 0, None
+        self.drafted = [5, 6]
 
-    async def send(self, broker: Broker) -> None:
-        await broker.send_draft(self.sid, draft(self.sid, self.seq, len(self.context), [5, 6]))
+    async def send(self, broker: Broker, tokens: tuple[int, ...] = (5, 6)) -> None:
+        self.drafted = list(tokens)
+        await broker.send_draft(self.sid, draft(self.sid, self.seq, len(self.context), self.drafted))
 
     def apply(self, verdicts: list) -> None:
         for v in verdicts[self.seen:]:
             self.seen += 1
             if isinstance(v, Verdict) and v.seq == self.seq:
                 generated = len(self.context) - self.prompt_len
-                kept, self.finish = apply_stop_rules([*[5, 6][:v.accepted], v.token], generated,
+                kept, self.finish = apply_stop_rules([*self.drafted[:v.accepted], v.token], generated,
                                                      frozenset(), MAX_NEW)
                 self.context += kept
                 assert len(self.context) == v.committed
@@ -179,26 +186,118 @@ async def test_tenant_over_its_session_limit_gets_a_typed_error(make_worker, tar
         await w.broker.open_session(sid, open_payload(sid, target, tenant))
     await settle(w, iterations=1)
     [error] = await messages(w, "f2")
-    assert error.code is ErrorCode.TENANT_LIMIT and "flood" in error.message
+    assert error.code is ErrorCode.TENANT_LIMIT and error.fatal and "flood" in error.message
     assert set(w.sessions) == {"f1", "o1", "o2"}
+    assert await w.broker.redis.zrange("p:tenant:flood:sessions", 0, -1) == [b"f1"]
     await Edge("o2", target).send(w.broker)
     await settle(w)
     [verdict] = await messages(w, "o2")
     assert isinstance(verdict, Verdict)
+    # A finished session frees its slot at once.
+    await w.broker.send_draft("f1", encode(SessionClose("f1", "done")))
+    await settle(w, iterations=1)
+    assert await w.broker.redis.zcard("p:tenant:flood:sessions") == 0
+    await w.broker.open_session("f3", open_payload("f3", target, "flood"))
+    await settle(w, iterations=1)
+    assert "f3" in w.sessions and await messages(w, "f3") == []
 
 
-async def test_tenant_over_its_draft_rate_gets_a_typed_error(make_worker, target) -> None:
-    w = await make_worker("w", tenants={"overrides": {"fast": {"draft_tokens_per_s": 1.0}}})
-    for sid, tenant in (("fast1", "fast"), ("slow1", "slow")):
+async def test_adopted_session_is_not_refused_by_its_own_tenant_entry(make_worker, target) -> None:
+    sections = {"pool": {"lease_ms": 200}, "tenants": {"max_sessions": 1}}
+    w1, w2 = await make_worker("w1", **sections), await make_worker("w2", **sections)
+    await w1.broker.open_session("s", open_payload("s", target))
+    await settle(w1, iterations=1)
+    assert "s" in w1.sessions
+    await asyncio.sleep(0.25)  # w1 stalls: its lease lapses (its tenant entry lives a lease longer)
+    await settle(w2, iterations=1)
+    assert "s" in w2.sessions and await messages(w2, "s") == []
+    await w2.tick()
+    assert await w2.broker.redis.zrange("p:tenant:default:sessions", 0, -1) == [b"s"]
+    await w2.broker.open_session("t", open_payload("t", target))  # the tenant is still at its limit
+    await settle(w2, iterations=1)
+    [error] = await messages(w2, "t")
+    assert error.code is ErrorCode.TENANT_LIMIT and "t" not in w2.sessions
+
+
+async def test_draft_token_bucket_takes_a_prefix_and_says_when_the_next_fits(make_worker) -> None:
+    w = await make_worker("w")
+    taken, wait_s = await w.pool.take_draft_tokens("t", [4, 4, 4], rate=10.0, capacity=10.0)
+    assert taken == 2 and 0.1 < wait_s <= 0.2  # 2 tokens left, the third draft needs 2 more
+    assert await w.pool.take_draft_tokens("t", [], rate=10.0, capacity=10.0) == (0, 0.0)
+    await asyncio.sleep(wait_s)
+    assert (await w.pool.take_draft_tokens("t", [4], rate=10.0, capacity=10.0))[0] == 1
+    # A draft larger than the whole bucket passes once the bucket is full, leaving a debt.
+    taken, wait_s = await w.pool.take_draft_tokens("big", [15, 1], rate=10.0, capacity=10.0)
+    assert taken == 1 and 0.5 < wait_s <= 0.6  # -5 tokens now: 6 more for the next draft
+
+
+async def test_tenant_over_its_draft_rate_is_delayed_not_dropped(make_worker, target) -> None:
+    w = await make_worker("w", tenants={"overrides": {"fast": {"draft_tokens_per_s": 10.0}}})
+    for sid, tenant in (("fast1", "fast"), ("fast2", "fast"), ("slow1", "slow")):
         await w.broker.open_session(sid, open_payload(sid, target, tenant))
     await settle(w, iterations=1)
-    for sid in ("fast1", "slow1"):
-        await Edge(sid, target).send(w.broker)  # two drafted tokens each
+    edges = {sid: Edge(sid, target) for sid in ("fast1", "fast2", "slow1")}
+    await edges["fast1"].send(w.broker, (5, 6, 7, 8, 9, 10, 11, 12))  # 8 of the bucket's 10 tokens
     await settle(w)
-    [error] = await messages(w, "fast1")
-    assert error.code is ErrorCode.TENANT_LIMIT and error.fatal and "fast1" not in w.sessions
-    [verdict] = await messages(w, "slow1")
-    assert isinstance(verdict, Verdict)
+    await edges["fast2"].send(w.broker, (5, 6, 7, 8, 9, 10, 11, 12))  # needs 6 more: held back
+    await edges["slow1"].send(w.broker)
+    await settle(w)
+    [notice] = await messages(w, "fast2")
+    assert notice.code is ErrorCode.TENANT_LIMIT and not notice.fatal and notice.seq == 0
+    assert 0.3 < notice.retry_after_s <= 0.6 and "fast" in notice.message
+    assert "fast2" in w.sessions and w.stats.drafts_throttled == 1
+    assert (await w.broker.redis.xpending("p:{fast2}:drafts", "verifiers"))["pending"] == 1  # not acked
+    edges["slow1"].apply(await messages(w, "slow1"))
+    assert edges["slow1"].seq == 1  # the other tenant is served meanwhile ...
+    await edges["slow1"].send(w.broker)
+    await settle(w)
+    edges["slow1"].apply(await messages(w, "slow1"))
+    assert edges["slow1"].seq == 2 and await messages(w, "fast2") == [notice]  # ... and fast2 still waits
+    await asyncio.sleep(notice.retry_after_s)
+    await settle(w)
+    edge = edges["fast2"]
+    edge.apply(await messages(w, "fast2"))
+    assert edge.seq == 1 and w.stats.drafts_throttled == 1  # verified once the bucket had room
+    while edge.finish is None:  # the rest of the session, throttled as needed: exact, never ended
+        seq = edge.seq
+        await edge.send(w.broker)
+        for _ in range(100):
+            await settle(w, iterations=1)
+            edge.apply(await messages(w, "fast2"))
+            if edge.seq > seq:
+                break
+            await asyncio.sleep(0.02)
+        assert edge.seq > seq
+    reference = generate_target_only(w.engine, target.tokenizer.encode(PROMPT), SamplingParams(),
+                                     frozenset(), MAX_NEW)
+    assert edge.context[edge.prompt_len:] == reference
+    assert not w.stats.errors
+
+
+async def test_retried_pass_does_not_take_draft_tokens_twice(make_worker, target, monkeypatch) -> None:
+    w = await make_worker("w", tenants={"draft_tokens_per_s": 100.0})
+    await w.broker.open_session("r", open_payload("r", target))
+    await settle(w, iterations=1)
+    charged: list[list[int]] = []
+    take, verify = w.pool.take_draft_tokens, w.engine.verify
+
+    async def counting(tenant, costs, rate, capacity):
+        charged.append(list(costs))
+        return await take(tenant, costs, rate, capacity)
+
+    failures = iter([True])
+
+    def flaky(requests):
+        if next(failures, False):
+            raise RuntimeError("boom")
+        return verify(requests)
+
+    monkeypatch.setattr(w.pool, "take_draft_tokens", counting)
+    monkeypatch.setattr(w.engine, "verify", flaky)
+    await Edge("r", target).send(w.broker)
+    await settle(w)
+    [verdict] = await messages(w, "r")
+    assert isinstance(verdict, Verdict) and charged == [[2]]  # paid once, verified on the retry
 
 
 async def test_admission_control_when_kv_budget_is_full(make_worker, target) -> None:

@@ -1,4 +1,5 @@
-"""Network shaping delays both directions in order; the multiplexed reader loses no verdict."""
+"""Network shaping delays both directions in order; the multiplexed reader loses no verdict; the
+edge waits through rate-limit notices."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import fakeredis
 import pytest
 
 from broker.shaping import ShapedBroker
-from broker.streams import FIELD, Broker
+from broker.streams import FIELD, Broker, RoundResult
+from common.wire import ErrorCode, ErrorMessage, SamplingSpec, Verdict, encode
+from edge_worker.client import EdgeClient, EdgeConfig, SessionFailed, _EdgeSession
 from edge_worker.verdicts import MultiplexedBroker, id_after
 
 
@@ -79,3 +82,32 @@ async def test_multiplexed_read_times_out_empty_and_buffers_late_entries(broker)
     await broker.redis.xadd(broker.keys.verdicts("x"), {FIELD: b"late"})
     entries = await asyncio.wait_for(mux.read_verdicts("x", "0-0", 2000), 10)
     assert [e.payload for e in entries] == [b"late"]
+
+
+class _NoDraft:
+    def new_state(self) -> None:
+        return None
+
+
+async def test_edge_waits_through_rate_limit_notices_and_drafts_shorter(broker) -> None:
+    client = EdgeClient(_NoDraft(), broker, EdgeConfig(verdict_timeout_s=0.3))  # type: ignore[arg-type]
+    session = _EdgeSession(client, [1, 2, 3], SamplingSpec(), None, "s")
+    notice = ErrorMessage("s", ErrorCode.TENANT_LIMIT, "over its rate", seq=0, fatal=False,
+                          retry_after_s=0.25)
+
+    async def verifier() -> None:  # holds the draft longer than the verdict timeout, telling the edge
+        await asyncio.sleep(0.2)
+        await broker.publish_round([RoundResult("s", encode(notice), [])])
+        await asyncio.sleep(0.2)
+        await broker.publish_round([RoundResult("s", encode(Verdict("s", 0, 0, 7, 4)), [])])
+
+    task = asyncio.create_task(verifier())
+    verdict = await session._await_verdict(0)
+    await task
+    assert verdict.seq == 0 and session.result.throttled == 1
+    assert session.pressure.retry_after_s == 0.25 and session.pressure.gamma(4) == 2
+    fatal = ErrorMessage("s", ErrorCode.TENANT_LIMIT, "over its session limit")
+    await broker.publish_round([RoundResult("s", encode(fatal), [])])
+    with pytest.raises(SessionFailed) as info:
+        await session._await_verdict(1)
+    assert info.value.code is ErrorCode.TENANT_LIMIT
