@@ -2,7 +2,11 @@
 
 One verifier process with a small batch budget (so it binds) serves tenant B's sessions alone,
 then B's sessions together with A's; the edge-measured round latency (send to verdict, drafting
-excluded) of B is compared. Writes benchmarks/results/fairness.json. For real figures:
+excluded) of B is compared. Tenant A's edges use the replay drafter by default (``--a-drafter``):
+A's edge devices are other machines in a deployment, and on one small box their draft model would
+otherwise take the verifier's cores, which would measure CPU contention rather than the
+scheduler. B drafts with the real draft model. Writes benchmarks/results/fairness.json. For real
+figures:
 
     PYTHONPATH=. python benchmarks/fairness.py --b-sessions 4 --ratio 10 --max-new-tokens 64
 
@@ -75,7 +79,9 @@ async def run(url: str, target: str, draft: str, args: argparse.Namespace) -> di
         # by one client's serialised drafting.
         config = EdgeConfig(gamma=args.gamma, verdict_timeout_s=300, tenant="A", target_model=target)
         per_client = -(-a_sessions // args.a_clients)
-        a_clients = [EdgeClient(b.backend, broker, config, per_client) for _ in range(args.a_clients)]
+        a_backend = b.backend if args.a_drafter == "model" else replay_backend(
+            settings, target, args, per_client)
+        a_clients = [EdgeClient(a_backend, broker, config, per_client) for _ in range(args.a_clients)]
         alone = await tenant_rounds(b, args.b_sessions, args.max_new_tokens)
         a_runs = [tenant_rounds(a, per_client, args.max_new_tokens * 2, i) for i, a in enumerate(a_clients)]
         *a_lists, crowded = await asyncio.gather(*a_runs,
@@ -99,7 +105,22 @@ async def run(url: str, target: str, draft: str, args: argparse.Namespace) -> di
             "b_verifier_ratio": round(v_crowded / v_alone, 3) if v_alone else None,
             "b_queue_ms_per_round_alone": round(queue_ms_per_round(alone), 2),
             "b_queue_ms_per_round_with_a": round(queue_ms_per_round(crowded), 2),
-            "a_queue_ms_per_round": round(queue_ms_per_round(a_results), 2)}
+            "a_queue_ms_per_round": round(queue_ms_per_round(a_results), 2),
+            "a_drafter": args.a_drafter, "a_replay_acceptance": args.a_acceptance}
+
+
+def replay_backend(settings: Any, target: str, args: argparse.Namespace, per_client: int) -> Any:
+    """A replay drafter over exactly the prompts tenant A's sessions use."""
+    from edge_worker.backends import create_backend
+    from specd.replay import make_replay
+
+    prompts = [PROMPTS[(i + offset) % len(PROMPTS)]
+               for offset in range(args.a_clients) for i in range(per_client)]
+    path = Path(tempfile.mkdtemp(prefix="fairness-replay-")) / "a.replay"
+    replay_settings = settings.model_copy(deep=True)
+    replay_settings.sampling.max_new_tokens = args.max_new_tokens * 2
+    make_replay(replay_settings, prompts, path)
+    return create_backend("replay", target, replay_file=str(path), replay_acceptance=args.a_acceptance)
 
 
 def main() -> int:
@@ -113,6 +134,10 @@ def main() -> int:
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--a-clients", type=int, default=4, help="edge clients A's sessions spread over")
     parser.add_argument("--max-batch-sessions", type=int, default=4)
+    parser.add_argument("--a-drafter", choices=("replay", "model"), default="replay",
+                        help="tenant A's edges: replay drafter (no model compute) or the draft model")
+    parser.add_argument("--a-acceptance", type=float, default=0.6,
+                        help="replay drafter: per-token acceptance of A's drafts")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fairness.json")
     args = parser.parse_args()
     report = run_with_pool(args, lambda url, target, draft: run(url, target, draft, args))

@@ -25,7 +25,7 @@ def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> V
     models = settings.models
     set_torch_threads(models.torch_threads)
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
-    engine = TargetEngine(target.model, target.vocab_size)
+    engine = TargetEngine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
