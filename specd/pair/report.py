@@ -90,7 +90,7 @@ def crop_to(cache, keep: int) -> None:
         cache.crop(-extra)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the edge backend and the verifier engine run their models
 def step_times(models: dict, prefix: list[int], rounds: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per single-token cached forward at batch 1, interleaving the models each round."""
     ids = torch.tensor([prefix])
