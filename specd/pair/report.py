@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout-tokens", type=int, default=24576)
     parser.add_argument("--window", type=int, default=256, help="held-out window length")
     parser.add_argument("--humaneval-prompts", type=int, default=164)
-    parser.add_argument("--rounds", type=int, default=500, help="timed steps per model")
+    parser.add_argument("--rounds", type=int, default=2000, help="timed steps per model")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for accuracy")
     parser.add_argument("--sample-tokens", type=int, default=48)
     return parser.parse_args(argv)
