@@ -119,7 +119,8 @@ class PoolSettings(Section):
     """A draft delivered more often than this (crashes, failing passes) goes to the dead letters."""
     deadletter_maxlen: int = Field(1000, ge=10)
     kv_budget_tokens: int = Field(262144, ge=1)
-    """KV cache budget of one verifier, in tokens (prompt + max_new_tokens reserved per session)."""
+    """KV cache budget of one verifier in tokens, preallocated at start-up; each session reserves
+    prompt + max_new_tokens + limits.max_gamma."""
     admission_wait_s: float = Field(30.0, ge=0)
     """How long a session open waits for KV room before it is refused with `capacity`."""
     idle_evict_s: float = Field(30.0, ge=0)

@@ -147,8 +147,10 @@ class VerifierWorker:
         # Session opens this consumer read before a restart but never acknowledged.
         for entry in await self.broker.read_pending(self.worker_id, self.broker.keys.sessions):
             await self._on_open(entry)
+        arena = self.engine.arena
         log.info("verifier.started", model=self.model_name, vocab=self.engine.vocab_size,
-                 peers=sorted(self.peers))
+                 peers=sorted(self.peers), kv_budget_tokens=arena.budget_tokens,
+                 kv_arena_mib=round(arena.budget_tokens * arena.bytes_per_token / 2**20, 1))
 
     async def shutdown(self) -> None:
         """Release leases at once (peers adopt the sessions now, not after a lapse)."""
