@@ -169,13 +169,19 @@ class Broker:
         """New entries for this consumer from the sessions stream and the given draft streams.
 
         A missing group (Redis restarted without persistence, or a session's keys expired) is
-        recreated and the read answers nothing this time, instead of failing the worker.
+        recreated and the read answers nothing this time, instead of failing the worker. A stream
+        deleted while the read blocked on it (``UNBLOCKED``: a session's keys deleted or expired,
+        or a flushed Redis) also answers nothing: the next read names only live streams, and a
+        live one that lost its group gets NOGROUP, handled above.
         """
         try:
             reply = await self.redis.xreadgroup(
                 GROUP, consumer, {stream: ">" for stream in streams}, count=count, block=block_ms,
             )
         except ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):
+                log.info("broker.read_unblocked", error=str(exc), streams=len(streams))
+                return []
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("broker.groups_recreated", error=str(exc), streams=len(streams))

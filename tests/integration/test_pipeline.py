@@ -116,3 +116,20 @@ async def test_edge_fails_clearly_on_tokenizer_mismatch(redis_url, tiny_pair, tm
             await edge.generate([1, 2, 3], SamplingSpec(max_new_tokens=4))
         assert info.value.code is ErrorCode.TOKENIZER_MISMATCH
         assert str(other) in str(info.value) and tiny_pair["target"] in str(info.value)
+
+
+async def test_blocked_read_survives_its_stream_being_deleted(redis_url) -> None:
+    """Redis answers UNBLOCKED when a stream a read blocks on is deleted: no verifier crash."""
+    import redis.asyncio as aioredis
+
+    from broker.streams import Broker
+
+    client = aioredis.Redis.from_url(redis_url)
+    broker = Broker(client, "unblock")
+    stream = broker.keys.drafts("gone")
+    await broker.ensure_group(stream)
+    read = asyncio.create_task(broker.read_work("v", [stream], block_ms=5000))
+    await asyncio.sleep(0.2)  # the read is blocked on the stream now
+    await client.delete(stream)
+    assert await asyncio.wait_for(read, timeout=5) == []
+    await client.aclose()
