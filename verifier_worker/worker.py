@@ -314,7 +314,7 @@ class VerifierWorker:
 
     async def _admit_tenant_session(self, entry: Entry, message: SessionOpen) -> bool:
         """Count the session against its tenant's pool-wide limit (atomic in Redis); refuse if over."""
-        limit = self.settings.tenants.limits(message.tenant)[0]
+        limit = self._session_limit(message.tenant)
         if not limit:
             return True
         admitted, count = await self.pool.admit_session(message.tenant, message.session_id, limit,
@@ -334,14 +334,15 @@ class VerifierWorker:
         """
         return 2 * self.settings.pool.lease_ms + self.settings.pool.scan_interval_ms
 
-    def _session_limited(self, tenant: str) -> bool:
-        return bool(self.settings.tenants.limits(tenant)[0])
+    def _session_limit(self, tenant: str) -> int:
+        """The tenant's pool-wide concurrent-session limit; 0: unlimited."""
+        return self.settings.tenants.limits(tenant)[0]
 
     async def _refresh_tenant_sessions(self) -> None:
         """Renew the tenant-set entries of the sessions this worker still owns."""
         held: dict[str, list[str]] = {}
         for session in list(self.sessions.values()):
-            if self._session_limited(session.tenant):
+            if self._session_limit(session.tenant):
                 held.setdefault(session.tenant, []).append(session.session_id)
         for tenant, sids in held.items():
             await self.pool.refresh_sessions(tenant, sids, self._tenant_entry_ms)
@@ -468,7 +469,7 @@ class VerifierWorker:
         self.stats.sessions_finished += 1
         await self.broker.delete_session(session.session_id, self.settings.pool.finished_ttl_s)
         await self.pool.forget(session.session_id)
-        if self._session_limited(session.tenant):
+        if self._session_limit(session.tenant):
             await self.pool.leave_session(session.tenant, session.session_id)
         log.info("session.summary", session_id=session.session_id, tenant=session.tenant,
                  reason=reason, rounds=session.rounds, generated=session.generated,
@@ -513,7 +514,7 @@ class VerifierWorker:
             return
         session = VerifierSession.restore(message, state, self.limits.max_gamma)
         await self.broker.ensure_group(self.broker.keys.drafts(sid))
-        if self._session_limited(session.tenant):  # admitted once: count it, never refuse it
+        if self._session_limit(session.tenant):  # admitted once: count it, never refuse it
             await self.pool.admit_session(session.tenant, sid, 0, self._tenant_entry_ms)
         self._hold(session)
         self.stats.sessions_adopted += 1
