@@ -2,7 +2,8 @@
 
 Key layout (besides ``broker.streams``):
 
-    {prefix}:{{sid}}:lease        owner worker id, SET NX PX lease_ms, renewed by the owner
+    {prefix}:{{sid}}:lease        ``worker/epoch`` of the owner, PX lease_ms, renewed by the owner;
+                                  the epoch (``epoch`` in the state hash) grows with each taking
     {prefix}:{{sid}}:meta         hash: ``open`` = the session's open message (for adoption)
     {prefix}:leases               sorted set: sid -> lease deadline (epoch ms); the registry that
                                   lets a verifier find lapsed sessions without scanning keys
@@ -13,9 +14,10 @@ Key layout (besides ``broker.streams``):
                                   admitted sessions, for its pool-wide ``max_sessions``
     {prefix}:tenant:{t}:bucket    hash: ``tokens``, ``at`` (ms): tenant t's draft-token bucket
 
-Renewal reads each lease then extends only those still held (GET then PEXPIRE, no Lua): a lease
-renewed at a third of its lifetime cannot lapse in between unless the owner stalls, and an owner
-that finds its lease held by another drops the session.
+Taking, renewing and releasing a lease are Lua scripts on the session's own keys (one slot):
+the epoch is incremented in the state hash when the lease is taken, and every write of the owner
+is fenced by its ``worker/epoch`` value (broker.rounds). An owner that finds its lease held by
+another, or the session adopted under a newer epoch, drops the session.
 
 Tenant limits are read-modify-write decisions shared by every verifier, so each is one Lua script
 (atomic on the server, one round trip, timed by the Redis clock so that workers' clocks do not
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from broker.streams import FIELD, GROUP, Broker, Entry
@@ -92,6 +93,48 @@ return {taken, wait}
 """
 
 
+ACQUIRE_LEASE = """
+-- KEYS: lease, state; ARGV: worker, lease ms, session ttl. Returns the new epoch, 0 if not taken.
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[2], 'finished') == 1 then
+  return 0
+end
+local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. '/' .. epoch, 'PX', ARGV[2])
+return epoch
+"""
+
+RENEW_LEASE = """
+-- KEYS: lease, state; ARGV: lease value, lease ms, its epoch, session ttl, worker.
+-- Returns the epoch held (the same: renewed; a new one: taken again), or 0: lost.
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(ARGV[3])
+end
+if held then return 0 end
+local st = redis.call('HMGET', KEYS[2], 'epoch', 'finished')
+if st[2] then return 0 end
+local stored = tonumber(st[1]) or 0
+if stored > tonumber(ARGV[3]) then return 0 end
+local epoch = math.max(stored, tonumber(ARGV[3])) + 1
+redis.call('HSET', KEYS[2], 'epoch', epoch)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[1], ARGV[5] .. '/' .. epoch, 'PX', ARGV[2])
+return epoch
+"""
+
+RELEASE_LEASE = """
+-- KEYS: lease; ARGV: lease value. Deletes the lease only if this owner still holds it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _epoch(lease: str) -> int:
+    return int(lease.rpartition("/")[2] or 0)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -109,67 +152,64 @@ class PoolBroker:
         self._admit = self.redis.register_script(ADMIT_SESSION)
         self._refresh = self.redis.register_script(REFRESH_SESSIONS)
         self._take = self.redis.register_script(TAKE_TOKENS)
+        self._acquire = self.redis.register_script(ACQUIRE_LEASE)
+        self._renew = self.redis.register_script(RENEW_LEASE)
+        self._release = self.redis.register_script(RELEASE_LEASE)
 
     # ------------------------------------------------------------ leases
 
-    async def acquire(self, sid: str, worker: str, lease_ms: int) -> bool:
-        """Take the session's lease if nobody holds it; registers the deadline and the owner."""
-        if not await self.redis.set(self.broker.keys.lease(sid), worker, nx=True, px=lease_ms):
-            return False
+    async def acquire(self, sid: str, worker: str, lease_ms: int) -> str | None:
+        """Take the session's lease if nobody holds it, with a fresh epoch; registers the deadline.
+
+        Returns the lease value (``worker/epoch``) the owner fences its writes with, or None when
+        another worker holds the lease or the session finished (its tombstone).
+        """
+        keys = self.broker.keys
+        epoch = int(await self._acquire(keys=[keys.lease(sid), keys.state(sid)],
+                                        args=[worker, lease_ms, self.broker.ttl]))
+        if not epoch:
+            return None
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.leases_key, {sid: now_ms() + lease_ms})
             pipe.hset(self.owners_key, sid, worker)
             await pipe.execute()
-        return True
+        return f"{worker}/{epoch}"
 
-    async def renew(self, worker: str, sids: list[str], lease_ms: int) -> set[str]:
-        """Extend the leases this worker still holds; returns the sessions it lost."""
-        if not sids:
-            return set()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in sids:
-                pipe.get(self.broker.keys.lease(sid))
-            holders = await pipe.execute()
-        mine = [sid for sid, holder in zip(sids, holders, strict=True) if _text(holder) == worker]
-        mine += await self._retake_vacant(worker, [sid for sid, holder in zip(sids, holders, strict=True)
-                                                   if holder is None], lease_ms)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            deadline = now_ms() + lease_ms
-            for sid in mine:
-                pipe.pexpire(self.broker.keys.lease(sid), lease_ms)
-            if mine:
-                pipe.zadd(self.leases_key, dict.fromkeys(mine, deadline))
-            await pipe.execute()
-        return set(sids) - set(mine)
+    async def renew(self, worker: str, held: dict[str, str], lease_ms: int) -> dict[str, str | None]:
+        """Extend the leases this worker holds (``held``: sid -> lease value), one script each.
 
-    async def _retake_vacant(self, worker: str, vacant: list[str], lease_ms: int) -> list[str]:
-        """Leases that lapsed while this worker stalled and that nobody took meanwhile.
-
-        Taking them again keeps the session's KV cache (dropping and re-adopting it would throw the
-        cache away). A session that another worker adopted and finished meanwhile has lost its
-        meta key, so it is not taken again.
+        A lease that vanished (lapsed while this worker stalled, or Redis lost it) is taken again
+        with a new epoch when nobody adopted the session meanwhile and it did not finish: that
+        keeps its KV cache. Returns the changes: sid -> the new lease value, or None when lost.
         """
-        if not vacant:
-            return []
+        if not held:
+            return {}
+        keys = self.broker.keys
         async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in vacant:
-                pipe.exists(self.broker.keys.meta(sid))
-            alive = [sid for sid, found in zip(vacant, await pipe.execute(), strict=True) if found]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in alive:
-                pipe.set(self.broker.keys.lease(sid), worker, nx=True, px=lease_ms)
-            taken = await pipe.execute()
-        return [sid for sid, ok in zip(alive, taken, strict=True) if ok]
+            for sid, value in held.items():
+                await self._renew(keys=[keys.lease(sid), keys.state(sid)],
+                            args=[value, lease_ms, _epoch(value), self.broker.ttl, worker], client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        changes: dict[str, str | None] = {}
+        kept = []
+        for (sid, value), reply in zip(held.items(), replies, strict=True):
+            epoch = -1 if isinstance(reply, Exception) else int(reply)
+            if epoch == 0 or epoch == -1:
+                changes[sid] = None
+                continue
+            kept.append(sid)
+            if epoch != _epoch(value):
+                changes[sid] = f"{worker}/{epoch}"
+        if kept:
+            await self.redis.zadd(self.leases_key, dict.fromkeys(kept, now_ms() + lease_ms))
+        return changes
 
-    async def release(self, worker: str, sids: Iterable[str]) -> None:
+    async def release(self, held: dict[str, str]) -> None:
         """Give up leases (a leaving worker): deadline 0 lets any verifier adopt them at once."""
-        for sid in sids:
-            key = self.broker.keys.lease(sid)
-            if _text(await self.redis.get(key)) == worker:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.delete(key)
-                    pipe.zadd(self.leases_key, {sid: 0})
-                    await pipe.execute()
+        keys = self.broker.keys
+        for sid, value in held.items():
+            if int(await self._release(keys=[keys.lease(sid)], args=[value])):
+                await self.redis.zadd(self.leases_key, {sid: 0})
 
     async def lapsed(self, limit: int = 100) -> list[str]:
         """Sessions whose registered lease deadline has passed."""
@@ -177,11 +217,10 @@ class PoolBroker:
         return [_text(sid) for sid in found]
 
     async def forget(self, sid: str) -> None:
-        """Remove a finished (or vanished) session from the registry."""
+        """Remove a finished (or vanished) session from the registry (its lease goes with FINISH)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrem(self.leases_key, sid)
             pipe.hdel(self.owners_key, sid)
-            pipe.delete(self.broker.keys.lease(sid))
             await pipe.execute()
 
     # ------------------------------------------------------------ session meta
@@ -227,12 +266,15 @@ class PoolBroker:
 
     async def pass_on_open(self, entry: Entry, hops: int, since_ms: int) -> None:
         """Re-queue a session open for another verifier (acks this delivery in the same MULTI)."""
-        sessions = self.broker.keys.sessions
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(sessions, {FIELD: entry.payload or b"", b"h": hops, b"t": since_ms},
-                      maxlen=self.broker.maxlen * 10, approximate=True)
-            pipe.xack(sessions, GROUP, entry.entry_id)
+            pipe.xadd(entry.stream, {FIELD: entry.payload or b"", b"h": hops, b"t": since_ms})
+            pipe.xack(entry.stream, GROUP, entry.entry_id)
+            pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()
+
+    async def queued_opens(self, stream: str) -> int:
+        """Opens waiting in a tenant's stream (consumed ones are deleted, so XLEN counts the rest)."""
+        return int(await self.redis.xlen(stream))
 
     async def dead_letter(self, entry: Entry, error: str, deliveries: int, maxlen: int) -> None:
         """Move a failing message to the dead-letter stream with its error, and ack it."""
@@ -242,6 +284,7 @@ class PoolBroker:
                                             b"deliveries": deliveries, b"at": now_ms()},
                       maxlen=maxlen, approximate=True)
             pipe.xack(entry.stream, GROUP, entry.entry_id)
+            pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()
 
     async def delivery_counts(self, stream: str, entry_ids: list[str]) -> dict[str, int]:

@@ -2,22 +2,34 @@
 
 Key layout (the ``{session}`` hash tag keeps one session's keys in one Redis Cluster slot):
 
-    {prefix}:sessions                  stream of SessionOpen messages (consumer group "verifiers")
+    {prefix}:opens:{{tenant}}          stream of the tenant's SessionOpen messages (group "verifiers")
     {prefix}:{{sid}}:drafts            the session's drafts and its close (consumer group "verifiers")
-    {prefix}:{{sid}}:verdicts          verdicts and errors for the edge (read with XREAD)
-    {prefix}:{{sid}}:state             hash: committed tokens, next sequence number, owner
+    {prefix}:{{sid}}:verdicts          verdicts and errors for the edge (read with XREAD), each with
+                                       an HMAC of the session's key (field ``a``)
+    {prefix}:{{sid}}:tokens            string: the committed context (prompt + generated) as uint32
+                                       LE, appended each round (never re-serialised)
+    {prefix}:{{sid}}:state             hash: next_seq, last verdict and its MAC, lease epoch
     {prefix}:{{sid}}:meta              hash: the session's open message (for adoption)
-    {prefix}:{{sid}}:lease             the owning verifier's id, with a PX lifetime (broker.pool)
+    {prefix}:{{sid}}:lease             ``worker/epoch`` of the owning verifier, PX lifetime (broker.pool)
     {prefix}:health:{role}:{worker}    heartbeat key with a TTL
 
-Verifiers discover sessions by reading the sessions stream, never by scanning the keyspace.
-Every per-session key gets the session TTL refreshed on each round, so abandoned sessions
-clean themselves up; streams are trimmed with an approximate MAXLEN.
+Identity comes from Redis, not from messages: a session id is ``<tenant>.<random>`` (an id
+without a dot belongs to tenant ``default``), the tenant's opens go to its own stream, and a
+verifier takes the tenant from the stream it read the open from. So a tenant's ACL user (see
+``specd acl``) can only add opens to its own stream and touch its own sessions' keys.
+
+Verifiers discover tenants by a periodic SCAN for open streams (or from settings) and sessions by
+reading the open streams. Consumed opens are acknowledged and deleted (XACK + XDEL): an open
+stream has no MAXLEN, so nothing is trimmed unread. Every per-session key gets the session TTL
+refreshed on each round, so abandoned sessions clean themselves up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +45,9 @@ from common.settings import RedisSettings
 
 GROUP = "verifiers"
 FIELD = b"m"
+MAC_FIELD = b"a"
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 log = get_logger(__name__)
@@ -50,6 +65,33 @@ class Entry:
     payload: bytes | None  # None when the entry had no payload field (treated as malformed)
     hops: int = 0  # session opens: how many times verifiers passed this open on
     since_ms: int = 0  # session opens passed on: when the first verifier saw it (epoch ms)
+    mac: bytes | None = None  # verdict streams: the HMAC the verifier put beside the payload
+
+
+def tenant_of(sid: str) -> str:
+    """The tenant a session id belongs to: the part before the first dot (``default`` without)."""
+    head, dot, _ = sid.partition(".")
+    return head if dot else DEFAULT_TENANT
+
+
+def mac(key: bytes, payload: bytes) -> bytes:
+    """The authentication tag of a verdict-stream payload under the session's key."""
+    return hmac.new(key, payload, hashlib.sha256).digest()[:16]
+
+
+def mac_ok(key: bytes, payload: bytes, tag: bytes | None) -> bool:
+    return tag is not None and hmac.compare_digest(mac(key, payload), tag)
+
+
+def session_key(secret: str, open_key: bytes) -> bytes:
+    """A session's verdict key: the edge's key from the open, mixed with the pool's shared secret.
+
+    With ``[redis] verdict_secret`` set (edges and verifiers share it), a reader of the open
+    streams cannot forge verdicts even where ACLs do not keep it out.
+    """
+    if not secret:
+        return open_key
+    return hmac.new(secret.encode(), open_key, hashlib.sha256).digest()
 
 
 def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", password: str = "",
@@ -87,7 +129,23 @@ def connect_settings(redis: RedisSettings) -> aioredis.Redis:
 class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.sessions = f"{prefix}:sessions"
+        self.opens_pattern = f"{prefix}:opens:*"
+        self.logs = f"{prefix}:logs"
+
+    def opens(self, tenant: str) -> str:
+        """The tenant's session-open stream (``{tenant}`` hash tag: one slot per tenant)."""
+        return f"{self.prefix}:opens:{{{tenant}}}"
+
+    def tenant_of_opens(self, stream: str) -> str | None:
+        """The tenant whose open stream this is; None for any other key."""
+        head = f"{self.prefix}:opens:{{"
+        if not (stream.startswith(head) and stream.endswith("}")):
+            return None
+        tenant = stream[len(head):-1]
+        return tenant if TENANT_PATTERN.fullmatch(tenant) else None
+
+    def tokens(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:tokens"
 
     def drafts(self, sid: str) -> str:
         return f"{self.prefix}:{{{sid}}}:drafts"
@@ -105,7 +163,7 @@ class Keys:
         return f"{self.prefix}:{{{sid}}}:lease"
 
     def session_keys(self, sid: str) -> list[str]:
-        return [self.drafts(sid), self.verdicts(sid), self.state(sid)]
+        return [self.drafts(sid), self.verdicts(sid), self.state(sid), self.tokens(sid)]
 
     def health(self, role: str, worker_id: str) -> str:
         return f"{self.prefix}:health:{role}:{worker_id}"
@@ -145,8 +203,12 @@ class Broker:
     # ------------------------------------------------------------ edge side
 
     async def open_session(self, sid: str, payload: bytes) -> None:
-        await self.redis.xadd(self.keys.sessions, {FIELD: payload}, maxlen=self.maxlen * 10,
-                              approximate=True)
+        """Queue the open on the session's tenant's stream (no MAXLEN: never trimmed unread)."""
+        await self.redis.xadd(self.keys.opens(tenant_of(sid)), {FIELD: payload})
+
+    async def session_known(self, sid: str) -> bool:
+        """Whether a verifier took the session (its meta key exists): an edge's open went through."""
+        return bool(await self.redis.exists(self.keys.meta(sid)))
 
     async def send_draft(self, sid: str, payload: bytes) -> str:
         key = self.keys.drafts(sid)
@@ -208,8 +270,23 @@ class Broker:
         return [_entry(stream, i, f) for i, f in claimed if f is not None]
 
     async def ack(self, stream: str, *entry_ids: str) -> None:
+        """Acknowledge and delete consumed entries: streams stay short without any MAXLEN."""
         if entry_ids:
-            await self.redis.xack(stream, GROUP, *entry_ids)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(stream, GROUP, *entry_ids)
+                pipe.xdel(stream, *entry_ids)
+                await pipe.execute()
+
+    async def discover_tenants(self, limit: int = 10_000) -> set[str]:
+        """Tenants with an open stream (a SCAN: run every few seconds, never per iteration)."""
+        found: set[str] = set()
+        async for key in self.redis.scan_iter(match=self.keys.opens_pattern, count=1000, _type="stream"):
+            tenant = self.keys.tenant_of_opens(_text(key))
+            if tenant is not None:
+                found.add(tenant)
+            if len(found) >= limit:
+                break
+        return found
 
     async def publish_round(self, rounds: list[RoundResult]) -> None:
         """Publish verdicts, persist session state, refresh TTLs, then ack the drafts.
@@ -220,7 +297,10 @@ class Broker:
         async with self.redis.pipeline(transaction=True) as pipe:
             for result in rounds:
                 sid = result.session_id
-                pipe.xadd(self.keys.verdicts(sid), {FIELD: result.payload}, maxlen=self.maxlen,
+                fields = {FIELD: result.payload}
+                if result.mac is not None:
+                    fields[MAC_FIELD] = result.mac
+                pipe.xadd(self.keys.verdicts(sid), fields, maxlen=self.maxlen,  # type: ignore[arg-type]
                           approximate=True)
                 if result.state:
                     pipe.hset(self.keys.state(sid), mapping=dict(result.state))  # type: ignore[arg-type]
@@ -235,6 +315,11 @@ class Broker:
         state: dict[bytes, bytes] = await self.redis.hgetall(self.keys.state(sid))  # type: ignore[assignment]
         return state
 
+    async def load_tokens(self, sid: str) -> bytes | None:
+        """The committed context (uint32 LE) of a session, as its last commit left it."""
+        value = await self.redis.get(self.keys.tokens(sid))
+        return value if isinstance(value, bytes) else None
+
     async def delete_session(self, sid: str, verdict_ttl_s: int | None = None) -> None:
         """Drop the draft stream, state, meta and lease; the verdict stream lives on until its TTL.
 
@@ -242,7 +327,7 @@ class Broker:
         """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(self.keys.drafts(sid), self.keys.state(sid), self.keys.meta(sid),
-                        self.keys.lease(sid))
+                        self.keys.lease(sid), self.keys.tokens(sid))
             if verdict_ttl_s is not None:
                 pipe.expire(self.keys.verdicts(sid), verdict_ttl_s)
             await pipe.execute()
@@ -278,17 +363,25 @@ class RoundResult:
     payload: bytes  # an encoded Verdict or ErrorMessage
     ack_ids: list[str]
     state: Mapping[str | bytes, bytes | str | int] | None = None
+    mac: bytes | None = None
 
 
 async def with_backoff(operation: Callable[[], Awaitable[T]], what: str,
-                       stop: asyncio.Event | None = None, max_delay_s: float = 5.0) -> T:
-    """Retry an operation on transient connection errors with exponential backoff."""
+                       stop: asyncio.Event | None = None, max_delay_s: float = 5.0,
+                       give_up_s: float | None = None) -> T:
+    """Retry an operation on transient connection errors with exponential backoff.
+
+    ``give_up_s`` bounds the retrying: after it the last error is raised (clients give up with a
+    clear message when Redis stays gone; servers retry until stopped).
+    """
     delay = 0.05
+    deadline = None if give_up_s is None else time.monotonic() + give_up_s
     while True:
         try:
             return await operation()
         except TRANSIENT_ERRORS as exc:
-            if stop is not None and stop.is_set():
+            stopped = stop is not None and stop.is_set()
+            if stopped or (deadline is not None and time.monotonic() >= deadline):
                 raise
             log.warning("broker.retry", operation=what, error=str(exc), delay_s=round(delay, 3))
             await asyncio.sleep(delay)
@@ -316,4 +409,4 @@ def _entry(stream: str, entry_id: Any, fields: Any) -> Entry:
         hops, since = int(fields.get(b"h", 0)), int(fields.get(b"t", 0))
     except ValueError:
         hops, since = 0, 0
-    return Entry(stream, _text(entry_id), fields.get(FIELD), hops, since)
+    return Entry(stream, _text(entry_id), fields.get(FIELD), hops, since, fields.get(MAC_FIELD))

@@ -47,6 +47,9 @@ class RedisSettings(Section):
     """Client certificate for mutual TLS (rediss:// only)."""
     tls_key_file: str = ""
     """Private key of the client certificate (rediss:// only)."""
+    verdict_secret: str = ""
+    """Shared by edges and verifiers: mixed into each session's verdict key, so that a reader of
+    the open streams still cannot forge verdicts; prefer SPECD_REDIS__VERDICT_SECRET."""
 
     @field_validator("url")
     @classmethod
@@ -99,6 +102,9 @@ class VerifierSettings(Section):
     """How long a read blocks when no session has work."""
     drain_timeout_s: float = Field(30.0, ge=0)
     heartbeat_ttl_s: int = Field(15, ge=2)
+    acl_check: Literal["warn", "strict", "off"] = "warn"
+    """At start-up, probe whether this verifier's Redis user may do more than it needs (keys
+    outside the prefix, administrative commands): warn, refuse to start (strict), or skip."""
 
 
 DEVICE_PATTERN = r"^(auto|cpu|npu|cuda(:\d+)?|gpu(\.\d+)?)$"
@@ -127,6 +133,12 @@ class PoolSettings(Section):
     """Sessions without a draft for this long lose their KV cache first when room is needed."""
     finished_ttl_s: int = Field(60, ge=1)
     """TTL of a finished session's verdict stream (the edge reads the last verdict within it)."""
+    max_queued_opens: int = Field(10000, ge=1)
+    """Per tenant: an open that must wait for KV room while its tenant's open stream holds more
+    than this many opens is refused with `busy` (the stream has no MAXLEN: nothing is trimmed)."""
+    tenant_scan_ms: int = Field(2000, ge=0)
+    """How often a verifier SCANs for tenants' open streams (tenants not in tenants.names or
+    tenants.overrides); 0: serve only the configured tenants."""
 
 
 class TenantLimits(Section):
@@ -149,6 +161,9 @@ class TenantSettings(Section):
     """Default fair-share weight of a tenant when the batch budget binds."""
     overrides: dict[str, TenantLimits] = Field(default_factory=dict)
     """Per-tenant values, e.g. ``[tenants.overrides.acme]`` with ``max_sessions = 4``."""
+    names: list[str] = Field(default_factory=list)
+    """Tenants served from start-up (besides ``default`` and the overrides); others are found by
+    the verifiers' SCAN for open streams every pool.tenant_scan_ms."""
 
     def limits(self, tenant: str) -> tuple[int, float, int]:
         """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied.
@@ -189,6 +204,9 @@ class EdgeSettings(Section):
     """Largest sparse support of a sampled draft distribution sent per position."""
     max_concurrent_sessions: int = Field(8, ge=1)
     verdict_timeout_s: float = Field(60.0, gt=0)
+    resend_after_s: float = Field(0.0, ge=0)
+    """Re-send the current draft (same seq) when no verdict came within this long; 0: a quarter of
+    verdict_timeout_s, at most 5 s."""
     tenant: str = Field("default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     """Tenant id; not "default": session ids become ``{tenant}.{uuid}`` (per-tenant Redis ACLs)."""
     heartbeat_ttl_s: int = Field(15, ge=2)

@@ -37,6 +37,8 @@ class ErrorCode(str, enum.Enum):
     CAPACITY = "capacity"  # no verifier had KV room for the session within the admission wait
     TENANT_LIMIT = "tenant_limit"  # over the session limit (fatal) or draft-token rate (non-fatal)
     DEAD_LETTER = "dead_letter"  # a message kept failing and was moved to the dead-letter stream
+    BUSY = "busy"  # the tenant's queue of waiting session opens is full: open again later
+    UNAVAILABLE = "unavailable"  # Redis stayed unreachable (or lost the session) past the edge's bound
     INTERNAL = "internal"
 
 
@@ -123,6 +125,7 @@ class SessionOpen:
     vocab_fingerprint: str
     tenant: str = "default"
     target_model: str = ""  # the target the edge expects; empty means "whatever the pool runs"
+    verdict_key: bytes = b""  # the session's key: verifiers put an HMAC of it beside each verdict
     type_: str = field(default="open", init=False)
 
 
@@ -175,6 +178,7 @@ class ErrorMessage:
     seq: int = -1
     fatal: bool = True  # the session is over
     retry_after_s: float = 0.0  # non-fatal throttling: about when the held draft goes on (wire "retry")
+    committed: int = 0  # out_of_order notices: the verifier's committed context length (0: unknown)
     type_: str = field(default="error", init=False)
 
 
@@ -198,7 +202,7 @@ def encode(message: Message) -> bytes:
         body.update(
             prompt=_ids_to_bytes(message.prompt_ids), sampling=message.sampling.to_wire(),
             draft_model=message.draft_model, target_model=message.target_model,
-            vocab=message.vocab_fingerprint, tenant=message.tenant,
+            vocab=message.vocab_fingerprint, tenant=message.tenant, key=message.verdict_key,
         )
     elif isinstance(message, DraftBatch):
         body.update(
@@ -217,7 +221,7 @@ def encode(message: Message) -> bytes:
         )
     elif isinstance(message, ErrorMessage):
         body.update(seq=message.seq, code=message.code.value, message=message.message,
-                    fatal=message.fatal, retry=message.retry_after_s)
+                    fatal=message.fatal, retry=message.retry_after_s, committed=message.committed)
     elif isinstance(message, SessionClose):
         body.update(reason=message.reason)
     else:  # pragma: no cover - exhaustive over Message
@@ -273,7 +277,15 @@ def _decode_open(body: dict[str, Any], sid: str, limits: Limits) -> SessionOpen:
         session_id=sid, prompt_ids=prompt, sampling=SamplingSpec.from_wire(body.get("sampling"), limits),
         draft_model=_string(body, "draft_model", 512), target_model=_string(body, "target_model", 512),
         vocab_fingerprint=_string(body, "vocab", 128), tenant=_string(body, "tenant", limits.max_id_length),
+        verdict_key=_key(body),
     )
+
+
+def _key(body: dict[str, Any]) -> bytes:
+    key = body.get("key", b"")  # absent from older edges: their verdicts carry a MAC of an empty key
+    if not isinstance(key, bytes) or len(key) > 64:
+        raise WireError(ErrorCode.MALFORMED, "key must be a byte string of at most 64 bytes")
+    return key
 
 
 def _decode_draft(body: dict[str, Any], sid: str, limits: Limits) -> DraftBatch:
@@ -344,6 +356,7 @@ def _decode_error(body: dict[str, Any], sid: str, limits: Limits) -> ErrorMessag
         session_id=sid, code=code, message=_string(body, "message", 4096),
         seq=_integer(body, "seq", -1, 1 << 62), fatal=bool(body.get("fatal", True)),
         retry_after_s=max(0.0, _number(body, "retry", 0.0)),  # absent from older verifiers
+        committed=_integer({"c": body.get("committed", 0)}, "c", 0, 1 << 40),
     )
 
 

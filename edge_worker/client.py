@@ -15,6 +15,7 @@ the same draws for sampled sessions; exactness does not depend on it.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from broker.streams import Broker, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, Entry, mac_ok, session_key, with_backoff
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
 from common.sampling import SamplingParams, apply_stop_rules
@@ -75,6 +76,9 @@ class SessionResult:
     ahead_hits: int = 0  # rounds whose batch was drafted ahead and sent at once
     ahead_misses: int = 0  # batches drafted ahead and dropped
     throttled: int = 0  # drafts held back for the tenant's draft-token rate (non-fatal notices)
+    resends: int = 0  # drafts (or the open) sent again after no verdict within the resend budget
+    forged: int = 0  # verdict-stream entries dropped because their MAC did not verify
+    rewinds: int = 0  # times the edge resumed from a shorter committed context (Redis lost rounds)
 
     @property
     def acceptance_rate(self) -> float:
@@ -116,6 +120,12 @@ class EdgeConfig:
     gamma_min: int = 1
     gamma_max: int = 8
     draft_ahead: bool = False
+    resend_after_s: float = 0.0  # 0: a quarter of verdict_timeout_s, at most 5 s
+    verdict_secret: str = ""
+
+    @property
+    def resend_s(self) -> float:
+        return self.resend_after_s or min(5.0, self.verdict_timeout_s / 4)
 
     def controller(self) -> GammaController:
         return GammaController(gamma=self.gamma, adaptive=self.adaptive_gamma, gamma_min=self.gamma_min,
@@ -171,8 +181,14 @@ class _EdgeSession:
     def __init__(self, client: EdgeClient, prompt_ids: list[int], spec: SamplingSpec,
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
-        tenant = client.config.tenant  # a tenant prefix lets Redis ACLs isolate tenants' keys
-        self.sid = session_id or (uuid.uuid4().hex if tenant == "default" else f"{tenant}.{uuid.uuid4().hex}")
+        tenant = client.config.tenant  # the tenant prefix puts the session in its tenant's key space
+        self.sid = session_id or f"{tenant}.{uuid.uuid4().hex}"
+        self.open_key = os.urandom(32)
+        self.key = session_key(client.config.verdict_secret, self.open_key)
+        self.seq = 0
+        self.emitted: list[int] = []  # tokens handed to on_tokens (a rewind never repeats them)
+        self.sent: bytes = b""  # the current draft, as sent (re-sent unchanged)
+        self.open_payload = b""
         self.spec = spec
         self.params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
         self.stops = frozenset(spec.stop_token_ids)
@@ -192,13 +208,15 @@ class _EdgeSession:
             session_id=self.sid, prompt_ids=_u32(self.context), sampling=self.spec,
             draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
+            verdict_key=self.open_key,
         )
-        await with_backoff(lambda: broker.open_session(self.sid, encode(opened)), "open_session")
+        self.open_payload = encode(opened)
         tenant, metrics = self.client.config.tenant, self.client.metrics
         metrics.session_started(tenant)
         try:
+            await self._redis(lambda: broker.open_session(self.sid, self.open_payload), "open_session")
             while self.result.finish_reason is None:
-                await self._round(self.result.rounds)
+                await self._round(self.seq)
                 if self.result.rounds == 1:
                     self.result.first_token_ms = (time.perf_counter() - started) * 1000
         except SessionFailed as exc:
@@ -211,7 +229,8 @@ class _EdgeSession:
             backend.release(self.state)
             self.result.wall_ms = (time.perf_counter() - started) * 1000
             if self.result.finish_reason is None:  # tell the verifier to free the session now
-                await _quietly(broker.send_draft(self.sid, encode(SessionClose(self.sid, "aborted"))))
+                await _quietly(asyncio.wait_for(
+                    broker.send_draft(self.sid, encode(SessionClose(self.sid, "aborted"))), 2.0))
         log.info("edge.session.summary", **{
             k: v for k, v in self.result.summary().items() if k not in ("token_ids", "prompt_ids")})
         return self.result
@@ -227,12 +246,25 @@ class _EdgeSession:
             sent_at=time.time(), draft_ms=round(draft.wait_ms, 3),
         )
         sent = time.perf_counter()
-        await with_backoff(lambda: self.client.broker.send_draft(self.sid, encode(message)), "send_draft")
+        self.sent = encode(message)
+        await self._redis(lambda: self.client.broker.send_draft(self.sid, self.sent), "send_draft")
         self._start_ahead(seq, proposal.token_ids)
         verdict = await self._await_verdict(seq)
+        if verdict is None:  # the verifier committed fewer tokens than this edge holds: resumed
+            await self._drop_ahead()
+            return
         round_ms = (time.perf_counter() - sent) * 1000
         self._accept(proposal.token_ids, verdict, draft.wait_ms, round_ms)
+        self.seq += 1
         self.gammas.observe(len(proposal.token_ids), verdict.accepted, draft.compute_ms, round_ms)
+
+    async def _redis(self, operation: Callable[[], Any], what: str) -> Any:
+        """A write to Redis, retried while it is unreachable, for at most the verdict timeout."""
+        try:
+            return await with_backoff(operation, what, give_up_s=self.client.config.verdict_timeout_s)
+        except TRANSIENT_ERRORS as exc:
+            raise SessionFailed(ErrorCode.UNAVAILABLE, f"Redis unreachable for "
+                                f"{self.client.config.verdict_timeout_s}s ({what}): {exc}") from exc
 
     def _room(self, context_len: int) -> int:
         """Draft tokens a round may still send: the verdict always adds one token."""
@@ -317,6 +349,7 @@ class _EdgeSession:
                                 f"{verdict.committed} tokens, {finish} vs {verdict.finish_reason}")
         r = self.result
         r.token_ids.extend(kept)
+        fresh = self._fresh_tokens(kept)
         r.finish_reason = finish
         r.rounds += 1
         r.target_forward_passes += 1
@@ -329,33 +362,100 @@ class _EdgeSession:
         r.round_ms.append(round_ms)
         self.client.metrics.observe_round(self.client.config.tenant, len(drafted), verdict.accepted,
                                           len(kept), draft_ms, round_ms)
-        if self.on_tokens is not None and kept:
-            self.on_tokens(self.sid, kept)
+        if self.on_tokens is not None and fresh:
+            self.on_tokens(self.sid, fresh)
 
-    async def _await_verdict(self, seq: int) -> Verdict:
-        deadline = time.monotonic() + self.client.config.verdict_timeout_s
+    def _fresh_tokens(self, kept: list[int]) -> list[int]:
+        """The tokens not handed out before; after a rewind the redone ones must equal those that were."""
+        done = len(self.result.token_ids) - len(kept)
+        overlap = self.emitted[done:done + len(kept)]
+        if overlap != kept[:len(overlap)]:
+            raise SessionFailed(ErrorCode.INTERNAL, "after Redis lost committed rounds the verifier's redo "
+                                f"differs from the tokens already emitted at position {done}")
+        fresh = kept[len(overlap):]
+        self.emitted.extend(fresh)
+        return fresh
+
+    async def _await_verdict(self, seq: int) -> Verdict | None:
+        """The verdict of ``seq``; None when a notice made the edge resume from the committed state.
+
+        Without a verdict within the resend budget the edge sends the same draft again (the
+        verifier drops or answers copies), and the open too while no verifier took the session.
+        """
+        config = self.client.config
+        deadline = time.monotonic() + config.verdict_timeout_s
+        resend_at = time.monotonic() + config.resend_s
         while (left := deadline - time.monotonic()) > 0:
+            block = max(0.001, min(left, resend_at - time.monotonic(), 1.0))
             try:  # bounded even while Redis is unreachable: the session fails clearly, never hangs
                 entries = await asyncio.wait_for(with_backoff(lambda: self.client.broker.read_verdicts(
-                    self.sid, self.last_verdict_id, int(min(left, 1.0) * 1000) or 1), "read_verdicts"),
+                    self.sid, self.last_verdict_id, int(block * 1000) or 1), "read_verdicts"),  # noqa: B023
                     left + 1.0)
             except asyncio.TimeoutError:
                 break
             for entry in entries:
                 self.last_verdict_id = entry.entry_id
-                message = decode(entry.payload or b"")
-                if isinstance(message, ErrorMessage) and self._held_back(message):
-                    deadline = time.monotonic() + self.client.config.verdict_timeout_s
-                    continue
-                if isinstance(message, ErrorMessage):
-                    raise SessionFailed(message.code, message.message)
-                if isinstance(message, Verdict) and message.seq == seq:
-                    self.pressure.observe(message.pool_load)
-                    return message
-                # An older verdict replayed after a redelivery: already applied, skip it.
-        raise SessionFailed(ErrorCode.INTERNAL,
-                            f"no verdict for seq {seq} within {self.client.config.verdict_timeout_s}s")
+                outcome = self._on_entry(entry, seq)
+                if outcome == "wait":
+                    deadline = time.monotonic() + config.verdict_timeout_s
+                elif outcome == "resumed":
+                    return None
+                elif isinstance(outcome, Verdict):
+                    return outcome
+            if time.monotonic() >= resend_at:
+                await self._resend(seq)
+                resend_at = time.monotonic() + config.resend_s
+        raise SessionFailed(ErrorCode.INTERNAL, f"no verdict for seq {seq} within {config.verdict_timeout_s}s"
+                            f" ({self.result.resends} re-sends; is a verifier running for tenant "
+                            f"{config.tenant!r}? `specd verifier --check`)")
 
+    def _on_entry(self, entry: Entry, seq: int) -> Verdict | str | None:
+        """One verdict-stream entry: the awaited verdict, "wait" (held back), "resumed", or None (skip)."""
+        if not mac_ok(self.key, entry.payload or b"", entry.mac):
+            self.result.forged += 1  # not from a verifier of this session: never trusted
+            log.warning("edge.verdict_unauthenticated", session_id=self.sid, entry_id=entry.entry_id)
+            return None
+        message = decode(entry.payload or b"")
+        if isinstance(message, ErrorMessage):
+            if self._held_back(message):
+                return "wait"
+            if message.fatal:
+                raise SessionFailed(message.code, message.message)
+            return "resumed" if self._resume(message) else None
+        if isinstance(message, Verdict) and message.seq == seq:
+            self.pressure.observe(message.pool_load)
+            return message
+        return None  # an older verdict replayed after a redelivery or a re-send: already applied
+
+    async def _resend(self, seq: int) -> None:
+        broker = self.client.broker
+        self.result.resends += 1
+        log.info("edge.resend", session_id=self.sid, seq=seq)
+        try:
+            if self.result.rounds == 0 and not await broker.session_known(self.sid):
+                await broker.open_session(self.sid, self.open_payload)  # the open itself was lost
+            await broker.send_draft(self.sid, self.sent)
+        except TRANSIENT_ERRORS as exc:  # Redis away: the verdict deadline bounds the session
+            log.warning("edge.resend_failed", session_id=self.sid, error=str(exc))
+
+    def _resume(self, message: ErrorMessage) -> bool:
+        """A non-fatal notice; an ``out_of_order`` one with a shorter committed context rewinds.
+
+        Redis lost rounds that this edge had already seen verdicts of (it restarted and a new
+        owner rebuilt the session from what persisted): go back to the committed length and seq;
+        the redone rounds must give the tokens already emitted (checked in ``_accept``).
+        """
+        log.info("edge.notice", session_id=self.sid, code=message.code.value, error=message.message)
+        committed = message.committed
+        if (message.code is not ErrorCode.OUT_OF_ORDER or not committed or message.seq >= self.seq
+                or not len(self.result.prompt_ids) <= committed < len(self.context)):
+            return False
+        self.context = self.context[:committed]
+        self.result.token_ids = self.context[len(self.result.prompt_ids):]
+        self.seq = message.seq
+        self.result.rewinds += 1
+        log.warning("edge.rewound", session_id=self.sid, committed=committed, seq=message.seq)
+        return True
 
     def _held_back(self, message: ErrorMessage) -> bool:
         """A non-fatal rate-limit notice: the draft waits for the tenant's bucket, the session goes on.

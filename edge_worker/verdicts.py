@@ -39,12 +39,14 @@ class _Tail:
 class MultiplexedBroker(Broker):
     """A Broker whose ``read_verdicts`` is served by one shared XREAD per process."""
 
-    def __init__(self, inner: Broker, block_ms: int = 1000, idle_forget_s: float = 30.0) -> None:
+    def __init__(self, inner: Broker, block_ms: int = 1000, idle_forget_s: float = 30.0,
+                 tenant: str = "default") -> None:
         super().__init__(inner.redis, inner.keys.prefix, inner.maxlen, inner.ttl)
         self.inner = inner
         self.block_ms = block_ms
         self.idle_forget_s = idle_forget_s
-        self.wake_key = f"{inner.keys.prefix}:edge-mux:{uuid.uuid4().hex}:wake"
+        # In the tenant's key space (its ACL covers it): ``{prefix}:{<tenant>.mux-<uuid>}:wake``.
+        self.wake_key = f"{inner.keys.prefix}:{{{tenant}.mux-{uuid.uuid4().hex}}}:wake"
         self._wake_last = "0-0"
         self._tails: dict[str, _Tail] = {}
         self._reader: asyncio.Task[None] | None = None

@@ -30,14 +30,14 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
     try:
         fresh = 3 * min(settings.verifier.heartbeat_ttl_s, settings.pool.lease_ms / 1000) + 1
         workers = await pool.loads(fresh_s=fresh)
-        sessions_key = broker.keys.sessions
         redis = broker.redis
-        opens_waiting, opens_pending = 0, 0
-        if await redis.exists(sessions_key):
-            for group in await redis.xinfo_groups(sessions_key):
+        opens_waiting, opens_pending, opens_length = 0, 0, 0
+        async for key in redis.scan_iter(match=broker.keys.opens_pattern, count=1000, _type="stream"):
+            opens_length += int(await redis.xlen(key))
+            for group in await redis.xinfo_groups(key):
                 if _text(group.get("name")) == GROUP:
-                    opens_waiting = int(group.get("lag") or 0)
-                    opens_pending = int(group.get("pending") or 0)
+                    opens_waiting += int(group.get("lag") or 0)
+                    opens_pending += int(group.get("pending") or 0)
         owners = {_text(k): _text(v) for k, v in (await redis.hgetall(pool.owners_key)).items()}
         tenants: Counter[str] = Counter()
         for load in workers.values():
@@ -49,7 +49,7 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
             "leases_registered": int(await redis.zcard(pool.leases_key)),
             "lapsed_leases": len(await pool.lapsed(limit=10_000)),
             "opens_waiting": opens_waiting, "opens_pending": opens_pending,
-            "sessions_stream_length": int(await redis.xlen(sessions_key)),
+            "sessions_stream_length": opens_length,
             "queued_drafts": sum(int(v.get("queue", 0)) for v in workers.values()),
             "kv_bytes": sum(int(v.get("kv_bytes", 0)) for v in workers.values()),
             "deadletter_length": int(await redis.xlen(pool.deadletter_key)),

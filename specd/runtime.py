@@ -45,14 +45,15 @@ def edge_config(settings: Settings) -> EdgeConfig:
     return EdgeConfig(gamma=edge.gamma, max_support=edge.max_support,
                       verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
                       target_model=settings.models.target, adaptive_gamma=edge.adaptive_gamma,
-                      gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead)
+                      gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead,
+                      resend_after_s=edge.resend_after_s, verdict_secret=settings.redis.verdict_secret)
 
 
 def edge_broker(settings: Settings, broker: Broker) -> Broker:
     """The edge's view of the broker: multiplexed verdict reads and network shaping when set."""
     edge = settings.edge
     if edge.multiplex_verdicts:
-        broker = MultiplexedBroker(broker)
+        broker = MultiplexedBroker(broker, tenant=edge.tenant)
     if edge.network_delay_ms or edge.network_jitter_ms:
         broker = ShapedBroker(broker, edge.network_delay_ms, edge.network_jitter_ms)
     return broker

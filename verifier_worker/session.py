@@ -52,6 +52,11 @@ class VerifierSession:
     evicted: bool = False  # KV freed to make room; recomputed from the context if it returns
     solo: bool = False  # after a failed pass: verify alone, so a poison draft cannot sink others
     draft_room: int = DEFAULT_DRAFT_ROOM  # the largest draft a round may carry (limits.max_gamma)
+    lease: str = ""  # ``worker/epoch``: every write for the session is fenced by it
+    key: bytes = b""  # the verdict key agreed at open (HMAC of each verdict-stream payload)
+    open_raw: bytes = b""  # the open message, to rewrite the meta key if Redis lost it
+    stored: int = 0  # tokens of the context known to be in Redis ({sid}:tokens)
+    repair: bool = False  # the next commit rewrites the whole context (Redis lost some of it)
 
     @classmethod
     def from_open(cls, message: SessionOpen, draft_room: int = 0) -> VerifierSession:
@@ -62,22 +67,24 @@ class VerifierSession:
             params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
+            key=message.verdict_key, repair=True,
         )
 
     @classmethod
-    def restore(cls, message: SessionOpen, state: dict[bytes, bytes],
+    def restore(cls, message: SessionOpen, state: dict[bytes, bytes], tokens: bytes | None,
                 draft_room: int = 0) -> VerifierSession:
-        """Adopt a session from its open message and last persisted round (empty KV cache).
+        """Adopt a session from its open message, its committed tokens and last round (empty KV).
 
         The engine feeds ``context[kv.length:]``, so the first pass after adoption recomputes the
         whole cache from the committed tokens.
         """
         session = cls.from_open(message, draft_room)
-        if state.get(b"context"):
-            session.context = np.frombuffer(state[b"context"], dtype="<u4").astype(int).tolist()
-            session.prompt_len = int(state.get(b"prompt_len", session.prompt_len))
-            session.next_seq = int(state.get(b"next_seq", 0))
+        if tokens and state.get(b"next_seq"):
+            session.context = np.frombuffer(tokens, dtype="<u4").astype(int).tolist()
+            session.next_seq = int(state[b"next_seq"])
             session.last_verdict = state.get(b"last_verdict") or None
+        session.stored = len(session.context) if tokens else 0
+        session.repair = not tokens
         return session
 
     @property

@@ -104,7 +104,7 @@ async def opens_at_once(broker: Broker, worker: VerifierWorker, sids: list[str],
         for sid in sids:
             message = SessionOpen(sid, ids, SamplingSpec(max_new_tokens=8), "draft", worker.fingerprint,
                                   tenant=tenant)
-            pipe.xadd(broker.keys.sessions, {FIELD: encode(message)})
+            pipe.xadd(broker.keys.opens(tenant), {FIELD: encode(message)})
         await pipe.execute()
 
 

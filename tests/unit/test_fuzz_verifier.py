@@ -88,14 +88,14 @@ class Harness:
         keys = self.worker.broker.keys
         for sid, temperature in ((FUZZ, 0.0), (FUZZ_SAMPLED, 0.9)):
             if sid not in self.worker.sessions:
-                await self.worker._dispatch(self.entry(keys.sessions, open_payload(sid, self.target,
+                await self.worker._dispatch(self.entry(keys.opens("default"), open_payload(sid, self.target,
                                                                                    temperature, 200)))
         for sid in set(self.worker.sessions) - {GOOD, FUZZ, FUZZ_SAMPLED}:  # sessions fuzz opened
             await self.worker._finish(self.worker.sessions[sid], "test-cleanup")
 
     async def hostile(self, schema: str, payload: bytes | None, rnd: random.Random) -> None:
         keys = self.worker.broker.keys
-        stream = keys.sessions if schema == "open" else keys.drafts(rnd.choice([FUZZ, FUZZ_SAMPLED]))
+        stream = keys.opens("default") if schema == "open" else keys.drafts(rnd.choice([FUZZ, FUZZ_SAMPLED]))
         await self.worker._dispatch(self.entry(stream, payload))
         if schema != "open":
             await self.ensure_fuzz_sessions()  # a valid close ends a fuzz session: open it again
@@ -139,7 +139,7 @@ async def test_verifier_survives_hostile_traffic_beside_a_good_session(target) -
                             target.vocab_size), broker, "tiny", target.fingerprint, worker_id="wf")
     await worker.startup()
     good_tokens = 40
-    await worker._dispatch(Entry(broker.keys.sessions, "0-1", open_payload(GOOD, target, 0.0, good_tokens)))
+    await worker._dispatch(Entry(broker.keys.opens("default"), "0-1", open_payload(GOOD, target, 0.0, good_tokens)))
     harness = Harness(worker, target)
     await harness.ensure_fuzz_sessions()
     corpora = {schema: hostile_corpus(schema, PER_SCHEMA) for schema in sorted(SCHEMAS)}

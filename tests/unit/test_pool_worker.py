@@ -78,7 +78,7 @@ def draft(sid: str, seq: int, start: int, tokens: list[int]) -> bytes:
 async def settle(*workers: VerifierWorker, iterations: int = 3) -> None:
     for _ in range(iterations):
         for worker in workers:
-            worker._next_scan = 0.0  # scan every iteration in these tests
+            worker._next_scan = worker._next_tenant_scan = 0.0  # scan every iteration in these tests
             worker._opens_paused_until = 0.0
             await worker.iterate()
 
@@ -182,24 +182,24 @@ async def test_failing_pass_retries_alone_then_dead_letters(make_worker, target,
 
 async def test_tenant_over_its_session_limit_gets_a_typed_error(make_worker, target) -> None:
     w = await make_worker("w", tenants={"overrides": {"flood": {"max_sessions": 1}}})
-    for sid, tenant in (("f1", "flood"), ("f2", "flood"), ("o1", "other"), ("o2", "other")):
-        await w.broker.open_session(sid, open_payload(sid, target, tenant))
+    for sid in ("flood.f1", "flood.f2", "other.o1", "other.o2"):
+        await w.broker.open_session(sid, open_payload(sid, target, sid.partition(".")[0]))
     await settle(w, iterations=1)
-    [error] = await messages(w, "f2")
+    [error] = await messages(w, "flood.f2")
     assert error.code is ErrorCode.TENANT_LIMIT and error.fatal and "flood" in error.message
-    assert set(w.sessions) == {"f1", "o1", "o2"}
-    assert await w.broker.redis.zrange("p:tenant:flood:sessions", 0, -1) == [b"f1"]
-    await Edge("o2", target).send(w.broker)
+    assert set(w.sessions) == {"flood.f1", "other.o1", "other.o2"}
+    assert await w.broker.redis.zrange("p:tenant:flood:sessions", 0, -1) == [b"flood.f1"]
+    await Edge("other.o2", target).send(w.broker)
     await settle(w)
-    [verdict] = await messages(w, "o2")
+    [verdict] = await messages(w, "other.o2")
     assert isinstance(verdict, Verdict)
     # A finished session frees its slot at once.
-    await w.broker.send_draft("f1", encode(SessionClose("f1", "done")))
+    await w.broker.send_draft("flood.f1", encode(SessionClose("flood.f1", "done")))
     await settle(w, iterations=1)
     assert await w.broker.redis.zcard("p:tenant:flood:sessions") == 0
-    await w.broker.open_session("f3", open_payload("f3", target, "flood"))
+    await w.broker.open_session("flood.f3", open_payload("flood.f3", target, "flood"))
     await settle(w, iterations=1)
-    assert "f3" in w.sessions and await messages(w, "f3") == []
+    assert "flood.f3" in w.sessions and await messages(w, "flood.f3") == []
 
 
 async def test_adopted_session_is_not_refused_by_its_own_tenant_entry(make_worker, target) -> None:
@@ -233,37 +233,37 @@ async def test_draft_token_bucket_takes_a_prefix_and_says_when_the_next_fits(mak
 
 async def test_tenant_over_its_draft_rate_is_delayed_not_dropped(make_worker, target) -> None:
     w = await make_worker("w", tenants={"overrides": {"fast": {"draft_tokens_per_s": 10.0}}})
-    for sid, tenant in (("fast1", "fast"), ("fast2", "fast"), ("slow1", "slow")):
+    for sid, tenant in (("fast.1", "fast"), ("fast.2", "fast"), ("slow.1", "slow")):
         await w.broker.open_session(sid, open_payload(sid, target, tenant))
     await settle(w, iterations=1)
-    edges = {sid: Edge(sid, target) for sid in ("fast1", "fast2", "slow1")}
-    await edges["fast1"].send(w.broker, (5, 6, 7, 8, 9, 10, 11, 12))  # 8 of the bucket's 10 tokens
+    edges = {sid: Edge(sid, target) for sid in ("fast.1", "fast.2", "slow.1")}
+    await edges["fast.1"].send(w.broker, (5, 6, 7, 8, 9, 10, 11, 12))  # 8 of the bucket's 10 tokens
     await settle(w)
-    await edges["fast2"].send(w.broker, (5, 6, 7, 8, 9, 10, 11, 12))  # needs 6 more: held back
-    await edges["slow1"].send(w.broker)
+    await edges["fast.2"].send(w.broker, (5, 6, 7, 8, 9, 10, 11, 12))  # needs 6 more: held back
+    await edges["slow.1"].send(w.broker)
     await settle(w)
-    [notice] = await messages(w, "fast2")
+    [notice] = await messages(w, "fast.2")
     assert notice.code is ErrorCode.TENANT_LIMIT and not notice.fatal and notice.seq == 0
     assert 0.3 < notice.retry_after_s <= 0.6 and "fast" in notice.message
-    assert "fast2" in w.sessions and w.stats.drafts_throttled == 1
-    assert (await w.broker.redis.xpending("p:{fast2}:drafts", "verifiers"))["pending"] == 1  # not acked
-    edges["slow1"].apply(await messages(w, "slow1"))
-    assert edges["slow1"].seq == 1  # the other tenant is served meanwhile ...
-    await edges["slow1"].send(w.broker)
+    assert "fast.2" in w.sessions and w.stats.drafts_throttled == 1
+    assert (await w.broker.redis.xpending("p:{fast.2}:drafts", "verifiers"))["pending"] == 1  # not acked
+    edges["slow.1"].apply(await messages(w, "slow.1"))
+    assert edges["slow.1"].seq == 1  # the other tenant is served meanwhile ...
+    await edges["slow.1"].send(w.broker)
     await settle(w)
-    edges["slow1"].apply(await messages(w, "slow1"))
-    assert edges["slow1"].seq == 2 and await messages(w, "fast2") == [notice]  # ... and fast2 still waits
+    edges["slow.1"].apply(await messages(w, "slow.1"))
+    assert edges["slow.1"].seq == 2 and await messages(w, "fast.2") == [notice]  # ... and fast2 still waits
     await asyncio.sleep(notice.retry_after_s)
     await settle(w)
-    edge = edges["fast2"]
-    edge.apply(await messages(w, "fast2"))
+    edge = edges["fast.2"]
+    edge.apply(await messages(w, "fast.2"))
     assert edge.seq == 1 and w.stats.drafts_throttled == 1  # verified once the bucket had room
     while edge.finish is None:  # the rest of the session, throttled as needed: exact, never ended
         seq = edge.seq
         await edge.send(w.broker)
         for _ in range(100):
             await settle(w, iterations=1)
-            edge.apply(await messages(w, "fast2"))
+            edge.apply(await messages(w, "fast.2"))
             if edge.seq > seq:
                 break
             await asyncio.sleep(0.02)

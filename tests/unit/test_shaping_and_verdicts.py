@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 
 from broker.shaping import ShapedBroker
-from broker.streams import FIELD, Broker, RoundResult
+from broker.streams import FIELD, Broker, RoundResult, mac
 from common.wire import ErrorCode, ErrorMessage, SamplingSpec, Verdict, encode
 from edge_worker.client import EdgeClient, EdgeConfig, SessionFailed, _EdgeSession
 from edge_worker.verdicts import MultiplexedBroker, id_after
@@ -95,19 +95,26 @@ async def test_edge_waits_through_rate_limit_notices_and_drafts_shorter(broker) 
     notice = ErrorMessage("s", ErrorCode.TENANT_LIMIT, "over its rate", seq=0, fatal=False,
                           retry_after_s=0.25)
 
+    def signed(message) -> RoundResult:
+        payload = encode(message)
+        return RoundResult("s", payload, [], mac=mac(session.key, payload))
+
     async def verifier() -> None:  # holds the draft longer than the verdict timeout, telling the edge
         await asyncio.sleep(0.2)
-        await broker.publish_round([RoundResult("s", encode(notice), [])])
+        await broker.publish_round([signed(notice)])
         await asyncio.sleep(0.2)
-        await broker.publish_round([RoundResult("s", encode(Verdict("s", 0, 0, 7, 4)), [])])
+        await broker.publish_round([RoundResult("s", encode(Verdict("s", 0, 3, 9, 7)), [])])  # forged
+        await broker.publish_round([signed(ErrorMessage("s", ErrorCode.MALFORMED, "x", fatal=False))])
+        await broker.publish_round([signed(Verdict("s", 0, 0, 7, 4))])
 
     task = asyncio.create_task(verifier())
     verdict = await session._await_verdict(0)
     await task
-    assert verdict.seq == 0 and session.result.throttled == 1
+    assert verdict.seq == 0 and verdict.token == 7 and session.result.throttled == 1
+    assert session.result.forged == 1  # the unsigned verdict was dropped; the non-fatal notice too
     assert session.pressure.retry_after_s == 0.25 and session.pressure.gamma(4) == 2
     fatal = ErrorMessage("s", ErrorCode.TENANT_LIMIT, "over its session limit")
-    await broker.publish_round([RoundResult("s", encode(fatal), [])])
+    await broker.publish_round([signed(fatal)])
     with pytest.raises(SessionFailed) as info:
         await session._await_verdict(1)
     assert info.value.code is ErrorCode.TENANT_LIMIT
