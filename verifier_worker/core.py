@@ -118,12 +118,21 @@ class WorkerCore:
 
     async def _notify(self, session: VerifierSession, message: ErrorMessage, ack_id: str = "") -> bool:
         """A notice or error to a held session's edge, fenced by the lease; False (and dropped) if lost."""
-        payload = encode(message)
+        return await self._fenced_notice(session, encode(message), ack_id)
+
+    async def _fenced_notice(self, session: VerifierSession, payload: bytes, ack_id: str = "") -> bool:
         tag = mac(session.key, payload)
         if await self.writer.notice(session.session_id, session.lease, payload, tag, ack_id):
             return True
+        lease = session.lease
+        await self.renew_leases([session])  # lapsed or lost by Redis, and nobody took it: take it again
+        if self.sessions.get(session.session_id) is session and session.lease != lease:
+            return await self.writer.notice(session.session_id, session.lease, payload, tag, ack_id)
         self._drop(session, "fenced: the lease is no longer this worker's")
         return False
+
+    async def renew_leases(self, sessions: list[VerifierSession] | None = None) -> None:
+        raise NotImplementedError  # verifier_worker.leases
 
     async def _reject(self, session: VerifierSession, entry_id: str, exc: WireError, fatal: bool = False,
                       committed: int = 0) -> None:

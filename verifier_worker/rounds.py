@@ -55,11 +55,7 @@ class RoundMixin(LeaseMixin):
         self.stats.duplicates += 1
         log.info("draft.duplicate", session_id=session.session_id, seq=draft.seq, next_seq=session.next_seq)
         if draft.seq == session.next_seq - 1 and session.last_verdict is not None:
-            payload = session.last_verdict
-            if await self.writer.notice(session.session_id, session.lease, payload, mac(session.key, payload),
-                                        entry_id):
-                return
-            self._drop(session, "fenced: the lease is no longer this worker's")
+            await self._fenced_notice(session, session.last_verdict, entry_id)
             return
         await self.writer.ack_foreign(self.broker.keys.drafts(session.session_id), entry_id)
 
