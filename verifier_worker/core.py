@@ -8,6 +8,7 @@ a mixin over this core, so a newcomer reads one part with this file beside it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -83,6 +84,7 @@ class WorkerCore:
         self._next_scan = 0.0
         self._next_tenant_scan = 0.0
         self._opens_paused_until = 0.0
+        self.stopping: asyncio.Event | None = None  # set by run(): retries give up once it is set
         self.metrics = VerifierMetrics()
         self.metrics.track(lambda: sum(s.kv.nbytes() for s in list(self.sessions.values())),
                            lambda: sum(len(s.queue) for s in list(self.sessions.values())))

@@ -222,7 +222,8 @@ class RoundMixin(LeaseMixin):
             if not done:
                 return
             commits = [c for _, c in done]
-            replies = await with_backoff(lambda: self.writer.commit(commits), "commit_rounds")  # noqa: B023
+            replies = await with_backoff(lambda: self.writer.commit(commits), "commit_rounds",  # noqa: B023
+                                         self.stopping)
             retry = []
             for (session, commit), reply in zip(done, replies, strict=True):
                 again = await self._committed(session, commit, reply)

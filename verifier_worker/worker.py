@@ -41,6 +41,7 @@ class VerifierWorker(RoundMixin):
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, drain for up to drain_timeout_s, then hand sessions over."""
         bind(worker_id=self.worker_id)
+        self.stopping = stop
         await self.startup()
         ticker = asyncio.create_task(self._tick_loop())
         try:
@@ -49,14 +50,18 @@ class VerifierWorker(RoundMixin):
             deadline = time.monotonic() + self.settings.verifier.drain_timeout_s
             log.info("verifier.draining", sessions=len(self.sessions))
             while self.sessions and time.monotonic() < deadline:
-                await self.iterate()
+                try:
+                    await self.iterate()
+                except TRANSIENT_ERRORS as exc:  # Redis is gone: peers adopt from what persisted
+                    log.warning("verifier.drain_stopped", error=str(exc))
+                    break
         finally:
             ticker.cancel()
             await self.shutdown()
 
     async def startup(self) -> None:
         await check_acl(self.broker, self.settings.verifier.acl_check)
-        await with_backoff(lambda: self._refresh_tenants(force=True), "serve_tenants")
+        await with_backoff(lambda: self._refresh_tenants(force=True), "serve_tenants", self.stopping)
         await self.tick()
         # Session opens this consumer read before a restart but never acknowledged.
         for stream, tenant in list(self.tenant_streams.items()):
@@ -102,7 +107,8 @@ class VerifierWorker(RoundMixin):
         if streams:
             count = self._read_count
             entries = await with_backoff(
-                lambda: self.broker.read_work(self.worker_id, streams, block, count=count), "read_work")
+                lambda: self.broker.read_work(self.worker_id, streams, block, count=count), "read_work",
+                self.stopping)
             for entry in entries:
                 await self._dispatch(entry)
         elif not ready:
