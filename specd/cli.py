@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (verifier, edge):
         _add_operations(sub)
     _add_logs(commands)
+    from specd import acl as acl_command
+
+    acl_command.add_parser(commands)
 
     train = commands.add_parser("train-pair", help="train the bundled tiny draft/target pair",
                                 add_help=False)
@@ -458,6 +461,15 @@ def _logs(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
             "pool": _pool, "devices": _devices, "loadtest": _loadtest, "logs": _logs}
+
+
+def _acl(args: argparse.Namespace, settings: Settings) -> int:
+    from specd.acl import run
+
+    return run(args, settings)
+
+
+COMMANDS["acl"] = _acl
 
 
 if __name__ == "__main__":

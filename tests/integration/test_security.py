@@ -16,6 +16,7 @@ import pytest
 import redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
+from broker.acl import edge_rule, verifier_rule
 from broker.streams import BrokerError, connect
 from common.sampling import SamplingParams
 from common.settings import ConfigError, Settings, load_settings
@@ -25,12 +26,9 @@ from specd.workers import check_health
 from verifier_worker.engine import generate_target_only
 
 PREFIX = "sec"
-ACL = """\
-user default off
-user verifier on >verifier-pw resetkeys ~sec:* resetchannels -@all +@read +@write +@stream +@keyspace +@transaction +@connection +@hash -@dangerous +scan +evalsha +script|load +time
-user edge-acme on >acme-pw resetkeys ~sec:{acme.*}:* %W~sec:sessions %W~sec:logs ~sec:health:edge:acme-* resetchannels -@all +xadd +xread +expire +set +del +exists +ping +hello +auth +client|setname
-user admin on >admin-pw ~* &* +@all
-"""  # noqa: E501 - one ACL rule per line, as in an ACL file
+ACL = "\n".join([  # the rules `specd acl` prints (broker.acl), as an ACL file
+    verifier_rule(PREFIX, "verifier-pw"), edge_rule(PREFIX, "acme", "acme-pw"),
+    "user admin on >admin-pw ~* &* +@all", "user default off"]) + "\n"
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -97,7 +95,7 @@ def secure_settings(url: str, certs: dict[str, Path], tiny_pair: dict, user: str
                "tls_ca_file": str(certs["ca.crt"]), "tls_cert_file": str(certs["client.crt"]),
                "tls_key_file": str(certs["client.key"])},
         models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
-        verifier={"idle_block_ms": 20, "worker_id": "v-sec"},
+        verifier={"idle_block_ms": 20, "worker_id": "v-sec", "acl_check": "strict"},
         edge={"verdict_timeout_s": 30, "tenant": tenant, "worker_id": f"{tenant}-e1"},
         # Limits that do not bind, so that the tenant-limit scripts run under the verifier's ACL.
         tenants={"overrides": {"acme": {"max_sessions": 8, "draft_tokens_per_s": 10000.0}}})
@@ -139,11 +137,15 @@ async def _assert_tenant_isolation(edge_redis) -> None:
     with pytest.raises(NoPermissionError):
         await edge_redis.xadd(f"{PREFIX}:{{globex.1234}}:drafts", {b"m": b"x"})
     with pytest.raises(NoPermissionError):
-        await edge_redis.xrange(f"{PREFIX}:sessions", count=1)  # other tenants' prompts live there
+        await edge_redis.xrange(f"{PREFIX}:opens:{{acme}}", count=1)  # its own opens are write-only
+    with pytest.raises(NoPermissionError):
+        await edge_redis.xadd(f"{PREFIX}:opens:{{globex}}", {b"m": b"x"})  # another tenant's opens
     with pytest.raises(NoPermissionError):
         await edge_redis.xrange(f"{PREFIX}:logs", count=1)
     with pytest.raises(NoPermissionError):
         await edge_redis.set(f"{PREFIX}:health:verifier:fake", b"1")
+    with pytest.raises(NoPermissionError):  # no key of another type under its own sessions' names
+        await edge_redis.set(f"{PREFIX}:{{acme.1}}:tokens", b"1")
     with pytest.raises((NoPermissionError, ResponseError)):
         await edge_redis.flushall()
 
