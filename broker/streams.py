@@ -288,7 +288,7 @@ class Broker:
                 break
         return found
 
-    async def publish_round(self, rounds: list[RoundResult]) -> None:
+    async def publish_round(self, rounds: list[RoundResult], ack: tuple[str, str] | None = None) -> None:
         """Publish verdicts, persist session state, refresh TTLs, then ack the drafts.
 
         One MULTI/EXEC transaction: the ack can never land without its verdict, and a crash
@@ -309,6 +309,9 @@ class Broker:
                 pipe.expire(self.keys.meta(sid), self.ttl)  # the lease keeps its own PX lifetime
                 if result.ack_ids:
                     pipe.xack(self.keys.drafts(sid), GROUP, *result.ack_ids)
+            if ack is not None:  # an open answered with an error: acked and deleted with its answer
+                pipe.xack(ack[0], GROUP, ack[1])
+                pipe.xdel(ack[0], ack[1])
             await pipe.execute()
 
     async def load_state(self, sid: str) -> dict[bytes, bytes]:

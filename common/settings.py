@@ -136,6 +136,9 @@ class PoolSettings(Section):
     max_queued_opens: int = Field(10000, ge=1)
     """Per tenant: an open that must wait for KV room while its tenant's open stream holds more
     than this many opens is refused with `busy` (the stream has no MAXLEN: nothing is trimmed)."""
+    opens_per_read: int = Field(16, ge=1)
+    """Session opens a verifier reads per tenant per iteration: a tenant flooding its open stream
+    costs each iteration at most this many, whatever the flood."""
     tenant_scan_ms: int = Field(2000, ge=0)
     """How often a verifier SCANs for tenants' open streams (tenants not in tenants.names or
     tenants.overrides); 0: serve only the configured tenants."""

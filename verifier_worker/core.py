@@ -113,10 +113,12 @@ class WorkerCore:
         self._count_error(exc.code)
         log.warning("message.rejected", session_id=sid, code=exc.code.value, error=exc.message,
                     stream=entry.stream, entry_id=entry.entry_id)
-        if sid is not None:
-            payload = encode(ErrorMessage(sid, exc.code, exc.message, fatal=True))
-            await self.broker.publish_round([RoundResult(sid, payload, [], mac=mac(key, payload))])
-        await self.broker.ack(entry.stream, entry.entry_id)
+        if sid is None:
+            await self.broker.ack(entry.stream, entry.entry_id)
+            return
+        payload = encode(ErrorMessage(sid, exc.code, exc.message, fatal=True))
+        await self.broker.publish_round([RoundResult(sid, payload, [], mac=mac(key, payload))],
+                                        ack=(entry.stream, entry.entry_id))
 
     async def _notify(self, session: VerifierSession, message: ErrorMessage, ack_id: str = "") -> bool:
         """A notice or error to a held session's edge, fenced by the lease; False (and dropped) if lost."""

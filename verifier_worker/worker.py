@@ -31,9 +31,7 @@ __all__ = ["VerifierStats", "VerifierWorker", "default_worker_id"]
 class VerifierWorker(RoundMixin):
     @property
     def _read_count(self) -> int:
-        """Entries per stream per read. COUNT also bounds how many session opens one iteration
-        admits: under load an iteration takes a whole forward pass, so admitting only a few
-        opens each time would leave new sessions waiting for minutes."""
+        """Draft entries per stream per read."""
         return max(8, self.settings.verifier.max_batch_sessions)
 
     # ------------------------------------------------------------------ lifecycle
@@ -102,18 +100,31 @@ class VerifierWorker(RoundMixin):
         ready = self._has_runnable_draft()
         block = None if ready else self._idle_block_ms()
         reading_opens = self.accepting and time.monotonic() >= self._opens_paused_until
-        streams = list(self.tenant_streams) if reading_opens else []
-        streams += [self.broker.keys.drafts(sid) for sid in self.sessions]
-        if streams:
-            count = self._read_count
-            entries = await with_backoff(
-                lambda: self.broker.read_work(self.worker_id, streams, block, count=count), "read_work",
-                self.stopping)
-            for entry in entries:
+        opens = list(self.tenant_streams) if reading_opens else []
+        drafts = [self.broker.keys.drafts(sid) for sid in self.sessions]
+        if opens or drafts:
+            for entry in await self._read(opens, drafts, block):
                 await self._dispatch(entry)
         elif not ready:
             await asyncio.sleep(self._idle_block_ms() / 1000)
         await self._verify_ready()
+
+    async def _read(self, opens: list[str], drafts: list[str], block: int | None) -> list[Entry]:
+        """Opens (at most ``pool.opens_per_read`` per tenant) and drafts: two reads, never one per session.
+
+        Opens are read apart, without blocking while drafts are read, so that a tenant flooding
+        its open stream costs each iteration a bounded number of opens, not a whole read's worth.
+        """
+        per_tenant = self.settings.pool.opens_per_read
+        entries: list[Entry] = []
+        if opens:
+            entries += await with_backoff(lambda: self.broker.read_work(
+                self.worker_id, opens, None if drafts else block, count=per_tenant), "read_opens", self.stopping)
+        if drafts:
+            count = self._read_count
+            entries += await with_backoff(lambda: self.broker.read_work(
+                self.worker_id, drafts, block, count=count), "read_drafts", self.stopping)
+        return entries
 
     def _has_runnable_draft(self) -> bool:
         """A queued draft that may be verified now (not held back for its tenant's rate)."""

@@ -164,7 +164,7 @@ async def test_finding4_a_burst_of_opens_is_never_trimmed(redis_url, target) -> 
                 pipe.xadd(w.broker.keys.opens("flood"), {b"m": an_open(f"flood.{i}", target, 2, "flood")})
             await pipe.execute()
         await w.broker.open_session("victim", an_open("victim", target, max_new=2))  # after the flood
-        for _ in range(8):
+        for _ in range(60):  # 16 opens per tenant per read
             await settle(w, iterations=1)
             if len([s for s in w.sessions if s.startswith("b")]) == 300 and "victim" in w.sessions:
                 break
