@@ -47,8 +47,16 @@ from specd.replay import make_replay
 from specd.runtime import build_draft_backend, edge_config, make_broker
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench_questions.jsonl"
-FALLBACK_PROMPTS = ["def add(a, b):", "import os", "class Stack:", "for i in range(10):", "The capital of",
-                    "Once upon a time", "SELECT * FROM", "# Sort a list"]
+FALLBACK_PROMPTS = [
+    "def add(a, b):",
+    "import os",
+    "class Stack:",
+    "for i in range(10):",
+    "The capital of",
+    "Once upon a time",
+    "SELECT * FROM",
+    "# Sort a list",
+]
 
 
 class RedisServer:
@@ -62,8 +70,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir",
-             str(self.folder), *self.persistence], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.folder),
+                *self.persistence,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -95,15 +116,26 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def base_settings(url: str, args: argparse.Namespace, replay_path: Path) -> Settings:
-    return load_settings({
-        "redis": {"url": url, "socket_timeout_s": 5.0},
-        "models": {"target": "bundled:target", "draft": "bundled:target"},
-        "edge": {"backend": "replay", "replay_file": str(replay_path), "replay_acceptance": args.acceptance,
-                 "gamma": 4, "verdict_timeout_s": args.verdict_timeout, "resend_after_s": args.resend_after},
-        "sampling": {"temperature": 0.0, "max_new_tokens": args.max_new_tokens},
-        "pool": {"lease_ms": 1500},
-        "tenants": {"names": ["good", "flood", "dup"], "overrides": {"flood": {"max_sessions": args.flood_limit}}},
-    })
+    return load_settings(
+        {
+            "redis": {"url": url, "socket_timeout_s": 5.0},
+            "models": {"target": "bundled:target", "draft": "bundled:target"},
+            "edge": {
+                "backend": "replay",
+                "replay_file": str(replay_path),
+                "replay_acceptance": args.acceptance,
+                "gamma": 4,
+                "verdict_timeout_s": args.verdict_timeout,
+                "resend_after_s": args.resend_after,
+            },
+            "sampling": {"temperature": 0.0, "max_new_tokens": args.max_new_tokens},
+            "pool": {"lease_ms": 1500},
+            "tenants": {
+                "names": ["good", "flood", "dup"],
+                "overrides": {"flood": {"max_sessions": args.flood_limit}},
+            },
+        }
+    )
 
 
 def edge_for(settings: Settings, tenant: str, concurrency: int, duplicate: bool = False) -> EdgeClient:
@@ -115,9 +147,11 @@ def edge_for(settings: Settings, tenant: str, concurrency: int, duplicate: bool 
     return EdgeClient(build_draft_backend(settings), broker, edge_config(settings), concurrency)
 
 
-async def run_sessions(edge: EdgeClient, prompts: list[list[int]], replay: ReplayFile, count: int,
-                       max_new: int) -> dict[str, Any]:
+async def run_sessions(
+    edge: EdgeClient, prompts: list[list[int]], replay: ReplayFile, count: int, max_new: int
+) -> dict[str, Any]:
     """``count`` sessions at once; each result checked against the replay reference."""
+
     async def one(i: int) -> tuple[str, SessionResult | str]:
         prompt = prompts[i % len(prompts)]
         try:
@@ -131,12 +165,20 @@ async def run_sessions(edge: EdgeClient, prompts: list[list[int]], replay: Repla
     outcomes = await asyncio.gather(*(one(i) for i in range(count)))
     results = [r for kind, r in outcomes if isinstance(r, SessionResult)]
     rounds = [ms for r in results for ms in r.round_ms]
-    return {"sessions": count, "exact": sum(k == "exact" for k, _ in outcomes),
-            "wrong": sum(k == "wrong" for k, _ in outcomes), "failed": sum(k == "failed" for k, _ in outcomes),
-            "errors": sorted({r for k, r in outcomes if k == "failed"})[:5],
-            "rounds": len(rounds), "round_ms_p50": percentile(rounds, 50), "round_ms_p95": percentile(rounds, 95),
-            "resends": sum(r.resends for r in results), "rewinds": sum(r.rewinds for r in results),
-            "forged": sum(r.forged for r in results), "wall_s": round(time.monotonic() - started, 2)}
+    return {
+        "sessions": count,
+        "exact": sum(k == "exact" for k, _ in outcomes),
+        "wrong": sum(k == "wrong" for k, _ in outcomes),
+        "failed": sum(k == "failed" for k, _ in outcomes),
+        "errors": sorted({r for k, r in outcomes if k == "failed"})[:5],
+        "rounds": len(rounds),
+        "round_ms_p50": percentile(rounds, 50),
+        "round_ms_p95": percentile(rounds, 95),
+        "resends": sum(r.resends for r in results),
+        "rewinds": sum(r.rewinds for r in results),
+        "forged": sum(r.forged for r in results),
+        "wall_s": round(time.monotonic() - started, 2),
+    }
 
 
 async def flood_opens(url: str, fingerprint: str, rate: float) -> None:
@@ -154,8 +196,16 @@ async def flood_opens(url: str, fingerprint: str, rate: float) -> None:
         async with broker.redis.pipeline(transaction=False) as pipe:
             for _ in range(batch):
                 sid = f"flood.x{sent}"
-                pipe.xadd(broker.keys.opens("flood"), {FIELD: encode(SessionOpen(
-                    sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint, tenant="flood"))})
+                pipe.xadd(
+                    broker.keys.opens("flood"),
+                    {
+                        FIELD: encode(
+                            SessionOpen(
+                                sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint, tenant="flood"
+                            )
+                        )
+                    },
+                )
                 sent += 1
             await pipe.execute()
         if sent == batch:
@@ -165,17 +215,33 @@ async def flood_opens(url: str, fingerprint: str, rate: float) -> None:
     await broker.close()
 
 
-async def soak(args: argparse.Namespace, server: RedisServer, settings: Settings, replay: ReplayFile,
-               prompts: list[list[int]]) -> dict[str, Any]:
+async def soak(
+    args: argparse.Namespace,
+    server: RedisServer,
+    settings: Settings,
+    replay: ReplayFile,
+    prompts: list[list[int]],
+) -> dict[str, Any]:
     good = edge_for(settings, "good", args.sessions)
     warmup = await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)  # not compared
     quiet = await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)
     duplicator = edge_for(settings, "dup", 4, duplicate=True)
     flood = await asyncio.create_subprocess_exec(  # its own process: the flood does not share our loop
-        sys.executable, __file__, "_flood", "--url", server.url, "--fingerprint", replay.fingerprint,
-        "--flood-rate", str(args.flood_rate), stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        __file__,
+        "_flood",
+        "--url",
+        server.url,
+        "--fingerprint",
+        replay.fingerprint,
+        "--flood-rate",
+        str(args.flood_rate),
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert flood.stdout is not None
-    await asyncio.wait_for(flood.stdout.readline(), 120)  # "ready": the flood is on before the good tenant starts
+    await asyncio.wait_for(
+        flood.stdout.readline(), 120
+    )  # "ready": the flood is on before the good tenant starts
     await asyncio.sleep(1.0)
     dup_task = asyncio.create_task(run_sessions(duplicator, prompts, replay, 4, args.max_new_tokens))
     hostile = await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)
@@ -186,14 +252,28 @@ async def soak(args: argparse.Namespace, server: RedisServer, settings: Settings
     queued = int(await good.broker.redis.xlen(good.broker.keys.opens("flood")))
     for edge in (good, duplicator):
         await edge.broker.close()
-    return {"warmup": warmup, "quiet": quiet, "hostile": hostile, "flood": {"opens_sent": opens_flooded,
-                                                           "opens_still_queued": queued,
-                                                           "duplicating_sessions": duplicated},
-            "p95_ratio": round(hostile["round_ms_p95"] / quiet["round_ms_p95"], 3) if quiet["round_ms_p95"] else None}
+    return {
+        "warmup": warmup,
+        "quiet": quiet,
+        "hostile": hostile,
+        "flood": {
+            "opens_sent": opens_flooded,
+            "opens_still_queued": queued,
+            "duplicating_sessions": duplicated,
+        },
+        "p95_ratio": round(hostile["round_ms_p95"] / quiet["round_ms_p95"], 3)
+        if quiet["round_ms_p95"]
+        else None,
+    }
 
 
-async def restarts(args: argparse.Namespace, server: RedisServer, settings: Settings, replay: ReplayFile,
-                   prompts: list[list[int]]) -> dict[str, Any]:
+async def restarts(
+    args: argparse.Namespace,
+    server: RedisServer,
+    settings: Settings,
+    replay: ReplayFile,
+    prompts: list[list[int]],
+) -> dict[str, Any]:
     edge = edge_for(settings, "good", args.sessions)
     stop = asyncio.Event()
     rounds: list[dict[str, Any]] = []
@@ -214,18 +294,28 @@ async def restarts(args: argparse.Namespace, server: RedisServer, settings: Sett
     stop.set()
     await runner
     await edge.broker.close()
-    totals = {k: sum(r[k] for r in rounds) for k in ("sessions", "exact", "wrong", "failed", "resends", "rewinds")}
-    return {"restarts": len(kills), "down_s": kills, "batches": rounds, "totals": totals,
-            "errors": sorted({e for r in rounds for e in r["errors"]})[:10]}
+    totals = {
+        k: sum(r[k] for r in rounds) for k in ("sessions", "exact", "wrong", "failed", "resends", "rewinds")
+    }
+    return {
+        "restarts": len(kills),
+        "down_s": kills,
+        "batches": rounds,
+        "totals": totals,
+        "errors": sorted({e for r in rounds for e in r["errors"]})[:10],
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="specd-hostile-"))
-    persistence = ("--appendonly", "yes", "--appendfsync", "everysec") if args.mode == "restarts" else (
-        "--appendonly", "no")
+    persistence = (
+        ("--appendonly", "yes", "--appendfsync", "everysec")
+        if args.mode == "restarts"
+        else ("--appendonly", "no")
+    )
     server = RedisServer(folder, *persistence)
     server.start()
-    texts = read_prompts(DEFAULT_PROMPTS)[:args.prompts] if DEFAULT_PROMPTS.exists() else FALLBACK_PROMPTS
+    texts = read_prompts(DEFAULT_PROMPTS)[: args.prompts] if DEFAULT_PROMPTS.exists() else FALLBACK_PROMPTS
     texts = [t[:200] for t in texts]
     replay_path = folder / "replay.json"
     settings = base_settings(server.url, args, replay_path)
@@ -234,7 +324,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     env = child_env(settings, server.url)
     env["SPECD_TENANTS__NAMES"] = json.dumps(settings.tenants.names)  # child_env writes str(list)
     env["SPECD_TENANTS__OVERRIDES"] = json.dumps(
-        {t: v.model_dump(exclude_none=True) for t, v in settings.tenants.overrides.items()})
+        {t: v.model_dump(exclude_none=True) for t, v in settings.tenants.overrides.items()}
+    )
     pool = VerifierPool(env, args.verifiers, folder)
     try:
         await pool.start(settings, server.url, 300)
@@ -243,13 +334,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await pool.stop()
         server.kill()
-    return {"command": ["python", *sys.argv], "mode": args.mode, "verifiers": args.verifiers,
-            "sessions": args.sessions, "max_new_tokens": args.max_new_tokens, "acceptance": args.acceptance,
-            "cpu_count": os.cpu_count(), "log_dir": str(folder), **result}
+    return {
+        "command": ["python", *sys.argv],
+        "mode": args.mode,
+        "verifiers": args.verifiers,
+        "sessions": args.sessions,
+        "max_new_tokens": args.max_new_tokens,
+        "acceptance": args.acceptance,
+        "cpu_count": os.cpu_count(),
+        "log_dir": str(folder),
+        **result,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", choices=["soak", "restarts", "_flood"])
     parser.add_argument("--url", help="_flood: the Redis URL")
     parser.add_argument("--fingerprint", help="_flood: the vocabulary fingerprint")
@@ -261,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-rate", type=float, default=2000.0, help="soak: flood opens per second")
     parser.add_argument("--flood-limit", type=int, default=2, help="soak: the flooding tenant's max_sessions")
     parser.add_argument("--restarts", type=int, default=10)
-    parser.add_argument("--interval", type=float, default=4.0, help="restarts: seconds between kills (+-30%%)")
+    parser.add_argument(
+        "--interval", type=float, default=4.0, help="restarts: seconds between kills (+-30%%)"
+    )
     parser.add_argument("--down-s", type=float, default=0.5, help="restarts: seconds Redis stays down")
     parser.add_argument("--verdict-timeout", type=float, default=30.0)
     parser.add_argument("--resend-after", type=float, default=2.0)

@@ -24,20 +24,33 @@ ROLES = ("verifier", "edge", "ops")
 
 def add_parser(commands: Any) -> None:
     acl = commands.add_parser(
-        "acl", help="print the Redis ACL rules per role and tenant",
+        "acl",
+        help="print the Redis ACL rules per role and tenant",
         description="Print ACL file lines (or ACL SETUSER commands) for the verifier, one edge user per "
         "tenant, and ops. A tenant's edge user may only add opens to its own stream and touch its own "
-        "sessions' keys; see docs/security.md.")
-    acl.add_argument("--tenant", dest="acl_tenants", action="append", help="a tenant (repeatable); default: the configured ones")
-    acl.add_argument("--role", dest="acl_roles", action="append", choices=ROLES, help="a role (repeatable); default: all")
+        "sessions' keys; see docs/security.md.",
+    )
+    acl.add_argument(
+        "--tenant",
+        dest="acl_tenants",
+        action="append",
+        help="a tenant (repeatable); default: the configured ones",
+    )
+    acl.add_argument(
+        "--role", dest="acl_roles", action="append", choices=ROLES, help="a role (repeatable); default: all"
+    )
     acl.add_argument("--random-passwords", action="store_true", help="a fresh random password per user")
-    acl.add_argument("--setuser", action="store_true", help="print ACL SETUSER commands instead of file lines")
+    acl.add_argument(
+        "--setuser", action="store_true", help="print ACL SETUSER commands instead of file lines"
+    )
     group = acl.add_argument_group("settings")
     group.add_argument("--config", type=Path, help="settings TOML file (default ./settings.toml)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    tenants = args.acl_tenants or sorted({DEFAULT_TENANT, *settings.tenants.names, *settings.tenants.overrides})
+    tenants = args.acl_tenants or sorted(
+        {DEFAULT_TENANT, *settings.tenants.names, *settings.tenants.overrides}
+    )
     bad = [t for t in tenants if not TENANT_PATTERN.fullmatch(t)]
     if bad:
         print(f"specd acl: tenant names must match [A-Za-z0-9_-]{{1,64}}: {', '.join(bad)}", file=sys.stderr)
@@ -45,7 +58,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     roles = args.acl_roles or list(ROLES)
     passwords: dict[str, str] = {}
     if args.random_passwords:
-        passwords = {user: secrets.token_urlsafe(24) for user in ("verifier", "ops", *map(edge_user, tenants))}
+        passwords = {
+            user: secrets.token_urlsafe(24) for user in ("verifier", "ops", *map(edge_user, tenants))
+        }
     for line in rules(settings.redis.key_prefix, tenants, roles, passwords):
         if args.setuser:
             _, name, *rest = line.split(" ")

@@ -118,8 +118,9 @@ class VerifierWorker(RoundMixin):
         per_tenant = self.settings.pool.opens_per_read
         entries: list[Entry] = []
         if opens:
+            opens_block = None if drafts else block
             entries += await with_backoff(lambda: self.broker.read_work(
-                self.worker_id, opens, None if drafts else block, count=per_tenant), "read_opens", self.stopping)
+                self.worker_id, opens, opens_block, count=per_tenant), "read_opens", self.stopping)
         if drafts:
             count = self._read_count
             entries += await with_backoff(lambda: self.broker.read_work(

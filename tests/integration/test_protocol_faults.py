@@ -45,8 +45,14 @@ def target(tiny_pair):
 def worker_on(url: str, target, worker_id: str, prefix: str, **sections) -> VerifierWorker:
     redis = {"url": url, "key_prefix": prefix, **sections.pop("redis", {})}
     settings = Settings(redis=redis, verifier={"idle_block_ms": 1}, **sections)
-    return VerifierWorker(settings, TargetEngine(target.model, target.vocab_size), make_broker(settings),
-                          "tiny", target.fingerprint, worker_id=worker_id)
+    return VerifierWorker(
+        settings,
+        TargetEngine(target.model, target.vocab_size),
+        make_broker(settings),
+        "tiny",
+        target.fingerprint,
+        worker_id=worker_id,
+    )
 
 
 async def settle(*workers: VerifierWorker, iterations: int = 3) -> None:
@@ -59,21 +65,39 @@ async def settle(*workers: VerifierWorker, iterations: int = 3) -> None:
 
 def an_open(sid: str, target, max_new: int = 8, tenant: str = "default") -> bytes:
     ids = np.asarray(target.tokenizer.encode(PROMPT), np.uint32)
-    return encode(SessionOpen(sid, ids, SamplingSpec(max_new_tokens=max_new), "draft", target.fingerprint,
-                              tenant=tenant))
+    return encode(
+        SessionOpen(
+            sid, ids, SamplingSpec(max_new_tokens=max_new), "draft", target.fingerprint, tenant=tenant
+        )
+    )
 
 
 class Edge:
-    """A greedy edge that drafts two fixed tokens and applies verdicts (no MAC check: see test_tenant_isolation)."""
+    """A greedy edge: drafts two fixed tokens, applies verdicts (MACs: see test_tenant_isolation)."""
 
     def __init__(self, sid: str, target, max_new: int = 8) -> None:
         self.sid, self.context = sid, target.tokenizer.encode(PROMPT)
-        self.prompt_len, self.seq, self.last, self.finish, self.max_new = len(self.context), 0, "0-0", None, max_new
+        self.prompt_len, self.seq, self.last, self.finish, self.max_new = (
+            len(self.context),
+            0,
+            "0-0",
+            None,
+            max_new,
+        )
 
     def draft(self) -> bytes:
         empty = np.zeros(0, np.uint32)
-        return encode(DraftBatch(self.sid, self.seq, len(self.context), np.asarray([5, 6], np.uint32),
-                                 np.zeros(0, np.uint16), empty, np.zeros(0, np.float32)))
+        return encode(
+            DraftBatch(
+                self.sid,
+                self.seq,
+                len(self.context),
+                np.asarray([5, 6], np.uint32),
+                np.zeros(0, np.uint16),
+                empty,
+                np.zeros(0, np.float32),
+            )
+        )
 
     async def apply(self, broker: Broker) -> list:
         seen = []
@@ -82,8 +106,12 @@ class Edge:
             message = decode(entry.payload or b"")
             seen.append(message)
             if isinstance(message, Verdict) and message.seq == self.seq:
-                kept, self.finish = apply_stop_rules([*[5, 6][:message.accepted], message.token],
-                                                     len(self.context) - self.prompt_len, frozenset(), self.max_new)
+                kept, self.finish = apply_stop_rules(
+                    [*[5, 6][: message.accepted], message.token],
+                    len(self.context) - self.prompt_len,
+                    frozenset(),
+                    self.max_new,
+                )
                 self.context += kept
                 assert len(self.context) == message.committed
                 self.seq += 1
@@ -105,8 +133,10 @@ async def test_finding3_a_draft_delivered_twice_is_dropped_not_an_error(redis_ur
             seen = await edge.apply(w.broker)
             assert not any(isinstance(m, ErrorMessage) for m in seen), seen
         assert w.stats.duplicates >= edge.seq and not w.stats.errors
-        reference = generate_target_only(w.engine, target.tokenizer.encode(PROMPT), SamplingParams(), frozenset(), 8)
-        assert edge.context[edge.prompt_len:] == reference
+        reference = generate_target_only(
+            w.engine, target.tokenizer.encode(PROMPT), SamplingParams(), frozenset(), 8
+        )
+        assert edge.context[edge.prompt_len :] == reference
     finally:
         await w.broker.close()
 
@@ -114,8 +144,10 @@ async def test_finding3_a_draft_delivered_twice_is_dropped_not_an_error(redis_ur
 async def test_finding3_a_stale_owner_writes_nothing_and_deletes_nothing(redis_url, target) -> None:
     """Before: a verifier that lost its lease rejected the next draft and deleted the session's keys."""
     pool = {"lease_ms": 300}
-    w1, w2 = worker_on(redis_url, target, "w1", "stale", pool=pool), worker_on(redis_url, target, "w2", "stale",
-                                                                                 pool=pool)
+    w1, w2 = (
+        worker_on(redis_url, target, "w1", "stale", pool=pool),
+        worker_on(redis_url, target, "w2", "stale", pool=pool),
+    )
     await w1.startup()
     await w2.startup()
     keys = w1.broker.keys
@@ -145,8 +177,10 @@ async def test_finding3_a_stale_owner_writes_nothing_and_deletes_nothing(redis_u
             assert not any(isinstance(m, ErrorMessage) for m in seen), seen
             if edge.finish is None and seen:
                 await w2.broker.send_draft("s", edge.draft())
-        reference = generate_target_only(w2.engine, target.tokenizer.encode(PROMPT), SamplingParams(), frozenset(), 8)
-        assert edge.context[edge.prompt_len:] == reference
+        reference = generate_target_only(
+            w2.engine, target.tokenizer.encode(PROMPT), SamplingParams(), frozenset(), 8
+        )
+        assert edge.context[edge.prompt_len :] == reference
     finally:
         await w1.broker.close()
         await w2.broker.close()
@@ -154,7 +188,9 @@ async def test_finding3_a_stale_owner_writes_nothing_and_deletes_nothing(redis_u
 
 async def test_finding4_a_burst_of_opens_is_never_trimmed(redis_url, target) -> None:
     """Before: MAXLEN on the shared sessions stream (stream_maxlen = 10) lost 80 of 300 opens."""
-    w = worker_on(redis_url, target, "w-burst", "burst", redis={"stream_maxlen": 10}, tenants={"names": ["flood"]})
+    w = worker_on(
+        redis_url, target, "w-burst", "burst", redis={"stream_maxlen": 10}, tenants={"names": ["flood"]}
+    )
     await w.startup()
     try:
         async with w.broker.redis.pipeline(transaction=False) as pipe:
@@ -179,8 +215,13 @@ async def test_finding4_a_burst_of_opens_is_never_trimmed(redis_url, target) -> 
 async def test_finding4_a_full_tenant_queue_answers_busy(redis_url, target) -> None:
     """Opens that must wait for KV room while their tenant's queue is full are refused with `busy`."""
     reserve = len(target.tokenizer.encode(PROMPT)) + 2 + 16
-    w = worker_on(redis_url, target, "w-busy", "busy",
-                  pool={"kv_budget_tokens": 2 * reserve, "max_queued_opens": 3, "admission_wait_s": 60})
+    w = worker_on(
+        redis_url,
+        target,
+        "w-busy",
+        "busy",
+        pool={"kv_budget_tokens": 2 * reserve, "max_queued_opens": 3, "admission_wait_s": 60},
+    )
     await w.startup()
     try:
         for i in range(8):
@@ -214,9 +255,21 @@ class RedisServer:
         from conftest import _wait_for_port, redis_server_binary
 
         self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.workdir), *self.persistence],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.workdir),
+                *self.persistence,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_for_port(self.port)
 
     def kill(self) -> None:
@@ -237,8 +290,14 @@ def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @contextlib.asynccontextmanager
 async def verifier_task(settings: Settings, target) -> AsyncIterator[VerifierWorker]:
-    worker = VerifierWorker(settings, TargetEngine(target.model, target.vocab_size), make_broker(settings),
-                            settings.models.target, target.fingerprint, worker_id="v-restart")
+    worker = VerifierWorker(
+        settings,
+        TargetEngine(target.model, target.vocab_size),
+        make_broker(settings),
+        settings.models.target,
+        target.fingerprint,
+        worker_id="v-restart",
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -250,10 +309,13 @@ async def verifier_task(settings: Settings, target) -> AsyncIterator[VerifierWor
 
 
 def restart_settings(url: str, tiny_pair: dict, timeout_s: float = 30.0) -> Settings:
-    return Settings(redis={"url": url, "key_prefix": "rs", "socket_timeout_s": 5},
-                    models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
-                    verifier={"idle_block_ms": 20}, pool={"lease_ms": 1000},
-                    edge={"verdict_timeout_s": timeout_s, "resend_after_s": 1.0})
+    return Settings(
+        redis={"url": url, "key_prefix": "rs", "socket_timeout_s": 5},
+        models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
+        verifier={"idle_block_ms": 20},
+        pool={"lease_ms": 1000},
+        edge={"verdict_timeout_s": timeout_s, "resend_after_s": 1.0},
+    )
 
 
 async def test_finding5_sessions_resume_after_a_redis_restart_with_aof(aof_redis, tiny_pair, target) -> None:
@@ -269,19 +331,26 @@ async def test_finding5_sessions_resume_after_a_redis_restart_with_aof(aof_redis
         def on_tokens(_sid: str, _tokens: list[int]) -> None:
             started.set()
 
-        runs = [asyncio.create_task(edge.generate(tokenizer.encode(p), SamplingSpec(max_new_tokens=40), on_tokens))
-                for p in prompts]
+        runs = [
+            asyncio.create_task(
+                edge.generate(tokenizer.encode(p), SamplingSpec(max_new_tokens=40), on_tokens)
+            )
+            for p in prompts
+        ]
         await asyncio.wait_for(started.wait(), 60)
         aof_redis.kill()
         await asyncio.sleep(0.5)
         aof_redis.start()
         results = await asyncio.gather(*runs)
         for prompt, result in zip(prompts, results, strict=True):
-            assert result.token_ids == generate_target_only(verifier.engine, tokenizer.encode(prompt),
-                                                            SamplingParams(), frozenset(), 40)
-        print(f"\nAOF restart: {len(results)} sessions finished exact; resends "
-              f"{sum(r.resends for r in results)}, rewinds {sum(r.rewinds for r in results)}, "
-              f"verifier repairs {verifier.stats.repairs}, leases retaken {verifier.stats.leases_retaken}")
+            assert result.token_ids == generate_target_only(
+                verifier.engine, tokenizer.encode(prompt), SamplingParams(), frozenset(), 40
+            )
+        print(
+            f"\nAOF restart: {len(results)} sessions finished exact; resends "
+            f"{sum(r.resends for r in results)}, rewinds {sum(r.rewinds for r in results)}, "
+            f"verifier repairs {verifier.stats.repairs}, leases retaken {verifier.stats.leases_retaken}"
+        )
         await broker.close()
 
 

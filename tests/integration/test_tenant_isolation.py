@@ -41,8 +41,12 @@ def acl_setuser(admin: redis.Redis, rule: str) -> None:
 @pytest.fixture(scope="module")
 def acl_redis(redis_url: str) -> Iterator[str]:
     admin = redis.Redis.from_url(redis_url)
-    for rule in (verifier_rule(PREFIX, PASSWORDS["verifier"]), edge_rule(PREFIX, "acme", PASSWORDS["edge-acme"]),
-                 edge_rule(PREFIX, "evil", PASSWORDS["edge-evil"]), ops_rule(PREFIX, PASSWORDS["ops"])):
+    for rule in (
+        verifier_rule(PREFIX, PASSWORDS["verifier"]),
+        edge_rule(PREFIX, "acme", PASSWORDS["edge-acme"]),
+        edge_rule(PREFIX, "evil", PASSWORDS["edge-evil"]),
+        ops_rule(PREFIX, PASSWORDS["ops"]),
+    ):
         acl_setuser(admin, rule)
     yield redis_url
     for user in PASSWORDS:
@@ -56,8 +60,12 @@ def settings_as(url: str, tiny_pair: dict, user: str, tenant: str = "default", *
         models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
         verifier={"idle_block_ms": 20, "worker_id": "v-iso", "acl_check": "strict"},
         edge={"verdict_timeout_s": 20, "tenant": tenant, "worker_id": f"{tenant}-e1"},
-        tenants={"names": ["acme", "evil"], "overrides": {"evil": {"max_sessions": 1}, "acme": {"max_sessions": 2}}},
-        **extra)
+        tenants={
+            "names": ["acme", "evil"],
+            "overrides": {"evil": {"max_sessions": 1}, "acme": {"max_sessions": 2}},
+        },
+        **extra,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -83,19 +91,30 @@ async def run_acme(url: str, tiny_pair: dict, verifier) -> None:
         edge = build_edge(settings, broker)
         tokenizer = edge.backend.tokenizer
         prompts = ["def add(a, b):", "import os"]
-        results = await asyncio.gather(*(edge.generate(tokenizer.encode(p), SamplingSpec(max_new_tokens=MAX_NEW))
-                                         for p in prompts))
+        results = await asyncio.gather(
+            *(edge.generate(tokenizer.encode(p), SamplingSpec(max_new_tokens=MAX_NEW)) for p in prompts)
+        )
         for prompt, result in zip(prompts, results, strict=True):
             assert result.session_id.startswith("acme.") and result.forged == 0
             assert result.token_ids == generate_target_only(
-                verifier.engine, tokenizer.encode(prompt), SamplingParams(), frozenset(), MAX_NEW)
+                verifier.engine, tokenizer.encode(prompt), SamplingParams(), frozenset(), MAX_NEW
+            )
     finally:
         await broker.close()
 
 
 def an_open(sid: str, tenant: str, fingerprint: str) -> bytes:
-    return encode(SessionOpen(sid, np.asarray([5, 6, 7], np.uint32), SamplingSpec(max_new_tokens=4), "draft",
-                              fingerprint, tenant=tenant, verdict_key=b"k" * 32))
+    return encode(
+        SessionOpen(
+            sid,
+            np.asarray([5, 6, 7], np.uint32),
+            SamplingSpec(max_new_tokens=4),
+            "draft",
+            fingerprint,
+            tenant=tenant,
+            verdict_key=b"k" * 32,
+        )
+    )
 
 
 async def test_finding1_a_tenant_cannot_break_the_shared_streams(acl_redis, tiny_pair) -> None:
@@ -103,7 +122,9 @@ async def test_finding1_a_tenant_cannot_break_the_shared_streams(acl_redis, tiny
     evil = connect(acl_redis, 5, username="edge-evil", password=PASSWORDS["edge-evil"])
     try:
         with pytest.raises(NoPermissionError):  # another tenant's open stream
-            await evil.xadd(f"{PREFIX}:opens:{{acme}}", {FIELD: b"x"}, id="18446744073709551615-18446744073709551615")
+            await evil.xadd(
+                f"{PREFIX}:opens:{{acme}}", {FIELD: b"x"}, id="18446744073709551615-18446744073709551615"
+            )
         with pytest.raises(NoPermissionError):
             await evil.xadd(f"{PREFIX}:opens:{{acme}}", {FIELD: b"x"}, maxlen=0)
         with pytest.raises(NoPermissionError):  # the log stream: verifiers write it, edges do not
@@ -115,7 +136,9 @@ async def test_finding1_a_tenant_cannot_break_the_shared_streams(acl_redis, tiny
         with pytest.raises(NoPermissionError):
             await evil.xadd(f"{PREFIX}:{{acme.1}}:drafts", {FIELD: b"x"})
         # What it can do breaks only its own stream: the exhausted id makes its own opens fail.
-        await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: b"x"}, id="18446744073709551615-18446744073709551615")
+        await evil.xadd(
+            f"{PREFIX}:opens:{{evil}}", {FIELD: b"x"}, id="18446744073709551615-18446744073709551615"
+        )
         with pytest.raises(ResponseError):
             await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: b"x"})
         async with verifier_as(acl_redis, tiny_pair) as verifier:
@@ -140,8 +163,9 @@ async def test_finding2_the_tenant_comes_from_the_stream_not_the_message(acl_red
                 await evil.xadd(stream, {FIELD: an_open(f"acme.fake{i}", "acme", verifier.fingerprint)})
             for i in range(4):  # honest opens over its limit of 1: one admitted, three refused
                 await evil.xadd(stream, {FIELD: an_open(f"evil.s{i}", "evil", verifier.fingerprint)})
-            refusals = await wait_for_refusals(evil, [f"evil.claim{i}" for i in range(4)]
-                                               + [f"evil.s{i}" for i in range(4)], expected=7)
+            refusals = await wait_for_refusals(
+                evil, [f"evil.claim{i}" for i in range(4)] + [f"evil.s{i}" for i in range(4)], expected=7
+            )
             assert sorted(m.code.value for m in refusals.values()).count("tenant_limit") == 3
             assert all(refusals[f"evil.claim{i}"].code is ErrorCode.MALFORMED for i in range(4))
             assert not any(sid.startswith("acme.fake") for sid in verifier.sessions)
@@ -151,11 +175,15 @@ async def test_finding2_the_tenant_comes_from_the_stream_not_the_message(acl_red
             await evil.aclose()
 
 
-async def wait_for_refusals(client: aioredis.Redis, sids: list[str], expected: int) -> dict[str, ErrorMessage]:
+async def wait_for_refusals(
+    client: aioredis.Redis, sids: list[str], expected: int
+) -> dict[str, ErrorMessage]:
     found: dict[str, ErrorMessage] = {}
     for _ in range(200):
         for sid in sids:
-            for _, fields in (await client.xread({f"{PREFIX}:{{{sid}}}:verdicts": "0-0"}) or [[None, []]])[0][1]:
+            for _, fields in (await client.xread({f"{PREFIX}:{{{sid}}}:verdicts": "0-0"}) or [[None, []]])[0][
+                1
+            ]:
                 message = decode(fields[FIELD])
                 if isinstance(message, ErrorMessage):
                     found[sid] = message
@@ -185,9 +213,12 @@ async def test_finding6_forged_verdicts_are_rejected_by_the_edge(redis_url, tiny
     can, into the stream of a session it found by SCAN; the edge drops every one (no MAC of the
     session's key) and the session finishes exact.
     """
-    settings = Settings(redis={"url": redis_url, "key_prefix": "forge", "verdict_secret": "s3cret"},
-                        models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
-                        verifier={"idle_block_ms": 20}, edge={"verdict_timeout_s": 20})
+    settings = Settings(
+        redis={"url": redis_url, "key_prefix": "forge", "verdict_secret": "s3cret"},
+        models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
+        verifier={"idle_block_ms": 20},
+        edge={"verdict_timeout_s": 20},
+    )
     verifier_broker, edge_broker, forger = make_broker(settings), make_broker(settings), connect(redis_url, 5)
     verifier = build_verifier(settings, verifier_broker, worker_id="v-forge")
     stop, forging = asyncio.Event(), asyncio.Event()
@@ -201,7 +232,9 @@ async def test_finding6_forged_verdicts_are_rejected_by_the_edge(redis_url, tiny
             async for key in forger.scan_iter(match="forge:{*}:meta"):
                 sid = key.decode().split("{")[1].split("}")[0]
                 for seq in range(8):
-                    await forger.xadd(f"forge:{{{sid}}}:verdicts", {FIELD: encode(Verdict(sid, seq, 0, 1, 99))})
+                    await forger.xadd(
+                        f"forge:{{{sid}}}:verdicts", {FIELD: encode(Verdict(sid, seq, 0, 1, 99))}
+                    )
                     sent += 1
             await asyncio.sleep(0.005)
         return sent
@@ -214,7 +247,9 @@ async def test_finding6_forged_verdicts_are_rejected_by_the_edge(redis_url, tiny
         forging.set()
         sent = await forger_task
         assert sent > 0 and result.forged > 0
-        assert result.token_ids == generate_target_only(verifier.engine, prompt, SamplingParams(), frozenset(), 24)
+        assert result.token_ids == generate_target_only(
+            verifier.engine, prompt, SamplingParams(), frozenset(), 24
+        )
     finally:
         forging.set()
         stop.set()
