@@ -59,6 +59,13 @@ FALLBACK_PROMPTS = [
 ]
 
 
+PERSISTENCE = {
+    "aof": ("--appendonly", "yes", "--appendfsync", "everysec"),
+    "aof-always": ("--appendonly", "yes", "--appendfsync", "always"),
+    "none": ("--appendonly", "no"),
+}
+
+
 class RedisServer:
     def __init__(self, folder: Path, *persistence: str) -> None:
         with socket.socket() as sock:
@@ -308,11 +315,7 @@ async def restarts(
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="specd-hostile-"))
-    persistence = (
-        ("--appendonly", "yes", "--appendfsync", "everysec")
-        if args.mode == "restarts"
-        else ("--appendonly", "no")
-    )
+    persistence = PERSISTENCE[args.persistence] if args.mode == "restarts" else PERSISTENCE["none"]
     server = RedisServer(folder, *persistence)
     server.start()
     texts = read_prompts(DEFAULT_PROMPTS)[: args.prompts] if DEFAULT_PROMPTS.exists() else FALLBACK_PROMPTS
@@ -337,6 +340,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": ["python", *sys.argv],
         "mode": args.mode,
+        "persistence": args.persistence,
         "verifiers": args.verifiers,
         "sessions": args.sessions,
         "max_new_tokens": args.max_new_tokens,
@@ -366,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         "--interval", type=float, default=4.0, help="restarts: seconds between kills (+-30%%)"
     )
     parser.add_argument("--down-s", type=float, default=0.5, help="restarts: seconds Redis stays down")
+    parser.add_argument("--persistence", choices=sorted(PERSISTENCE), default="aof",
+                        help="restarts: aof (appendfsync everysec), aof-always, none")
     parser.add_argument("--verdict-timeout", type=float, default=30.0)
     parser.add_argument("--resend-after", type=float, default=2.0)
     parser.add_argument("--out", type=Path)

@@ -37,7 +37,7 @@ async def sample(broker: Any, pool: Any, done: int, started: float) -> dict[str,
     loads = await pool.loads(fresh_s=30)
     return {"sessions_done": done, "seconds": round(time.monotonic() - started, 2),
             "used_memory": int(info["used_memory"]), "keys": int(await redis.dbsize()),
-            "sessions_stream": int(await redis.xlen(broker.keys.sessions)),
+            "sessions_stream": int(await redis.xlen(broker.keys.opens("default"))),
             "longest_session_stream": longest, "leases": int(await redis.zcard(pool.leases_key)),
             "owners": int(await redis.hlen(pool.owners_key)),
             "deadletter": int(await redis.xlen(pool.deadletter_key)),

@@ -406,8 +406,18 @@ class _EdgeSession:
                 await self._resend(seq)
                 resend_at = time.monotonic() + config.resend_s
         raise SessionFailed(ErrorCode.INTERNAL, f"no verdict for seq {seq} within {config.verdict_timeout_s}s"
-                            f" ({self.result.resends} re-sends; is a verifier running for tenant "
-                            f"{config.tenant!r}? `specd verifier --check`)")
+                            f" ({self.result.resends} re-sends): {await self._why_no_verdict()}")
+
+    async def _why_no_verdict(self) -> str:
+        """Tell a dead pool (no verifier heartbeat) from a slow or unserving one, where Redis says."""
+        try:
+            alive = await asyncio.wait_for(self.client.broker.any_healthy("verifier"), 2.0)
+        except Exception:  # noqa: BLE001 - no SCAN under an edge ACL, or Redis away: cannot tell
+            return f"is a verifier running for tenant {self.client.config.tenant!r}? `specd verifier --check`"
+        if not alive:
+            return "no verifier is alive (no verifier heartbeat in Redis): start `specd verifier`"
+        return (f"verifiers are alive but none answered: the pool is overloaded, or serves no tenant "
+                f"{self.client.config.tenant!r} ([tenants] names, pool.tenant_scan_ms)")
 
     def _on_entry(self, entry: Entry, seq: int) -> Verdict | str | None:
         """One verdict-stream entry: the awaited verdict, "wait" (held back), "resumed", or None (skip)."""

@@ -369,3 +369,20 @@ async def test_finding5_edges_give_up_when_redis_stays_gone(tmp_path, tiny_pair)
     assert info.value.code is ErrorCode.UNAVAILABLE and "Redis unreachable for 3.0s" in str(info.value)
     assert waited < 3.0 + 6.0  # the bound, plus at most one back-off step
     await broker.close()
+
+
+async def test_finding5_no_verifier_alive_is_told_apart_from_a_slow_one(redis_url, tiny_pair) -> None:
+    """The verdict timeout says whether any verifier heartbeats (dead pool) or not (slow or unserved)."""
+    settings = restart_settings(redis_url, tiny_pair, timeout_s=1.0)
+    settings.redis.key_prefix = "nov"
+    broker = make_broker(settings)
+    edge = build_edge(settings, broker)
+    try:
+        with pytest.raises(SessionFailed, match="no verifier is alive"):
+            await edge.generate([5, 6, 7], SamplingSpec(max_new_tokens=4))
+        await broker.heartbeat("verifier", "v-slow", 30, b"{}")
+        with pytest.raises(SessionFailed, match="verifiers are alive but none answered"):
+            await edge.generate([5, 6, 7], SamplingSpec(max_new_tokens=4))
+    finally:
+        await broker.clear_heartbeat("verifier", "v-slow")
+        await broker.close()
