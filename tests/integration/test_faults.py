@@ -197,7 +197,8 @@ def test_slow_verifier_edges_wait_and_nothing_is_lost(env, reference, capsys, mo
     summary = timeline[-1]
     assert summary["event"] == "timeline.summary" and summary["complete"]
     assert summary["rounds"] == results[0]["rounds"] and summary["accepted"] == results[0]["accepted"]
-    assert [e["event"] for e in timeline[:2]] == ["session.opened", "verify.round"]
+    events_seen = [e["event"] for e in timeline if e["event"] != "edge.resend"]  # a slow round re-sends
+    assert events_seen[:2] == ["session.opened", "verify.round"]
     assert timeline[-2]["event"] in ("edge.session.summary", "session.summary")
     time.sleep(1)  # the drain task flushes every 0.2 s
     streamed = specd_logs("--session", sid, env=env, capsys=capsys, monkeypatch=monkeypatch)
@@ -232,7 +233,8 @@ def test_killed_edge_session_expires_and_frees_its_kv(env) -> None:
         assert time.monotonic() < deadline, "the abandoned session was never expired"
         time.sleep(0.5)
     assert metric(samples, "specd_verifier_sessions") == 0
-    assert not client.exists(f"{PREFIX}:{{{sid}}}:drafts", f"{PREFIX}:{{{sid}}}:state")
+    assert not client.exists(*(f"{PREFIX}:{{{sid}}}:{name}" for name in ("drafts", "tokens", "meta")))
+    assert client.hgetall(f"{PREFIX}:{{{sid}}}:state") == {b"finished": b"expired"}  # a tombstone, with a TTL
     log = [json.loads(line) for line in (env["folder"] / "verifier.log").read_text().splitlines()
            if line.startswith("{")]
     assert any(e["event"] == "session.expired" and e.get("session_id") == sid for e in log)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from broker.acl import edge_rule
 from broker.streams import Keys
-from specd.cli import main
+from common.settings import Settings
+from specd import acl
+from specd.cli import build_parser
+
+
+def main(argv: list[str]) -> int:
+    """`specd acl ...` without the CLI's logging set-up (which would bind capsys' stream)."""
+    return acl.run(build_parser().parse_args(argv), Settings())
 
 
 def test_acl_prints_one_edge_user_per_tenant(capsys) -> None:
