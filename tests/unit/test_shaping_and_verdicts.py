@@ -92,8 +92,9 @@ class _NoDraft:
 async def test_edge_waits_through_rate_limit_notices_and_drafts_shorter(broker) -> None:
     client = EdgeClient(_NoDraft(), broker, EdgeConfig(verdict_timeout_s=0.3))  # type: ignore[arg-type]
     session = _EdgeSession(client, [1, 2, 3], SamplingSpec(), None, "s")
-    notice = ErrorMessage("s", ErrorCode.TENANT_LIMIT, "over its rate", seq=0, fatal=False,
-                          retry_after_s=0.25)
+    notice = ErrorMessage(
+        "s", ErrorCode.TENANT_LIMIT, "over its rate", seq=0, fatal=False, retry_after_s=0.25
+    )
 
     def signed(message) -> RoundResult:
         payload = encode(message)
@@ -118,3 +119,26 @@ async def test_edge_waits_through_rate_limit_notices_and_drafts_shorter(broker) 
     with pytest.raises(SessionFailed) as info:
         await session._await_verdict(1)
     assert info.value.code is ErrorCode.TENANT_LIMIT
+
+
+async def test_edge_rewinds_to_the_committed_state_and_never_repeats_emitted_tokens(broker) -> None:
+    """An out_of_order notice with a shorter committed context (Redis lost rounds) rewinds the edge."""
+    emitted: list[int] = []
+    client = EdgeClient(_NoDraft(), broker, EdgeConfig(verdict_timeout_s=2.0))  # type: ignore[arg-type]
+    session = _EdgeSession(
+        client, [1, 2, 3], SamplingSpec(max_new_tokens=10), lambda _s, t: emitted.extend(t), "s"
+    )
+    session._accept([7, 8], Verdict("s", 0, 2, 9, 6), 0.0, 1.0)
+    session.seq = 1
+    session._accept([4], Verdict("s", 1, 1, 5, 8), 0.0, 1.0)
+    session.seq = 2
+    assert session.context == [1, 2, 3, 7, 8, 9, 4, 5] and emitted == [7, 8, 9, 4, 5]
+    payload = encode(ErrorMessage("s", ErrorCode.OUT_OF_ORDER, "behind", seq=1, fatal=False, committed=6))
+    await broker.publish_round([RoundResult("s", payload, [], mac=mac(session.key, payload))])
+    assert await session._await_verdict(2) is None
+    assert session.context == [1, 2, 3, 7, 8, 9] and session.seq == 1 and session.result.rewinds == 1
+    session._accept([4], Verdict("s", 1, 1, 5, 8), 0.0, 1.0)  # the redo gives the same tokens ...
+    assert emitted == [7, 8, 9, 4, 5]  # ... which are not handed out twice
+    session.seq = 2
+    session._accept([6], Verdict("s", 2, 0, 2, 9), 0.0, 1.0)
+    assert emitted == [7, 8, 9, 4, 5, 2]
