@@ -10,6 +10,9 @@ bears that out (the committed context equals the assumed one), otherwise it is c
 dropped, and the backend rolls its cache back on the next proposal. The early batch is the very
 batch the edge would have drafted after the verdict: the same context and the same ``seq``, so
 the same draws for sampled sessions; exactness does not depend on it.
+
+Each session has a random verdict key sent in its open; waiting for a verdict (authentication,
+notices, re-sends, resuming after Redis lost rounds) lives in ``edge_worker.waiting``.
 """
 
 from __future__ import annotations
@@ -24,34 +27,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from broker.streams import TRANSIENT_ERRORS, Broker, Entry, mac_ok, session_key, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, session_key, with_backoff
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
 from common.sampling import SamplingParams, apply_stop_rules
 from common.wire import (
     DraftBatch,
     ErrorCode,
-    ErrorMessage,
     SamplingSpec,
     SessionClose,
     SessionOpen,
     Verdict,
-    decode,
     encode,
 )
 from edge_worker.adaptive import GammaController
 from edge_worker.backends.base import DraftBackend, Proposal
 from edge_worker.backpressure import Backpressure
+from edge_worker.waiting import SessionFailed, VerdictWaiter
 
 log = get_logger("specd.edge")
-
-
-class SessionFailed(Exception):
-    """The verifier answered with a typed error, or no verdict came in time."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
 
 
 @dataclass
@@ -177,7 +171,7 @@ class EdgeClient:
             return await _EdgeSession(self, prompt_ids, spec, on_tokens, session_id).run()
 
 
-class _EdgeSession:
+class _EdgeSession(VerdictWaiter):
     def __init__(self, client: EdgeClient, prompt_ids: list[int], spec: SamplingSpec,
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
@@ -375,110 +369,6 @@ class _EdgeSession:
         fresh = kept[len(overlap):]
         self.emitted.extend(fresh)
         return fresh
-
-    async def _await_verdict(self, seq: int) -> Verdict | None:
-        """The verdict of ``seq``; None when a notice made the edge resume from the committed state.
-
-        Without a verdict within the resend budget the edge sends the same draft again (the
-        verifier drops or answers copies), and the open too while no verifier took the session.
-        """
-        config = self.client.config
-        deadline = time.monotonic() + config.verdict_timeout_s
-        resend_at = time.monotonic() + config.resend_s
-        while (left := deadline - time.monotonic()) > 0:
-            block = max(0.001, min(left, resend_at - time.monotonic(), 1.0))
-            try:  # bounded even while Redis is unreachable: the session fails clearly, never hangs
-                entries = await asyncio.wait_for(with_backoff(lambda: self.client.broker.read_verdicts(
-                    self.sid, self.last_verdict_id, int(block * 1000) or 1), "read_verdicts"),  # noqa: B023
-                    left + 1.0)
-            except asyncio.TimeoutError:
-                break
-            for entry in entries:
-                self.last_verdict_id = entry.entry_id
-                outcome = self._on_entry(entry, seq)
-                if outcome == "wait":
-                    deadline = time.monotonic() + config.verdict_timeout_s
-                elif outcome == "resumed":
-                    return None
-                elif isinstance(outcome, Verdict):
-                    return outcome
-            if time.monotonic() >= resend_at:
-                await self._resend(seq)
-                resend_at = time.monotonic() + config.resend_s
-        raise SessionFailed(ErrorCode.INTERNAL, f"no verdict for seq {seq} within {config.verdict_timeout_s}s"
-                            f" ({self.result.resends} re-sends): {await self._why_no_verdict()}")
-
-    async def _why_no_verdict(self) -> str:
-        """Tell a dead pool (no verifier heartbeat) from a slow or unserving one, where Redis says."""
-        try:
-            alive = await asyncio.wait_for(self.client.broker.any_healthy("verifier"), 2.0)
-        except Exception:  # noqa: BLE001 - no SCAN under an edge ACL, or Redis away: cannot tell
-            return f"is a verifier running for tenant {self.client.config.tenant!r}? `specd verifier --check`"
-        if not alive:
-            return "no verifier is alive (no verifier heartbeat in Redis): start `specd verifier`"
-        return (f"verifiers are alive but none answered: the pool is overloaded, or serves no tenant "
-                f"{self.client.config.tenant!r} ([tenants] names, pool.tenant_scan_ms)")
-
-    def _on_entry(self, entry: Entry, seq: int) -> Verdict | str | None:
-        """One verdict-stream entry: the awaited verdict, "wait" (held back), "resumed", or None (skip)."""
-        if not mac_ok(self.key, entry.payload or b"", entry.mac):
-            self.result.forged += 1  # not from a verifier of this session: never trusted
-            log.warning("edge.verdict_unauthenticated", session_id=self.sid, entry_id=entry.entry_id)
-            return None
-        message = decode(entry.payload or b"")
-        if isinstance(message, ErrorMessage):
-            if self._held_back(message):
-                return "wait"
-            if message.fatal:
-                raise SessionFailed(message.code, message.message)
-            return "resumed" if self._resume(message) else None
-        if isinstance(message, Verdict) and message.seq == seq:
-            self.pressure.observe(message.pool_load)
-            return message
-        return None  # an older verdict replayed after a redelivery or a re-send: already applied
-
-    async def _resend(self, seq: int) -> None:
-        broker = self.client.broker
-        self.result.resends += 1
-        log.info("edge.resend", session_id=self.sid, seq=seq)
-        try:
-            if self.result.rounds == 0 and not await broker.session_known(self.sid):
-                await broker.open_session(self.sid, self.open_payload)  # the open itself was lost
-            await broker.send_draft(self.sid, self.sent)
-        except TRANSIENT_ERRORS as exc:  # Redis away: the verdict deadline bounds the session
-            log.warning("edge.resend_failed", session_id=self.sid, error=str(exc))
-
-    def _resume(self, message: ErrorMessage) -> bool:
-        """A non-fatal notice; an ``out_of_order`` one with a shorter committed context rewinds.
-
-        Redis lost rounds that this edge had already seen verdicts of (it restarted and a new
-        owner rebuilt the session from what persisted): go back to the committed length and seq;
-        the redone rounds must give the tokens already emitted (checked in ``_accept``).
-        """
-        log.info("edge.notice", session_id=self.sid, code=message.code.value, error=message.message)
-        committed = message.committed
-        if (message.code is not ErrorCode.OUT_OF_ORDER or not committed or message.seq >= self.seq
-                or not len(self.result.prompt_ids) <= committed < len(self.context)):
-            return False
-        self.context = self.context[:committed]
-        self.result.token_ids = self.context[len(self.result.prompt_ids):]
-        self.seq = message.seq
-        self.result.rewinds += 1
-        log.warning("edge.rewound", session_id=self.sid, committed=committed, seq=message.seq)
-        return True
-
-    def _held_back(self, message: ErrorMessage) -> bool:
-        """A non-fatal rate-limit notice: the draft waits for the tenant's bucket, the session goes on.
-
-        The verdict comes later (the verdict timeout starts again) and the next drafts are shorter.
-        """
-        if message.fatal or message.code is not ErrorCode.TENANT_LIMIT:
-            return False
-        self.pressure.throttle(message.retry_after_s)
-        self.result.throttled += 1
-        log.info("edge.draft_throttled", session_id=self.sid, seq=message.seq,
-                 retry_after_s=message.retry_after_s)
-        return True
 
 
 def new_seed() -> int:
