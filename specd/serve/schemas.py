@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from specd.serve.errors import APIError, invalid, unknown_model
 
 BUNDLED_CHAT_TEMPLATE = (
-    "{% for m in messages %}# {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}# assistant:\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}\n"
+    "{% else %}\"\"\"{{ m['content'] }}\"\"\"\n{% endif %}{% endfor %}"
 )
-"""For tokenizers without a chat template (the bundled pair): one ``# role: text`` line each."""
+"""For tokenizers without a chat template (the bundled pair, a tiny Python code model): each
+request (system or user) becomes a docstring line, each answer the code after it."""
 
 MAX_STOPS = 4  # as OpenAI
 MAX_SEED = (1 << 63) - 1
