@@ -45,7 +45,7 @@ from specd.prompts import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-HUMANEVAL = ROOT.parent / "shared" / "data" / "humaneval.json"
+HUMANEVAL = ROOT.parent / "shared" / "data" / "humaneval.json"  # ../shared beside the checkout
 
 
 def _free_port() -> int:
@@ -148,8 +148,8 @@ async def pipeline_point(redis_url: str, prompts: list[str], concurrency: int, r
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    prompts = (read_prompts(HUMANEVAL, "text") if HUMANEVAL.is_file() else list(DEFAULT_PROMPTS))
-    prompts = prompts[: args.prompts]
+    source = args.prompts_file if args.prompts_file.is_file() else None
+    prompts = (read_prompts(source, "text") if source else list(DEFAULT_PROMPTS))[: args.prompts]
     work = Path(tempfile.mkdtemp(prefix="specd-bench-serve-"))
     rows = []
     with EmbeddedRedis() as redis:
@@ -170,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(_line(row), file=sys.stderr, flush=True)
                 rows += [served, direct]
     return {"benchmark": "serve", "command": " ".join(sys.argv), "max_new_tokens": args.max_new_tokens,
-            "prompts": len(prompts), "prompt_source": str(HUMANEVAL) if HUMANEVAL.is_file() else "demo",
+            "prompts": len(prompts), "prompt_source": source.name if source else "specd demo's prompts",
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "models": {"target": "bundled:target", "draft": "bundled:draft"}, "rows": rows}
@@ -184,7 +184,8 @@ def _line(row: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# specd serve vs the pipeline", "",
-             f"`{report['command']}`: {report['prompts']} HumanEval prompts (cycled), greedy, "
+             f"`{report['command']}`: {report['prompts']} prompts of {report['prompt_source']} "
+             "(cycled), greedy, "
              f"{report['max_new_tokens']} new tokens, bundled pair, one verifier process, one edge process "
              "(specd serve, or the load test's edge), embedded Redis, one torch thread per process.", "",
              "| path | concurrent clients | requests | requests/s | tokens/s | TTFT p50 ms | TTFT p95 ms |"
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=32, help="distinct prompts (cycled)")
+    parser.add_argument("--prompts-file", type=Path, default=HUMANEVAL, help="default: HumanEval")
     parser.add_argument("--min-requests", type=int, default=16, help="requests per point (at least 2 x C)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve")
     args = parser.parse_args()

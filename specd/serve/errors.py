@@ -51,7 +51,8 @@ def pool_unavailable(reason: str) -> APIError:
 
 def session_failed(code: str, message: str) -> APIError:
     """A session the pool ended with a typed error (wire ErrorCode values)."""
-    status = {"capacity": 503, "tenant_limit": 429, "limit_exceeded": 400}.get(code, 502)
+    statuses = {"capacity": 503, "tenant_limit": 429, "limit_exceeded": 400, "invalid_token": 400}
+    status = statuses.get(code, 502)
     type_ = {429: "rate_limit_error", 400: "invalid_request_error"}.get(status, "server_error")
     return APIError(status, f"The verifier pool ended the session: {code}: {message}", type_=type_,
                     code=code)

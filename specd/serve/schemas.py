@@ -33,12 +33,12 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # extension (vLLM's name)
+    top_k: int | None = Field(None, ge=0, le=1 << 31)  # extension (vLLM's name)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension (vLLM's name): ends the session on a token
+    stop_token_ids: list[int] | None = Field(None, max_length=16)  # extension (vLLM's): ends on a token
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
@@ -139,9 +139,16 @@ def completion_prompt(request: CompletionRequest, tokenizer: Any) -> list[int]:
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     if prompt and all(isinstance(t, int) for t in prompt):
-        return [int(t) for t in prompt]  # type: ignore[arg-type]
+        return _token_ids([int(t) for t in prompt], tokenizer, "prompt")  # type: ignore[arg-type]
     raise invalid("'prompt' must be one string or one list of token ids (this server runs one "
                   "prompt per request).", param="prompt")
+
+
+def _token_ids(ids: list[int], tokenizer: Any, param: str) -> list[int]:
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 1 << 32
+    if any(not 0 <= t < vocab for t in ids):
+        raise invalid(f"'{param}' holds token ids outside the vocabulary [0, {vocab}).", param=param)
+    return ids
 
 
 def chat_prompt(request: ChatRequest, tokenizer: Any) -> list[int]:
@@ -188,7 +195,8 @@ def build_generation(kind: Literal["completion", "chat"], body: dict[str, Any], 
         top_p=defaults.top_p if request.top_p is None else request.top_p,
         top_k=defaults.top_k if request.top_k is None else request.top_k,
         seed=request.seed, stop=_stops(request.stop),
-        stop_token_ids=tuple(request.stop_token_ids or ()), stream=request.stream,
+        stop_token_ids=tuple(_token_ids(request.stop_token_ids or [], tokenizer, "stop_token_ids")),
+        stream=request.stream,
         include_usage=bool(options.get("include_usage")))
 
 

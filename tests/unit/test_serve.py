@@ -25,6 +25,9 @@ class CharTokenizer:
     alphabet = "abcdefghijklmnopqrstuvwxyz .\n"
     chat_template = None
 
+    def __len__(self) -> int:
+        return len(self.alphabet)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(self.alphabet[i] for i in ids)
 
@@ -114,6 +117,8 @@ def test_valid_requests_take_server_defaults() -> None:
     ("completion", {"model": "m", "prompt": "a", "logprobs": 2}, 400, "logprobs", None),
     ("completion", {"model": "m", "prompt": "a", "stop": [""]}, 400, "stop", None),
     ("completion", {"model": "m", "prompt": ""}, 400, "prompt", None),
+    ("completion", {"model": "m", "prompt": [1, -2]}, 400, "prompt", None),
+    ("completion", {"model": "m", "prompt": "a", "stop_token_ids": [99]}, 400, "stop_token_ids", None),
     ("completion", {"model": "m", "prompt": "a" * 31}, 400, "prompt", "context_length_exceeded"),
     ("completion", {"model": "m", "prompt": "a" * 20, "max_tokens": 30}, 400, "prompt",
      "context_length_exceeded"),
