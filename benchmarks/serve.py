@@ -151,7 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     source = args.prompts_file if args.prompts_file.is_file() else None
     prompts = (read_prompts(source, "text") if source else list(DEFAULT_PROMPTS))[: args.prompts]
     work = Path(tempfile.mkdtemp(prefix="specd-bench-serve-"))
-    rows = []
+    rows, load_before = [], os.getloadavg()
     with EmbeddedRedis() as redis:
         env = _env(redis.url)
         port = _free_port()
@@ -172,7 +172,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "serve", "command": " ".join(sys.argv), "max_new_tokens": args.max_new_tokens,
             "prompts": len(prompts), "prompt_source": source.name if source else "specd demo's prompts",
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                        "platform": platform.platform()},
+                        "platform": platform.platform(),
+                        "load_average_1m_before_after": [round(load_before[0], 2),
+                                                         round(os.getloadavg()[0], 2)]},
             "models": {"target": "bundled:target", "draft": "bundled:draft"}, "rows": rows}
 
 
@@ -187,7 +189,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"`{report['command']}`: {report['prompts']} prompts of {report['prompt_source']} "
              "(cycled), greedy, "
              f"{report['max_new_tokens']} new tokens, bundled pair, one verifier process, one edge process "
-             "(specd serve, or the load test's edge), embedded Redis, one torch thread per process.", "",
+             "(specd serve, or the load test's edge), embedded Redis, one torch thread per process; "
+             f"{report['machine']['cpus']} CPUs, 1-minute load average "
+             f"{report['machine']['load_average_1m_before_after']} before/after.", "",
              "| path | concurrent clients | requests | requests/s | tokens/s | TTFT p50 ms | TTFT p95 ms |"
              " server session TTFT p50 ms |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
