@@ -374,3 +374,31 @@ def test_specd_chat_streams_turns_with_history_on_the_embedded_default(target_gr
     second = target_greedy(encode(f'"""def add"""\n{first}\n"""and a test"""\n'), 24)
     transcript = out.split("specd> ")
     assert transcript[1].startswith(first) and transcript[2].startswith(second)  # history went in
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+async def test_a_keys_tenant_reaches_the_pool_with_its_sessions(served: Served) -> None:
+    """The runner behind an API key: its sessions carry the key's tenant on the verifier."""
+    from common.settings import load_settings
+    from specd.runtime import make_broker
+    from specd.serve.command import build_context
+    from specd.serve.runner import Finished
+    from specd.serve.schemas import build_generation
+
+    settings = load_settings({"redis": {"url": served.redis_url}, "models": {"torch_threads": 1}})
+    broker = make_broker(settings)
+    try:
+        context = build_context(settings, broker, [])
+        runner = context.runner
+        generation = build_generation("completion", {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8},
+                                      context.defaults, runner.tokenizer)
+        sid = runner.session_id("team-a")
+        events = [event async for event in runner.rounds(generation, "team-a", sid)]
+    finally:
+        await broker.close()
+    assert sid.startswith("team-a.") and isinstance(events[-1], Finished)
+    assert events[-1].figures["tenant"] == "team-a" and events[-1].completion_tokens == 8
+    opened = _sum(_scrape(served.metrics_port), "specd_verifier_sessions_opened_total", tenant="team-a")
+    assert opened == 1
