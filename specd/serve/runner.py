@@ -173,6 +173,9 @@ class SessionRunner:
         client = self._clients.get(tenant)
         if client is None:
             base = self.base
+            # edge_worker has no per-session tenant yet: share its lock by name, loudly if renamed
+            if not hasattr(base, "_draft_lock"):
+                raise RuntimeError("EdgeClient's draft lock moved: update SessionRunner._client_for")
             client = EdgeClient(base.backend, base.broker, replace(base.config, tenant=tenant),
                                 self.max_concurrent)
             client._draft_lock = base._draft_lock
