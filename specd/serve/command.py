@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from pydantic import ValidationError
+
 from common.settings import Settings
 
 
@@ -47,8 +49,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError as exc:
         print(f"specd serve: {exc.name} is missing: pip install 'specd[serve]'", file=sys.stderr)
         return 2
-    except ValueError as exc:
-        print(f"specd serve: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        print(f"specd serve: --{str(error['loc'][0]).replace('_', '-')} {error['input']!r}: {error['msg']}",
+              file=sys.stderr)
         return 2
     return asyncio.run(serve_forever(settings))
 
