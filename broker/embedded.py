@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,11 @@ class EmbeddedRedis:
         deadline = time.monotonic() + settle_s
         while self._server._connection_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        self._server._cleanup()
+        if self._server._connection_count() > 1:  # a client never left: the server is ours, stop it
+            with contextlib.suppress(Exception):  # the connection drops as the server exits
+                self._server.shutdown(nosave=True)
+        else:
+            self._server._cleanup()
         self._dir.cleanup()
 
     def __enter__(self) -> EmbeddedRedis:
