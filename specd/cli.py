@@ -80,7 +80,10 @@ def _add_batching(parser: argparse.ArgumentParser) -> None:
 def _add_draft(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("draft model and sampling")
     group.add_argument("--draft-model", help="HF folder, hub id or bundled:draft")
-    group.add_argument("--backend", choices=["torch", "openvino", "genai", "replay"], help="draft backend")
+    group.add_argument("--backend",
+                       choices=["torch", "openvino", "genai", "replay", "prompt_lookup", "router"],
+                       help="draft backend (prompt_lookup: n-gram copies, no model; router: picks one of "
+                       "edge.drafts per session)")
     group.add_argument("--device", help="draft device: auto, cpu, cuda[:N], gpu[.N], npu "
                        "(`specd devices` lists them)")
     group.add_argument("--device-fallback", choices=["fallback", "fail"],
