@@ -12,6 +12,7 @@ from typing import Any
 from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
+from specd import train_draft
 from specd.prompts import read_prompts
 
 # Each flag maps to (section, key) of the settings; None values mean "not given".
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER)
     report = commands.add_parser("pair-report", help="measure a draft/target pair", add_help=False)
     report.add_argument("args", nargs=argparse.REMAINDER)
+    train_draft.add_parser(commands)
     return parser
 
 
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train-pair", "pair-report"):
         return _run_pair_tool(args.command, args.args)
+    if args.command == "train-draft":
+        return train_draft.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
