@@ -392,6 +392,8 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
     for backend, info in report.items():
         if not info["installed"]:
             print(f"{backend:9} not installed ({info['hint']})")
+        elif "drafter" in info:
+            print(f"{backend:9} {info['drafter']}")
         elif "error" in info:
             print(f"{backend:9} installed, but listing its devices failed: {info['error']}")
         else:

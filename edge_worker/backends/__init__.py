@@ -7,14 +7,9 @@ from typing import Any
 
 from common.logs import get_logger
 from edge_worker.backends.base import DraftBackend, DraftState, Proposal
-from edge_worker.devices import resolve_device
+from edge_worker.devices import DRAFTERS, resolve_device
 
 BACKENDS = ("torch", "openvino", "genai", "replay", "prompt_lookup", "router")
-DRAFTERS = {
-    "prompt_lookup": "no model: copies the continuation of the latest n-gram match in the context",
-    "router": "picks one of edge.drafts per session from the prompt, re-picks from tokens/s",
-}
-"""Backends that run no device of their own (listed by ``specd devices`` beside the devices)."""
 DTYPE_PRECISION = {"float32": "f32", "float64": "f32", "float16": "f16", "bfloat16": "bf16"}
 PRECISION_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
