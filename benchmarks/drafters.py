@@ -10,8 +10,9 @@ keep their head and tail halves (the instruction of a summary is at the start, t
 a RAG prompt at the end).
 
 Drafters: the bundled code draft, the bundled English draft (``bundled:draft_en``), prompt
-lookup alone, prompt lookup beside each model draft, the router over all of them, and the
-target alone (gamma 0) for reference. One verifier (the bundled target) serves every session
+lookup alone, prompt lookup beside each model draft, the router over all of them, and, with
+``--target-only``, the target alone (gamma 0; otherwise its greedy output is computed untimed,
+as the reference). One verifier (the bundled target) serves every session
 through an embedded Redis; sessions run one at a time and, for every prompt, each drafter in
 turn (round robin), so machine noise hits all of them alike. Greedy decoding: every drafter's
 output must equal the target-only output (checked). The router learns as the run goes on (its
@@ -73,7 +74,8 @@ def clip(ids: list[int], limit: int) -> list[int]:
     return ids if len(ids) <= limit else ids[:limit // 2] + ids[-(limit - limit // 2):]
 
 
-def drafter_specs(draft: str, draft_en: str) -> dict[str, list[dict[str, Any]] | dict[str, Any]]:
+def drafter_specs(draft: str, draft_en: str,
+                  target_only: bool) -> dict[str, list[dict[str, Any]] | dict[str, Any]]:
     """Each configuration: a single backend (dict) or the router's ``edge.drafts`` (list)."""
     router = [{"name": "draft", "model": draft, "domains": ["code"]},
               {"name": "draft_en", "model": draft_en, "domains": ["prose"]},
@@ -81,7 +83,8 @@ def drafter_specs(draft: str, draft_en: str) -> dict[str, list[dict[str, Any]] |
               {"name": "lookup+draft", "backend": "prompt_lookup", "model": draft, "fallback": "draft"},
               {"name": "lookup+draft_en", "backend": "prompt_lookup", "model": draft, "fallback": "draft_en",
                "domains": ["long"]}]
-    return {"target_only": {"kind": "torch", "model": draft, "gamma": 0},
+    reference = {"target_only": {"kind": "torch", "model": draft, "gamma": 0}} if target_only else {}
+    return {**reference,
             "draft": {"kind": "torch", "model": draft},
             "draft_en": {"kind": "torch", "model": draft_en},
             "lookup": {"kind": "prompt_lookup", "model": draft},
@@ -100,7 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     configure_logging("warning")  # a log line per round would be part of what is timed
     prompts = load_prompts(args.data, args.per_category, args.seed)
-    specs = drafter_specs(args.draft, args.draft_en)
+    specs = drafter_specs(args.draft, args.draft_en, args.target_only)
     with EmbeddedRedis() as redis:
         settings = Settings(redis={"url": redis.url, "key_prefix": "bench-drafters"},
                             models={"target": args.target, "draft": args.draft},
@@ -117,7 +120,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 config = dataclasses.replace(config, gamma=spec["gamma"])
             clients[name] = EdgeClient(build_backend(spec, args.draft), edge_broker, config, 1)
         try:
-            rows = await _sessions(clients, prompts, args)
+            rows = await _sessions(clients, prompts, verifier, args)
         finally:
             stop.set()
             await task
@@ -126,10 +129,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return _report(rows, clients["router"].backend, prompts, args)
 
 
-async def _sessions(clients: dict[str, EdgeClient], prompts: list[tuple[str, str]],
+def _target_greedy(verifier: Any, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The target's own greedy output (untimed: the reference every drafter must reproduce)."""
+    from common.sampling import SamplingParams
+    from verifier_worker.engine import generate_target_only
+
+    return generate_target_only(verifier.engine, ids, SamplingParams(), frozenset(), max_new_tokens)
+
+
+async def _sessions(clients: dict[str, EdgeClient], prompts: list[tuple[str, str]], verifier: Any,
                     args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    tokenizer = clients["draft"].backend.tokenizer
+    tokenizer = clients["draft"].backend.tokenizer  # every drafter shares it (the router checks)
     for index, (category, text) in enumerate(prompts):
         ids = clip(tokenizer.encode(text), args.max_prompt_tokens)
         outputs = {}
@@ -140,7 +151,8 @@ async def _sessions(clients: dict[str, EdgeClient], prompts: list[tuple[str, str
                          "tokens": len(result.token_ids), "wall_s": time.perf_counter() - started,
                          "rounds": result.rounds, "drafted": result.drafted, "accepted": result.accepted})
             outputs[name] = result.token_ids
-        same = all(out == outputs["target_only"] for out in outputs.values())
+        reference = outputs.get("target_only") or _target_greedy(verifier, ids, args.max_new_tokens)
+        same = all(out == reference for out in outputs.values())
         rows[-1]["identical"] = same
         if not same:
             raise SystemExit(f"prompt {index}: drafters disagree with the target-only output")
@@ -225,7 +237,9 @@ def main() -> int:
     parser.add_argument("--target", default="bundled:target")
     parser.add_argument("--draft", default="bundled:draft")
     parser.add_argument("--draft-en", default="bundled:draft_en")
-    parser.add_argument("--per-category", type=int, default=8)
+    parser.add_argument("--per-category", type=int, default=6)
+    parser.add_argument("--target-only", action="store_true",
+                        help="also time the target alone (gamma 0); else its output is only the reference")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-prompt-tokens", type=int, default=640)
     parser.add_argument("--gamma", type=int, default=4)
