@@ -95,15 +95,14 @@ def prepare(args: argparse.Namespace, tokenizer: Any, target: Any) -> Prepared:
     eos = tokenizer.eos_token_id
     stop = frozenset() if eos is None else frozenset({eos})
     rng = np.random.default_rng(args.seed)
-    eval_prompts = [ids[:args.prompt_tokens] for ids in map(lambda t: encode(tokenizer, t), val_docs)
-                    if len(ids) >= 4][:args.eval_prompts]
+    eval_prompts = _prompts([encode(tokenizer, t) for t in val_docs], args.prompt_tokens)[:args.eval_prompts]
     print(f"scoring: the target continues {len(eval_prompts)} held-out prompts", flush=True)
     eval_paths = continue_greedily(target, eval_prompts, args.eval_tokens, stop)
     eval_target_p = [path_probs(target, p, path) for p, path in zip(eval_prompts, eval_paths, strict=True)]
     encoded = [encode(tokenizer, t) for t in train_docs]
     if args.self_generate:
-        chosen = [int(i) for i in rng.permutation(len(encoded))[:args.generate_prompts]]
-        prompts = [encoded[i][:args.prompt_tokens] for i in chosen if len(encoded[i]) >= 4]
+        shuffled = [encoded[int(i)] for i in rng.permutation(len(encoded))]
+        prompts = _prompts(shuffled, args.prompt_tokens)[:args.generate_prompts]
         print(f"self-generate: the target continues {len(prompts)} training prompts", flush=True)
         generated = [p + c for p, c in zip(prompts, continue_greedily(target, prompts, args.self_generate,
                                                                        stop), strict=True)]
@@ -116,6 +115,12 @@ def prepare(args: argparse.Namespace, tokenizer: Any, target: Any) -> Prepared:
         raise TrainDraftError(f"only {stream.size} training tokens; need more than --seq-len {args.seq_len}")
     return Prepared(stream, eval_prompts, eval_paths, eval_target_p,
                     {"train": len(train_docs), "held_out": len(val_docs)}, digest.hexdigest())
+
+
+def _prompts(documents: list[list[int]], length: int) -> list[list[int]]:
+    """Prefixes of exactly ``length`` tokens (one batch shape for generation), else shorter ones."""
+    full = [ids[:length] for ids in documents if len(ids) >= length]
+    return full or [ids[:length] for ids in documents if len(ids) >= 4]
 
 
 def topk_distill_loss(target: Any, student: Any, window: torch.Tensor, k: int) -> torch.Tensor:
