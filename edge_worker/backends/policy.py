@@ -1,9 +1,14 @@
 """The router's choice, pure: prompt classes, per-drafter rates, first pick and re-pick.
 
-A drafter's *rate* is committed tokens per second of round wall time (drafting included). The
-estimate for a drafter in a session is its rounds in this session on top of up to
-``prior_rounds`` pseudo-rounds of what this process saw for the same prompt class before, so a
-new session starts from experience and its own rounds take over as they come in.
+A drafter's *rate* is committed tokens per second of round wall time: its committed tokens per
+round over its drafting time per round plus the round's other time (transport, queueing,
+verification). That other time does not depend on who drafted, so it is estimated from every
+round of every drafter (shared); per drafter only acceptance and draft cost are estimated. (A
+per-drafter wall time would be dominated by when each drafter happened to run on a busy
+machine: measured, ``benchmarks/results/drafters_8x64_wallrate.md``.) Each per-drafter figure is
+its rounds in this session on top of up to ``prior_rounds`` pseudo-rounds of what this process
+saw for the same prompt class before, so a new session starts from experience and its own
+rounds take over as they come in.
 
 First pick: the best class rate once every drafter has class history; before that, a drafter
 without history for the class is tried (exploration), and with no history at all, the drafter
@@ -34,12 +39,13 @@ class ArmStats:
     seconds: float = 0.0  # wall time of the rounds, drafting included
     draft_s: float = 0.0  # time spent inside the drafter
 
-    def observe(self, drafted: int, accepted: int, committed: int, seconds: float) -> None:
+    def observe(self, drafted: int, accepted: int, committed: int, seconds: float, draft_s: float) -> None:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
         self.committed += committed
         self.seconds += max(seconds, 1e-6)
+        self.draft_s += draft_s
 
     @property
     def rate(self) -> float:
@@ -83,24 +89,44 @@ class RoutePolicy:
     decay: float = 0.995
     history: dict[tuple[str, str], ArmStats] = field(default_factory=dict)
 
-    def learn(self, klass: str, arm: str, committed: int, seconds: float) -> None:
+    def learn(self, klass: str, arm: str, committed: int, seconds: float, draft_s: float) -> None:
         """Fold one round into the class history (slowly forgetting, so it follows drift)."""
         stats = self.history.setdefault((klass, arm), ArmStats())
-        for name in ("rounds", "committed", "seconds"):
+        for name in ("rounds", "committed", "seconds", "draft_s"):
             setattr(stats, name, getattr(stats, name) * self.decay)
         stats.rounds += 1
         stats.committed += committed
         stats.seconds += max(seconds, 1e-6)
+        stats.draft_s += draft_s
 
-    def estimate(self, klass: str, arm: str, session: ArmStats) -> float | None:
-        """Session rounds on top of the class prior; None when nothing is known."""
+    def _per_round(self, klass: str, arm: str, session: ArmStats) -> tuple[float, float] | None:
+        """(committed tokens, draft seconds) per round: session rounds on top of the class prior."""
         prior = self.history.get((klass, arm))
         weight = min(prior.rounds, self.prior_rounds) if prior is not None and prior.rounds else 0.0
-        committed, seconds = session.committed, session.seconds
+        rounds, committed, draft_s = session.rounds, session.committed, session.draft_s
         if weight and prior is not None:
+            rounds += weight
             committed += prior.committed / prior.rounds * weight
-            seconds += prior.seconds / prior.rounds * weight
-        return committed / seconds if seconds else None
+            draft_s += prior.draft_s / prior.rounds * weight
+        return (committed / rounds, draft_s / rounds) if rounds else None
+
+    def overhead(self, klass: str, stats: dict[str, ArmStats]) -> float:
+        """Seconds of a round outside the drafter, from every drafter's rounds (session + class)."""
+        rounds = seconds = 0.0
+        for arm in self.arms:
+            for source in (stats.get(arm), self.history.get((klass, arm))):
+                if source is not None and source.rounds:
+                    rounds += source.rounds
+                    seconds += max(source.seconds - source.draft_s, 0.0)
+        return seconds / rounds if rounds else 0.0
+
+    def estimate(self, klass: str, arm: str, session: ArmStats, overhead: float = 0.0) -> float | None:
+        """Expected committed tokens per second of wall time; None when nothing is known."""
+        per_round = self._per_round(klass, arm, session)
+        if per_round is None:
+            return None
+        committed, draft_s = per_round
+        return committed / max(draft_s + overhead, 1e-6)
 
     def first_pick(self, klass: str, context: list[int], stats: dict[str, ArmStats]) -> Decision:
         estimates = self._estimates(klass, stats)
@@ -132,8 +158,9 @@ class RoutePolicy:
 
     def _estimates(self, klass: str, stats: dict[str, ArmStats]) -> dict[str, float]:
         found = {}
+        overhead = self.overhead(klass, stats)
         for arm in self.arms:
-            rate = self.estimate(klass, arm, stats.get(arm, ArmStats()))
+            rate = self.estimate(klass, arm, stats.get(arm, ArmStats()), overhead)
             if rate is not None:
                 found[arm] = rate
         return found

@@ -8,17 +8,20 @@ is unchanged: each session gets a ``RouterState`` holding one child state per dr
 What it observes needs no hook either. The context of the next proposal tells how the last one
 fared: the tokens that match the previous proposal were accepted, one more was the target's
 own. The time between the two proposals is the round's wall time (drafting, transport,
-verification). The reward of a round is committed tokens per second of wall time, so a cheap
-drafter with middling acceptance can beat a good but slow one, as it does in the session.
+verification), the time inside the drafter its draft cost. A drafter is judged by expected
+committed tokens per second of wall time: its tokens per round over its draft cost plus the
+rest of a round (shared by all drafters, see policy.py), so a cheap drafter with middling
+acceptance can beat a good but slow one, as it does in the session.
 (With drafting ahead, a proposal made for an assumed context only judges the rounds before the
 one still in flight; a proposal drafted ahead and dropped is forgotten.)
 
 Choice (``policy.py``): at session start, from the prompt's class (code or prose, short or long)
-and what this process learned about that class in earlier sessions; with no history, prompt
-lookup for long or self-repeating prompts, else the first model draft. During the session, after
-every round, a UCB bandit over per-drafter rates (the session's own rounds on top of the class
-prior) switches when another drafter's estimate beats the current one's, so a poor first pick
-recovers. The output never depends on the choice: every proposal is verified.
+and what this process learned about that class in earlier sessions; with no history, the
+drafter whose declared domains fit, else prompt lookup for long prompts, else the first entry.
+During the session, after every round, a simple bandit (every drafter is tried once per class,
+then the best estimate is followed, with hysteresis; the session's own rounds on top of the
+class prior) switches when another drafter's estimate beats the current one's, so a poor first
+pick recovers. The output never depends on the choice: every proposal is verified.
 
 Every decision is one structlog line (``edge.router.pick``: route id, round, drafter, reason,
 estimates); ``release`` logs ``edge.router.session`` with the per-drafter figures and keeps the
@@ -54,6 +57,7 @@ class _Record:
     arm: str
     began: float  # perf_counter when the proposal was asked for
     ahead: bool
+    draft_s: float = 0.0  # time spent inside the drafter
 
 
 @dataclass
@@ -114,10 +118,11 @@ class RouterBackend(DraftBackend):
             self._observe(state, context, now, ahead)
             self._repick(state)
         arm = state.arm
+        began = self.clock()
         proposal = self.children[arm].propose(self._child_state(state, arm), context, gamma, params,
                                               seq, stop_token_ids, max_support, cancel)
-        state.stats[arm].draft_s += self.clock() - now
-        state.records.append(_Record(len(context), list(proposal.token_ids), arm, now, ahead))
+        state.records.append(_Record(len(context), list(proposal.token_ids), arm, now, ahead,
+                                     self.clock() - began))
         return proposal
 
     def guess_next(self, state: DraftState, context: list[int]) -> int:
@@ -140,7 +145,7 @@ class RouterBackend(DraftBackend):
             "route_id": state.route_id, "prompt_class": state.klass, "prompt_tokens": state.prompt_len,
             "rounds": state.rounds, "final": state.arm,
             "switches": max(0, len(state.decisions) - 1),
-            "drafters": {name: s.summary() for name, s in state.stats.items() if s.rounds or s.draft_s},
+            "drafters": {name: s.summary() for name, s in state.stats.items() if s.rounds},
             "decisions": [d.as_dict() for d in state.decisions],
         }
 
@@ -164,10 +169,10 @@ class RouterBackend(DraftBackend):
             arm_stats = state.stats[record.arm]
             accepted = _matching(record.tokens, context[record.start:])
             committed = min(accepted + 1, len(context) - record.start)
-            arm_stats.observe(len(record.tokens), accepted, committed, now - record.began)
+            arm_stats.observe(len(record.tokens), accepted, committed, now - record.began, record.draft_s)
             state.rounds += 1
             with self._lock:
-                self.policy.learn(state.klass, record.arm, committed, now - record.began)
+                self.policy.learn(state.klass, record.arm, committed, now - record.began, record.draft_s)
         state.records = state.records[len(settled):]
 
     def _repick(self, state: RouterState) -> None:
