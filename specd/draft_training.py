@@ -22,7 +22,7 @@ from specd.train_draft import TrainDraftError
 
 TEXT_FIELDS = ("text", "content", "prompt", "turns", "question", "canonical_solution", "label",
                "completion", "response", "answer")
-CHECKPOINT, BEST, REPORT, DATA = "checkpoint", "draft", "report.json", "data.pt"
+CHECKPOINT, BEST, REPORT, DATA = "checkpoint", "draft", "report.json", "data"
 KEYS_THAT_MUST_MATCH = ("target", "draft", "mode", "steps", "seed", "seq_len", "batch_size", "top_k",
                         "self_generate", "prompt_tokens", "eval_tokens", "train_on")
 
@@ -165,7 +165,7 @@ def _check_resume(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if not args.resume:
         raise TrainDraftError(f"{folder} exists: pass --resume to continue that run, or choose another --out")
-    trainer = torch.load(folder / "trainer.pt", weights_only=False)
+    trainer = load_state(folder / "trainer")
     mine = _settings(args)
     differ = [k for k in KEYS_THAT_MUST_MATCH if trainer["settings"].get(k) != mine.get(k)]
     if differ:
@@ -232,11 +232,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def _load_or_prepare(args: argparse.Namespace, tokenizer: Any, target: Any, resuming: bool) -> Prepared:
     """The encoded data of this run: made once (generation included), reloaded on resume."""
     path = args.out / DATA
-    if resuming and path.is_file():
-        saved = torch.load(path, weights_only=False)
-        return Prepared(**saved)
+    if resuming and path.with_suffix(".json").is_file():
+        return Prepared(**load_state(path))
     data = prepare(args, tokenizer, target)
-    torch.save(data.__dict__, path)
+    save_state(path, data.__dict__)
     return data
 
 
@@ -266,8 +265,8 @@ def _checkpoint(args: argparse.Namespace, trainer: dict[str, Any], data: Prepare
     shutil.rmtree(tmp, ignore_errors=True)
     draft.save_pretrained(tmp, safe_serialization=True)  # float32: resuming loses nothing
     tokenizer.save_pretrained(tmp)
-    torch.save({**trainer, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-               tmp / "trainer.pt")
+    save_state(tmp / "trainer", {**trainer, "optimizer": optimizer.state_dict(),
+                                 "torch_rng": torch.get_rng_state()})
     old = folder.with_name(CHECKPOINT + ".old")
     if folder.exists():
         os.replace(folder, old)
@@ -287,3 +286,42 @@ def _finish(args: argparse.Namespace, trainer: dict[str, Any], data: Prepared) -
     }
     (args.out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def save_state(base: Path, state: Any) -> None:
+    """``base.json`` (structure, plain values) + ``base.safetensors`` (tensors): nothing to unpickle."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    base.with_suffix(".json").write_text(json.dumps(_flatten(state, tensors)))
+    save_file(tensors, str(base.with_suffix(".safetensors")))
+
+
+def load_state(base: Path) -> Any:
+    from safetensors.torch import load_file
+
+    return _unflatten(json.loads(base.with_suffix(".json").read_text()),
+                      load_file(str(base.with_suffix(".safetensors"))))
+
+
+def _flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor | np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.as_tensor(value).contiguous().clone()
+        return {"__tensor__": key, "numpy": isinstance(value, np.ndarray)}
+    if isinstance(value, dict):  # keys keep their type (optimizer state is keyed by int)
+        return {"__items__": [[k, _flatten(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return [_flatten(v, tensors) for v in value]
+    return value
+
+
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        tensor = tensors[value["__tensor__"]]
+        return tensor.numpy() if value["numpy"] else tensor
+    if isinstance(value, dict):
+        return {k: _unflatten(v, tensors) for k, v in value["__items__"]}
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    return value

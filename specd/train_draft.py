@@ -18,7 +18,8 @@ The metric that matters is measured, not the loss: acceptance of the draft on he
 along the target's own greedy continuations (``specd.draft_eval``), before training, at every
 checkpoint and at the end. ``OUT/draft`` always holds the best checkpoint by held-out greedy
 acceptance (the starting one if nothing beat it); ``OUT/report.json`` records acceptance and
-tokens per round before and after. ``OUT/checkpoint`` (weights, optimiser, RNG, step) is written
+tokens per round before and after. ``OUT/checkpoint`` (weights, optimiser, RNG, step; JSON and
+safetensors, nothing unpickled) is written
 atomically every ``--checkpoint-every`` steps; ``--resume`` continues a killed run from it and
 sees the same batches as an uninterrupted run.
 
