@@ -190,3 +190,15 @@ def test_edge_drafts_settings_are_checked() -> None:
         load_settings({"edge": {"drafts": [{"name": "l", "backend": "prompt_lookup", "fallback": "x"}]}})
     with pytest.raises(ConfigError, match="unique"):
         load_settings({"edge": {"drafts": [{"name": "d"}, {"name": "d"}]}})
+
+
+def test_default_drafts_are_the_model_prompt_lookup_and_both() -> None:
+    from edge_worker.backends.router import default_drafts
+
+    clock = [0.0]
+    router = build_router(default_drafts(), "m",
+                          lambda backend, model: _Scripted(model, [], True, 0.0, clock),
+                          lambda model, beside: PromptLookupBackend.beside(beside) if beside else _lookup())
+    assert list(router.children) == ["draft", "lookup", "lookup+draft"]
+    assert router.children["lookup+draft"].fallback is router.children["draft"]  # type: ignore[attr-defined]
+    assert router.policy.first_pick("prose-long", [], {}).arm == "lookup"
