@@ -183,11 +183,33 @@ class TenantSettings(Section):
                 self.weight if own.weight is None else own.weight)
 
 
+class DraftSpec(Section):
+    """One named drafter the router may pick (``edge.drafts``); all share the target's vocabulary."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]{1,32}$")
+    backend: Literal["torch", "openvino", "genai", "prompt_lookup"] = "torch"
+    model: str = ""
+    """Model (folder, hub id, bundled:NAME); empty: models.draft. prompt_lookup: only its tokenizer."""
+    fallback: str = ""
+    """prompt_lookup only: the name of another entry that drafts when no n-gram matches."""
+    domains: list[Literal["code", "prose", "long", "short"]] = []
+    """Prompts this drafter is meant for: the router's first pick before it has history."""
+
+
 class EdgeSettings(Section):
     worker_id: str = ""
-    backend: Literal["torch", "openvino", "genai", "replay"] = "torch"
-    """Draft backend: torch, openvino (CPU/GPU/NPU), genai (ONNX Runtime GenAI), or replay (no
-    model: proposes a precomputed target continuation, for load tests)."""
+    backend: Literal["torch", "openvino", "genai", "replay", "prompt_lookup", "router"] = "torch"
+    """Draft backend: torch, openvino (CPU/GPU/NPU), genai (ONNX Runtime GenAI), replay (no
+    model: proposes a precomputed target continuation, for load tests), prompt_lookup (no model:
+    n-gram copies from the context), or router (picks one of ``edge.drafts`` per session)."""
+    drafts: list[DraftSpec] = []
+    """The router's drafters; empty: models.draft, prompt lookup, and prompt lookup beside it."""
+    lookup_max_ngram: int = Field(3, ge=1)
+    """Prompt lookup: longest suffix n-gram searched for in the context."""
+    lookup_min_ngram: int = Field(1, ge=1)
+    """Prompt lookup: shortest n-gram that still counts as a match."""
+    lookup_with_model: bool = False
+    """backend = prompt_lookup: draft with models.draft (torch) when no n-gram matches."""
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     """Draft device for every backend: auto, cpu, cuda[:N], gpu[.N], npu."""
     device_fallback: Literal["fallback", "fail"] = "fallback"
@@ -224,6 +246,20 @@ class EdgeSettings(Section):
     """Spread of the added round trip: each direction varies uniformly by +- half of it."""
     multiplex_verdicts: bool = False
     """Read every session's verdicts with one XREAD per edge process instead of one per session."""
+
+    @field_validator("drafts")
+    @classmethod
+    def _drafts_refer_to_each_other(cls, drafts: list[DraftSpec]) -> list[DraftSpec]:
+        names = [d.name for d in drafts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"edge.drafts names must be unique, got {names}")
+        models = {d.name for d in drafts if d.backend != "prompt_lookup"}
+        for draft in drafts:
+            if draft.fallback and (draft.backend != "prompt_lookup" or draft.fallback not in models):
+                raise ValueError(f"edge.drafts {draft.name!r}: a fallback ({draft.fallback!r}) needs a "
+                                 f"prompt_lookup entry naming a model entry "
+                                 f"({', '.join(sorted(models)) or 'none'})")
+        return drafts
 
 
 class LimitSettings(Section):

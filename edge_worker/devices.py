@@ -78,6 +78,12 @@ def genai_devices() -> list[str]:
 
 
 LISTERS = {"torch": torch_devices, "openvino": openvino_devices, "genai": genai_devices}
+DRAFTERS = {
+    "prompt_lookup": "no model, no device: proposes what followed the latest n-gram match in the context "
+                     "(edge.lookup_with_model: models.draft when nothing matches)",
+    "router": "picks one of edge.drafts per session from the prompt, re-picks from observed tokens/s",
+}
+"""Drafters that need no device of their own (their model drafts use edge.device)."""
 
 
 def available_devices(backend: str) -> list[str]:
@@ -147,4 +153,6 @@ def describe_all() -> dict[str, dict[str, object]]:
             continue
         report[backend] = {"installed": True, "devices": have,
                            "auto": resolve_device(backend, "auto", available=have).used}
+    for name, note in DRAFTERS.items():
+        report[name] = {"installed": True, "devices": [], "drafter": note}
     return report

@@ -13,6 +13,7 @@ from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
 from specd import chat
+from specd import train_draft
 from specd.prompts import read_prompts
 from specd.serve import command as serve_command
 
@@ -82,7 +83,10 @@ def _add_batching(parser: argparse.ArgumentParser) -> None:
 def _add_draft(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("draft model and sampling")
     group.add_argument("--draft-model", help="HF folder, hub id or bundled:draft")
-    group.add_argument("--backend", choices=["torch", "openvino", "genai", "replay"], help="draft backend")
+    group.add_argument("--backend",
+                       choices=["torch", "openvino", "genai", "replay", "prompt_lookup", "router"],
+                       help="draft backend (prompt_lookup: n-gram copies, no model; router: picks one of "
+                       "edge.drafts per session)")
     group.add_argument("--device", help="draft device: auto, cpu, cuda[:N], gpu[.N], npu "
                        "(`specd devices` lists them)")
     group.add_argument("--device-fallback", choices=["fallback", "fail"],
@@ -219,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER)
     report = commands.add_parser("pair-report", help="measure a draft/target pair", add_help=False)
     report.add_argument("args", nargs=argparse.REMAINDER)
+    train_draft.add_parser(commands)
     return parser
 
 
@@ -278,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train-pair", "pair-report"):
         return _run_pair_tool(args.command, args.args)
+    if args.command == "train-draft":
+        return train_draft.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
@@ -391,6 +398,8 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
     for backend, info in report.items():
         if not info["installed"]:
             print(f"{backend:9} not installed ({info['hint']})")
+        elif "drafter" in info:
+            print(f"{backend:9} {info['drafter']}")
         elif "error" in info:
             print(f"{backend:9} installed, but listing its devices failed: {info['error']}")
         else:

@@ -37,7 +37,10 @@ def build_draft_backend(settings: Settings) -> DraftBackend:
                           fallback=edge.device_fallback, precision=edge.precision,
                           cache_dir=edge.cache_dir, trust_remote_code=models.trust_remote_code,
                           threads=models.torch_threads, replay_file=edge.replay_file,
-                          replay_acceptance=edge.replay_acceptance)
+                          replay_acceptance=edge.replay_acceptance,
+                          lookup_ngram=(edge.lookup_min_ngram, edge.lookup_max_ngram),
+                          lookup_with_model=edge.lookup_with_model,
+                          drafts=[d.model_dump() for d in edge.drafts])
 
 
 def edge_config(settings: Settings) -> EdgeConfig:

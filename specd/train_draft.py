@@ -1,0 +1,100 @@
+"""``specd train-draft``: fine-tune or distil an existing Hugging Face draft for a target.
+
+Starts from any draft checkpoint that shares the target's tokenizer (``specd train-pair`` trains
+the bundled pair from scratch; this one adapts a draft to a target and a domain):
+
+* ``--mode lm``: next-token cross-entropy on the data;
+* ``--mode distill``: the target's top-k next-token distributions (renormalised over its k most
+  likely tokens) as soft labels, cross-entropy of the draft against them.
+
+Data: ``.jsonl``/``.json`` records (``--field``, else the usual text fields: ``text``,
+``prompt``, ``turns``, ``canonical_solution``, ``label``...), anything else as plain text files
+(code included). Documents are split train/held-out by a hash of their name. With
+``--self-generate N`` the target continues each training document's prefix greedily for N
+tokens and those continuations join the training text: at run time the draft sees the target's
+text, not the corpus's.
+
+The metric that matters is measured, not the loss: acceptance of the draft on held-out prompts
+along the target's own greedy continuations (``specd.draft_eval``), before training, at every
+checkpoint and at the end. ``OUT/draft`` always holds the best checkpoint by held-out greedy
+acceptance (the starting one if nothing beat it); ``OUT/report.json`` records acceptance and
+tokens per round before and after. ``OUT/checkpoint`` (weights, optimiser, RNG, step; JSON and
+safetensors, nothing unpickled) is written
+atomically every ``--checkpoint-every`` steps; ``--resume`` continues a killed run from it and
+sees the same batches as an uninterrupted run.
+
+Exit codes: 0 done; 2 bad input (missing data, no documents, tokenizers that differ, a checkpoint
+from other settings, or one present without ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class TrainDraftError(Exception):
+    """Bad input: the message names the problem and what to do (exit code 2)."""
+
+
+def add_parser(subcommands: Any) -> argparse.ArgumentParser:
+    parser = subcommands.add_parser(
+        "train-draft", help="fine-tune or distil a Hugging Face draft for a target",
+        description=__doc__.split("\n\n")[0] + " Held-out acceptance before/after goes to OUT/report.json.",
+        epilog="Exit codes: 0 done, 2 bad input. See docs/drafters.md.")
+    parser.add_argument("--target", required=True, help="target model (folder, hub id, bundled:target)")
+    parser.add_argument("--draft", required=True,
+                        help="starting draft checkpoint (folder, hub id, bundled:NAME)")
+    parser.add_argument("--data", nargs="+", required=True, type=Path, metavar="PATH",
+                        help="text, code, .jsonl or .json files")
+    parser.add_argument("--field", default="", help="JSON(L) field with the text (default: known fields)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (draft/, checkpoint/, report)")
+    parser.add_argument("--mode", choices=["lm", "distill"], default="distill")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=32, help="distill: target logits kept per position")
+    parser.add_argument("--self-generate", type=int, default=0, metavar="N",
+                        help="add the target's greedy N-token continuations of the training prompts")
+    parser.add_argument("--generate-prompts", type=int, default=256, help="training prompts to continue")
+    parser.add_argument("--train-on", choices=["both", "data", "generated"], default="both",
+                        help="with --self-generate: train on the data, the continuations, or both")
+    parser.add_argument("--prompt-tokens", type=int, default=48, help="prefix tokens that make a prompt")
+    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts scored")
+    parser.add_argument("--eval-tokens", type=int, default=32, help="target tokens scored per prompt")
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from specd.draft_training import train
+
+    try:
+        report = train(args)
+    except TrainDraftError as exc:
+        print(f"specd train-draft: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"before": report["before"], "after": report["after"],
+                      "best_step": report["best_step"]}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specd.train_draft")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return run(parser.parse_args(["train-draft", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
