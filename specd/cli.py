@@ -12,8 +12,7 @@ from typing import Any
 from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
-from specd import chat
-from specd import train_draft
+from specd import chat, train_draft
 from specd.prompts import read_prompts
 from specd.serve import command as serve_command
 
