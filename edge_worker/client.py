@@ -26,6 +26,7 @@ from typing import Any
 from broker.streams import Broker, with_backoff
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
+from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.wire import (
     DraftBatch,
@@ -51,6 +52,18 @@ class SessionFailed(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
+
+
+class PromptRejected(SessionFailed):
+    """The edge refused the prompt before opening a session (empty, or longer than the context)."""
+
+
+def check_prompt(prompt_ids: list[int], spec: SamplingSpec, config: EdgeConfig) -> None:
+    """Raise ``PromptRejected`` for a prompt the model cannot take; nothing is sent for it."""
+    problem = prompt_problem(len(prompt_ids), spec.max_new_tokens, config.max_context, "the draft model")
+    if problem:
+        code = ErrorCode.MALFORMED if not prompt_ids else ErrorCode.LIMIT_EXCEEDED
+        raise PromptRejected(code, problem)
 
 
 @dataclass
@@ -116,6 +129,7 @@ class EdgeConfig:
     gamma_min: int = 1
     gamma_max: int = 8
     draft_ahead: bool = False
+    max_context: int = 0  # positions of the draft model (0: unknown); prompts are checked against it
 
     def controller(self) -> GammaController:
         return GammaController(gamma=self.gamma, adaptive=self.adaptive_gamma, gamma_min=self.gamma_min,
@@ -163,6 +177,7 @@ class EdgeClient:
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
                        on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
+        check_prompt(prompt_ids, spec, self.config)
         async with self._slots:
             return await _EdgeSession(self, prompt_ids, spec, on_tokens, session_id).run()
 

@@ -30,7 +30,7 @@ from broker.pool import PoolBroker, now_ms
 from broker.streams import TRANSIENT_ERRORS, Broker, Entry, RoundResult, with_backoff
 from common.logs import bind, get_logger
 from common.metrics import VerifierMetrics
-from common.settings import Settings
+from common.settings import Settings, context_length
 from common.wire import (
     DraftBatch,
     ErrorCode,
@@ -52,6 +52,7 @@ from verifier_worker.capacity import (
     tenant_sessions,
 )
 from verifier_worker.engine import TargetEngine, VerifyOutcome
+from verifier_worker.prompt_check import check_prompt_fits
 from verifier_worker.scheduler import DrrScheduler
 from verifier_worker.session import PendingDraft, VerifierSession, kv_reserve
 from verifier_worker.tenants import BURST_S, DraftThrottle
@@ -97,6 +98,7 @@ class VerifierWorker:
             max_support=limits.max_support, vocab_size=engine.vocab_size,
         )
         engine.set_kv_budget(settings.pool.kv_budget_tokens)
+        self.max_context = context_length(getattr(getattr(engine, "model", None), "config", None))
         self.sessions: dict[str, VerifierSession] = {}
         self.stats = VerifierStats()
         self.accepting = True
@@ -300,6 +302,7 @@ class VerifierWorker:
         self.stats.max_sessions_held = max(self.stats.max_sessions_held, len(self.sessions))
 
     def _check_compatible(self, message: SessionOpen) -> None:
+        check_prompt_fits(message, self.max_context)
         if message.vocab_fingerprint != self.fingerprint:
             raise WireError(
                 ErrorCode.TOKENIZER_MISMATCH,
