@@ -151,10 +151,17 @@ def check_tokenizers_compatible(draft: LoadedModel | Any, target: LoadedModel | 
         )
 
 
-@cache
-def _cache_argument(model_class: Any) -> str:
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def _cache_argument(model_class: type) -> str:
     """``cache`` (transformers 5.x) or ``past_key_values`` (older; removed in 5.40)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    name = _CACHE_ARGUMENT.get(model_class)
+    if name is None:
+        forward = model_class.forward  # type: ignore[attr-defined]
+        name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        _CACHE_ARGUMENT[model_class] = name
+    return name
 
 
 def forward_with_cache(model: Any, kv_cache: Any, **inputs: Any) -> tuple[Any, Any]:

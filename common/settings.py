@@ -474,6 +474,6 @@ def check_kv_budget(budget_tokens: int, bytes_per_token: int, available_bytes: i
     fits = max(1, available_bytes // max(bytes_per_token, 1))
     raise ConfigError(
         f"pool.kv_budget_tokens ({budget_tokens}) needs {need / 2**30:.1f} GiB of KV cache on {device}, "
-        f"only {available_bytes / 2**30:.1f} GiB is available; set it to at most {fits} "
+        f"it has {available_bytes / 2**30:.1f} GiB; set it to at most {fits} "
         "(SPECD_POOL__KV_BUDGET_TOKENS or [pool] kv_budget_tokens)")
 

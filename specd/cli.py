@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -420,10 +421,21 @@ def _interactive(args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # a bad flag: argparse prints usage and exits 2
     # SIGTERM unwinds like Ctrl-C, so every exit path stops what the command started.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stops = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:  # before the command ran (parsing flags, importing)
+        return report("", exc, False)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # a bad flag: one line, exit 2
     settings: Settings | None = None
     try:
         if getattr(args, "needs_settings", True) is False:  # e.g. the pair tools: no settings

@@ -49,7 +49,7 @@ def _user_errors() -> list[tuple[type[BaseException], int]]:
 
 def exit_code_of(exc: BaseException) -> int | None:
     """The exit code of a user error, or None for a bug."""
-    if isinstance(exc, KeyboardInterrupt):
+    if _interrupted(exc):
         return INTERRUPTED
     try:
         known = _user_errors()
@@ -59,6 +59,18 @@ def exit_code_of(exc: BaseException) -> int | None:
         if isinstance(exc, kind):
             return code
     return _redis_error_code(exc)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, also when it surfaced as another error (e.g. in the middle of an import)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _redis_error_code(exc: BaseException) -> int | None:

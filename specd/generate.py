@@ -40,9 +40,13 @@ async def local_verifier(settings: Settings, url: str) -> AsyncIterator[Any]:
         task = asyncio.create_task(worker.run(stop))
         try:
             yield worker
-        finally:
-            stop.set()
-            await task
+        except BaseException:  # interrupted or failed: nobody is left to serve, do not drain
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise
+        stop.set()
+        await task
     finally:
         await broker.close()
 

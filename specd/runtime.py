@@ -68,10 +68,12 @@ def available_memory(device: Any) -> int | None:
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
+    # On a CPU the arena's pages are committed as sessions use them: only a budget beyond the
+    # machine's memory (RAM + swap) can never fit.
     try:
         with open("/proc/meminfo") as info:
             fields = dict(line.split(":", 1) for line in info)
-        return int(fields["MemAvailable"].split()[0]) * 1024
+        return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
     except (OSError, KeyError, ValueError):
         return None
 

@@ -59,7 +59,7 @@ async def run_verifier(settings: Settings) -> int:
     try:
         worker = build_verifier(settings, broker)
         stop = asyncio.Event()
-        install_stop_signals(stop, settings.verifier.drain_timeout_s + 10)
+        install_stop_signals(stop, settings.verifier.drain_timeout_s + 5)
         async with worker_services(settings, broker, worker.metrics.registry):
             await worker.run(stop)
     finally:
