@@ -420,7 +420,20 @@ def _interactive(args: argparse.Namespace) -> bool:
     return streams and sys.stdout.isatty() and sys.stderr.isatty() and args.log_level is None
 
 
+def _quiet_interrupts(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A Ctrl-C that lands inside an import's clean-up is "ignored" by Python with a traceback."""
+
+    def unraisable(info: Any) -> Any:
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            return None
+        return hook(info)
+
+    return unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_interrupts(hook)
     # SIGTERM unwinds like Ctrl-C, so every exit path stops what the command started.
     stops = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
@@ -431,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = hook
 
 
 def _main(argv: list[str] | None) -> int:
