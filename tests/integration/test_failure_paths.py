@@ -189,3 +189,28 @@ def test_verifier_stops_on_sigterm_while_redis_is_unreachable(tmp_path) -> None:
     verifier.send_signal(signal.SIGTERM)
     _, err = verifier.communicate(timeout=10)
     assert verifier.returncode == 130 and "Traceback" not in err, err
+
+
+async def test_edge_serves_its_other_prompts_after_the_verifier_rejects_one(redis_url, tiny_pair) -> None:
+    """An edge that cannot check the context itself (replay backend: context unknown) sends an
+    over-long prompt; the verifier rejects it with a typed error, the edge reports it and serves the
+    rest (it used to crash)."""
+    import dataclasses
+
+    from local_pool import local_pool
+
+    from common.settings import Settings
+    from specd.workers import PromptJob, run_edge_jobs
+
+    settings = Settings(redis={"url": redis_url, "key_prefix": "rej"}, pool={"kv_budget_tokens": 4096},
+                        models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
+                        sampling={"max_new_tokens": 8}, verifier={"idle_block_ms": 5})
+    async with local_pool(settings) as (_verifier, edge):
+        edge.config = dataclasses.replace(edge.config, max_context=0)
+        events: list[dict] = []
+        results = await run_edge_jobs(settings, edge, [PromptJob("x " * 600), PromptJob("def f(x):")],
+                                      events.append)
+    errors = [e for e in events if e["event"] == "error"]
+    assert results[0] is None and results[1] is not None and len(results[1].token_ids) == 8
+    assert len(errors) == 1 and errors[0]["code"] == "limit_exceeded"
+    assert "the target model has 512" in errors[0]["message"]
