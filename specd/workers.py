@@ -192,7 +192,8 @@ async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> i
             results = await run_edge_jobs(settings, client, jobs, _printer(events))
     finally:
         heartbeat.cancel()
-        await broker.clear_heartbeat("edge", worker_id)
+        with contextlib.suppress(Exception):  # best effort: Redis may be gone (the key has a TTL)
+            await broker.clear_heartbeat("edge", worker_id)
         await broker.close()
     return 0 if all(r is not None for r in results) else 1
 
