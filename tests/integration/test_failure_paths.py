@@ -133,16 +133,20 @@ def test_killing_the_workers_parent_stops_its_children(redis_url, tiny_pair, tmp
                      SPECD_REDIS__KEY_PREFIX="kw", SPECD_POOL__KV_BUDGET_TOKENS="4096")
     parent = subprocess.Popen(specd_command("verifier", "--workers", "2", "--worker-id", "kw"), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis_client.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 120
-        while len(marked_processes(mark)) < 3:
-            assert time.monotonic() < deadline and parent.poll() is None
+        while not (client.exists("kw:health:verifier:kw-0") and client.exists("kw:health:verifier:kw-1")):
+            assert time.monotonic() < deadline and parent.poll() is None  # both serving
             time.sleep(0.2)
+        assert len(marked_processes(mark)) >= 3
         parent.kill()
         parent.wait(10)
         left = wait_gone(mark, timeout_s=45)  # SIGTERM: each child drains (nothing to drain) and exits
         assert left == [], left
+        assert not client.exists("kw:health:verifier:kw-0", "kw:health:verifier:kw-1")  # a clean stop
     finally:
+        client.close()
         if parent.poll() is None:
             parent.kill()
 
