@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
+import warnings
 from collections import deque
 from typing import Any
 
@@ -61,6 +63,10 @@ class LogSink:
     def __len__(self) -> int:
         return len(self._lines)
 
+    def __bool__(self) -> bool:
+        # A sink is there even when empty: ``if sink:`` once meant "no sink" for a fresh one.
+        return True
+
     def _trim(self, value: Any) -> Any:
         if isinstance(value, str) and len(value) > self.max_value_bytes:
             return value[: self.max_value_bytes] + f"...[{len(value) - self.max_value_bytes} more]"
@@ -68,12 +74,22 @@ class LogSink:
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None,
-                      sink: LogSink | None = None) -> None:
-    """Configure structlog and the stdlib root logger; later calls are no-ops."""
+                      sink: LogSink | None = None, interactive: bool = False) -> None:
+    """Configure structlog and the stdlib root logger; later calls are no-ops.
+
+    Logs go to stderr. ``interactive``: generated text streams to the same terminal, so lines
+    below warning and libraries' deprecation warnings stay out of it.
+    """
     global _configured, _sink
     if _configured:
         return
     stream = stream or sys.stderr
+    if interactive:
+        level = level if level in ("warning", "error") else "warning"
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers loads
+        logging.getLogger("transformers").setLevel(logging.ERROR)
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)

@@ -143,7 +143,7 @@ class EdgeMetrics:
         self.errors.labels(code).inc()
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Any:
+def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> Any:
     """Expose ``registry`` on http://host:port/metrics (a daemon thread); returns the server."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -29,12 +30,25 @@ class TokenizerMismatchError(Exception):
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``bundled:target`` / ``bundled:draft`` to the shipped folders; pass others through."""
+    """Map ``bundled:target`` / ``bundled:draft`` to the shipped folders; check local paths.
+
+    A name that looks like a path (absolute, ``./``, ``../``, ``~``) or names an existing folder
+    must be a model folder; anything else is a Hugging Face hub id.
+    """
     if name.startswith(BUNDLED_PREFIX):
         folder = BUNDLED_DIR / name[len(BUNDLED_PREFIX):]
         if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"bundled model {name!r} is missing at {folder}")
+            raise ModelLoadError(f"bundled model {name!r} is missing at {folder}; the bundled "
+                                 "pair is bundled:target and bundled:draft")
         return str(folder)
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or path.is_dir():
+        if not path.exists():
+            raise ModelLoadError(f"model folder {name} does not exist")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name} is not a model folder (no config.json in it); give a folder "
+                                 "written by save_pretrained, a hub id or bundled:target/bundled:draft")
+        return str(path)
     return name
 
 
@@ -55,8 +69,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(resolve_model_path(name),
                                              trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from exc
 
 
 def load_causal_lm(
@@ -74,7 +90,7 @@ def load_causal_lm(
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the model {name!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the model {name!r}: {_first_line(exc)}") from exc
     torch_device = torch.device(device)
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types .to narrowly
     model.eval()
@@ -83,6 +99,11 @@ def load_causal_lm(
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         fingerprint=vocab_fingerprint(tokenizer), eos_token_ids=eos_token_ids(model, tokenizer),
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -128,6 +149,26 @@ def check_tokenizers_compatible(draft: LoadedModel | Any, target: LoadedModel | 
             f"tokenizers of draft {draft_name!r} and target {target_name!r} are incompatible: "
             f"{len(mismatched)} draft tokens map to other ids in the target (e.g. {sample})"
         )
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def _cache_argument(model_class: type) -> str:
+    """``cache`` (transformers 5.x) or ``past_key_values`` (older; removed in 5.40)."""
+    name = _CACHE_ARGUMENT.get(model_class)
+    if name is None:
+        forward = model_class.forward  # type: ignore[attr-defined]
+        name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        _CACHE_ARGUMENT[model_class] = name
+    return name
+
+
+def forward_with_cache(model: Any, kv_cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """One cached forward on any supported transformers version: (output, updated cache)."""
+    out = model(**inputs, use_cache=True, **{_cache_argument(type(model)): kv_cache})
+    updated = getattr(out, "cache", None)
+    return out, updated if updated is not None else out.past_key_values
 
 
 def crop_cache(cache: Any, keep: int) -> None:

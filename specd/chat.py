@@ -17,6 +17,8 @@ import threading
 from typing import Any, TextIO
 
 from common.settings import Settings
+from specd.failures import EPILOG
+from specd.flags import HelpFormatter, add_setting_flags
 
 PROMPT = "you> "
 REPLY = "specd> "
@@ -24,11 +26,14 @@ REPLY = "specd> "
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     chat = commands.add_parser(
-        "chat", help="interactive terminal chat (streamed, history, per-turn figures)",
+        "chat", formatter_class=HelpFormatter, epilog=EPILOG,
+        help="interactive terminal chat (streamed, history, per-turn figures)",
         description="Chat with the target model through speculative decoding: the answer streams "
         "as it is verified; after each turn its figures (tokens/s, acceptance, tokens per round). "
         "/reset forgets the history, /quit leaves. Embedded Redis and verifier unless --redis-url.")
     chat.add_argument("--system", default="", help="a system message opening the conversation")
+    add_setting_flags(chat, "common", "target", "batching", "draft")
+    chat.set_defaults(handler=run)
     return chat
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from broker.reach import redacted
+from common.procs import dies_with_parent
 from common.settings import Settings
 from specd.generate import redis_url_for
 from specd.runtime import make_broker
@@ -43,8 +45,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
 def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
     """The demo's effective settings as explicit flags: (verifier flags, edge flags)."""
     m, e, s, v = settings.models, settings.edge, settings.sampling, settings.verifier
-    shared = ["--redis-url", url, "--dtype", m.dtype, "--target-model", m.target,
-              "--log-format", "json"]
+    shared = ["--dtype", m.dtype, "--target-model", m.target, "--log-format", "json"]
     verifier = [*shared, "--target-device", m.target_device,
                 "--max-batch-sessions", str(v.max_batch_sessions),
                 "--max-batch-tokens", str(v.max_batch_tokens)]
@@ -95,12 +96,13 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
     log_dir.mkdir(parents=True, exist_ok=True)
     env = _worker_env(settings)
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as files:
-        print(f"specd demo: Redis {'embedded at ' + url if embedded else url}; "
+        print(f"specd demo: Redis {'embedded at ' + redacted(url) if embedded else redacted(url)}; "
               f"1 verifier, {edges} edge workers x {sessions_per_edge} sessions; logs in {log_dir}",
               file=out, flush=True)
         verifier_args, edge_args = _worker_args(settings, url)
+        env["SPECD_REDIS__URL"] = url  # not on the command line: the embedded URL has a password
         verifier = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "specd", "verifier", *verifier_args,
+            *dies_with_parent([sys.executable, "-m", "specd", "verifier", *verifier_args]),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=files.enter_context(open(log_dir / "verifier.log", "wb")),  # noqa: SIM115
             env=env)
@@ -129,15 +131,20 @@ async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sess
         mine = [prompts[(index * sessions_per_edge + k) % len(prompts)] for k in range(sessions_per_edge)]
         prompt_args = [arg for prompt in mine for arg in ("--prompt", prompt)]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "specd", "edge", *edge_args, *prompt_args, "--events",
+            *dies_with_parent([sys.executable, "-m", "specd", "edge", *edge_args, *prompt_args, "--events"]),
             stdout=asyncio.subprocess.PIPE,
             stderr=files.enter_context(open(log_dir / f"edge-{index}.log", "wb")),  # noqa: SIM115
             env=env)
         processes.append(process)
         relays.append(_relay(process, f"edge{index}", out, results, texts))
-    await asyncio.gather(*relays)
-    for process in processes:
-        await process.wait()
+    try:
+        await asyncio.gather(*relays)
+    finally:  # interrupted or failed: no edge outlives the demo
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            await process.wait()
     return results, texts
 
 

@@ -11,9 +11,11 @@ from typing import Any
 
 from broker.embedded import EmbeddedRedis
 from common.models import load_causal_lm, set_torch_threads
+from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
-from common.settings import Settings
-from specd.runtime import build_draft_backend, build_edge, build_verifier, make_broker
+from common.settings import Settings, context_length
+from specd.prompts import PromptError
+from specd.runtime import backend_context, build_draft_backend, build_edge, build_verifier, open_broker
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
 
@@ -24,25 +26,28 @@ async def redis_url_for(settings: Settings) -> AsyncIterator[tuple[str, bool]]:
     if settings.redis.url:
         yield settings.redis.url, False
         return
-    embedded = EmbeddedRedis()
-    try:
+    with EmbeddedRedis() as embedded:  # stopped on every exit path; dies with us on SIGKILL too
         yield embedded.url, True
-    finally:
-        embedded.close()
 
 
 @contextlib.asynccontextmanager
 async def local_verifier(settings: Settings, url: str) -> AsyncIterator[Any]:
     """A verifier worker running as a task in this process until the block exits."""
-    broker = make_broker(settings, url)
-    worker = build_verifier(settings, broker)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    broker = await open_broker(settings, url)
     try:
-        yield worker
-    finally:
+        worker = build_verifier(settings, broker)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            yield worker
+        except BaseException:  # interrupted or failed: nobody is left to serve, do not drain
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise
         stop.set()
         await task
+    finally:
         await broker.close()
 
 
@@ -50,7 +55,7 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as stack:
         if embedded:  # nobody else can reach an embedded Redis: serve it ourselves
             await stack.enter_async_context(local_verifier(settings, url))
-        broker = make_broker(settings, url)
+        broker = await open_broker(settings, url)
         stack.push_async_callback(broker.close)
         client = build_edge(settings, broker)
         tokenizer = client.backend.tokenizer
@@ -79,6 +84,7 @@ def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
     engine = TargetEngine(target.model, target.vocab_size)
     spec = sampling_spec(settings, target.eos_token_ids)
     prompt_ids = target.tokenizer.encode(prompt)
+    check_local_prompt(prompt_ids, spec.max_new_tokens, context_length(target.model.config), "models.target")
     started = time.perf_counter()
     tokens = generate_target_only(engine, prompt_ids, SamplingParams(
         spec.temperature, spec.top_p, spec.top_k, spec.seed), frozenset(spec.stop_token_ids),
@@ -92,6 +98,7 @@ def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
     spec = sampling_spec(settings, backend.eos_token_ids)
     params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
     prompt_ids = backend.tokenizer.encode(prompt)
+    check_local_prompt(prompt_ids, spec.max_new_tokens, backend_context(backend), "models.draft")
     state, context = backend.new_state(), list(prompt_ids)
     tokens: list[int] = []
     started = time.perf_counter()
@@ -105,6 +112,13 @@ def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
         if finish:
             break
     return _plain_summary("draft", backend.tokenizer, prompt_ids, tokens, started, 0, spec.seed)
+
+
+def check_local_prompt(prompt_ids: list[int], max_new_tokens: int, context: int, model: str) -> None:
+    """Target-only and draft-only runs check the prompt as a session open would."""
+    problem = prompt_problem(len(prompt_ids), max_new_tokens, context, model)
+    if problem:
+        raise PromptError(problem)
 
 
 def _plain_summary(mode: str, tokenizer: Any, prompt_ids: list[int], tokens: list[int],

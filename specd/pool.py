@@ -12,20 +12,27 @@ from collections import Counter
 from typing import Any
 
 from broker.pool import PoolBroker
-from broker.streams import GROUP, Broker, connect
+from broker.reach import ensure_reachable
+from broker.streams import GROUP, Broker, connect_settings
+from common.procs import dies_with_parent
 from common.settings import Settings
 
 
 def make_broker(settings: Settings) -> Broker:
     """Like specd.runtime.make_broker, without importing torch (status must start fast)."""
     redis = settings.redis
-    return Broker(connect(redis.url, redis.socket_timeout_s), prefix=redis.key_prefix,
+    return Broker(connect_settings(redis), prefix=redis.key_prefix,
                   maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
 
 
 async def pool_status(settings: Settings) -> dict[str, Any]:
     """Workers with their load, sessions per worker, KV use, queue depths and per-tenant load."""
     broker = make_broker(settings)
+    try:
+        await ensure_reachable(broker.redis, settings.redis.url, settings.redis.startup_wait_s)
+    except BaseException:
+        await broker.close()
+        raise
     pool = PoolBroker(broker)
     try:
         fresh = 3 * min(settings.verifier.heartbeat_ttl_s, settings.pool.lease_ms / 1000) + 1
@@ -79,11 +86,13 @@ def run_workers(count: int, argv: list[str], base_id: str) -> int:
     """Run ``count`` verifier processes (this command without --workers); forward SIGTERM/SIGINT.
 
     Each child gets ``--worker-id {base}-{i}``; the parent waits for all and returns the worst
-    exit code. A child that dies is not restarted: its sessions fail over to its siblings.
+    exit code. A child that dies is not restarted: its sessions fail over to its siblings. The
+    children get SIGTERM when the parent dies, even by SIGKILL (Linux: a parent-death signal).
     """
     base = base_id or f"verifier-{os.uname().nodename}-{os.getpid()}"
-    children = [subprocess.Popen([sys.executable, "-m", "specd", "verifier", *argv,
-                                  "--worker-id", f"{base}-{i}"]) for i in range(count)]
+    children = [subprocess.Popen(dies_with_parent([sys.executable, "-m", "specd", "verifier", *argv,
+                                                   "--worker-id", f"{base}-{i}"]))
+                for i in range(count)]
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:

@@ -17,9 +17,35 @@ def _text_of(record: Any, field: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class PromptError(Exception):
+    """A prompt or prompts file the command cannot use; the message names it."""
+
+
+def read_text(path: Path) -> str:
+    """The file's UTF-8 text, or a ``PromptError`` naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PromptError(f"prompts file {path}: no such file") from None
+    except IsADirectoryError:
+        raise PromptError(f"prompts file {path}: is a folder, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"prompts file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise PromptError(f"prompts file {path}: cannot read it: {exc.strerror}") from None
+
+
 def read_prompts(path: Path, field: str = "text") -> list[str]:
     """Prompts from a JSON list (HumanEval), JSONL (``field``/``turns``/``prompt``) or text lines."""
-    text = Path(path).read_text()
+    prompts = _parse_prompts(read_text(path), field)
+    if not prompts:
+        raise PromptError(f"prompts file {path}: no prompts in it (expected JSONL with a {field!r} "
+                          "field, a JSON list, or one prompt per line)")
+    return prompts
+
+
+def _parse_prompts(text: str, field: str) -> list[str]:
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from broker.reach import ensure_reachable
 from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect, connect_settings
 from common.models import load_causal_lm, set_torch_threads
-from common.settings import Settings
+from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
 from edge_worker.verdicts import MultiplexedBroker
@@ -21,12 +24,58 @@ def make_broker(settings: Settings, url: str | None = None) -> Broker:
                   session_ttl_s=redis.session_ttl_s)
 
 
+async def open_broker(settings: Settings, url: str | None = None) -> Broker:
+    """``make_broker``, once Redis answers (bounded by redis.startup_wait_s; else RedisUnavailable)."""
+    broker = make_broker(settings, url)
+    try:
+        await ensure_reachable(broker.redis, url or settings.redis.url, settings.redis.startup_wait_s)
+    except BaseException:
+        await broker.close()
+        raise
+    return broker
+
+
 def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> VerifierWorker:
     models = settings.models
     set_torch_threads(models.torch_threads)
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
-    engine = TargetEngine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
+    engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
+
+
+def target_engine(model: Any, vocab_size: int, budget_tokens: int) -> TargetEngine:
+    """The engine, once its KV arena is known to fit: a too large budget names its setting."""
+    import torch
+
+    from verifier_worker.engine import arena_shape
+
+    shape = arena_shape(model.config)
+    parameter = next(model.parameters())
+    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * parameter.element_size()
+    check_kv_budget(budget_tokens, per_token, available_memory(parameter.device), str(parameter.device))
+    try:
+        return TargetEngine(model, vocab_size, budget_tokens)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:  # the allocation itself failed
+        raise ConfigError(f"pool.kv_budget_tokens ({budget_tokens}): the KV cache could not be "
+                          f"allocated ({str(exc).splitlines()[0]}); lower it") from None
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes free for the KV arena on ``device`` (None: unknown)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    # On a CPU the arena's pages are committed as sessions use them: only a budget beyond the
+    # machine's memory (RAM + swap) can never fit.
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def build_draft_backend(settings: Settings) -> DraftBackend:
@@ -43,13 +92,19 @@ def build_draft_backend(settings: Settings) -> DraftBackend:
                           drafts=[d.model_dump() for d in edge.drafts])
 
 
-def edge_config(settings: Settings) -> EdgeConfig:
+def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:
     edge = settings.edge
     return EdgeConfig(gamma=edge.gamma, max_support=edge.max_support,
                       verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
                       target_model=settings.models.target, adaptive_gamma=edge.adaptive_gamma,
                       gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead,
-                      resend_after_s=edge.resend_after_s, verdict_secret=settings.redis.verdict_secret)
+                      resend_after_s=edge.resend_after_s, verdict_secret=settings.redis.verdict_secret,
+                      max_context=max_context)
+
+
+def backend_context(backend: DraftBackend) -> int:
+    """Positions the draft model can take (0 when the backend does not say, e.g. replay)."""
+    return context_length(getattr(getattr(backend, "model", None), "config", None))
 
 
 def edge_broker(settings: Settings, broker: Broker) -> Broker:
@@ -64,5 +119,7 @@ def edge_broker(settings: Settings, broker: Broker) -> Broker:
 
 def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     backend = build_draft_backend(settings)
-    return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings),
+    context = backend_context(backend)
+    check_fits_model(settings, context, "models.draft")
+    return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings, context),
                       settings.edge.max_concurrent_sessions)

@@ -73,6 +73,7 @@ def add_parser(subcommands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.set_defaults(handler=lambda args, _settings: run(args), needs_settings=False)
     return parser
 
 

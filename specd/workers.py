@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from broker.reach import RedisUnavailable
 from broker.streams import Broker
 from common.logs import LogSink, bind, get_logger, log_sink
 from common.metrics import serve
@@ -19,25 +22,44 @@ from common.settings import Settings
 from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
 from specd.logs import LOG_FIELD, log_stream_key
-from specd.runtime import build_edge, build_verifier, make_broker
+from specd.runtime import build_edge, build_verifier, open_broker
 from verifier_worker.worker import default_worker_id
 
 log = get_logger("specd.workers")
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGINT/SIGTERM set ``stop``: workers finish their batch and drain."""
+def install_stop_signals(stop: asyncio.Event, grace_s: float = 30.0) -> None:
+    """SIGINT/SIGTERM set ``stop``: workers finish their batch and drain.
+
+    Whatever state the worker is in (draining, reconnecting to Redis), it is gone ``grace_s`` after
+    the first signal, and at once on a second one (exit 130; children die with it, common.procs).
+    """
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("worker.stop_forced", signal=signum)
+            os._exit(130)
+        stop.set()
+        watchdog = threading.Timer(grace_s, _forced_exit, args=(grace_s,))
+        watchdog.daemon = True
+        watchdog.start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def _forced_exit(grace_s: float) -> None:
+    log.warning("worker.stop_timeout", grace_s=grace_s)
+    os._exit(130)
 
 
 async def run_verifier(settings: Settings) -> int:
-    broker = make_broker(settings)
+    broker = await open_broker(settings)
     try:
         worker = build_verifier(settings, broker)
         stop = asyncio.Event()
-        install_stop_signals(stop)
+        install_stop_signals(stop, settings.verifier.drain_timeout_s + 5)
         async with worker_services(settings, broker, worker.metrics.registry):
             await worker.run(stop)
     finally:
@@ -52,7 +74,8 @@ async def worker_services(settings: Settings, broker: Broker, registry: Any) -> 
     if server is not None:
         log.info("metrics.serving", port=settings.metrics.port, host=settings.metrics.host)
     sink = log_sink() if settings.log.redis_stream else None
-    drain = asyncio.create_task(drain_logs(broker, sink, settings.log.redis_stream_maxlen)) if sink else None
+    drain = (asyncio.create_task(drain_logs(broker, sink, settings.log.redis_stream_maxlen))
+             if sink is not None else None)
     try:
         yield
     finally:
@@ -96,7 +119,11 @@ async def flush_logs(broker: Broker, sink: LogSink, maxlen: int, batch: int = 50
 
 async def check_health(settings: Settings, role: str) -> int:
     """Exit code 0 when the worker (or, without a worker id, any worker of the role) is alive."""
-    broker = make_broker(settings)
+    try:
+        broker = await open_broker(settings)
+    except RedisUnavailable as exc:
+        print(f"{role}: health check failed: {exc}", file=sys.stderr)
+        return 1
     try:
         worker_id = settings.verifier.worker_id if role == "verifier" else settings.edge.worker_id
         alive = await (broker.healthy(role, worker_id) if worker_id else broker.any_healthy(role))
@@ -153,7 +180,7 @@ async def run_edge_jobs(settings: Settings, client: EdgeClient, jobs: list[Promp
 
 async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> int:
     """An edge worker process: run its prompts against the pool, then exit."""
-    broker = make_broker(settings)
+    broker = await open_broker(settings)
     worker_id = settings.edge.worker_id or default_worker_id("edge")
     bind(worker_id=worker_id)
     heartbeat = asyncio.create_task(_edge_heartbeat(broker, worker_id, settings.edge.heartbeat_ttl_s))
@@ -165,7 +192,8 @@ async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> i
             results = await run_edge_jobs(settings, client, jobs, _printer(events))
     finally:
         heartbeat.cancel()
-        await broker.clear_heartbeat("edge", worker_id)
+        with contextlib.suppress(Exception):  # best effort: Redis may be gone (the key has a TTL)
+            await broker.clear_heartbeat("edge", worker_id)
         await broker.close()
     return 0 if all(r is not None for r in results) else 1
 

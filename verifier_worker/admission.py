@@ -17,6 +17,7 @@ from broker.streams import DEFAULT_TENANT, Entry, tenant_of
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import plan_admission, should_pass_on
 from verifier_worker.core import WorkerCore, log
+from verifier_worker.prompt_check import check_prompt_fits
 from verifier_worker.session import VerifierSession, kv_reserve
 
 
@@ -104,6 +105,7 @@ class AdmissionMixin(WorkerCore):
         await self.broker.ack(entry.stream, entry.entry_id)
 
     def _check_compatible(self, message: SessionOpen) -> None:
+        check_prompt_fits(message, self.max_context)
         if message.vocab_fingerprint != self.fingerprint:
             raise WireError(
                 ErrorCode.TOKENIZER_MISMATCH,

@@ -20,7 +20,7 @@ from broker.rounds import RoundWriter
 from broker.streams import Broker, Entry, RoundResult, mac, session_key
 from common.logs import get_logger
 from common.metrics import VerifierMetrics
-from common.settings import Settings
+from common.settings import Settings, context_length
 from common.wire import ErrorCode, ErrorMessage, Limits, WireError, encode
 from verifier_worker.engine import TargetEngine
 from verifier_worker.scheduler import DrrScheduler
@@ -73,6 +73,7 @@ class WorkerCore:
             max_support=limits.max_support, vocab_size=engine.vocab_size,
         )
         engine.set_kv_budget(settings.pool.kv_budget_tokens)
+        self.max_context = context_length(getattr(getattr(engine, "model", None), "config", None))
         self.sessions: dict[str, VerifierSession] = {}
         self.tenant_streams: dict[str, str] = {}  # stream key -> tenant, for every tenant served
         self.stats = VerifierStats()

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from common.models import LoadedModel, crop_cache
+from common.models import LoadedModel, crop_cache, forward_with_cache
 from edge_worker.backends.base import IncrementalBackend, IncrementalState
 
 
@@ -41,8 +41,7 @@ class TorchDraftBackend(IncrementalBackend):
         start = len(state.tokens)
         ids = torch.tensor([tokens], device=self.model.device)
         positions = torch.arange(start, start + len(tokens), device=self.model.device)[None]
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=state.cache,
-                         use_cache=True, logits_to_keep=1)
-        state.cache = out.past_key_values
+        out, state.cache = forward_with_cache(self.model, state.cache, input_ids=ids,
+                                              position_ids=positions, logits_to_keep=1)
         state.tokens.extend(tokens)
         return out.logits[0, -1].float().cpu()

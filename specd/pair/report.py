@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.models import forward_with_cache
+from specd.pair.options import REPORT_DESCRIPTION, add_report_arguments
 from specd.pair.train import DRAFT_DIR, TARGET_DIR, encode_documents, folder_bytes, load_corpus
 
 GAMMAS = range(2, 9)
@@ -94,13 +96,13 @@ def crop_to(cache, keep: int) -> None:
 def step_times(models: dict, prefix: list[int], rounds: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per single-token cached forward at batch 1, interleaving the models each round."""
     ids = torch.tensor([prefix])
-    caches = {name: m(input_ids=ids, use_cache=True).past_key_values for name, m in models.items()}
+    caches = {name: forward_with_cache(m, None, input_ids=ids)[1] for name, m in models.items()}
     token = torch.tensor([[prefix[-1]]])
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + rounds):
         for name, model in models.items():
             start = time.perf_counter()
-            model(input_ids=token, past_key_values=caches[name], use_cache=True)
+            forward_with_cache(model, caches[name], input_ids=token)
             elapsed = time.perf_counter() - start
             crop_to(caches[name], len(prefix))
             if i >= warmup:
@@ -186,26 +188,18 @@ def to_markdown(report: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of the report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m specd.pair.report", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--pair", default="common/assets/tiny_pair", help="pair folder")
-    shared = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout
-    parser.add_argument("--humaneval", default=str(shared / "data" / "humaneval.json"))
-    parser.add_argument("--json", default="benchmarks/results/pair_report.json")
-    parser.add_argument("--md", default="benchmarks/results/pair_report.md")
-    parser.add_argument("--heldout-tokens", type=int, default=24576)
-    parser.add_argument("--window", type=int, default=256, help="held-out window length")
-    parser.add_argument("--humaneval-prompts", type=int, default=164)
-    parser.add_argument("--rounds", type=int, default=2000, help="timed steps per model")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for accuracy")
-    parser.add_argument("--sample-tokens", type=int, default=48)
+    parser = argparse.ArgumentParser(prog="python -m specd.pair.report", description=REPORT_DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_report_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     """Measure the pair and write the JSON and markdown reports."""
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = Path(args.pair)
     target, draft, tokenizer = load_pair(folder)

@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import shutil
-import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from specd.pair.options import TRAIN_DESCRIPTION, add_train_arguments
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
@@ -309,41 +310,28 @@ def load_previous(out: Path, fingerprint: str) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of the recipe."""
-    parser = argparse.ArgumentParser(
-        prog="python -m specd.pair.train", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--out", default="common/assets/tiny_pair", help="output folder")
-    # Step budgets sized for ~50 minutes on a quiet 2-core CPU (target 2.6 s/step, draft 0.17,
-    # distillation 0.8 s/step with 2 threads). The draft's plain phase is kept short: trained
-    # longer on the data it overtakes the (equally data-starved) target's validation loss, and
-    # distillation, not data, is what makes it agree with the target.
-    parser.add_argument("--target-steps", type=int, default=700)
-    parser.add_argument("--draft-steps", type=int, default=500, help="plain draft training")
-    parser.add_argument("--distill-steps", type=int, default=1000, help="draft distillation")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="incl. special tokens")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-positions", type=int, default=1024)
-    parser.add_argument("--target-lr", type=float, default=3e-3)
-    parser.add_argument("--draft-lr", type=float, default=3e-3)
-    parser.add_argument("--distill-lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=0.02, help="fraction of each budget")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens")
-    parser.add_argument(
-        "--reuse-target",
-        action="store_true",
-        help="keep the target and tokenizer already in --out; retrain only the draft",
-    )
-    parser.add_argument("--cache-dir", default="/tmp/specd_pair_cache", help="token cache")
+    parser = argparse.ArgumentParser(prog="python -m specd.pair.train", description=TRAIN_DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_arguments(parser)
     return parser.parse_args(argv)
 
 
+def recipe_command(args: argparse.Namespace) -> str:
+    """The command line that reruns this recipe, every option spelled out."""
+    parts = ["python -m specd.pair.train"]
+    for key, value in vars(args).items():
+        if key in ("command", "debug", "handler", "needs_settings") or value is False:
+            continue
+        parts.append(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}"))
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     """Run the whole recipe; write both model folders and ``training.json``."""
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -434,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     report = {
-        "recipe": " ".join(
-            ["python -m specd.pair.train", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "recipe": recipe_command(args),
         "target_from_previous_run": None
         if previous is None
         else {key: previous[key] for key in ("recipe", "settings", "wall_times")},

@@ -15,44 +15,30 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import ValidationError
-
 from common.settings import Settings
+from specd.failures import EPILOG
+from specd.flags import HelpFormatter, add_setting_flags
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     serve = commands.add_parser(
-        "serve", help="OpenAI-compatible HTTP endpoint, with a web chat at /",
+        "serve", formatter_class=HelpFormatter, epilog=EPILOG,
+        help="OpenAI-compatible HTTP endpoint, with a web chat at /",
         description="Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), "
         "/health, /metrics and a web chat at /. Each request is one speculative session against "
         "the verifier pool; with no --redis-url an embedded Redis and an in-process verifier. "
         "See docs/serve.md.")
-    serve.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default serve.port, 8000)")
-    serve.add_argument("--max-concurrent", type=int, help="requests at once; past it 429")
-    serve.add_argument("--model-name", help="model id the API answers to (default: the target's)")
+    add_setting_flags(serve, "serve", "common", "target", "batching", "draft")
+    serve.set_defaults(handler=run)
     return serve
-
-
-def _apply_flags(args: argparse.Namespace, settings: Settings) -> None:
-    for flag in ("host", "port", "max_concurrent", "model_name"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(settings.serve, flag, value)  # validated on assignment
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        _apply_flags(args, settings)
         import fastapi  # noqa: F401  - fail with the install hint, not a traceback
         import uvicorn  # noqa: F401
     except ImportError as exc:
         print(f"specd serve: {exc.name} is missing: pip install 'specd[serve]'", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        print(f"specd serve: --{str(error['loc'][0]).replace('_', '-')} {error['input']!r}: {error['msg']}",
-              file=sys.stderr)
         return 2
     return asyncio.run(serve_forever(settings))
 

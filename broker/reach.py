@@ -1,0 +1,60 @@
+"""Is Redis there? A bounded wait at start-up, and the one message every command gives when not.
+
+Commands used to retry an unreachable Redis forever (and ignore signals meanwhile); now each one
+pings for up to ``redis.startup_wait_s`` and then stops with ``RedisUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from broker.streams import TRANSIENT_ERRORS
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be reached (refused, unknown host, timeout, or wrong credentials)."""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def unreachable(url: str, exc: BaseException) -> RedisUnavailable:
+    reason = str(exc).strip() or type(exc).__name__
+    return RedisUnavailable(
+        f"cannot reach Redis at {redacted(url)} ({reason}); start Redis there or give the right "
+        "--redis-url / SPECD_REDIS__URL")
+
+
+async def ensure_reachable(client: Any, url: str, wait_s: float) -> None:
+    """PING until it answers or ``wait_s`` has passed (then ``RedisUnavailable``).
+
+    Authentication and permission errors are not retried: they will not heal by waiting.
+    """
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            await client.ping()
+            return
+        except NoPermissionError:  # an ACL user without PING: the server answered, it is there
+            return
+        except (AuthenticationError, ResponseError) as exc:
+            raise RedisUnavailable(f"Redis at {redacted(url)} refused us: {exc}; check "
+                                   "redis.username / redis.password and the ACL") from None
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise unreachable(url, exc) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)

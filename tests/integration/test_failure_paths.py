@@ -1,0 +1,220 @@
+"""Failure paths as a user meets them, run as real processes (issue 15, issue 12 finding 7).
+
+Interrupted and killed commands leave nothing behind; a terminal shows only the generated text;
+signals stop workers in every state; children die with their parent.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis as redis_client
+from conftest import start_redis_server
+
+pytestmark = pytest.mark.integration
+
+ENV = {"SPECD_MODELS__TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def specd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "specd", *args]
+
+
+def marked_env(mark: str, tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a command under test; ``mark`` lets us find every process it started."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
+    return {**env, **ENV, "LEAK_TEST_MARK": mark, "TMPDIR": str(tmp), **extra}
+
+
+def marked_processes(mark: str) -> list[str]:
+    """Command lines of live processes whose environment carries ``mark`` (children inherit it)."""
+    found = []
+    needle = f"LEAK_TEST_MARK={mark}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "stat").read_text().split()[2]
+                if status != "Z":  # a zombie is dead, only not yet reaped by its parent
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_gone(mark: str, timeout_s: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_generate_in_a_terminal_shows_only_the_text(tiny_pair, tmp_path) -> None:
+    """Through a pseudo-terminal: no log lines, no deprecation warnings inside the streamed text."""
+    master, slave = os.openpty()
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_MODELS__DRAFT=tiny_pair["draft"])
+    process = subprocess.Popen(specd_command("generate", "--prompt", "def f(x):", "--max-new-tokens", "12"),
+                               stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    output = b""
+    while select.select([master], [], [], 120)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    text = output.decode(errors="replace")
+    assert process.wait(30) == 0, text
+    assert text.startswith("def f(x):"), text
+    for noise in ('"event"', "[info", "Warning", "deprecated", "[transformers]"):
+        assert noise not in text, text
+    assert "mode=speculative" in text  # the figures line (stderr) comes after the text
+
+
+def _run_one(index: int, mark: str, tmp: Path, pair: dict[str, str], rng: random.Random) -> tuple[str, int]:
+    env = marked_env(mark, tmp, SPECD_MODELS__TARGET=pair["target"], SPECD_MODELS__DRAFT=pair["draft"],
+                     SPECD_POOL__KV_BUDGET_TOKENS="4096")
+    process = subprocess.Popen(
+        specd_command("generate", "--prompt", f"def f{index}(x):", "--max-new-tokens", "6", "--json"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    kind = "run"
+    if index % 2:  # half of them: a signal at a random moment of their life (start-up included)
+        sig = signal.SIGINT if index % 4 == 1 else signal.SIGKILL
+        kind = sig.name
+        try:
+            process.wait(rng.uniform(0.2, 5.0))
+        except subprocess.TimeoutExpired:
+            process.send_signal(sig)
+    _, err = process.communicate(timeout=400)
+    if kind == "run":
+        assert process.returncode == 0, err.decode()[-2000:]
+    if kind == "SIGINT":  # interrupted (130), or done before the signal came (0)
+        assert process.returncode in (0, 130, -signal.SIGINT), err.decode()[-2000:]
+        assert b"Traceback" not in err, err.decode()[-2000:]
+    return kind, process.returncode
+
+
+@pytest.mark.timeout(900)  # ~70 s on a quiet 2-core machine; 30 model-loading processes
+def test_thirty_generates_half_interrupted_leave_nothing_behind(tiny_pair, tmp_path) -> None:
+    """30 `specd generate` (embedded Redis), half killed with SIGINT or SIGKILL at random moments:
+    no redis-server, verifier or edge process and no temp folder is left."""
+    mark, tmp = uuid.uuid4().hex, tmp_path / "tmp"
+    delays = [random.Random(i) for i in range(30)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:  # 2 cores: a few at a time
+        outcomes = list(pool.map(lambda i: _run_one(i, mark, tmp, tiny_pair, delays[i]), range(30)))
+    print(f"30 generates in {time.monotonic() - started:.0f} s: {outcomes}")
+    assert sum(kind != "run" for kind, _ in outcomes) == 15
+    left = wait_gone(mark)
+    assert left == [], left
+    assert sorted(p.name for p in tmp.iterdir()) == [], "temp entries left behind"
+
+
+def test_killing_the_workers_parent_stops_its_children(redis_url, tiny_pair, tmp_path) -> None:
+    """`specd verifier --workers 2`: SIGKILL of the parent, and both verifiers exit (issue 12, 7)."""
+    mark = uuid.uuid4().hex
+    env = marked_env(mark, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"], SPECD_REDIS__URL=redis_url,
+                     SPECD_REDIS__KEY_PREFIX="kw", SPECD_POOL__KV_BUDGET_TOKENS="4096")
+    parent = subprocess.Popen(specd_command("verifier", "--workers", "2", "--worker-id", "kw"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis_client.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 120
+        while not (client.exists("kw:health:verifier:kw-0") and client.exists("kw:health:verifier:kw-1")):
+            assert time.monotonic() < deadline and parent.poll() is None  # both serving
+            time.sleep(0.2)
+        assert len(marked_processes(mark)) >= 3
+        parent.kill()
+        parent.wait(10)
+        left = wait_gone(mark, timeout_s=45)  # SIGTERM: each child drains (nothing to drain) and exits
+        assert left == [], left
+        assert not client.exists("kw:health:verifier:kw-0", "kw:health:verifier:kw-1")  # a clean stop
+    finally:
+        client.close()
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_verifier_stops_on_sigterm_while_redis_is_gone(tiny_pair, tmp_path) -> None:
+    """Redis dies under a running verifier; SIGTERM still ends it within seconds, not never."""
+    redis, port = start_redis_server(tmp_path)
+    mark = uuid.uuid4().hex
+    env = marked_env(mark, tmp_path / "t", SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_REDIS__URL=f"redis://127.0.0.1:{port}/0", SPECD_POOL__KV_BUDGET_TOKENS="4096",
+                     SPECD_VERIFIER__DRAIN_TIMEOUT_S="2", SPECD_REDIS__SOCKET_TIMEOUT_S="2")
+    verifier = subprocess.Popen(specd_command("verifier", "--worker-id", "gone"), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = redis_client.Redis(port=port)
+        deadline = time.monotonic() + 120
+        while not client.exists("specd:health:verifier:gone"):
+            assert time.monotonic() < deadline and verifier.poll() is None
+            time.sleep(0.2)
+        client.close()
+        redis.kill()
+        redis.wait(10)
+        time.sleep(1.0)  # the verifier is now retrying its reads
+        started = time.monotonic()
+        verifier.send_signal(signal.SIGTERM)
+        verifier.wait(30)
+        assert time.monotonic() - started < 15  # drain (2 s) + grace (5 s), with room for a busy CPU
+    finally:
+        if verifier.poll() is None:
+            verifier.kill()
+        if redis.poll() is None:
+            redis.kill()
+    assert verifier.returncode in (0, 130)
+    assert "Traceback" not in verifier.stderr.read() if verifier.stderr else True
+
+
+def test_verifier_stops_on_sigterm_while_redis_is_unreachable(tmp_path) -> None:
+    """At start-up against a refused URL: SIGTERM ends the bounded wait at once (exit 130)."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_REDIS__URL="redis://127.0.0.1:1/0",
+                     SPECD_REDIS__STARTUP_WAIT_S="120")
+    verifier = subprocess.Popen(specd_command("verifier"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    verifier.send_signal(signal.SIGTERM)
+    _, err = verifier.communicate(timeout=10)
+    assert verifier.returncode == 130 and "Traceback" not in err, err
+
+
+async def test_edge_serves_its_other_prompts_after_the_verifier_rejects_one(redis_url, tiny_pair) -> None:
+    """An edge that cannot check the context itself (replay backend: context unknown) sends an
+    over-long prompt; the verifier rejects it with a typed error, the edge reports it and serves the
+    rest (it used to crash)."""
+    import dataclasses
+
+    from local_pool import local_pool
+
+    from common.settings import Settings
+    from specd.workers import PromptJob, run_edge_jobs
+
+    settings = Settings(redis={"url": redis_url, "key_prefix": "rej"}, pool={"kv_budget_tokens": 4096},
+                        models={"target": tiny_pair["target"], "draft": tiny_pair["draft"]},
+                        sampling={"max_new_tokens": 8}, verifier={"idle_block_ms": 5})
+    async with local_pool(settings) as (_verifier, edge):
+        edge.config = dataclasses.replace(edge.config, max_context=0)
+        events: list[dict] = []
+        results = await run_edge_jobs(settings, edge, [PromptJob("x " * 600), PromptJob("def f(x):")],
+                                      events.append)
+    errors = [e for e in events if e["event"] == "error"]
+    assert results[0] is None and results[1] is not None and len(results[1].token_ids) == 8
+    assert len(errors) == 1 and errors[0]["code"] == "limit_exceeded"
+    assert "the target model has 512" in errors[0]["message"]
