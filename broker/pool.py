@@ -31,6 +31,7 @@ import json
 import time
 from typing import Any
 
+from broker.cluster import run_scripts
 from broker.streams import FIELD, GROUP, Broker, Entry
 
 _NOW_MS = """
@@ -185,11 +186,15 @@ class PoolBroker:
         if not held:
             return {}
         keys = self.broker.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid, value in held.items():
-                await self._renew(keys=[keys.lease(sid), keys.state(sid)],
-                            args=[value, lease_ms, _epoch(value), self.broker.ttl, worker], client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+        calls: list[tuple[Any, list[Any], list[Any]]] = [(self._renew, [keys.lease(sid), keys.state(sid)],
+                  [value, lease_ms, _epoch(value), self.broker.ttl, worker]) for sid, value in held.items()]
+        if self.broker.cluster:
+            replies = await run_scripts(self.redis, calls)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for script, script_keys, args in calls:
+                    await script(keys=script_keys, args=args, client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
         changes: dict[str, str | None] = {}
         kept = []
         for (sid, value), reply in zip(held.items(), replies, strict=True):
@@ -277,8 +282,11 @@ class PoolBroker:
         return int(await self.redis.xlen(stream))
 
     async def dead_letter(self, entry: Entry, error: str, deliveries: int, maxlen: int) -> None:
-        """Move a failing message to the dead-letter stream with its error, and ack it."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        """Move a failing message to the dead-letter stream with its error, and ack it.
+
+        One MULTI on one node; on a cluster (two slots) the dead letter lands before the ack.
+        """
+        async with self.redis.pipeline(transaction=not self.broker.cluster) as pipe:
             pipe.xadd(self.deadletter_key, {FIELD: entry.payload or b"", b"stream": entry.stream,
                                             b"id": entry.entry_id, b"error": error,
                                             b"deliveries": deliveries, b"at": now_ms()},

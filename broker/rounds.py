@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from broker.cluster import run_scripts
 from broker.streams import GROUP, Broker
 
 FENCED = -1
@@ -110,13 +111,16 @@ class RoundWriter:
         if not commits:
             return []
         keys, ttl, maxlen = self.broker.keys, self.broker.ttl, self.broker.maxlen
+        calls: list[tuple[Any, list[Any], list[Any]]] = [(self._commit,
+                  [keys.lease(c.session_id), keys.state(c.session_id), keys.tokens(c.session_id),
+                   keys.verdicts(c.session_id), keys.drafts(c.session_id), keys.meta(c.session_id)],
+                  [c.lease, c.stored_bytes, c.tokens, c.next_seq, c.payload, c.mac, c.ack_id,
+                   ttl, maxlen, "1" if c.full else "0"]) for c in commits]
+        if self.broker.cluster:
+            return [_reply(r) for r in await run_scripts(self.broker.redis, calls)]
         async with self.broker.redis.pipeline(transaction=False) as pipe:
-            for c in commits:
-                sid = c.session_id
-                await self._commit(keys=[keys.lease(sid), keys.state(sid), keys.tokens(sid),
-                                         keys.verdicts(sid), keys.drafts(sid), keys.meta(sid)],
-                             args=[c.lease, c.stored_bytes, c.tokens, c.next_seq, c.payload, c.mac, c.ack_id,
-                                   ttl, maxlen, "1" if c.full else "0"], client=pipe)
+            for script, script_keys, args in calls:
+                await script(keys=script_keys, args=args, client=pipe)
             replies = await pipe.execute(raise_on_error=False)
         return [_reply(r) for r in replies]
 
