@@ -65,12 +65,32 @@ def connect_cluster(url: str, socket_timeout_s: float = 30.0, *, username: str =
     if url.startswith("rediss+"):
         options.update(ssl=True, ssl_cert_reqs="required", ssl_ca_certs=tls_ca_file or None,
                        ssl_certfile=tls_cert_file or None, ssl_keyfile=tls_key_file or None)
-    return RedisCluster(
+    return _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in seed_nodes(url)],
         decode_responses=False, socket_timeout=socket_timeout_s,
         socket_connect_timeout=min(socket_timeout_s, 5.0), max_connections=4096,
         cluster_error_retry_attempts=3, **options,
     )
+
+
+class _Cluster(RedisCluster):
+    """RedisCluster that finishes (re)reading the slot map before it routes a command.
+
+    redis-py 8 works out a command's slot before its lazy initialisation; concurrent first
+    commands on a fresh client (or right after a failover reset the map) then fail with
+    ConnectionError or AttributeError. Initialising first (under redis-py's own lock) avoids it.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        if args and _text(args[0]).upper() == "ACL" and "target_nodes" not in kwargs:
+            kwargs["target_nodes"] = self.get_default_node()  # keyless: any node answers for itself
+        return await super().execute_command(*args, **kwargs)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def slot_of(key: str) -> int:

@@ -63,7 +63,8 @@ class RedisCluster:
         self.processes[port] = subprocess.Popen(
             [self.server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "1000",
-             "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
+             "--save", "", "--appendonly", "no", "--dir", str(node_dir),
+             "--logfile", str(node_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_ok(self, timeout: float = 30.0) -> None:

@@ -27,3 +27,19 @@ async def test_greedy_exactness_on_a_cluster(redis_cluster, tiny_pair) -> None:
 async def test_verifier_sigkill_failover_on_a_cluster(redis_cluster, tiny_pair, tmp_path) -> None:
     failover = test_pool_failover.test_sigkill_mid_batch_loses_nothing_and_outputs_stay_exact
     await failover(redis_cluster.url, tiny_pair, tmp_path)
+
+
+async def test_master_sigkill_mid_run_loses_no_token(redis_cluster, tiny_pair) -> None:
+    """Last in this file: it leaves the cluster with a promoted replica (then restarts the node)."""
+    from cluster_failover import run_master_kill
+
+    report = await run_master_kill(redis_cluster, tiny_pair["target"], tiny_pair["draft"], sessions=32)
+    redis_cluster.restart(report["victim_port"])  # it rejoins as its promoted replica's replica
+    print(f"\nmaster killed: {report['sessions_on_killed_master']} session(s) on it, next verdict "
+          f"{report['kill_to_next_verdict_s']} s, on the killed master "
+          f"{report['kill_to_next_verdict_on_killed_master_s']} s")
+    assert report["sessions_on_killed_master"] >= 1
+    assert report["failed"] == {}
+    assert report["finished_sessions"] == 32
+    assert report["mismatches"] == []  # every greedy output equals target-only greedy decoding
+    assert report["streamed_not_equal_final"] == []  # no token lost, repeated or changed on the way
