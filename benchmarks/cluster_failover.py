@@ -109,7 +109,8 @@ async def run_master_kill(cluster: Any, target: str, draft: str, sessions: int =
             "verifier": {"repairs": verifier.stats.repairs, "duplicates": verifier.stats.duplicates,
                          "fenced": verifier.stats.fenced, "leases_retaken": verifier.stats.leases_retaken,
                          "sessions_lost": verifier.stats.sessions_lost},
-            "edge_resends": sum(getattr(r, "resends", 0) for r in results if not isinstance(r, BaseException)),
+            "edge_resends": sum(getattr(r, "resends", 0) for r in results
+                                if not isinstance(r, BaseException)),
             "victim_port": victim}
 
 
