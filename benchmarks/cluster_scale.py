@@ -81,7 +81,8 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
     prefix = f"cs{uuid.uuid4().hex[:6]}"
     settings = Settings(redis={"url": url, "key_prefix": prefix},
                         models={"target": target, "draft": target, "torch_threads": 1},
-                        verifier={"idle_block_ms": 20, "worker_id": "v-cs", "max_batch_sessions": 256},
+                        verifier={"idle_block_ms": 20, "worker_id": "v-cs",
+                                  "max_batch_sessions": 256},
                         sampling={"max_new_tokens": max_new_tokens},
                         edge={"gamma": gamma, "verdict_timeout_s": 300, "backend": "replay",
                               "replay_file": replay, "replay_acceptance": 0.8,
@@ -112,8 +113,8 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
         calls_before = await node_calls(node_urls)
         started = time.perf_counter()
         measuring.set()
-        results = await asyncio.gather(*(edge.generate(tokenizer.encode(PROMPTS[i % len(PROMPTS)]), spec)
-                                         for i in range(sessions)), return_exceptions=True)
+        results = await asyncio.gather(*(edge.generate(tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
+                                                       spec) for i in range(sessions)), return_exceptions=True)
         wall = time.perf_counter() - started
         measuring.clear()
         calls_after = await node_calls(node_urls)
@@ -130,11 +131,15 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
             "iterations": iterations["counted"],
             "verifier_commands_per_iteration": round(iterations["total"] / counted, 2),
             "verifier_reads_per_iteration": round(iterations["reads"] / counted, 2),
-            "verifier_commands_per_round": round(iterations["total"] / max(1, verifier.stats.rounds), 2),
-            "node_commands_per_s": {u.rsplit(":", 1)[1].split("/")[0]: round((calls_after[u] - calls_before[u]) / wall)
-                                    for u in node_urls},
-            "node_commands_per_iteration": {u.rsplit(":", 1)[1].split("/")[0]: round((calls_after[u] - calls_before[u]) / counted, 2)
+            "verifier_commands_per_round": round(iterations["total"] / max(1, verifier.stats.rounds),
+                                                 2),
+            "node_commands_per_s": {_port(u): round((calls_after[u] - calls_before[u]) / wall) for u in node_urls},
+            "node_commands_per_iteration": {_port(u): round((calls_after[u] - calls_before[u]) / counted, 2)
                                             for u in node_urls}}
+
+
+def _port(url: str) -> str:
+    return url.rsplit(":", 1)[1].split("/")[0]
 
 
 def main() -> None:
@@ -150,6 +155,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--redis", choices=["both", "one-node"], default="both",
+                        help="one-node: no cluster (also runs on code without cluster mode, for old vs new)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cluster-scale-"))
@@ -160,23 +167,27 @@ def main() -> None:
                          sampling={"max_new_tokens": args.max_new_tokens}), PROMPTS, replay)
     server = shutil.which("redis-server") or "redis-server"
     single, port = conftest.start_redis_server(root)
-    cluster = RedisCluster(root / "cluster", server).start()
+    cluster = RedisCluster(root / "cluster", server).start() if args.redis == "both" else None
     rows = []
     try:
-        masters = [f"redis://127.0.0.1:{p}/0" for p in cluster.masters()]
+        one = f"redis://127.0.0.1:{port}/0"
+        setups = [("one node", one, [one])]
+        if cluster is not None:
+            setups.append(("3-master cluster", cluster.url,
+                           [f"redis://127.0.0.1:{p}/0" for p in cluster.masters()]))
         for sessions in args.sessions:
-            for name, url, nodes in (("one node", f"redis://127.0.0.1:{port}/0", [f"redis://127.0.0.1:{port}/0"]),
-                                     ("3-master cluster", cluster.url, masters)):
+            for name, url, nodes in setups:
                 row = {"redis": name, **asyncio.run(point(url, nodes, target, str(replay), sessions,
                                                           args.max_new_tokens, args.gamma))}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
         single.terminate()
         single.wait(timeout=10)
-    report = {"max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "drafter": "replay (acceptance 0.8)",
-              "target": "tiny random Llama of the tests", "rows": rows}
+    report = {"max_new_tokens": args.max_new_tokens, "gamma": args.gamma,
+              "drafter": "replay (acceptance 0.8)", "target": "tiny random Llama of the tests", "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

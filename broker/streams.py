@@ -347,17 +347,20 @@ class Broker:
         """Publish verdicts, persist session state, refresh TTLs, then ack the drafts.
 
         One MULTI/EXEC transaction: the ack can never land without its verdict, and a crash
-        before EXEC leaves the draft pending for redelivery. On a cluster: one MULTI per slot.
+        before EXEC leaves the draft pending for redelivery. On a cluster: one MULTI per slot, and
+        the open's ack (another slot) after them: a crash between redelivers the open, answered again.
         """
         if self.cluster:
             groups: dict[int, list[RoundResult]] = {}
             for result in rounds:
                 groups.setdefault(slot_of(self.keys.verdicts(result.session_id)), []).append(result)
             await asyncio.gather(*(self._publish(group) for group in groups.values()))
+            if ack is not None:
+                await self.ack(*ack)
             return
-        await self._publish(rounds)
+        await self._publish(rounds, ack)
 
-    async def _publish(self, rounds: list[RoundResult]) -> None:
+    async def _publish(self, rounds: list[RoundResult], ack: tuple[str, str] | None = None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             for result in rounds:
                 sid = result.session_id
