@@ -113,8 +113,8 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
         calls_before = await node_calls(node_urls)
         started = time.perf_counter()
         measuring.set()
-        results = await asyncio.gather(*(edge.generate(tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
-                                                       spec) for i in range(sessions)), return_exceptions=True)
+        runs = [edge.generate(tokenizer.encode(PROMPTS[i % len(PROMPTS)]), spec) for i in range(sessions)]
+        results = await asyncio.gather(*runs, return_exceptions=True)
         wall = time.perf_counter() - started
         measuring.clear()
         calls_after = await node_calls(node_urls)
@@ -133,7 +133,8 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
             "verifier_reads_per_iteration": round(iterations["reads"] / counted, 2),
             "verifier_commands_per_round": round(iterations["total"] / max(1, verifier.stats.rounds),
                                                  2),
-            "node_commands_per_s": {_port(u): round((calls_after[u] - calls_before[u]) / wall) for u in node_urls},
+            "node_commands_per_s": {_port(u): round((calls_after[u] - calls_before[u]) / wall)
+                                    for u in node_urls},
             "node_commands_per_iteration": {_port(u): round((calls_after[u] - calls_before[u]) / counted, 2)
                                             for u in node_urls}}
 
@@ -144,7 +145,7 @@ def _port(url: str) -> str:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401  (one torch thread)
+    import conftest  # one torch thread
     import tiny_models
     from redis_cluster import RedisCluster
 
