@@ -36,11 +36,20 @@ class Counter:
     def __init__(self, client: Any) -> None:
         self.total = 0
         self.reads = 0
+        self.by_name: dict[str, int] = {}
+        self.scripts: dict[str, str] = {}  # sha -> name, filled in by the caller
         inner_execute, inner_pipeline = client.execute_command, client.pipeline
 
-        async def execute_command(*args: Any, **kwargs: Any) -> Any:
+        def count(args: Any) -> None:
+            name = _text(args[0]).upper()
+            if name == "EVALSHA":
+                name = "EVALSHA " + self.scripts.get(_text(args[1]), "?")
             self.total += 1
-            self.reads += str(args[0]).upper() == "XREADGROUP"
+            self.reads += name == "XREADGROUP"
+            self.by_name[name] = self.by_name.get(name, 0) + 1
+
+        async def execute_command(*args: Any, **kwargs: Any) -> Any:
+            count(args)
             return await inner_execute(*args, **kwargs)
 
         def pipeline(*args: Any, **kwargs: Any) -> Any:
@@ -48,13 +57,26 @@ class Counter:
             inner_run = pipe.execute
 
             async def execute(*a: Any, **k: Any) -> Any:
-                self.total += len(pipe)
+                for command in _stack(pipe):
+                    count(command)
                 return await inner_run(*a, **k)
             pipe.execute = execute
             return pipe
 
         client.execute_command = execute_command
         client.pipeline = pipeline
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stack(pipe: Any) -> list[Any]:
+    """The queued commands' argument tuples of a single-node or cluster pipeline."""
+    stack = getattr(pipe, "command_stack", None)
+    if stack is None:
+        stack = getattr(getattr(pipe, "_execution_strategy", None), "_command_queue", [])
+    return [c[0] if isinstance(c, tuple) else c.args for c in stack]
 
 
 async def node_calls(urls: list[str]) -> dict[str, int]:
@@ -90,6 +112,10 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
     verifier_broker, edge_broker = make_broker(settings), make_broker(settings)
     counter = Counter(verifier_broker.redis)
     verifier = build_verifier(settings, verifier_broker, worker_id="v-cs")
+    for owner in (verifier.writer, verifier.pool):
+        for attr, script in vars(owner).items():
+            if hasattr(script, "sha") and hasattr(script, "script"):
+                counter.scripts[script.sha] = attr.strip("_")
     iterations = {"n": 0, "counted": 0, "total": 0, "reads": 0}
     inner_iterate = verifier.iterate
     measuring = asyncio.Event()
@@ -102,6 +128,7 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
             iterations["total"] += counter.total - before
             iterations["reads"] += counter.reads - reads
     verifier.iterate = iterate  # type: ignore[method-assign]
+    counter.by_name.clear()
     stop = asyncio.Event()
     serving = asyncio.create_task(verifier.run(stop))
     edge = build_edge(settings, edge_broker)
@@ -131,6 +158,7 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
             "iterations": iterations["counted"],
             "verifier_commands_per_iteration": round(iterations["total"] / counted, 2),
             "verifier_reads_per_iteration": round(iterations["reads"] / counted, 2),
+            "verifier_commands_by_name": dict(sorted(counter.by_name.items(), key=lambda kv: -kv[1])),
             "verifier_commands_per_round": round(iterations["total"] / max(1, verifier.stats.rounds),
                                                  2),
             "node_commands_per_s": {_port(u): round((calls_after[u] - calls_before[u]) / wall)

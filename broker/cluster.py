@@ -105,6 +105,15 @@ def by_slot(keys: Iterable[str]) -> dict[int, list[str]]:
     return groups
 
 
+def slot_groups(keys: list[str], cluster: bool, size: int) -> list[list[int]]:
+    """Indices of ``keys`` grouped by slot (one group without a cluster), ``size`` at most each:
+    the calls of a multi-session script (its keys must share a slot on a cluster)."""
+    by: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        by.setdefault(slot_of(key) if cluster else 0, []).append(i)
+    return [group[n:n + size] for group in by.values() for n in range(0, len(group), size)]
+
+
 class SlotReader(Generic[T]):
     """At most one read in flight per slot group, harvested by the worker loop each iteration.
 

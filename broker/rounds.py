@@ -2,9 +2,11 @@
 
 Every write a session's owner makes (a round's commit, a notice, the end of the session) is one
 Lua script on the session's own keys (one hash tag: one Redis Cluster slot) that first checks
-the lease holds this worker's ``worker/epoch`` value. A verifier that lost its lease (stalled,
-partitioned, or Redis lost the key) therefore cannot publish, commit or delete anything for a
-session that a new owner serves: its script answers ``FENCED`` and it drops the session.
+the lease holds this worker's ``worker/epoch`` value; a round's commits for many sessions are
+one script call per slot group (COMMIT_ROUNDS), each session still checked and answered alone.
+A verifier that lost its lease (stalled, partitioned, or Redis lost the key) therefore cannot
+publish, commit or delete anything for a session that a new owner serves: its script answers
+``FENCED`` and it drops the session.
 
 A round's commit appends only the round's new tokens to ``{sid}:tokens`` (APPEND of uint32 LE:
 the cost of a round does not grow with the session) when the stored length is the one the
@@ -22,40 +24,17 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from broker.cluster import run_scripts, slot_of
+from broker.cluster import run_scripts, slot_groups
 from broker.streams import GROUP, Broker
 
 FENCED = -1
 DONE = -2
 
-COMMIT_ROUND = """
--- KEYS: lease, state, tokens, verdicts, drafts, meta
--- ARGV: lease value, expected stored bytes, bytes to append (or the whole context when full),
---       next_seq, verdict payload, its MAC, draft entry to ack ('' none), ttl, maxlen, full ('1')
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local have = redis.call('STRLEN', KEYS[3])
-local before = tonumber(ARGV[2])
-if ARGV[10] == '1' then
-  redis.call('SET', KEYS[3], ARGV[3])
-elseif have == before then
-  redis.call('APPEND', KEYS[3], ARGV[3])
-elseif have ~= before + string.len(ARGV[3]) then
-  return have
-end
-redis.call('HSET', KEYS[2], 'next_seq', ARGV[4], 'last_verdict', ARGV[5], 'last_mac', ARGV[6])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'm', ARGV[5], 'a', ARGV[6])
-if ARGV[7] ~= '' then
-  redis.call('XACK', KEYS[5], 'verifiers', ARGV[7])
-  redis.call('XDEL', KEYS[5], ARGV[7])
-end
-for i = 2, 6 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
-return -2
-"""
-
 COMMIT_ROUNDS = """
--- COMMIT_ROUND for several sessions in one call (their keys in one slot on a cluster).
--- KEYS: 6 per session (as COMMIT_ROUND); ARGV: ttl, maxlen, then 8 per session: lease value,
--- expected stored bytes, bytes, next_seq, verdict payload, MAC, draft entry ('' none), full.
+-- Commits several sessions' rounds in one call (their keys in one slot on a cluster).
+-- KEYS: 6 per session: lease, state, tokens, verdicts, drafts, meta.
+-- ARGV: ttl, maxlen, then 8 per session: lease value, expected stored bytes, bytes, next_seq,
+-- verdict payload, MAC, draft entry ('' none), full.
 -- One reply per session: -2 done, -1 fenced, the stored length, or 'E<error>' (a key of the
 -- wrong type: that session fails, the others commit).
 local ttl, maxlen = ARGV[1], ARGV[2]
@@ -137,7 +116,6 @@ class RoundWriter:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         redis = broker.redis
-        self._commit = redis.register_script(COMMIT_ROUND)
         self._commit_many = redis.register_script(COMMIT_ROUNDS)
         self._notice = redis.register_script(PUBLISH_NOTICE)
         self._finish = redis.register_script(FINISH_SESSION)
@@ -169,11 +147,8 @@ class RoundWriter:
 
     def _groups(self, commits: list[Commit]) -> list[list[int]]:
         """Indices of the commits, by slot (one node: all in one), at most BATCH_SESSIONS each."""
-        by: dict[int, list[int]] = {}
-        for i, c in enumerate(commits):
-            slot = slot_of(self.broker.keys.state(c.session_id)) if self.broker.cluster else 0
-            by.setdefault(slot, []).append(i)
-        return [g[n:n + BATCH_SESSIONS] for g in by.values() for n in range(0, len(g), BATCH_SESSIONS)]
+        return slot_groups([self.broker.keys.state(c.session_id) for c in commits], self.broker.cluster,
+                           BATCH_SESSIONS)
 
     def _call(self, commits: list[Commit], group: list[int]) -> tuple[Any, list[Any], list[Any]]:
         keys, script_keys = self.broker.keys, []
