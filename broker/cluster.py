@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 SCHEMES = ("redis+cluster://", "rediss+cluster://")
 DEFAULT_SHARDS = 8
@@ -86,7 +87,30 @@ class _Cluster(RedisCluster):
             await self.initialize()
         if args and _text(args[0]).upper() == "ACL" and "target_nodes" not in kwargs:
             kwargs["target_nodes"] = self.get_default_node()  # keyless: any node answers for itself
-        return await super().execute_command(*args, **kwargs)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            raise _reset(exc) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise ValueError("a cluster pipeline takes no shard_hint")
+        return _Pipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+
+
+class _Pipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as exc:
+            raise _reset(exc) from exc
+
+
+def _reset(exc: AttributeError) -> RedisConnectionError:
+    """redis-py closes a node's connections when a failover resets the slot map, sometimes under
+    a command still using one (``'NoneType' object has no attribute 'writelines'``): that is a
+    lost connection, retried like one, not a bug of ours."""
+    return RedisConnectionError(f"connection reset while the cluster's slot map changed ({exc})")
 
 
 def _text(value: Any) -> str:
