@@ -148,16 +148,16 @@ class SlotReader(Generic[T]):
     trip); a blocking one waits for the first read to answer or the block to pass.
     """
 
-    def __init__(self, read: Callable[[list[str], int | None], Coroutine[Any, Any, list[T]]]) -> None:
+    def __init__(self, read: Callable[[list[str], int | None, int], Coroutine[Any, Any, list[T]]]) -> None:
         self._read = read
         self._inflight: dict[int, asyncio.Task[list[T]]] = {}
         self.commands = 0  # reads issued (for the commands-per-iteration measurement)
 
-    async def read(self, streams: list[str], block_ms: int | None) -> list[T]:
+    async def read(self, streams: list[str], block_ms: int | None, count: int) -> list[T]:
         started = []
         for slot, keys in by_slot(streams).items():
             if slot not in self._inflight:
-                self._inflight[slot] = asyncio.create_task(self._read(keys, block_ms))
+                self._inflight[slot] = asyncio.create_task(self._read(keys, block_ms, count))
                 started.append(self._inflight[slot])
                 self.commands += 1
         pending = set(self._inflight.values())

@@ -285,8 +285,8 @@ class Broker:
             reader = self._readers.get(consumer)
             if reader is None:
                 reader = self._readers[consumer] = SlotReader(
-                    lambda keys, block: self._read_group(consumer, keys, block, count))
-            return await reader.read(streams, block_ms)
+                    lambda keys, block, n: self._read_group(consumer, keys, block, n))
+            return await reader.read(streams, block_ms, count)
         return await self._read_group(consumer, streams, block_ms, count)
 
     async def _read_group(self, consumer: str, streams: list[str], block_ms: int | None,

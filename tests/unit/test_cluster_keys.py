@@ -46,3 +46,30 @@ def test_slot_groups_bound_their_size() -> None:
     assert sorted(i for g in groups for i in g) == list(range(10))
     assert all(len(g) <= 2 and len({slot_of(keys[i]) for i in g}) == 1 for g in groups)
     assert slot_groups(keys, cluster=False, size=64) == [list(range(10))]
+
+
+async def test_slot_reader_keeps_one_read_in_flight_per_slot_group() -> None:
+    import asyncio
+
+    from broker.cluster import SlotReader
+
+    calls: list[tuple[list[str], int | None]] = []
+    release = asyncio.Event()
+
+    async def read(keys: list[str], block: int | None, count: int) -> list[str]:
+        calls.append((keys, block))
+        if block is not None:
+            await release.wait()  # a blocking read answers when an entry arrives
+        return [f"{k}#1" for k in keys]
+
+    reader: SlotReader[str] = SlotReader(read)
+    streams = ["{a}:1", "{a}:2", "{b}:1"]
+    assert sorted(await reader.read(streams, None, 8)) == ["{a}:1#1", "{a}:2#1", "{b}:1#1"]
+    assert len(calls) == 2  # one read per slot group, not per stream
+    assert await reader.read(streams, 10, 8) == []  # blocked: nothing within the block
+    assert await reader.read(streams, None, 8) == []  # still in flight: not read twice
+    assert len(calls) == 4
+    release.set()
+    await asyncio.sleep(0.01)
+    assert len(await reader.read(streams, None, 8)) == 3  # the blocked reads answered
+    reader.close()
