@@ -29,6 +29,17 @@ async def test_verifier_sigkill_failover_on_a_cluster(redis_cluster, tiny_pair, 
     await failover(redis_cluster.url, tiny_pair, tmp_path)
 
 
+async def test_pool_status_lists_the_cluster_nodes(redis_cluster, capsys) -> None:
+    from common.settings import Settings
+    from specd.pool import pool_status, print_status
+
+    status = await pool_status(Settings(redis={"url": redis_cluster.url, "key_prefix": "ps"}))
+    roles = [n["role"] for n in status["redis_nodes"]]
+    assert roles.count("master") == 3  # replicas are listed once the client's slot map has them
+    print_status(status)
+    assert capsys.readouterr().out.count("127.0.0.1:") == len(roles)
+
+
 async def test_master_sigkill_mid_run_loses_no_token(redis_cluster, tiny_pair) -> None:
     """Last in this file: it leaves the cluster with a promoted replica (then restarts the node)."""
     from cluster_failover import run_master_kill
