@@ -72,7 +72,9 @@ async def run_master_kill(cluster: Any, target: str, draft: str, sessions: int =
         victim = Counter(homes.values()).most_common(1)[0][0]
         killed_at = time.monotonic()
         cluster.kill(victim)
+        promoted = asyncio.create_task(asyncio.to_thread(_wait_promotion, cluster, killed_at))
         results = await runs
+        promotion_s = await promoted
         stop.set()
         await serving
     finally:
@@ -101,6 +103,7 @@ async def run_master_kill(cluster: Any, target: str, draft: str, sessions: int =
             "finished_sessions": sum(1 for r in results if not isinstance(r, BaseException)
                                      and r.finish_reason is not None),
             "failed": failed, "mismatches": mismatches, "streamed_not_equal_final": repeated,
+            "kill_to_promotion_s": promotion_s,
             "kill_to_next_verdict_s": next_after(sids),
             "kill_to_next_verdict_on_killed_master_s": next_after(affected),
             "kill_to_last_affected_resumed_s": max(
@@ -112,6 +115,15 @@ async def run_master_kill(cluster: Any, target: str, draft: str, sessions: int =
             "edge_resends": sum(getattr(r, "resends", 0) for r in results
                                 if not isinstance(r, BaseException)),
             "victim_port": victim}
+
+
+def _wait_promotion(cluster: Any, killed_at: float, timeout: float = 60.0) -> float | None:
+    """Seconds from the kill until the cluster again has three live masters (the replica took over)."""
+    while time.monotonic() - killed_at < timeout:
+        if len(cluster.masters()) == 3:
+            return round(time.monotonic() - killed_at, 3)
+        time.sleep(0.05)
+    return None
 
 
 def main() -> None:

@@ -20,11 +20,17 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 SCHEMES = ("redis+cluster://", "rediss+cluster://")
 DEFAULT_SHARDS = 8
+# redis-py retries a command whose node is gone (re-reading the slot map in between) this many
+# times, at most 0.25 s apart (jittered): about 5 s, longer than a replica's promotion after the node
+# timeout, and short steps so that the first command after it is not held back by a long backoff.
+FAILOVER_RETRIES = 40
 T = TypeVar("T")
 
 
@@ -70,7 +76,8 @@ def connect_cluster(url: str, socket_timeout_s: float = 30.0, *, username: str =
         startup_nodes=[ClusterNode(host, port) for host, port in seed_nodes(url)],
         decode_responses=False, socket_timeout=socket_timeout_s,
         socket_connect_timeout=min(socket_timeout_s, 5.0), max_connections=4096,
-        cluster_error_retry_attempts=3, **options,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), retries=FAILOVER_RETRIES),
+        **options,
     )
 
 
