@@ -31,6 +31,7 @@ import json
 import time
 from typing import Any
 
+from broker.cluster import run_scripts, slot_groups
 from broker.streams import FIELD, GROUP, Broker, Entry
 
 _NOW_MS = """
@@ -104,24 +105,34 @@ redis.call('SET', KEYS[1], ARGV[1] .. '/' .. epoch, 'PX', ARGV[2])
 return epoch
 """
 
-RENEW_LEASE = """
--- KEYS: lease, state; ARGV: lease value, lease ms, its epoch, session ttl, worker.
--- Returns the epoch held (the same: renewed; a new one: taken again), or 0: lost.
-local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(ARGV[3])
+RENEW_LEASES = """
+-- Renews several sessions' leases in one call (their keys in one slot on a cluster).
+-- KEYS: lease, state per session; ARGV: lease ms, session ttl, worker, then lease value and its
+-- epoch per session. One reply per session: the epoch held (the same: renewed; a new one: taken
+-- again when the lease vanished and nobody adopted the session), 0 lost, -1 error.
+local function renew(k, a)
+  local held = redis.call('GET', KEYS[k + 1])
+  if held == ARGV[a] then
+    redis.call('PEXPIRE', KEYS[k + 1], ARGV[1])
+    return tonumber(ARGV[a + 1])
+  end
+  if held then return 0 end
+  local st = redis.call('HMGET', KEYS[k + 2], 'epoch', 'finished')
+  if st[2] then return 0 end
+  local stored = tonumber(st[1]) or 0
+  if stored > tonumber(ARGV[a + 1]) then return 0 end
+  local epoch = math.max(stored, tonumber(ARGV[a + 1])) + 1
+  redis.call('HSET', KEYS[k + 2], 'epoch', epoch)
+  redis.call('EXPIRE', KEYS[k + 2], ARGV[2])
+  redis.call('SET', KEYS[k + 1], ARGV[3] .. '/' .. epoch, 'PX', ARGV[1])
+  return epoch
 end
-if held then return 0 end
-local st = redis.call('HMGET', KEYS[2], 'epoch', 'finished')
-if st[2] then return 0 end
-local stored = tonumber(st[1]) or 0
-if stored > tonumber(ARGV[3]) then return 0 end
-local epoch = math.max(stored, tonumber(ARGV[3])) + 1
-redis.call('HSET', KEYS[2], 'epoch', epoch)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[1], ARGV[5] .. '/' .. epoch, 'PX', ARGV[2])
-return epoch
+local out = {}
+for i = 0, #KEYS / 2 - 1 do
+  local ok, res = pcall(renew, i * 2, 4 + i * 2)
+  out[i + 1] = ok and res or -1
+end
+return out
 """
 
 RELEASE_LEASE = """
@@ -129,6 +140,9 @@ RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+RENEW_BATCH = 256  # sessions per RENEW_LEASES call
 
 
 def _epoch(lease: str) -> int:
@@ -153,7 +167,7 @@ class PoolBroker:
         self._refresh = self.redis.register_script(REFRESH_SESSIONS)
         self._take = self.redis.register_script(TAKE_TOKENS)
         self._acquire = self.redis.register_script(ACQUIRE_LEASE)
-        self._renew = self.redis.register_script(RENEW_LEASE)
+        self._renew_many = self.redis.register_script(RENEW_LEASES)
         self._release = self.redis.register_script(RELEASE_LEASE)
 
     # ------------------------------------------------------------ leases
@@ -176,7 +190,7 @@ class PoolBroker:
         return f"{worker}/{epoch}"
 
     async def renew(self, worker: str, held: dict[str, str], lease_ms: int) -> dict[str, str | None]:
-        """Extend the leases this worker holds (``held``: sid -> lease value), one script each.
+        """Extend the leases this worker holds (``held``: sid -> lease value), one script per slot group.
 
         A lease that vanished (lapsed while this worker stalled, or Redis lost it) is taken again
         with a new epoch when nobody adopted the session meanwhile and it did not finish: that
@@ -184,12 +198,7 @@ class PoolBroker:
         """
         if not held:
             return {}
-        keys = self.broker.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid, value in held.items():
-                await self._renew(keys=[keys.lease(sid), keys.state(sid)],
-                            args=[value, lease_ms, _epoch(value), self.broker.ttl, worker], client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await self._renew_all(worker, held, lease_ms)
         changes: dict[str, str | None] = {}
         kept = []
         for (sid, value), reply in zip(held.items(), replies, strict=True):
@@ -203,6 +212,32 @@ class PoolBroker:
         if kept:
             await self.redis.zadd(self.leases_key, dict.fromkeys(kept, now_ms() + lease_ms))
         return changes
+
+    async def _renew_all(self, worker: str, held: dict[str, str], lease_ms: int) -> list[Any]:
+        """RENEW_LEASES once per slot group (one node: per RENEW_BATCH sessions); a reply per session."""
+        keys, items = self.broker.keys, list(held.items())
+        groups = slot_groups([keys.lease(sid) for sid, _ in items], self.broker.cluster, RENEW_BATCH)
+        calls: list[tuple[Any, list[Any], list[Any]]] = []
+        for group in groups:
+            script_keys: list[Any] = []
+            args: list[Any] = [lease_ms, self.broker.ttl, worker]
+            for i in group:
+                sid, value = items[i]
+                script_keys += [keys.lease(sid), keys.state(sid)]
+                args += [value, _epoch(value)]
+            calls.append((self._renew_many, script_keys, args))
+        if self.broker.cluster:
+            replies = await run_scripts(self.redis, calls)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for script, script_keys, args in calls:
+                    await script(keys=script_keys, args=args, client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        out: list[Any] = [-1] * len(items)
+        for group, reply in zip(groups, replies, strict=True):
+            for n, i in enumerate(group):
+                out[i] = reply if isinstance(reply, Exception) else reply[n]
+        return out
 
     async def release(self, held: dict[str, str]) -> None:
         """Give up leases (a leaving worker): deadline 0 lets any verifier adopt them at once."""
@@ -277,8 +312,11 @@ class PoolBroker:
         return int(await self.redis.xlen(stream))
 
     async def dead_letter(self, entry: Entry, error: str, deliveries: int, maxlen: int) -> None:
-        """Move a failing message to the dead-letter stream with its error, and ack it."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        """Move a failing message to the dead-letter stream with its error, and ack it.
+
+        One MULTI on one node; on a cluster (two slots) the dead letter lands before the ack.
+        """
+        async with self.redis.pipeline(transaction=not self.broker.cluster) as pipe:
             pipe.xadd(self.deadletter_key, {FIELD: entry.payload or b"", b"stream": entry.stream,
                                             b"id": entry.entry_id, b"error": error,
                                             b"deliveries": deliveries, b"at": now_ms()},

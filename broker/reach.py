@@ -7,9 +7,9 @@ pings for up to ``redis.startup_wait_s`` and then stops with ``RedisUnavailable`
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from broker.streams import TRANSIENT_ERRORS
 
@@ -18,14 +18,12 @@ class RedisUnavailable(Exception):
     """Redis could not be reached (refused, unknown host, timeout, or wrong credentials)."""
 
 
+_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")  # the ":password@" of scheme://user:password@host...
+
+
 def redacted(url: str) -> str:
-    """The URL without its password, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL without its password, fit for messages and logs (cluster seed lists included)."""
+    return _PASSWORD.sub(r"\1***@", url, count=1)
 
 
 def unreachable(url: str, exc: BaseException) -> RedisUnavailable:

@@ -13,6 +13,11 @@ Key layout (the ``{session}`` hash tag keeps one session's keys in one Redis Clu
     {prefix}:{{sid}}:lease             ``worker/epoch`` of the owning verifier, PX lifetime (broker.pool)
     {prefix}:health:{role}:{worker}    heartbeat key with a TTL
 
+On a Redis Cluster (a ``redis+cluster://`` URL: broker.cluster) session keys carry a shard tag
+instead of the session id, ``{prefix}:{{<tenant>.s<n>}}:<sid>:drafts`` with ``n`` a hash of the
+sid modulo ``shards``: a verifier's sessions then share a few slots, and it reads each slot
+group with one XREADGROUP and writes each with one pipeline, not one command per session.
+
 Identity comes from Redis, not from messages: a session id is ``<tenant>.<random>`` (an id
 without a dot belongs to tenant ``default``), the tenant's opens go to its own stream, and a
 verifier takes the tenant from the stream it read the open from. So a tenant's ACL user (see
@@ -31,15 +36,23 @@ import hashlib
 import hmac
 import re
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.cluster import DEFAULT_SHARDS, SlotReader, connect_cluster, is_cluster, is_cluster_url, slot_of
 from common.logs import get_logger
 from common.settings import RedisSettings
 
@@ -48,7 +61,10 @@ FIELD = b"m"
 MAC_FIELD = b"a"
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# A cluster mid-failover answers CLUSTERDOWN/TRYAGAIN/MASTERDOWN or has a slot uncovered for a
+# moment: transient like a lost connection (redis-py re-reads the slot map on the next command).
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterDownError,
+                    TryAgainError, MasterDownError, SlotNotCoveredError)
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -72,6 +88,11 @@ def tenant_of(sid: str) -> str:
     """The tenant a session id belongs to: the part before the first dot (``default`` without)."""
     head, dot, _ = sid.partition(".")
     return head if dot else DEFAULT_TENANT
+
+
+def shard_of(sid: str, shards: int) -> int:
+    """A session's shard (cluster mode): stable across processes (CRC32, not Python's hash)."""
+    return zlib.crc32(sid.encode()) % shards
 
 
 def mac(key: bytes, payload: bytes) -> bytes:
@@ -98,10 +119,17 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
             tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "") -> aioredis.Redis:
     """A redis.asyncio client (hiredis parser when installed); bytes in, bytes out.
 
+    A ``redis+cluster://host:port,host:port`` URL (``rediss+cluster://`` with TLS) gives a
+    Redis Cluster client seeded with those nodes (broker.cluster); everything else one node.
+
     ``username``/``password`` log in as a Redis ACL user (they override credentials in the URL).
     A ``rediss://`` URL speaks TLS and verifies the server certificate against ``tls_ca_file``
     (system CAs when empty); ``tls_cert_file``/``tls_key_file`` present a client certificate.
     """
+    if is_cluster_url(url):
+        return connect_cluster(url, socket_timeout_s, username=username, password=password,  # type: ignore[return-value]
+                               tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                               tls_key_file=tls_key_file)
     options: dict[str, Any] = {}
     if username:
         options["username"] = username
@@ -127,8 +155,9 @@ def connect_settings(redis: RedisSettings) -> aioredis.Redis:
 
 
 class Keys:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, shards: int = 0) -> None:
         self.prefix = prefix
+        self.shards = shards  # 0: one hash tag per session (one node); n: n slot groups per tenant
         self.opens_pattern = f"{prefix}:opens:*"
         self.logs = f"{prefix}:logs"
 
@@ -145,22 +174,28 @@ class Keys:
         return tenant if TENANT_PATTERN.fullmatch(tenant) else None
 
     def tokens(self, sid: str) -> str:
-        return f"{self.prefix}:{{{sid}}}:tokens"
+        return f"{self._session(sid)}:tokens"
 
     def drafts(self, sid: str) -> str:
-        return f"{self.prefix}:{{{sid}}}:drafts"
+        return f"{self._session(sid)}:drafts"
 
     def verdicts(self, sid: str) -> str:
-        return f"{self.prefix}:{{{sid}}}:verdicts"
+        return f"{self._session(sid)}:verdicts"
 
     def state(self, sid: str) -> str:
-        return f"{self.prefix}:{{{sid}}}:state"
+        return f"{self._session(sid)}:state"
 
     def meta(self, sid: str) -> str:
-        return f"{self.prefix}:{{{sid}}}:meta"
+        return f"{self._session(sid)}:meta"
 
     def lease(self, sid: str) -> str:
-        return f"{self.prefix}:{{{sid}}}:lease"
+        return f"{self._session(sid)}:lease"
+
+    def _session(self, sid: str) -> str:
+        """The head of a session's keys: its own hash tag, or its shard's (cluster mode)."""
+        if not self.shards:
+            return f"{self.prefix}:{{{sid}}}"
+        return f"{self.prefix}:{{{tenant_of(sid)}.s{shard_of(sid, self.shards)}}}:{sid}"
 
     def session_keys(self, sid: str) -> list[str]:
         return [self.drafts(sid), self.verdicts(sid), self.state(sid), self.tokens(sid)]
@@ -170,18 +205,26 @@ class Keys:
 
     def session_of(self, stream: str) -> str:
         """The session id inside a per-session key."""
+        if self.shards:
+            return stream[stream.index("}:") + 2: stream.rindex(":")]
         return stream[stream.index("{") + 1: stream.rindex("}")]
 
 
 class Broker:
     def __init__(self, client: aioredis.Redis, prefix: str = "specd", maxlen: int = 1000,
-                 session_ttl_s: int = 600) -> None:
+                 session_ttl_s: int = 600, shards: int | None = None) -> None:
         self.redis = client
-        self.keys = Keys(prefix)
+        self.cluster = is_cluster(client)
+        if shards is None:
+            shards = DEFAULT_SHARDS if self.cluster else 0
+        self.keys = Keys(prefix, shards)
         self.maxlen = maxlen
         self.ttl = session_ttl_s
+        self._readers: dict[str, SlotReader[Entry]] = {}  # cluster mode: per consumer
 
     async def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
         await self.redis.aclose()
 
     async def ping(self) -> float:
@@ -235,7 +278,19 @@ class Broker:
         deleted while the read blocked on it (``UNBLOCKED``: a session's keys deleted or expired,
         or a flushed Redis) also answers nothing: the next read names only live streams, and a
         live one that lost its group gets NOGROUP, handled above.
+
+        On a cluster: one XREADGROUP per slot group, kept in flight across calls (broker.cluster).
         """
+        if self.cluster:
+            reader = self._readers.get(consumer)
+            if reader is None:
+                reader = self._readers[consumer] = SlotReader(
+                    lambda keys, block, n: self._read_group(consumer, keys, block, n))
+            return await reader.read(streams, block_ms, count)
+        return await self._read_group(consumer, streams, block_ms, count)
+
+    async def _read_group(self, consumer: str, streams: list[str], block_ms: int | None,
+                          count: int) -> list[Entry]:
         try:
             reply = await self.redis.xreadgroup(
                 GROUP, consumer, {stream: ">" for stream in streams}, count=count, block=block_ms,
@@ -292,8 +347,20 @@ class Broker:
         """Publish verdicts, persist session state, refresh TTLs, then ack the drafts.
 
         One MULTI/EXEC transaction: the ack can never land without its verdict, and a crash
-        before EXEC leaves the draft pending for redelivery.
+        before EXEC leaves the draft pending for redelivery. On a cluster: one MULTI per slot, and
+        the open's ack (another slot) after them: a crash between redelivers the open, answered again.
         """
+        if self.cluster:
+            groups: dict[int, list[RoundResult]] = {}
+            for result in rounds:
+                groups.setdefault(slot_of(self.keys.verdicts(result.session_id)), []).append(result)
+            await asyncio.gather(*(self._publish(group) for group in groups.values()))
+            if ack is not None:
+                await self.ack(*ack)
+            return
+        await self._publish(rounds, ack)
+
+    async def _publish(self, rounds: list[RoundResult], ack: tuple[str, str] | None = None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             for result in rounds:
                 sid = result.session_id

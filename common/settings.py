@@ -66,8 +66,9 @@ class Section(BaseModel):
 
 class RedisSettings(Section):
     url: str = ""
-    """Redis URL (redis://, rediss://, unix://). Empty: demo, generate and loadtest start an
-    embedded Redis; the other commands need a URL."""
+    """Redis URL (redis://, rediss://, unix://), or a Redis Cluster's seed nodes
+    (redis+cluster://host:port,host:port; rediss+cluster:// with TLS; docs/cluster.md).
+    Empty: demo, generate and loadtest start an embedded Redis; the other commands need a URL."""
     key_prefix: str = Field("specd", min_length=1, max_length=64)
     """Prefix of every key this deployment uses (no braces: they are Redis Cluster hash tags)."""
     stream_maxlen: int = Field(1000, ge=10)
@@ -102,14 +103,15 @@ class RedisSettings(Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        if value and not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                                           "rediss+cluster://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster:// (or be empty)")
         return value
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> RedisSettings:
         tls = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
-        if tls and not self.url.startswith("rediss://"):
+        if tls and not self.url.startswith(("rediss://", "rediss+cluster://")):
             raise ValueError(f"{', '.join(tls)} need a rediss:// url")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")

@@ -55,6 +55,8 @@ class MultiplexedBroker(Broker):
         self.reads = 0  # XREADs issued (reported by load tests)
 
     async def read_verdicts(self, sid: str, last_id: str, block_ms: int) -> list[Entry]:
+        if self.cluster:  # one XREAD may not span slots: each session blocks its own read
+            return await self.inner.read_verdicts(sid, last_id, block_ms)
         tail = self._tails.setdefault(sid, _Tail(last_id))
         tail.seen = time.monotonic()
         ready = [e for e in tail.buffer if id_after(e.entry_id, last_id)]

@@ -19,7 +19,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.streams import Broker
+from broker.cluster import is_cluster_url
+from broker.streams import Broker, connect_settings
 from common.logs import bind, configure_logging
 from common.settings import Settings, load_settings
 from edge_worker.client import EdgeClient, SessionFailed
@@ -75,6 +76,9 @@ def pooled_broker(settings: Settings, slots: int) -> Broker:
     process with hundreds of sessions sending at once needs more, and waiting is harmless.
     """
     redis = settings.redis
+    if is_cluster_url(redis.url):  # the cluster client keeps its own pool per node
+        return Broker(connect_settings(redis), prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
+                      session_ttl_s=redis.session_ttl_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         redis.url, max_connections=max(100, slots + 16), timeout=redis.socket_timeout_s,
         socket_timeout=redis.socket_timeout_s, socket_connect_timeout=redis.socket_timeout_s,

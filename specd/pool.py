@@ -49,7 +49,7 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
         tenants: Counter[str] = Counter()
         for load in workers.values():
             tenants.update(load.get("tenants", {}))
-        info = await redis.info("memory")
+        nodes = await redis_nodes(redis)
         return {
             "workers": dict(sorted(workers.items())),
             "sessions": len(owners), "sessions_per_owner": dict(Counter(owners.values())),
@@ -60,10 +60,30 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
             "queued_drafts": sum(int(v.get("queue", 0)) for v in workers.values()),
             "kv_bytes": sum(int(v.get("kv_bytes", 0)) for v in workers.values()),
             "deadletter_length": int(await redis.xlen(pool.deadletter_key)),
-            "tenants": dict(tenants), "redis_used_memory": int(info.get("used_memory", 0)),
+            "tenants": dict(tenants), "redis_used_memory": sum(n["used_memory"] for n in nodes),
+            "redis_nodes": nodes,
         }
     finally:
         await broker.close()
+
+
+async def redis_nodes(redis: Any) -> list[dict[str, Any]]:
+    """Each Redis node: address, role, memory, commands/s, keys (one entry without a cluster)."""
+    from broker.cluster import is_cluster
+
+    targets = redis.get_nodes() if is_cluster(redis) else [None]
+    out = []
+    for node in targets:
+        options = {} if node is None else {"target_nodes": node}
+        info = await redis.info(**options)
+        if node is not None and isinstance(info, dict) and node.name in info:
+            info = info[node.name]
+        keys = sum(int(v.get("keys", 0)) for k, v in info.items()
+                   if k.startswith("db") and isinstance(v, dict))
+        out.append({"node": node.name if node is not None else "single", "role": info.get("role", "?"),
+                    "used_memory": int(info.get("used_memory", 0)), "keys": keys,
+                    "ops_per_s": int(info.get("instantaneous_ops_per_sec", 0))})
+    return sorted(out, key=lambda n: (n["role"] != "master", n["node"]))
 
 
 def print_status(status: dict[str, Any]) -> None:
@@ -78,6 +98,11 @@ def print_status(status: dict[str, Any]) -> None:
         print(f"{worker + flag:<32} {load.get('sessions', 0):>8} {load.get('queue', 0):>6} "
               f"{load.get('load', 0):>6.2f} {kv:>16} {load.get('kv_bytes', 0) / 2**20:>8.2f}  "
               f"{json.dumps(load.get('tenants', {}))}")
+    if len(status.get("redis_nodes", [])) > 1:
+        print(f"{'redis node':<24} {'role':<7} {'keys':>8} {'ops/s':>8} {'MiB':>8}")
+        for node in status["redis_nodes"]:
+            print(f"{node['node']:<24} {node['role']:<7} {node['keys']:>8} {node['ops_per_s']:>8} "
+                  f"{node['used_memory'] / 2**20:>8.1f}")
     if status["tenants"]:
         print("tenants: " + ", ".join(f"{t}={n}" for t, n in sorted(status["tenants"].items())))
 
