@@ -115,8 +115,7 @@ class SessionRunner:
                             max_new_tokens=generation.max_tokens, stop_token_ids=tuple(sorted(stops)))
 
     def session_id(self, tenant: str) -> str:
-        sid = uuid.uuid4().hex
-        return sid if tenant == "default" else f"{tenant}.{sid}"  # as the edge names them (ACLs)
+        return f"{tenant}.{uuid.uuid4().hex}"  # as the edge names them: the tenant's key space (ACLs)
 
     async def rounds(self, generation: Generation, tenant: str,
                      sid: str) -> AsyncGenerator[Round | Finished, None]:
