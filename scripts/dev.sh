@@ -54,8 +54,8 @@ case "$command" in
     exec specd demo "$@"
     ;;
   test)
-    # The optional edge backends and the load test's charts are tested too: install their extras.
-    setup "dev,openvino,genai,bench"
+    # The optional edge backends, the load test's charts and eval's metrics are tested too.
+    setup "dev,openvino,genai,bench,eval"
     need_redis_server
     ruff check .
     mypy common broker edge_worker verifier_worker specd

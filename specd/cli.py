@@ -12,6 +12,7 @@ from typing import Any
 from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from edge_worker.devices import BackendUnavailableError, DeviceUnavailableError
+from specd.eval import cli as eval_cli
 from specd.prompts import read_prompts
 
 # Each flag maps to (section, key) of the settings; None values mean "not given".
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (verifier, edge):
         _add_operations(sub)
     _add_logs(commands)
+    eval_cli.add_parser(commands)
 
     train = commands.add_parser("train-pair", help="train the bundled tiny draft/target pair",
                                 add_help=False)
@@ -458,6 +460,7 @@ def _logs(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
             "pool": _pool, "devices": _devices, "loadtest": _loadtest, "logs": _logs}
+COMMANDS["eval"] = eval_cli.run
 
 
 if __name__ == "__main__":
