@@ -171,7 +171,7 @@ def _plot(summary: dict[str, Any], folder: Path) -> int:
         paths = write_charts(summary, folder)
     except RuntimeError as exc:
         return _fail(str(exc))
-    print("charts: " + ", ".join(str(p) for p in paths))
+    print("charts: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 
 

@@ -44,16 +44,22 @@ def _ablation(plt: Any, summary: dict[str, Any], path: Path) -> Path:
     spec = summary["overall"]["speculative"]
     gammas = sorted(spec, key=int)
     xs = [int(g) for g in gammas]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
-    panels = (("acceptance_rate", "acceptance rate"), ("mean_accepted_length",
-              "tokens per round"), ("speedup", "speedup over target-only"))
+    throughput = (summary.get("run") or {}).get("throughput_speedup") or {}
+    panels = [("acceptance_rate", "acceptance rate"), ("mean_accepted_length", "tokens per round"),
+              ("speedup", "per-question speedup")]
+    values = {key: [spec[g].get(key, 0.0) for g in gammas] for key, _ in panels}
+    if all(f"speculative@{g}" in throughput for g in gammas):  # the run's suite throughput
+        panels.append(("throughput", "suite throughput speedup"))
+        values["throughput"] = [throughput[f"speculative@{g}"] for g in gammas]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.6))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.plot(xs, [spec[g].get(key, 0.0) for g in gammas], marker="o")
+        ax.plot(xs, values[key], marker="o")
         ax.set_xlabel("gamma (draft tokens per round)")
         ax.set_title(label)
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
-    axes[2].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    for ax in axes[2:]:
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     fig.suptitle(f"{summary['suite']}: gamma ablation ({summary['counts']['succeeded']} questions)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
