@@ -42,8 +42,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def env_for(url: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "SPECD_REDIS__URL": url, "SPECD_MODELS__TORCH_THREADS": "1",
-            "OMP_NUM_THREADS": "1", "SPECD_LOG__LEVEL": "warning"}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "SPECD_REDIS__URL": url,
+            "SPECD_MODELS__TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "SPECD_LOG__LEVEL": "warning"}
 
 
 def start_pool(workdir: Path, verifiers: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
@@ -60,8 +60,9 @@ def start_pool(workdir: Path, verifiers: int) -> tuple[str, list[subprocess.Pope
                                           env=env_for(url), stdout=log, stderr=log))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # every verifier has a heartbeat
-        checks = [subprocess.run([sys.executable, "-m", "specd", "verifier", "--check", "--worker-id", f"v{i}"],
-                                 env=env_for(url), capture_output=True).returncode for i in range(verifiers)]
+        checks = [subprocess.run([sys.executable, "-m", "specd", "verifier", "--check", "--worker-id",
+                                  f"v{i}"], env=env_for(url), capture_output=True).returncode
+                  for i in range(verifiers)]
         if not any(checks):
             break
         time.sleep(1)

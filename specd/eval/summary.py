@@ -172,3 +172,5 @@ def print_table(summary: dict[str, Any], out: TextIO) -> None:
         out.write(f"run: {run.get('wall_s', 0):.1f}s wall, concurrency {run.get('concurrency')}, "
                   + ", ".join(f"{m} {p['wall_s']:.1f}s ({p['tokens_per_s']:.1f} tok/s)"
                               for m, p in run.get("phases", {}).items()) + "\n")
+    for name, speedup in (run.get("throughput_speedup") or {}).items():
+        out.write(f"suite throughput {name} / target-only: {speedup:.2f}x\n")
