@@ -100,22 +100,28 @@ def main() -> int:
     parser.add_argument("--reference", type=Path, help="records of another run to compare with")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--extra", default="", help="more `specd eval` flags, space-separated")
+    parser.add_argument("--resume", action="store_true", help="--resume the runs (retry failed questions)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     url, processes = start_pool(args.out, args.verifiers)
     report: dict[str, Any] = {"verifiers": args.verifiers, "max_new_tokens": args.max_new_tokens, "runs": {}}
+    if args.resume and (args.out / "report.json").exists():  # the other runs' figures stay
+        report = json.loads((args.out / "report.json").read_text())
     try:
         for c in [int(x) for x in args.concurrency.split(",")]:
             out = args.out / f"c{c}"
             command = [sys.executable, "-m", "specd", "eval", "--suite", args.suite, "--data", str(args.data),
                        "--redis-url", url, "--modes", "speculative", "--concurrency", str(c),
-                       "--max-new-tokens", str(args.max_new_tokens), "--out", str(out), "--overwrite",
+                       "--max-new-tokens", str(args.max_new_tokens), "--out", str(out),
+                       "--resume" if args.resume else "--overwrite",
                        "--no-progress", "--json", *args.extra.split()]
             started = time.perf_counter()
             result = subprocess.run(command, env=env_for(url), capture_output=True, text=True)
             wall = time.perf_counter() - started
             (out / "stderr.txt").write_text(result.stderr)
             summary = json.loads(result.stdout) if result.returncode in (0, 1) else {}
+            if str(c) in report["runs"]:  # resumed: keep the first run's timing
+                report.setdefault("first_runs", {})[str(c)] = report["runs"][str(c)]
             report["runs"][str(c)] = {"concurrency": c, "returncode": result.returncode,
                                       "process_wall_s": round(wall, 3), "run": summary.get("run"),
                                       "counts": summary.get("counts")}

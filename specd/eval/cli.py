@@ -65,7 +65,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-examples", type=int, default=0, help="only the first N questions")
     parser.add_argument("--sample", type=int, default=0, help="a seeded sample of N questions (--seed)")
     parser.add_argument("--categories", help="comma-separated categories to keep")
-    parser.add_argument("--resume", action="store_true", help="skip questions already in the records")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip questions already recorded; failed ones (error records) run again")
     parser.add_argument("--overwrite", action="store_true", help="start the records file again")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
     parser.add_argument("--exec-timeout", type=float, default=5.0,

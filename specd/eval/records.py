@@ -1,8 +1,9 @@
 """Per-question records: their blocks (one per mode) and the JSONL file they are appended to.
 
 A record is written as soon as its question finishes, so a run killed mid-way loses only the
-questions in flight; ``--resume`` reads the ids already written (after cutting off a last line
-the kill left half-written) and skips them.
+questions in flight; ``--resume`` keeps the successful records (after cutting off a last line the
+kill left half-written), drops the error records so that those questions run again, and skips
+the rest: each question ends up with exactly one record.
 """
 
 from __future__ import annotations
@@ -90,10 +91,22 @@ class RecordFile:
     def done_ids(self) -> set[str]:
         return {str(r["question_id"]) for r in self.read()}
 
+    def drop_errors(self) -> int:
+        """Rewrite the file without its error records (atomically); how many were dropped."""
+        records = self.read()
+        kept = [r for r in records if "error" not in r]
+        if len(kept) != len(records):
+            scratch = self.path.with_name(self.path.name + ".tmp")
+            scratch.write_text("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
+                                       for r in kept), encoding="utf-8")
+            os.replace(scratch, self.path)
+        return len(records) - len(kept)
+
     def start(self, resume: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume:
             self.repair()
+            self.drop_errors()
         else:
             self.path.write_text("")
 

