@@ -135,6 +135,7 @@ def _evaluate(settings: Settings, options: Any, selected: list[Any], records: An
     info = {**info, "wall_s": round(time.perf_counter() - started, 3)}
     if options.resume and options.summary_path.exists():  # keep the timings of the earlier runs
         info["earlier_runs"] = _earlier_runs(options.summary_path)
+        info.update(_all_runs([*info["earlier_runs"], info]))
     if interrupted:
         print(f"specd eval: interrupted; {len(records.done_ids())} records in {records.path} "
               "(continue with --resume)", file=sys.stderr)
@@ -163,6 +164,20 @@ def _earlier_runs(path: Path) -> list[dict[str, Any]]:
         return []
     earlier = run.pop("earlier_runs", [])
     return [*earlier, run] if run else earlier
+
+
+def _all_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Phase time and tokens summed over a run and the runs it resumed, and their throughput ratio."""
+    phases: dict[str, dict[str, float]] = {}
+    for run in runs:
+        for name, phase in (run.get("phases") or {}).items():
+            total = phases.setdefault(name, {"wall_s": 0.0, "tokens": 0})
+            total["wall_s"] += phase["wall_s"]
+            total["tokens"] += phase["tokens"]
+    rate = {name: p["tokens"] / p["wall_s"] for name, p in phases.items() if p["wall_s"]}
+    return {"phases_all_runs": phases, "throughput_speedup_all_runs": {
+        name: round(r / rate["target"], 4) for name, r in rate.items()
+        if name.startswith("speculative") and rate.get("target")}}
 
 
 def _plot(summary: dict[str, Any], folder: Path) -> int:

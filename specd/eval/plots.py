@@ -44,7 +44,8 @@ def _ablation(plt: Any, summary: dict[str, Any], path: Path) -> Path:
     spec = summary["overall"]["speculative"]
     gammas = sorted(spec, key=int)
     xs = [int(g) for g in gammas]
-    throughput = (summary.get("run") or {}).get("throughput_speedup") or {}
+    run = summary.get("run") or {}  # after --resume: all the runs' phases together
+    throughput = run.get("throughput_speedup_all_runs") or run.get("throughput_speedup") or {}
     panels = [("acceptance_rate", "acceptance rate"), ("mean_accepted_length", "tokens per round"),
               ("speedup", "per-question speedup")]
     values = {key: [spec[g].get(key, 0.0) for g in gammas] for key, _ in panels}
