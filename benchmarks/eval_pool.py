@@ -70,13 +70,17 @@ def start_pool(workdir: Path, verifiers: int) -> tuple[str, list[subprocess.Pope
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for p in reversed(processes):
-        p.send_signal(signal.SIGTERM)
-    for p in reversed(processes):
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    """The verifiers first (they drain through Redis), then redis-server."""
+    redis, verifiers = processes[0], processes[1:]
+    for group in (verifiers, [redis]):
+        for p in group:
+            p.send_signal(signal.SIGTERM)
+        for p in group:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def outputs(path: Path, mode: str) -> dict[str, list[int]]:
