@@ -187,3 +187,17 @@ def test_a_running_pool_gives_the_target_only_output(tiny_pair: dict, tmp_path: 
     summary = json.loads(result.stdout)
     assert summary["run"]["redis"] == redis_url and "draft" not in summary["overall"]
     assert summary["overall"]["speculative"]["4"]["exact_match"] == {"equal": 4, "compared": 4, "rate": 1.0}
+
+
+def test_cnndm_summaries_get_rouge_per_mode(tiny_pair: dict, tmp_path: Path) -> None:
+    articles = [{"id": f"a{i}", "article": f"The {w} sat on the mat. It was a sunny day for the {w}.",
+                 "highlights": f"The {w} sat on the mat."} for i, w in enumerate(["cat", "dog"])]
+    (tmp_path / "cnndm.json").write_text(json.dumps(articles))
+    result = run_eval(tiny_pair, "--suite", "cnndm", "--data", str(tmp_path / "cnndm.json"),
+                      "--out", str(tmp_path / "out"), "--modes", "target,draft", "--json")
+    assert result.returncode == 0, result.stderr
+    quality = json.loads(result.stdout)["quality"]
+    assert set(quality) == {"target", "draft"}
+    assert set(quality["target"]["rouge"]) == {"rouge1", "rouge2", "rougeL"}
+    records = read_records(tmp_path / "out" / "records.jsonl")
+    assert [r["reference"] for r in records] == [a["highlights"] for a in articles]
