@@ -62,8 +62,8 @@ case "$command" in
     exec specd demo "$@"
     ;;
   test)
-    # The optional edge backends and the load test's charts are tested too: install their extras.
-    setup "dev,openvino,genai,bench,serve"
+    # The optional edge backends, the load test's charts, serve and eval's metrics are tested too.
+    setup "dev,openvino,genai,bench,serve,eval"
     need_redis_server
     need_chromium
     ruff check .

@@ -170,9 +170,10 @@ def register(commands: Any) -> None:
         serve.add_parser(commands)
     """
     from specd import acl, chat, train_draft
+    from specd.eval import cli as eval_cli
     from specd.serve import command as serve_command
 
-    for module in (acl, serve_command, chat, train_draft):
+    for module in (acl, serve_command, chat, eval_cli, train_draft):
         module.add_parser(commands)
 
 
