@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.sampling import FlatRound, SamplingParams, round_uniforms, verify_round
+from common.rejection import FlatRound, verify_round
+from common.sampling import SamplingParams, round_uniforms
 from verifier_worker.kv import ArenaShape, KVArena, KVCapacityError, SessionKV
 
 __all__ = ["Draft", "KVCapacityError", "TargetEngine", "VerifyOutcome", "VerifyRequest",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sampling_reference import filtered, uniforms, verify_one
 
+from common.rejection import FlatRound, verify_round
 from common.sampling import (
-    FlatRound,
     SamplingParams,
     SparseDistribution,
     apply_stop_rules,
@@ -17,7 +17,6 @@ from common.sampling import (
     round_uniforms,
     sample_sparse,
     sparse_draft_distribution,
-    verify_round,
 )
 
 
