@@ -11,8 +11,9 @@ The definition (the edge's ``filter_logits`` and the verifier share it):
 A row is then two numbers: ``threshold`` (kept iff ``e >= threshold``) and ``total``. The top-p
 cut is found from a histogram of the float bits (``bits >> 16``: the order of buckets is the
 order of values for non-negative floats, 128 buckets per octave), then sorted exactly inside the
-one bucket that holds it. ``cut_bounds`` gives the cheap float32 version of the same histogram:
-bounds on ``total`` that decide almost every acceptance test without the exact step.
+one bucket that holds it (small vocabularies just sort). ``cut_bounds`` gives the cheap float32
+version of the same histogram: bounds on ``total`` that decide almost every acceptance test
+without the exact step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 BUCKETS = (0x3F800000 >> 16) + 1  # bits >> 16 of floats in [0, 1]
-SLACK = 1e-4  # relative error allowed for the float32 histogram's sums
+SLACK = 4e-6  # relative error allowed for the float32 histogram's bucket sums (~64 float32 ulps)
+SORT_VOCAB = 4096  # at or below this vocabulary a row sort is cheaper than the histogram
 
 
 def scaled_exp(
@@ -32,8 +34,11 @@ def scaled_exp(
 ) -> torch.Tensor:  # [R, V] float32
     e = out if out is not None else torch.empty(logits.shape, dtype=torch.float32,
                                                  device=logits.device)
-    e.copy_(logits)
-    e.sub_(e.amax(dim=-1, keepdim=True))
+    if logits.dtype == torch.float32:  # one pass: subtract straight into the workspace
+        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=e)
+    else:  # bf16/fp16 logits: subtract in float32, as the definition says
+        e.copy_(logits)
+        e.sub_(e.amax(dim=-1, keepdim=True))
     e.div_(temperature.to(e.device, torch.float32).unsqueeze(1))
     return e.exp_()
 
@@ -51,9 +56,11 @@ def apply_top_k(e: torch.Tensor, top_k: torch.Tensor) -> None:  # e [R, V] IN PL
     e.masked_fill_(e < torch.where(rows, kth, torch.zeros_like(kth)).unsqueeze(1), 0.0)
 
 
-def _buckets(e: torch.Tensor) -> torch.Tensor:  # [R, V] float32 >= 0 -> [R, V] int32 flat bins
+def _buckets(e: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R, V]`` float32 >= 0 -> ``[R, V]`` int32 flat bin of each value (``out``: reuse)."""
     rows = e.shape[0]
-    bins = torch.bitwise_right_shift(e.view(torch.int32), 16)
+    bins = torch.bitwise_right_shift(e.view(torch.int32), 16, out=out) if out is not None else \
+        torch.bitwise_right_shift(e.view(torch.int32), 16)
     return bins.add_((torch.arange(rows, dtype=torch.int32, device=e.device) * BUCKETS).unsqueeze(1))
 
 
@@ -74,10 +81,10 @@ class Cut:
 
 
 def _cut(hist: torch.Tensor, top_p: torch.Tensor) -> Cut:  # hist [R, NB], top_p [R]
-    down = hist.flip(1)  # [R, NB] descending value order
+    down = hist.flip(1).double()  # [R, NB] descending value order, float64 running sums
     reached = down.cumsum(1)  # [R, NB]
     total = reached[:, -1]
-    target = top_p.to(hist.dtype) * total
+    target = top_p.double() * total
     first = (reached < target.unsqueeze(1)).sum(1).clamp(max=BUCKETS - 1)  # [R] descending index
     at = first.unsqueeze(1)
     return Cut(bucket=BUCKETS - 1 - first, before=(reached - down).gather(1, at).squeeze(1),
@@ -87,11 +94,15 @@ def _cut(hist: torch.Tensor, top_p: torch.Tensor) -> Cut:  # hist [R, NB], top_p
 CHUNK_ROWS = max(1, (1 << 24) // BUCKETS)  # rows per histogram: bounds its memory
 
 
-def cut_bounds(e: torch.Tensor, top_p: torch.Tensor) -> Cut:  # e [R, V] float32, top_p [R]
+def cut_bounds(e: torch.Tensor, top_p: torch.Tensor,  # e [R, V] float32, top_p [R]
+               scratch: torch.Tensor | None = None) -> Cut:  # scratch: [>= R * V] int32
     """The top-p cut bucket from a float32 histogram: ``target <= kept total <= reached``."""
     top_p = top_p.to(e.device)
-    parts = [_cut(_histogram(e[i:i + CHUNK_ROWS], _buckets(e[i:i + CHUNK_ROWS]), torch.float32),
-                  top_p[i:i + CHUNK_ROWS]) for i in range(0, e.shape[0], CHUNK_ROWS)]
+    parts = []
+    for i in range(0, e.shape[0], CHUNK_ROWS):
+        rows = e[i:i + CHUNK_ROWS]
+        out = scratch[: rows.numel()].view(rows.shape) if scratch is not None else None
+        parts.append(_cut(_histogram(rows, _buckets(rows, out), torch.float32), top_p[i:i + CHUNK_ROWS]))
     if len(parts) == 1:
         return parts[0]
     return Cut(*(torch.cat([getattr(c, f) for c in parts]) for f in Cut.__dataclass_fields__))
@@ -113,6 +124,8 @@ def _exact_cut(
     e: torch.Tensor,  # [R, V] float32 (top-k applied)
     top_p: torch.Tensor,  # [R] float32; rows with 1.0 keep everything
 ) -> tuple[torch.Tensor, torch.Tensor]:  # threshold [R] float32, kept total [R] float64
+    if e.shape[-1] <= SORT_VOCAB:
+        return _sorted_cut(e, top_p)
     bins = _buckets(e)
     cut = _cut(_histogram(e, bins, torch.float64), top_p)
     local = cut.bucket + torch.arange(e.shape[0], device=e.device) * BUCKETS  # [R] flat bin
@@ -128,6 +141,19 @@ def _exact_cut(
     keep_all = top_p.to(e.device) >= 1.0
     return (torch.where(keep_all, torch.zeros_like(threshold), threshold).float(),
             torch.where(keep_all, cut.total, total))
+
+
+def _sorted_cut(e: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_exact_cut`` for small vocabularies, where a sort is cheaper than the histogram."""
+    values = torch.sort(e, dim=-1, descending=True).values.double()  # [R, V]
+    cumulative = values.cumsum(1)
+    target = top_p.double() * cumulative[:, -1]
+    kept = ((cumulative - values) < target.unsqueeze(1)).sum(1).clamp(min=1)  # [R]
+    threshold = values.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
+    total = (values * (values >= threshold.unsqueeze(1))).sum(1)
+    keep_all = top_p >= 1.0
+    return (torch.where(keep_all, torch.zeros_like(threshold), threshold).float(),
+            torch.where(keep_all, cumulative[:, -1], total))
 
 
 def filter_rows(e: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

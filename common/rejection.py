@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.nucleus import SLACK, apply_top_k, cut_bounds, exact_cut, scaled_exp
+from common.nucleus import SLACK, SORT_VOCAB, apply_top_k, cut_bounds, exact_cut, scaled_exp
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class RejectionResult:
 def verify_round(
     logits: torch.Tensor,  # [T, V] the target's rows
     batch: FlatRound,
-    workspace: torch.Tensor | None = None,  # [>= T_sampled * V] float32 scratch to reuse
+    workspace: torch.Tensor | None = None,  # [>= 2 * T_sampled * V] float32 scratch to reuse
 ) -> RejectionResult:
     device = logits.device
     offsets, gamma = batch.offsets, batch.num_draft
@@ -111,6 +111,7 @@ class _Sampled:
     index: torch.Tensor  # [Ts] the same, on the device
     e: torch.Tensor  # [Ts, V] float32
     top_p: torch.Tensor  # [Ts] float32
+    scratch: torch.Tensor | None  # [Ts * V] int32 for the histogram's bins
 
     @classmethod
     def build(cls, logits: torch.Tensor, batch: FlatRound, session_of_row: np.ndarray,
@@ -121,11 +122,14 @@ class _Sampled:
         device, vocab = logits.device, logits.shape[-1]
         index = torch.from_numpy(rows).to(device)
         session = session_of_row[rows]
-        out = workspace[: rows.size * vocab].view(rows.size, vocab) if workspace is not None else None
+        size = rows.size * vocab
+        out, scratch = None, None
+        if workspace is not None and workspace.numel() >= 2 * size:
+            out, scratch = workspace[:size].view(rows.size, vocab), workspace[size:2 * size].view(torch.int32)
         source = logits if rows.size == logits.shape[0] else logits.index_select(0, index)
         e = scaled_exp(source, torch.from_numpy(batch.temperature[session]), out)
         apply_top_k(e, torch.from_numpy(batch.top_k[session]))
-        return cls(batch, rows, index, e, torch.from_numpy(batch.top_p[session]).to(device))
+        return cls(batch, rows, index, e, torch.from_numpy(batch.top_p[session]).to(device), scratch)
 
     def accept(self, draft_ids: torch.Tensor, accepted: torch.Tensor) -> None:
         """``u * q(d) < e(d) / kept total`` for every sampled row, bounds first."""
@@ -134,7 +138,11 @@ class _Sampled:
         e_d = self.e.gather(1, d.unsqueeze(1)).squeeze(1).double()  # [Ts]
         uq = torch.from_numpy(self.batch.uniforms[self.rows] * self.batch.draft_q[self.rows]
                               .astype(np.float64)).to(device)  # [Ts]
-        bounds = cut_bounds(self.e, self.top_p)
+        if self.e.shape[-1] <= SORT_VOCAB:  # small vocabulary: the exact cut is cheap
+            threshold, kept = exact_cut(self.e, self.top_p)
+            accepted[self.index] = uq < torch.where(e_d >= threshold.double(), e_d, 0.0) / kept
+            return
+        bounds = cut_bounds(self.e, self.top_p, self.scratch)
         filtered = self.top_p < 1.0
         bucket_d = torch.bitwise_right_shift(e_d.float().view(torch.int32), 16).long()
         low = bounds.target.double() * (1 - SLACK)
@@ -172,7 +180,7 @@ class _Sampled:
         p = e.masked_fill_(e < threshold.unsqueeze(1), 0.0).double() / total.unsqueeze(1)
         rejected = num_accepted[sessions_t] < torch.from_numpy(batch.num_draft[sessions]).to(device)
         if batch.support_rows.size:
-            p = _subtract_draft(p, batch, rows, rejected)
+            _subtract_draft(p, batch, rows, rejected)
         cdf = p.cumsum(dim=-1)  # [Bs, V] float64
         end = cdf[:, -1:]
         u = torch.from_numpy(batch.uniforms[batch.offsets[1:][sessions] - 1]).to(device)
@@ -181,8 +189,8 @@ class _Sampled:
 
 
 def _subtract_draft(p: torch.Tensor, batch: FlatRound, rows: torch.Tensor,
-                    rejected: torch.Tensor) -> torch.Tensor:  # p [Bs, V] float64
-    """``max(0, p - q)`` on the rows of rejected sessions (``p`` itself if that has no mass)."""
+                    rejected: torch.Tensor) -> None:  # p [Bs, V] float64, IN PLACE
+    """``max(0, p - q)`` on the rows of rejected sessions (``p`` itself where that has no mass)."""
     device = p.device
     slot_of_row = torch.full((int(batch.offsets[-1]),), -1, dtype=torch.long, device=device)
     slot_of_row[rows[rejected]] = torch.nonzero(rejected).squeeze(1)
@@ -190,7 +198,10 @@ def _subtract_draft(p: torch.Tensor, batch: FlatRound, rows: torch.Tensor,
     hit = slot >= 0
     q = torch.from_numpy(batch.support_probs.astype(np.float64)).to(device)
     ids = torch.from_numpy(batch.support_ids).to(device)
-    residual = p.index_put((slot[hit], ids[hit]), -q[hit], accumulate=True).clamp_(min=0.0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    # A rejection implies residual mass > 0 in exact arithmetic; guard against rounding.
-    return torch.where(mass > 0, residual, p)
+    slot, ids, q = slot[hit], ids[hit], q[hit]
+    # Residual mass = sum(p) - sum over q's support of min(p, q); a rejection implies it is
+    # > 0 in exact arithmetic. Rows where rounding leaves none keep p (guard).
+    overlap = torch.zeros(p.shape[0], dtype=p.dtype, device=device).index_add_(
+        0, slot, torch.minimum(p[slot, ids], q))
+    keep = (p.sum(dim=-1) - overlap)[slot] > 0
+    p.index_put_((slot[keep], ids[keep]), -q[keep], accumulate=True).clamp_(min=0.0)

@@ -130,8 +130,8 @@ class TargetEngine:
         if logits.device.type != "cpu":
             return None
         rows = sum(r.draft.gamma + 1 for r in requests if not r.params.greedy)
-        if rows * logits.shape[-1] > self._workspace.numel():
-            self._workspace = torch.empty(rows * logits.shape[-1], dtype=torch.float32)
+        if 2 * rows * logits.shape[-1] > self._workspace.numel():  # e and the histogram's bins
+            self._workspace = torch.empty(2 * rows * logits.shape[-1], dtype=torch.float32)
         return self._workspace
 
 

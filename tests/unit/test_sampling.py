@@ -159,9 +159,12 @@ def test_batched_filter_matches_the_sorting_reference_with_ties() -> None:
         assert torch.allclose(ours.double(), ref, atol=1e-6)
 
 
-def test_round_matches_the_per_session_reference() -> None:
+@pytest.mark.parametrize("slack", [None, 0.5])  # 0.5: the bounds decide little, the exact cut runs
+def test_round_matches_the_per_session_reference(slack, monkeypatch) -> None:
+    if slack is not None:
+        monkeypatch.setattr("common.rejection.SLACK", slack)
     generator = torch.Generator().manual_seed(5)
-    vocab, gammas = 3000, [4, 0, 2, 5, 1, 3, 4, 2]
+    vocab, gammas = 6000, [4, 0, 2, 5, 1, 3, 4, 2]  # > SORT_VOCAB: the histogram path
     params = [SamplingParams(0.8, 0.95, 0, 1), SamplingParams(), SamplingParams(1.0, 1.0, 50, 2),
               SamplingParams(0.6, 0.9, 20, 3), SamplingParams(1.2, 0.8, 0, 4), SamplingParams(),
               SamplingParams(1.0, 1.0, 0, 6), SamplingParams(0.9, 0.97, 100, 7)]
