@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 BUCKETS = (0x3F800000 >> 16) + 1  # bits >> 16 of floats in [0, 1]
+GROUP = 128  # buckets per group in the two-level search (one octave)
+GROUPS = -(-BUCKETS // GROUP)
+STRIDE = GROUPS * GROUP  # histogram bins per row (the last few stay empty)
 SLACK = 4e-6  # relative error allowed for the float32 histogram's bucket sums (~64 float32 ulps)
 SORT_VOCAB = 4096  # at or below this vocabulary a row sort is cheaper than the histogram
 
@@ -61,14 +64,14 @@ def _buckets(e: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     rows = e.shape[0]
     bins = torch.bitwise_right_shift(e.view(torch.int32), 16, out=out) if out is not None else \
         torch.bitwise_right_shift(e.view(torch.int32), 16)
-    return bins.add_((torch.arange(rows, dtype=torch.int32, device=e.device) * BUCKETS).unsqueeze(1))
+    return bins.add_((torch.arange(rows, dtype=torch.int32, device=e.device) * STRIDE).unsqueeze(1))
 
 
 def _histogram(e: torch.Tensor, bins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[R, BUCKETS]`` mass per bucket (``dtype`` accumulation)."""
+    """``[R, STRIDE]`` mass per bucket (``dtype`` accumulation)."""
     weights = e.reshape(-1).to(dtype)
     return torch.bincount(bins.reshape(-1), weights=weights,
-                          minlength=e.shape[0] * BUCKETS).view(e.shape[0], BUCKETS)
+                          minlength=e.shape[0] * STRIDE).view(e.shape[0], STRIDE)
 
 
 @dataclass(frozen=True)
@@ -80,18 +83,29 @@ class Cut:
     total: torch.Tensor  # [R] the row's whole mass
 
 
-def _cut(hist: torch.Tensor, top_p: torch.Tensor) -> Cut:  # hist [R, NB], top_p [R]
-    down = hist.flip(1).double()  # [R, NB] descending value order, float64 running sums
-    reached = down.cumsum(1)  # [R, NB]
-    total = reached[:, -1]
+def _cut(hist: torch.Tensor, top_p: torch.Tensor) -> Cut:  # hist [R, STRIDE] ascending, top_p [R]
+    """Find the cut bucket in two levels (groups of ``GROUP`` buckets, then inside the chosen
+    group), so no running sum spans all buckets and only small arrays are float64."""
+    rows = hist.shape[0]
+    grouped = hist.view(rows, GROUPS, GROUP)  # [R, NG, G] ascending value order
+    group_mass = grouped.sum(2).double()  # [R, NG]
+    below = group_mass.cumsum(1) - group_mass  # [R, NG] mass of smaller groups
+    total = below[:, -1] + group_mass[:, -1]
     target = top_p.double() * total
-    first = (reached < target.unsqueeze(1)).sum(1).clamp(max=BUCKETS - 1)  # [R] descending index
+    group_from = total.unsqueeze(1) - below  # [R, NG] mass of this group and every larger one
+    group = ((group_from >= target.unsqueeze(1)).sum(1) - 1).clamp(min=0)  # [R]
+    above = group_from.gather(1, group.unsqueeze(1)).squeeze(1) - group_mass.gather(
+        1, group.unsqueeze(1)).squeeze(1)  # [R] mass of larger groups
+    inner = grouped[torch.arange(rows, device=hist.device), group].double()  # [R, G]
+    inner_from = above.unsqueeze(1) + inner.flip(1).cumsum(1).flip(1)  # [R, G] this bucket and up
+    first = ((inner_from >= target.unsqueeze(1)).sum(1) - 1).clamp(min=0)  # [R]
     at = first.unsqueeze(1)
-    return Cut(bucket=BUCKETS - 1 - first, before=(reached - down).gather(1, at).squeeze(1),
-               reached=reached.gather(1, at).squeeze(1), target=target, total=total)
+    reached = inner_from.gather(1, at).squeeze(1)
+    return Cut(bucket=group * GROUP + first, before=reached - inner.gather(1, at).squeeze(1),
+               reached=reached, target=target, total=total)
 
 
-CHUNK_ROWS = max(1, (1 << 24) // BUCKETS)  # rows per histogram: bounds its memory
+CHUNK_ROWS = max(1, (1 << 24) // STRIDE)  # rows per histogram: bounds its memory
 
 
 def cut_bounds(e: torch.Tensor, top_p: torch.Tensor,  # e [R, V] float32, top_p [R]
@@ -128,7 +142,7 @@ def _exact_cut(
         return _sorted_cut(e, top_p)
     bins = _buckets(e)
     cut = _cut(_histogram(e, bins, torch.float64), top_p)
-    local = cut.bucket + torch.arange(e.shape[0], device=e.device) * BUCKETS  # [R] flat bin
+    local = cut.bucket + torch.arange(e.shape[0], device=e.device) * STRIDE  # [R] flat bin
     inside = bins == local.to(torch.int32).unsqueeze(1)  # [R, V]
     count = torch.count_nonzero(inside, dim=1)  # [R]
     width = max(int(count.max()), 1)

@@ -175,33 +175,34 @@ class _Sampled:
         sessions_t = torch.from_numpy(sessions).to(device)
         rows = final_row[sessions_t]  # [Bs] flat rows
         local = local_of_row[rows]  # [Bs] rows of e
-        e = self.e.index_select(0, local)  # [Bs, V]
+        e = self.e.index_select(0, local)  # [Bs, V] float32, this pass's copy
         threshold, total = exact_cut(e, self.top_p[local])
-        p = e.masked_fill_(e < threshold.unsqueeze(1), 0.0).double() / total.unsqueeze(1)
+        e.masked_fill_(e < threshold.unsqueeze(1), 0.0)  # p = e / total, never materialised
         rejected = num_accepted[sessions_t] < torch.from_numpy(batch.num_draft[sessions]).to(device)
         if batch.support_rows.size:
-            _subtract_draft(p, batch, rows, rejected)
-        cdf = p.cumsum(dim=-1)  # [Bs, V] float64
+            _subtract_draft(e, total, batch, rows, rejected)
+        cdf = e.cumsum(dim=-1, dtype=torch.float64)  # [Bs, V]
         end = cdf[:, -1:]
         u = torch.from_numpy(batch.uniforms[batch.offsets[1:][sessions] - 1]).to(device)
         target = torch.minimum(u.unsqueeze(1) * end, torch.nextafter(end, torch.zeros_like(end)))
         return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab - 1)
 
 
-def _subtract_draft(p: torch.Tensor, batch: FlatRound, rows: torch.Tensor,
-                    rejected: torch.Tensor) -> None:  # p [Bs, V] float64, IN PLACE
-    """``max(0, p - q)`` on the rows of rejected sessions (``p`` itself where that has no mass)."""
-    device = p.device
+def _subtract_draft(e: torch.Tensor, total: torch.Tensor, batch: FlatRound, rows: torch.Tensor,
+                    rejected: torch.Tensor) -> None:  # e [Bs, V] float32 IN PLACE, total [Bs]
+    """``max(0, p - q)`` in ``e``'s scale (``e - q * total``) on the rows of rejected sessions;
+    rows where that leaves no mass keep ``p`` (a rejection implies mass > 0 in exact
+    arithmetic: the guard is against rounding)."""
+    device = e.device
     slot_of_row = torch.full((int(batch.offsets[-1]),), -1, dtype=torch.long, device=device)
     slot_of_row[rows[rejected]] = torch.nonzero(rejected).squeeze(1)
     slot = slot_of_row[torch.from_numpy(batch.support_rows).to(device)]  # [S] -1: not a final row
     hit = slot >= 0
-    q = torch.from_numpy(batch.support_probs.astype(np.float64)).to(device)
-    ids = torch.from_numpy(batch.support_ids).to(device)
-    slot, ids, q = slot[hit], ids[hit], q[hit]
-    # Residual mass = sum(p) - sum over q's support of min(p, q); a rejection implies it is
-    # > 0 in exact arithmetic. Rows where rounding leaves none keep p (guard).
-    overlap = torch.zeros(p.shape[0], dtype=p.dtype, device=device).index_add_(
-        0, slot, torch.minimum(p[slot, ids], q))
-    keep = (p.sum(dim=-1) - overlap)[slot] > 0
-    p.index_put_((slot[keep], ids[keep]), -q[keep], accumulate=True).clamp_(min=0.0)
+    slot, ids = slot[hit], torch.from_numpy(batch.support_ids).to(device)[hit]
+    q = (torch.from_numpy(batch.support_probs.astype(np.float64)).to(device)[hit]
+         * total[slot]).float()  # [S'] q in e's scale
+    # Residual mass = sum(e) - sum over q's support of min(e, q).
+    overlap = torch.zeros(e.shape[0], dtype=torch.float64, device=device).index_add_(
+        0, slot, torch.minimum(e[slot, ids], q).double())
+    keep = (e.sum(dim=-1, dtype=torch.float64) - overlap)[slot] > 0
+    e.index_put_((slot[keep], ids[keep]), -q[keep], accumulate=True).clamp_(min=0.0)

@@ -13,8 +13,15 @@ from common.sampling import FINAL_DRAW, GREEDY_EPSILON, SamplingParams, _splitmi
 
 
 def filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:  # [V] -> [V] float64
-    """exp((l - max) / T); top-k keeps e >= k-th largest; top-p keeps the sorted prefix whose
-    mass before each token is below top_p of the total, plus ties of the last kept one."""
+    """The filtered target distribution p."""
+    e, total = kept_mass(logits, params)
+    return e.double() / total
+
+
+def kept_mass(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, float]:
+    """(e, total): exp((l - max) / T) zeroed outside the kept set, and its float64 sum. top-k keeps
+    e >= the k-th largest; top-p keeps the sorted prefix whose mass before each token is below
+    top_p of the total, plus ties of the last kept one."""
     e = torch.exp((logits.float() - logits.float().max()) / max(params.temperature, GREEDY_EPSILON))
     vocab = e.numel()
     if 0 < params.top_k < vocab:
@@ -26,7 +33,7 @@ def filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:  # [
         kept = int((before < float(np.float32(params.top_p)) * values.sum()).sum())
         threshold = values[max(kept, 1) - 1].float()
         e = torch.where(e < threshold, torch.zeros_like(e), e)
-    return e.double() / e.double().sum()
+    return e, float(e.double().sum())
 
 
 def uniforms(seed: int, seq: int, gamma: int) -> list[float]:
@@ -58,18 +65,18 @@ def verify_one(logits: torch.Tensor, draft: list[int], params: SamplingParams,
         if not u[j] * q_token < float(filtered(logits[j], params)[token]):
             break
         accepted += 1
-    p = filtered(logits[accepted], params)
+    e, total = kept_mass(logits[accepted], params)  # p = e / total
     if accepted < len(draft):
         ids, probs = supports[accepted]
         q64 = np.asarray(probs, np.float64)
         q = (q64 / q64.sum()).astype(np.float32).astype(np.float64)
-        residual = p.clone()
+        residual = e.clone()
         for token, mass in zip(ids, q, strict=True):
-            residual[token] -= mass
+            residual[token] -= np.float32(mass * total)
         residual = residual.clamp(min=0.0)
-        if residual.sum() > 0:
-            p = residual
-    cdf = p.cumsum(0)
+        if residual.double().sum() > 0:
+            e = residual
+    cdf = e.double().cumsum(0)
     target = min(u[-1] * float(cdf[-1]), float(np.nextafter(float(cdf[-1]), 0.0)))
     return accepted, min(int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64),
-                                                right=True)), p.numel() - 1)
+                                                right=True)), e.numel() - 1)
