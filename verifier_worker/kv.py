@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_BLOCK_TOKENS = 16
+GROWTH_HEADROOM = 0.3
+"""Share of the budget admission leaves free for resident sessions to grow into."""
 
 
 class KVCapacityError(RuntimeError):
@@ -106,6 +108,18 @@ class KVArena:
     @property
     def free_tokens(self) -> int:
         return len(self._free) * self.block_tokens
+
+    def admits(self, tokens: int, pending_tokens: int = 0) -> bool:
+        """Admission by use: a new session whose first pass feeds ``tokens`` fits beside what the
+        resident sessions hold, the first passes of admitted sessions that hold nothing yet
+        (``pending_tokens``) and the growth headroom."""
+        held = self.used_tokens + self.blocks_for(pending_tokens) * self.block_tokens
+        return held + self.blocks_for(tokens) * self.block_tokens <= self.admission_budget
+
+    @property
+    def admission_budget(self) -> int:
+        """Tokens admission may fill: the budget less the growth headroom."""
+        return self.budget_tokens - int(self.budget_tokens * GROWTH_HEADROOM)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
