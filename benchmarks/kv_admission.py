@@ -88,8 +88,9 @@ def simulate(rule: str, budget: int, rounds: int, seed: int, max_new: int, gamma
             finished += 1
         resident = [s for s in resident if s not in done]
     settled = counts[len(counts) // 4:]  # skip the ramp-up
-    return {"mean_resident_sessions": round(float(np.mean(settled)), 1), "peak_resident_sessions": max(counts),
-            "sessions_finished": finished, "preemptions": arena.preemptions}
+    return {"mean_resident_sessions": round(float(np.mean(settled)), 1),
+            "peak_resident_sessions": max(counts), "sessions_finished": finished,
+            "preemptions": arena.preemptions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report: dict[str, object] = {
         "budget_tokens": args.budget_tokens, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
-        "stop_after": "uniform 50-300 tokens", "max_batch_sessions": args.batch, "prompt_tokens": "uniform 32-256", "gamma": args.gamma,
+        "stop_after": "uniform 50-300 tokens", "max_batch_sessions": args.batch,
+        "prompt_tokens": "uniform 32-256", "gamma": args.gamma,
         "block_tokens": KVArena(ArenaShape(1, 1, 1), 16, torch.float32, torch.device("cpu")).block_tokens,
     }
     for rule in ("reserve", "blocks"):
