@@ -150,6 +150,13 @@ def run_in(tree: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def save(out: Path, key: str, report: dict[str, Any]) -> None:
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[key] = report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(existing, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocabs", default="128256,151936")
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="paged")
     parser.add_argument("--old-label", default="before (extent arena, per-session loops)")
     parser.add_argument("--out", default=str(RESULTS / "engine_pass.json"))
+    parser.add_argument("--key", default="real_scale", help="entry of the results file to write")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -173,22 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     trees = [(args.label, here)] + ([(args.old_label, str(Path(args.compare).resolve()))]
                                     if args.compare else [])
     rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
+    shape = (f"random-weight Llama: hidden {args.hidden}, {args.layers} layers, "
+             f"{max(1, args.hidden // 64)} query / {max(1, args.hidden // 128)} KV heads, fp32, "
+             f"logit std {LOGIT_STD}")
     for cfg in configs(args):
         for label, tree in trees:
             rows[label].append(run_in(tree, cfg))
             print(json.dumps({"engine": label, **rows[label][-1]}), flush=True)
-    shape = (f"random-weight Llama: hidden {args.hidden}, {args.layers} layers, "
-             f"{max(1, args.hidden // 64)} query / {max(1, args.hidden // 128)} KV heads, fp32, "
-             f"logit std {LOGIT_STD}")
-    report = {"model": shape, "gamma": args.gamma,
-              "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), 1 torch "
-                         f"thread, torch {torch.__version__}",
-              "engines": rows}
-    out = Path(args.out)
-    existing = json.loads(out.read_text()) if out.exists() else {}
-    existing["real_scale"] = report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(existing, indent=2) + "\n")
+        save(Path(args.out), args.key, {  # after every configuration: a cut-short run keeps its rows
+            "model": shape, "gamma": args.gamma,
+            "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), 1 torch thread, "
+                       f"torch {torch.__version__}", "engines": rows})
     return 0
 
 
