@@ -1,99 +1,197 @@
-"""Cost of one verification pass of the target engine, by batch size and context length.
+"""Cost of one verification pass of the target engine at real vocabularies, depth and batch sizes.
 
 Each of ``B`` sessions holds a cached context of ``L`` tokens and sends a draft of ``gamma``
-tokens; the pass verifies them all (greedy). Reported: median milliseconds per pass, per session,
-and how many bytes of KV cache a pass would move if it gathered every session's cache into a
-padded batch (what the engine did before it attended to arena views in place).
+tokens; one pass verifies them all. The target is a random-weight Llama-shaped model (no
+download) whose output logits are scaled to a trained model's spread (std ~3, so top-p keeps a
+realistic nucleus, not the whole vocabulary), at the real vocabulary sizes of Llama-3 (128,256)
+and Qwen2 (151,936). Greedy sessions, or sampled ones (temperature 0.8, top-p 0.95, a sparse
+draft distribution of 32 tokens). Reported per configuration: median ``verify()`` milliseconds,
+the model forward's milliseconds inside it and their ratio, and the torch ops dispatched by one
+pass (a ``TorchDispatchMode`` counter: on a GPU each is a kernel launch).
 
-Runs on the installed engine, so the same command on an older checkout compares the two:
+Caches are filled directly with random keys/values (a prefill of 64 x 2,048 tokens would take
+minutes on a CPU and is not what is measured). Each configuration runs in a fresh subprocess per
+engine tree, alternating trees, so an older checkout is measured side by side in one run:
 
-    PYTHONPATH=. python benchmarks/engine_pass.py --target-model bundled:target
+    git archive <old-commit> | tar -x -C /tmp/old_engine
+    PYTHONPATH=. python benchmarks/engine_pass.py --compare /tmp/old_engine
+
+The bundled pair's rows of earlier runs came from ``--target-model bundled:target``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from common.models import load_causal_lm
-from common.sampling import SamplingParams
-from verifier_worker.engine import Draft, TargetEngine, VerifyRequest
-from verifier_worker.kv import SessionKV
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LOGIT_STD = 3.0
 
 
-def make_request(kv: SessionKV, context: list[int], gamma: int, seq: int) -> VerifyRequest:
-    ids = np.asarray(context[-gamma:] if gamma else [], dtype=np.uint32)
-    draft = Draft(ids, np.zeros(0, np.uint16), np.zeros(0, np.uint32), np.zeros(0, np.float32))
-    fields: dict[str, Any] = {"kv": kv, "context": context, "draft": draft,
-                              "params": SamplingParams(), "seq": seq}
-    if "reserve" in VerifyRequest.__dataclass_fields__:
-        fields["reserve"] = len(context) + 64
-    return VerifyRequest(**fields)
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
-def time_passes(engine: TargetEngine, batch: int, context: int, gamma: int, passes: int,
-                rng: np.random.Generator) -> float:
-    """Median seconds per pass over ``passes`` passes after the prefill one."""
-    contexts = [rng.integers(5, engine.vocab_size - 1, size=context).tolist() for _ in range(batch)]
-    kvs = [SessionKV() for _ in range(batch)]
-    engine.verify([make_request(kv, ctx, 0, 0) for kv, ctx in zip(kvs, contexts, strict=True)])
-    times = []
-    for seq in range(1, passes + 1):
-        for kv, ctx in zip(kvs, contexts, strict=True):
-            kv.truncate(len(ctx) - 1)  # every pass re-feeds the last token plus the draft
-        requests = [make_request(kv, ctx, gamma, seq) for kv, ctx in zip(kvs, contexts, strict=True)]
-        started = time.perf_counter()
-        engine.verify(requests)
-        times.append(time.perf_counter() - started)
+def random_target(vocab: int, hidden: int, layers: int, seed: int = 0) -> Any:
+    """A Llama-shaped random model whose logits have std ~``LOGIT_STD``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                         num_key_value_heads=max(1, hidden // 128), max_position_embeddings=8192,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.inference_mode():
+        std = model(torch.randint(0, vocab, (1, 64))).logits.float().std()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_STD / float(std))
+    return model
+
+
+def make_draft(engine_mod: Any, rng: np.random.Generator, vocab: int, gamma: int,
+               sampled: bool) -> Any:
+    ids = rng.integers(2, vocab, gamma).astype(np.uint32)
+    if not sampled or not gamma:
+        return engine_mod.Draft(ids, np.zeros(0, np.uint16), np.zeros(0, np.uint32),
+                                np.zeros(0, np.float32))
+    support = [np.unique(np.concatenate(([t], rng.integers(2, vocab, 31)))) for t in ids]
+    probs = [rng.dirichlet(np.ones(s.size)).astype(np.float32) for s in support]
+    return engine_mod.Draft(ids, np.array([s.size for s in support], np.uint16),
+                            np.concatenate(support).astype(np.uint32), np.concatenate(probs))
+
+
+def fill_caches(engine: Any, kvs: list[Any], context: int) -> None:
+    """Give each session ``context - 1`` cached positions of random keys (any engine version)."""
+    arena = engine.arena
+    for tensor in [*arena.keys, *arena.values]:
+        tensor.normal_()
     for kv in kvs:
-        kv.clear()
-    return statistics.median(times)
+        arena.allocate(kv, context + 64)  # blocks (paged arena) or an extent (earlier versions)
+        kv.length = context - 1
+
+
+def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this process, on whichever engine PYTHONPATH points to."""
+    import verifier_worker.engine as engine_mod
+    from common.sampling import SamplingParams
+    from verifier_worker.kv import SessionKV
+
+    torch.set_num_threads(1)
+    model = random_target(cfg["vocab"], cfg["hidden"], cfg["layers"])
+    batch, context, gamma = cfg["batch"], cfg["context"], cfg["gamma"]
+    engine = engine_mod.TargetEngine(model, cfg["vocab"], kv_budget_tokens=batch * (context + 64) + 64)
+    sampled = cfg["mode"] == "sampled"
+    params = [SamplingParams(0.8, 0.95, 0, seed) if sampled else SamplingParams() for seed in range(batch)]
+    rng = np.random.default_rng(0)
+    kvs = [SessionKV() for _ in range(batch)]
+    fill_caches(engine, kvs, context)
+    contexts = [rng.integers(2, cfg["vocab"], context).tolist() for _ in range(batch)]
+    spans: list[float] = []
+    started: list[float] = []
+    model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    model.register_forward_hook(lambda *_: spans.append(time.perf_counter() - started[-1]))
+
+    def one_pass(seq: int) -> float:
+        for kv in kvs:
+            kv.truncate(context - 1)
+        drafts = [make_draft(engine_mod, rng, cfg["vocab"], gamma, sampled) for _ in kvs]
+        requests = [engine_mod.VerifyRequest(kv, ctx, draft, p, seq)
+                    for kv, ctx, draft, p in zip(kvs, contexts, drafts, params, strict=True)]
+        begin = time.perf_counter()
+        engine.verify(requests)
+        return time.perf_counter() - begin
+
+    one_pass(0)  # warm-up
+    totals = [one_pass(seq) for seq in range(1, cfg["passes"] + 1)]
+    forwards = spans[1:]
+    counter = OpCounter()
+    with counter:
+        one_pass(cfg["passes"] + 1)
+    total, forward = statistics.median(totals), statistics.median(forwards)
+    return {**{k: cfg[k] for k in ("vocab", "batch", "context", "gamma", "mode")},
+            "verify_ms": round(total * 1e3, 1), "forward_ms": round(forward * 1e3, 1),
+            "verify_over_forward": round(total / forward, 3), "ops_per_pass": counter.ops}
+
+
+def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    grid = itertools.product(args.vocabs.split(","), args.contexts.split(","), args.modes.split(","),
+                             args.batches.split(","))
+    return [{"vocab": int(v), "context": int(c), "mode": m, "batch": int(b), "gamma": args.gamma,
+             "hidden": args.hidden, "layers": args.layers, "passes": args.passes}
+            for v, c, m, b in grid]
+
+
+def run_in(tree: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], env=env, check=True,
+                         capture_output=True, text=True, cwd=tree)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save(out: Path, key: str, report: dict[str, Any]) -> None:
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[key] = report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(existing, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-model", default="bundled:target")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--contexts", default="128,512")
+    parser.add_argument("--vocabs", default="128256,151936")
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--contexts", default="256,2048")
+    parser.add_argument("--modes", default="greedy,sampled")
     parser.add_argument("--gamma", type=int, default=4)
-    parser.add_argument("--passes", type=int, default=20)
-    parser.add_argument("--label", default="current")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--compare", default="", help="an older checkout to run side by side")
+    parser.add_argument("--label", default="paged")
+    parser.add_argument("--old-label", default="before (extent arena, per-session loops)")
     parser.add_argument("--out", default=str(RESULTS / "engine_pass.json"))
+    parser.add_argument("--key", default="real_scale", help="entry of the results file to write")
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    target = load_causal_lm(args.target_model)
-    engine = TargetEngine(target.model, target.vocab_size)
-    config = target.model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 4
-    rng = np.random.default_rng(0)
-    rows = []
-    for context in (int(c) for c in args.contexts.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
-            seconds = time_passes(engine, batch, context, args.gamma, args.passes, rng)
-            rows.append({"batch": batch, "context": context, "gamma": args.gamma,
-                         "pass_ms": round(seconds * 1e3, 2),
-                         "ms_per_session": round(seconds * 1e3 / batch, 3),
-                         "gathered_kv_mb_if_padded": round(batch * context * bytes_per_token / 1e6, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-    report = {"label": args.label, "model": args.target_model, "rows": rows,
-              "machine": f"{platform.machine()} CPU, 1 torch thread, torch {torch.__version__}"}
-    out = Path(args.out)
-    existing = json.loads(out.read_text()) if out.exists() else {}
-    existing[args.label] = report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(existing, indent=2) + "\n")
+    if args.one:
+        print(json.dumps(run_config(json.loads(args.one))), flush=True)
+        return 0
+    here = str(Path(__file__).resolve().parents[1])
+    trees = [(args.label, here)] + ([(args.old_label, str(Path(args.compare).resolve()))]
+                                    if args.compare else [])
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
+    shape = (f"random-weight Llama: hidden {args.hidden}, {args.layers} layers, "
+             f"{max(1, args.hidden // 64)} query / {max(1, args.hidden // 128)} KV heads, fp32, "
+             f"logit std {LOGIT_STD}")
+    for cfg in configs(args):
+        for label, tree in trees:
+            rows[label].append(run_in(tree, cfg))
+            print(json.dumps({"engine": label, **rows[label][-1]}), flush=True)
+        save(Path(args.out), args.key, {  # after every configuration: a cut-short run keeps its rows
+            "model": shape, "gamma": args.gamma,
+            "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), 1 torch thread, "
+                       f"torch {torch.__version__}", "engines": rows})
     return 0
 
 

@@ -15,9 +15,11 @@ standard algorithm of Leviathan et al. / Chen et al.; the output follows ``p`` e
 Greedy (temperature 0) is the exact special case with one-hot ``p`` and ``q``: a draft token is
 accepted iff it equals the target's argmax, and the recovered/bonus token is the argmax.
 
-Randomness is passed in (uniforms and exponential noise) so these functions are deterministic;
-callers derive the noise from a per-session seed and the round's sequence number, which makes a
-re-verification after a redelivery or failover produce the identical verdict.
+Randomness is passed in (one uniform per acceptance test and one for the final draw, an
+inverse-CDF draw) so these functions are deterministic; callers derive the uniforms from a
+per-session seed and the round's sequence number (``round_uniforms``, counter-based: O(gamma)
+draws, not O(V)), which makes a re-verification after a redelivery or failover produce the
+identical verdict.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from common.nucleus import filter_rows, scaled_exp
 
 GREEDY_EPSILON = 1e-5
 """Temperatures at or below this are treated as greedy decoding."""
@@ -54,24 +58,13 @@ def filter_logits(
 ) -> torch.Tensor:  # [N, V] float32 probabilities, rows sum to 1
     """Temperature, then top-k, then top-p (nucleus) filtering; returns probabilities.
 
-    Ties at the top-k / top-p boundary are broken by token id (stable sort), so the kept set is a
-    deterministic function of the logits.
+    The one definition both sides use (see ``common.nucleus``): ties at the top-k / top-p
+    boundary are kept together, so the kept set is a deterministic function of the logits.
     """
-    scaled = logits.float() / max(temperature, GREEDY_EPSILON)
-    vocab = scaled.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep a token if the mass before it is below top_p (so the first token is always kept).
-        drop_sorted = (cumulative - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    rows = logits.shape[0]
+    e = scaled_exp(logits, torch.full((rows,), max(temperature, GREEDY_EPSILON)))
+    return filter_rows(e, torch.full((rows,), top_k, dtype=torch.long),
+                       torch.full((rows,), top_p, dtype=torch.float32))
 
 
 @dataclass(frozen=True)
@@ -124,87 +117,40 @@ def round_generator(seed: int, seq: int, stream: str) -> torch.Generator:
     return generator
 
 
-@dataclass(frozen=True)
-class RoundNoise:
-    """The random draws one session's verification consumes."""
-
-    uniforms: torch.Tensor  # [gamma] float32 in [0, 1): acceptance tests
-    exponentials: torch.Tensor  # [V] float32, Exp(1): one categorical draw via argmax(p / E)
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+FINAL_DRAW = 1 << 32
+"""Counter of a round's last draw (the recovered/bonus token); acceptance test j uses j."""
 
 
-def draw_round_noise(seed: int, seq: int, gamma: int, vocab: int) -> RoundNoise:
-    generator = round_generator(seed, seq, "verify")
-    uniforms = torch.rand(gamma, generator=generator)
-    exponentials = torch.empty(vocab).exponential_(generator=generator)
-    return RoundNoise(uniforms=uniforms, exponentials=exponentials)
+def _splitmix64(x: np.ndarray) -> np.ndarray:  # [...] uint64 -> [...] uint64, wrapping
+    with np.errstate(over="ignore"):
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
-@dataclass(frozen=True)
-class RejectionResult:
-    num_accepted: torch.Tensor  # [B] int64, 0..num_draft
-    next_token: torch.Tensor  # [B] int64, the recovered or bonus token
+def round_uniforms(
+    seeds: list[int],  # [B] per-session seeds
+    seqs: list[int],  # [B] round sequence numbers
+    num_draft: np.ndarray,  # [B] int64 gamma_b
+) -> np.ndarray:  # [sum(gamma_b + 1)] float64 in [0, 1)
+    """Counter-based uniforms keyed by (seed, seq, counter): O(gamma) draws per round.
 
-
-def rejection_sample(
-    target_probs: torch.Tensor,  # [B, G + 1, V] float32; row j is p after j drafts
-    draft_token_ids: torch.Tensor,  # [B, G] int64, padded past num_draft
-    num_draft: torch.Tensor,  # [B] int64, 0..G
-    draft_token_q: torch.Tensor,  # [B, G] float32, q_j(d_j); ignored for greedy rows
-    draft_support_ids: torch.Tensor,  # [B, G, K] int64, q's support, padded with 0
-    draft_support_probs: torch.Tensor,  # [B, G, K] float32, q's probabilities, padded with 0
-    uniforms: torch.Tensor,  # [B, G] float32 in [0, 1)
-    exponentials: torch.Tensor,  # [B, V] float32, Exp(1) noise
-    greedy: torch.Tensor,  # [B] bool
-) -> RejectionResult:
-    """Verify a batch of drafts against one target pass; see the module docstring.
-
-    Greedy rows ignore ``target_probs`` values except for their argmax, and ignore q and noise.
+    Session ``b``'s rows are ``gamma_b`` acceptance uniforms (counters 0 .. gamma_b - 1) then
+    the final draw (counter ``FINAL_DRAW``), so a draw depends only on its key, never on the
+    batch it was verified in or on how often the round was retried.
     """
-    batch, max_draft = draft_token_ids.shape
-    positions = torch.arange(max_draft).expand(batch, max_draft)
-    in_draft = positions < num_draft.unsqueeze(1)  # [B, G]
-
-    target_argmax = target_probs.argmax(dim=-1)  # [B, G + 1]
-    p_of_draft = target_probs[:, :max_draft].gather(-1, draft_token_ids.unsqueeze(-1)).squeeze(-1)
-    sampled_ok = uniforms * draft_token_q < p_of_draft  # u < p/q without dividing by q
-    greedy_ok = draft_token_ids == target_argmax[:, :max_draft]
-    accepted = torch.where(greedy.unsqueeze(1), greedy_ok, sampled_ok) & in_draft
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)  # length of the accepted prefix
-
-    next_token = torch.where(
-        greedy,
-        target_argmax.gather(1, num_accepted.unsqueeze(1)).squeeze(1),
-        _sample_recovered_or_bonus(
-            target_probs, num_accepted, num_draft, draft_support_ids, draft_support_probs,
-            exponentials,
-        ),
-    )
-    return RejectionResult(num_accepted=num_accepted, next_token=next_token)
-
-
-def _sample_recovered_or_bonus(
-    target_probs: torch.Tensor,  # [B, G + 1, V]
-    num_accepted: torch.Tensor,  # [B]
-    num_draft: torch.Tensor,  # [B]
-    draft_support_ids: torch.Tensor,  # [B, G, K]
-    draft_support_probs: torch.Tensor,  # [B, G, K]
-    exponentials: torch.Tensor,  # [B, V]
-) -> torch.Tensor:  # [B] int64
-    """Sample from ``norm(max(0, p_n - q_n))`` after a rejection, or from ``p_n`` (bonus)."""
-    batch, _vocab = exponentials.shape
-    rows = torch.arange(batch)
-    p = target_probs[rows, num_accepted]  # [B, V]
-    if draft_support_ids.shape[1] == 0:  # nobody drafted anything: every row is a bonus
-        return (p / exponentials).argmax(dim=-1)
-    rejected = num_accepted < num_draft  # [B]
-    position = num_accepted.clamp(max=draft_support_ids.shape[1] - 1)
-    q_ids = draft_support_ids[rows, position]  # [B, K]
-    q_probs = draft_support_probs[rows, position] * rejected.unsqueeze(1)  # zero q for bonus rows
-    residual = p.scatter_add(-1, q_ids, -q_probs.to(p.dtype)).clamp(min=0.0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    # A rejection implies residual mass > 0 in exact arithmetic; guard against rounding.
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-    return (residual / exponentials).argmax(dim=-1)
+    keys = _splitmix64(np.array([s & _MASK64 for s in seeds], dtype=np.uint64))
+    keys = _splitmix64(keys ^ np.array([q & _MASK64 for q in seqs], dtype=np.uint64))
+    rows = num_draft + 1
+    starts = np.cumsum(rows) - rows
+    local = np.arange(int(rows.sum())) - np.repeat(starts, rows)
+    counters = np.where(local < np.repeat(num_draft, rows), local, FINAL_DRAW).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(np.repeat(keys, rows) + counters * _GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def apply_stop_rules(

@@ -161,9 +161,8 @@ class AdmissionMixin(WorkerCore):
             self.stats.opens_passed_on += 1
             await self.pool.pass_on_open(entry, entry.hops + 1, since)
             return True
-        need = kv_reserve(int(message.prompt_ids.size), message.sampling.max_new_tokens,
-                          self.limits.max_gamma)
-        victims = plan_admission(list(self.sessions.values()), need, cfg.kv_budget_tokens,
+        need = kv_reserve(int(message.prompt_ids.size), 0, self.limits.max_gamma)  # paged: by use
+        victims = plan_admission(list(self.sessions.values()), need, self.engine.arena.admission_budget,
                                  time.monotonic(), cfg.idle_evict_s)
         if victims is not None:
             for victim in victims:

@@ -7,9 +7,12 @@ by its drafted tokens, so prefill and context rebuild ride in the same pass as v
 
 The pass is packed, not padded: every request's new tokens sit side by side in one row, so the
 token-wise layers (projections, MLP, norms) see exactly the real tokens. Attention goes through
-``slot_attention``, registered with transformers' ``AttentionInterface``: per layer it writes each
-request's new keys/values into the session's extent of the worker's ``KVArena`` and attends to a
-view of that extent. No session's cache is gathered, padded or copied per pass.
+``slot_attention``, registered with transformers' ``AttentionInterface``: per layer it writes the
+pass's new keys/values into the paged ``KVArena`` with one scatter, gathers each row's blocks with
+one index and runs one ``scaled_dot_product_attention`` call for the whole pass (rows padded to
+the pass's widest row, a per-row causal mask built once per pass and shared by every layer).
+Verification (``common.sampling.verify_round``) then runs on the logits' device over the flat
+``[sum(gamma + 1), V]`` rows.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.sampling import SamplingParams, draw_round_noise, filter_logits, rejection_sample
-from verifier_worker.kv import ArenaShape, KVArena, SessionKV
+from common.rejection import FlatRound, verify_round
+from common.sampling import SamplingParams, round_uniforms
+from verifier_worker.kv import ArenaShape, KVArena, KVCapacityError, SessionKV
+
+__all__ = ["Draft", "KVCapacityError", "TargetEngine", "VerifyOutcome", "VerifyRequest",
+           "generate_target_only"]
 
 SLOT_ATTENTION = "specd_slots"
 DEFAULT_KV_BUDGET_TOKENS = 65536
@@ -54,7 +61,7 @@ class VerifyRequest:
     draft: Draft
     params: SamplingParams
     seq: int  # round sequence number, keys the round's random draws
-    reserve: int = 0  # KV positions to reserve when the session has no extent yet
+    reserve: int = 0  # unused by the paged arena (blocks follow use); kept for callers
 
 
 @dataclass(frozen=True)
@@ -74,37 +81,39 @@ class TargetEngine:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.arena = KVArena(arena_shape(model.config), kv_budget_tokens, self.dtype, self.device)
         self.num_layers = self.arena.shape.layers
+        self.group = int(model.config.num_attention_heads) // self.arena.shape.kv_heads
         use_slot_attention(model)
         self.forward_passes = 0
+        self._workspace = torch.empty(0)  # float32 scratch of the sampled rows, reused (CPU)
 
     def set_kv_budget(self, tokens: int) -> None:
         """Re-size the KV arena (``pool.kv_budget_tokens``); only while no session holds memory."""
         if tokens == self.arena.budget_tokens:
             return
         if self.arena.used_tokens:
-            raise RuntimeError("the KV arena cannot be re-sized while sessions hold extents")
+            raise RuntimeError("the KV arena cannot be re-sized while sessions hold blocks")
         self.arena = KVArena(self.arena.shape, tokens, self.dtype, self.device)
 
     @torch.inference_mode()
     def verify(self, requests: list[VerifyRequest]) -> list[VerifyOutcome]:
         """One target forward over all requests, then rejection sampling and cache rollback."""
-        logits = self._forward(requests)  # per request [gamma + 1, V]
-        outcomes = self._accept(requests, logits)
+        logits = self._forward(requests)  # [sum(gamma + 1), V]
+        result = verify_round(logits, flat_round(requests), self._scratch(requests, logits))
+        outcomes = [VerifyOutcome(int(a), int(t)) for a, t in
+                    zip(result.num_accepted.tolist(), result.next_token.tolist(), strict=True)]
         for request, outcome in zip(requests, outcomes, strict=True):
             # The cache must cover the new context minus its last token (the recovered/bonus
             # token is fed at the start of the next round).
             request.kv.truncate(len(request.context) + outcome.accepted)
         return outcomes
 
-    # ------------------------------------------------------------------ forward
-
-    def _forward(self, requests: list[VerifyRequest]) -> list[torch.Tensor]:
+    def _forward(self, requests: list[VerifyRequest]) -> torch.Tensor:  # [sum(gamma + 1), V]
         inputs = [r.context[r.kv.length:] + r.draft.token_ids.tolist() for r in requests]
         if any(len(tokens) == 0 for tokens in inputs):
             raise ValueError("a request has nothing to feed: its cache covers the whole context")
-        for request, tokens in zip(requests, inputs, strict=True):
-            self._reserve(request, request.kv.length + len(tokens))
-        packed = _PackedPass.build(self.arena, requests, inputs)
+        self.arena.allocate_pass([(r.kv, r.kv.length + len(tokens))
+                                  for r, tokens in zip(requests, inputs, strict=True)])
+        packed = PackedPass.build(self.arena, requests, inputs, self.group)
         out = self.model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
             logits_to_keep=packed.keep, specd_pass=packed,
@@ -114,63 +123,63 @@ class TargetEngine:
         for request, tokens in zip(requests, inputs, strict=True):
             if request.kv.allocated:  # not freed meanwhile (a session lost during the pass)
                 request.kv.length += len(tokens)
-        logits = out.logits[0].float()  # [sum(gamma + 1), V]
-        return list(logits.split([r.draft.gamma + 1 for r in requests]))
+        return out.logits[0]
 
-    def _reserve(self, request: VerifyRequest, needed: int) -> None:
-        """Make the session's extent hold ``needed`` positions (its reserve on first use)."""
-        kv = request.kv
-        if kv.allocated and kv.size >= needed:
-            return
-        size = max(needed, request.reserve) if not kv.allocated else max(needed, 2 * kv.size)
-        self.arena.allocate(kv, size)
-
-    # ------------------------------------------------------------------ accept
-
-    def _accept(self, requests: list[VerifyRequest], logits: list[torch.Tensor]) -> list[VerifyOutcome]:
-        batch = len(requests)
-        max_gamma = max(r.draft.gamma for r in requests)
-        max_support = max((int(r.draft.support_sizes.max()) for r in requests
-                           if r.draft.support_sizes.size), default=1)
-        vocab = logits[0].shape[-1]
-        target = torch.zeros(batch, max_gamma + 1, vocab)
-        draft_ids = torch.zeros(batch, max_gamma, dtype=torch.long)
-        draft_q = torch.ones(batch, max_gamma)
-        support_ids = torch.zeros(batch, max_gamma, max_support, dtype=torch.long)
-        support_probs = torch.zeros(batch, max_gamma, max_support)
-        uniforms = torch.zeros(batch, max_gamma)
-        exponentials = torch.ones(batch, vocab)
-        for i, r in enumerate(requests):
-            gamma, params = r.draft.gamma, r.params
-            draft_ids[i, :gamma] = torch.from_numpy(r.draft.token_ids.astype(np.int64))
-            if params.greedy:
-                target[i, : gamma + 1] = logits[i]  # only the argmax matters for greedy rows
-                continue
-            target[i, : gamma + 1] = filter_logits(logits[i], params.temperature, params.top_k,
-                                                   params.top_p)
-            noise = draw_round_noise(params.seed, r.seq, gamma, vocab)
-            uniforms[i, :gamma], exponentials[i] = noise.uniforms, noise.exponentials
-            _fill_support(r.draft, support_ids[i], support_probs[i], draft_q[i])
-        result = rejection_sample(
-            target, draft_ids, torch.tensor([r.draft.gamma for r in requests]), draft_q,
-            support_ids, support_probs, uniforms, exponentials,
-            torch.tensor([r.params.greedy for r in requests]),
-        )
-        return [VerifyOutcome(int(a), int(t))
-                for a, t in zip(result.num_accepted.tolist(), result.next_token.tolist(), strict=True)]
+    def _scratch(self, requests: list[VerifyRequest], logits: torch.Tensor) -> torch.Tensor | None:
+        """A reused float32 buffer for the sampled rows (CPU only: saves page faults per pass)."""
+        if logits.device.type != "cpu":
+            return None
+        rows = sum(r.draft.gamma + 1 for r in requests if not r.params.greedy)
+        if 2 * rows * logits.shape[-1] > self._workspace.numel():  # e and the histogram's bins
+            self._workspace = torch.empty(2 * rows * logits.shape[-1], dtype=torch.float32)
+        return self._workspace
 
 
-def _fill_support(draft: Draft, ids_out: torch.Tensor, probs_out: torch.Tensor,
-                  token_q_out: torch.Tensor) -> None:
-    """Scatter a draft's concatenated sparse supports into padded ``[G, K]`` rows."""
-    offsets = np.concatenate(([0], np.cumsum(draft.support_sizes.astype(np.int64))))
-    for j, token in enumerate(draft.token_ids.tolist()):
-        ids = draft.support_ids[offsets[j]: offsets[j + 1]].astype(np.int64)
-        probs = draft.support_probs[offsets[j]: offsets[j + 1]].astype(np.float64)
-        probs = probs / probs.sum()  # exactly the edge's normalisation (common.sampling)
-        ids_out[j, : ids.size] = torch.from_numpy(ids)
-        probs_out[j, : ids.size] = torch.from_numpy(probs.astype(np.float32))
-        token_q_out[j] = float(probs[int(np.flatnonzero(ids == token)[0])])
+def flat_round(requests: list[VerifyRequest]) -> FlatRound:
+    """The verification inputs of a batch, flat and ragged (host arrays, built once per pass)."""
+    gamma = np.array([r.draft.gamma for r in requests], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(gamma + 1)))
+    rows = int(offsets[-1])
+    draft_ids = np.zeros(rows, dtype=np.int64)
+    draft_q = np.ones(rows, dtype=np.float32)
+    support: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for request, start in zip(requests, offsets[:-1].tolist(), strict=True):
+        draft = request.draft
+        draft_ids[start:start + draft.gamma] = draft.token_ids
+        if not request.params.greedy and draft.gamma:
+            support.append(_sparse_rows(draft, start, draft_q))
+    params = [r.params for r in requests]
+    return FlatRound(
+        offsets=offsets, draft_ids=draft_ids, draft_q=draft_q,
+        support_rows=_cat([s[0] for s in support], np.int64),
+        support_ids=_cat([s[1] for s in support], np.int64),
+        support_probs=_cat([s[2] for s in support], np.float32),
+        greedy=np.array([p.greedy for p in params], dtype=bool),
+        temperature=np.array([max(p.temperature, 1e-5) for p in params], dtype=np.float32),
+        top_k=np.array([p.top_k for p in params], dtype=np.int64),
+        top_p=np.array([p.top_p for p in params], dtype=np.float32),
+        uniforms=round_uniforms([p.seed for p in params], [r.seq for r in requests], gamma),
+    )
+
+
+def _sparse_rows(draft: Draft, start: int, draft_q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A draft's sparse supports as flat (row, id, prob) entries; fills ``draft_q`` at its rows."""
+    sizes = draft.support_sizes.astype(np.int64)
+    rows = np.repeat(start + np.arange(draft.gamma), sizes)
+    ids = draft.support_ids.astype(np.int64)
+    raw = draft.support_probs.astype(np.float64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    sums = np.add.reduceat(raw, offsets[:-1]) if raw.size else raw
+    probs = raw / np.repeat(sums, sizes)  # exactly the edge's normalisation (common.sampling)
+    token_of_entry = np.repeat(draft.token_ids.astype(np.int64), sizes)
+    hit = np.flatnonzero(ids == token_of_entry)
+    first_hit = hit[np.searchsorted(hit, offsets[:-1])]  # the drafted token's own entry
+    draft_q[start:start + draft.gamma] = probs[first_hit].astype(np.float32)
+    return rows, ids, probs.astype(np.float32)
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 def arena_shape(config: Any) -> ArenaShape:
@@ -211,67 +220,93 @@ def slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     return packed.attend(module.layer_idx, query, key, value, scaling), None
 
 
-@dataclass
-class _Row:
-    start: int  # the session's extent in the arena, as allocated for this pass
-    offset: int  # first position of this request's new tokens in the packed row
-    count: int  # new tokens
-    past: int  # cached positions before this pass
-    mask: torch.Tensor | None  # [group * count, past + count] bool, None for one token
+SHORT_ROW = 32
+"""Rows feeding at most this many tokens (verification) share one padded attention call; longer
+ones (prefills, rebuilds) get a second, so a prompt never pads every draft row to its length."""
 
 
 @dataclass
-class _PackedPass:
+class _Bucket:
+    """One padded attention call: R rows of at most C queries over at most L cached positions."""
+
+    rows: int
+    width: int  # C
+    blocks: torch.Tensor  # [R * L / block] arena blocks of each row, padded with block 0
+    queries: torch.Tensor  # [R * C] packed-token index of each query slot, padding -> 0
+    mask: torch.Tensor  # [R, 1, group * C, L] bool: slot (g, c) of row r sees position j
+
+
+@dataclass
+class PackedPass:
     """All requests' new tokens in one row, and where each one's keys live in the arena."""
 
     arena: KVArena
-    rows: list[_Row]
     input_ids: torch.Tensor  # [1, N] N = total new tokens
     position_ids: torch.Tensor  # [1, N]
     keep: torch.Tensor  # [sum(gamma + 1)] indices of the positions whose logits are needed
+    slots: torch.Tensor  # [N] arena slot of each new token (one scatter per layer)
+    buckets: list[_Bucket]
+    back: torch.Tensor  # [N] row of the buckets' concatenated outputs holding each token
+    group: int  # query heads per key/value head
     layers_seen: int = 0
 
     @classmethod
-    def build(cls, arena: KVArena, requests: list[VerifyRequest], inputs: list[list[int]]) -> _PackedPass:
-        rows: list[_Row] = []
-        ids: list[int] = []
-        positions: list[int] = []
-        keep: list[int] = []
-        offset = 0
-        for request, tokens in zip(requests, inputs, strict=True):
-            past, count = request.kv.length, len(tokens)
-            rows.append(_Row(request.kv.start, offset, count, past, None))
-            ids.extend(tokens)
-            positions.extend(range(past, past + count))
-            keep.extend(range(offset + count - request.draft.gamma - 1, offset + count))
-            offset += count
+    def build(cls, arena: KVArena, requests: list[VerifyRequest], inputs: list[list[int]],
+              group: int | None = None) -> PackedPass:
         device = arena.keys[0].device
-        return cls(arena, rows, torch.tensor([ids], device=device),
-                   torch.tensor([positions], device=device), torch.tensor(keep, device=device))
+        counts = np.array([len(t) for t in inputs], dtype=np.int64)  # [B]
+        past = np.array([r.kv.length for r in requests], dtype=np.int64)  # [B]
+        starts = np.cumsum(counts) - counts  # [B] offset of each request in the packed row
+        row_of_token = np.repeat(np.arange(counts.size), counts)  # [N]
+        positions = past[row_of_token] + np.arange(int(counts.sum())) - starts[row_of_token]  # [N]
+        table = _block_table([r.kv.blocks for r in requests])  # [B, maxblocks]
+        block = arena.block_tokens
+        slots = table[row_of_token, positions // block] * block + positions % block
+        ends = starts + counts
+        keep = np.concatenate([np.arange(e - r.draft.gamma - 1, e) for r, e in
+                               zip(requests, ends.tolist(), strict=True)])
+        group = group or 1
+        buckets, back = [], np.zeros(positions.size, dtype=np.int64)
+        done = 0
+        for members in (np.flatnonzero(counts <= SHORT_ROW), np.flatnonzero(counts > SHORT_ROW)):
+            if members.size:
+                bucket, local = _bucket(members, counts, past, starts, table, block, group, device)
+                back[np.repeat(starts[members], counts[members]) + _ranges(counts[members])] = local + done
+                done += bucket.rows * bucket.width
+                buckets.append(bucket)
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in inputs])
+        return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
+                   as_tensor(slots), buckets, as_tensor(back), group)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None) -> torch.Tensor:
         """query ``[1, Hq, N, D]``, key/value ``[1, Hkv, N, D]`` -> output ``[1, N, Hq, D]``.
 
-        Query heads are grouped onto their shared key/value head (``[Hkv, group * n, D]``), so
-        grouped-query attention needs no repeated keys either.
+        Query heads are grouped onto their shared key/value head (``[R, Hkv, group * C, D]``),
+        so grouped-query attention needs no repeated keys either.
         """
         self.layers_seen += 1
-        _, q_heads, total, dim = query.shape
+        _, q_heads, _, dim = query.shape
         kv_heads = key.shape[1]
         group = q_heads // kv_heads
-        out = query.new_empty(1, total, q_heads, dim)
-        for row in self.rows:
-            begin, end = row.offset, row.offset + row.count
-            self.arena.write(layer, row.start + row.past, key[0, :, begin:end], value[0, :, begin:end])
-            keys, values = self.arena.view(layer, row.start, row.start + row.past + row.count)
-            q = query[0, :, begin:end].reshape(kv_heads, group * row.count, dim)
-            if row.mask is None and row.count > 1:
-                row.mask = _offset_causal_mask(row.count, row.past, group, query.device)
-            o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
-                                               attn_mask=row.mask, scale=scaling)
-            out[0, begin:end] = o.view(q_heads, row.count, dim).transpose(0, 1)
-        return out
+        if group != self.group:
+            raise RuntimeError("the packed pass was built for another head grouping")
+        self.arena.write(layer, self.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        cache_k, cache_v = self.arena.keys[layer], self.arena.values[layer]
+        outputs = []
+        for bucket in self.buckets:  # at most two, whatever the number of sessions
+            rows, width = bucket.rows, bucket.width
+            q = query[0].index_select(1, bucket.queries)  # [Hq, R * C, D]
+            q = q.view(kv_heads, group, rows, width, dim).permute(2, 0, 1, 3, 4)
+            q = q.reshape(rows, kv_heads, group * width, dim)
+            k = cache_k.index_select(0, bucket.blocks).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            v = cache_v.index_select(0, bucket.blocks).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scaling)
+            o = o.view(rows, kv_heads, group, width, dim).permute(0, 3, 1, 2, 4)
+            outputs.append(o.reshape(rows * width, q_heads, dim))
+        flat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return flat.index_select(0, self.back).unsqueeze(0)
 
     def check_layers(self, layers: int) -> None:
         if self.layers_seen != layers:
@@ -279,11 +314,36 @@ class _PackedPass:
                                "through the slot attention: its architecture is not supported")
 
 
-def _offset_causal_mask(count: int, past: int, group: int,
-                        device: torch.device) -> torch.Tensor:  # [group * count, past + count] bool
-    """New token ``i`` sees every cached position and new tokens ``0 .. i``."""
-    mask = torch.ones(count, past + count, dtype=torch.bool, device=device).tril(past)
-    return mask.repeat(group, 1)
+def _block_table(tables: list[list[int]]) -> np.ndarray:  # [B, max blocks] int64, padded with 0
+    widest = max(len(t) for t in tables)
+    out = np.zeros((len(tables), widest), dtype=np.int64)
+    for row, blocks in enumerate(tables):
+        out[row, :len(blocks)] = blocks
+    return out
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:  # [sum(counts)]: 0..c-1 for each count
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _bucket(members: np.ndarray, counts: np.ndarray, past: np.ndarray, starts: np.ndarray,
+            table: np.ndarray, block: int, group: int,
+            device: torch.device) -> tuple[_Bucket, np.ndarray]:
+    """The padded attention call of ``members``; also each member token's output row in it."""
+    rows, width = members.size, int(counts[members].max())
+    span = -(-int((past[members] + counts[members]).max()) // block)  # blocks per row
+    blocks = table[members, :span] if table.shape[1] >= span else np.pad(
+        table[members], ((0, 0), (0, span - table.shape[1])))
+    c = np.arange(width)
+    real = c[None, :] < counts[members, None]  # [R, C]
+    queries = np.where(real, starts[members, None] + c[None, :], 0)  # [R, C]
+    seen = np.where(real, past[members, None] + c[None, :], 0)  # [R, C] last visible position
+    mask = np.arange(span * block)[None, None, :] <= seen[:, :, None]  # [R, C, L]
+    mask = np.broadcast_to(mask[:, None, None], (rows, 1, group, width, span * block))
+    local = (np.arange(rows)[:, None] * width + c[None, :])[real]  # [tokens of members]
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return _Bucket(rows, width, as_tensor(blocks.reshape(-1)), as_tensor(queries.reshape(-1)),
+                   as_tensor(mask.reshape(rows, 1, group * width, span * block))), local
 
 
 def generate_target_only(engine: TargetEngine, prompt_ids: list[int], params: SamplingParams,

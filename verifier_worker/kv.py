@@ -1,44 +1,59 @@
-"""The verifier's KV memory: one preallocated arena per worker, one contiguous extent per session.
+"""The verifier's KV memory: one preallocated pool of fixed-size blocks per worker (paged, as vLLM).
 
-The arena holds, per layer, keys and values ``[kv_heads, budget_tokens, head_dim]`` allocated once
-(``torch.empty``: on a GPU the budget is claimed at start-up; on a CPU pages are committed as they
-are written). A session owns an extent of ``reserve`` token positions: its prompt, its
-``max_new_tokens`` and room for one round's draft. A forward pass writes only the new tokens' keys
-into the extent and attends to a view of it, so no cache is gathered or copied per pass. Rolling
-back is moving ``length``; freeing returns the extent to a first-fit free list. When free memory is
-fragmented, live extents are moved down once (``compactions`` counts it), which is the only copy.
-A ``SessionKV`` dropped without ``clear()`` gives its extent back when it is garbage-collected.
+The arena holds, per layer, keys and values ``[num_blocks, block_tokens, kv_heads, head_dim]``
+allocated once (``torch.empty``: on a GPU the budget is claimed at start-up). A session owns a
+block table: the blocks it has filled so far, in order, so position ``i`` of its cache lives at
+slot ``blocks[i // block_tokens] * block_tokens + i % block_tokens``. A session grows one block at
+a time as its context does, so it holds what it uses (at most one partly filled block more), not
+a reserve for ``max_new_tokens``; nothing is ever moved or compacted. Rolling back is moving
+``length``; freeing returns the blocks. When a pass needs more blocks than are free, the caches
+of the least recently used sessions outside the pass are dropped (``preemptions``) and rebuilt
+from their context when they return, as vLLM's recompute preemption does; only a pass that cannot
+fit even then raises ``KVCapacityError``. A ``SessionKV`` dropped without ``clear()`` gives its
+blocks back when it is garbage-collected.
 """
 
 from __future__ import annotations
 
-import bisect
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass
 
 import torch
 
+DEFAULT_BLOCK_TOKENS = 16
+GROWTH_HEADROOM = 0.3
+"""Share of the budget admission leaves free for resident sessions to grow into."""
+
 
 class KVCapacityError(RuntimeError):
-    """The arena has no room for an extent even after compaction."""
+    """The arena has no room for a pass's blocks even after dropping idle caches."""
 
 
 class SessionKV:
-    """The target's cache of one session: positions ``0 .. length - 1`` of its extent are valid."""
+    """The target's cache of one session: positions ``0 .. length - 1`` of its blocks are valid."""
+
+    _ids = itertools.count()
 
     def __init__(self) -> None:
         self.arena: KVArena | None = None
-        self.start = 0
-        self.size = 0  # reserved token positions; 0 while the session holds no extent
+        self.blocks: list[int] = []  # the block table, in position order
         self.length = 0
+        self.key = next(SessionKV._ids)
+        self.last_used = 0  # the arena's pass counter when a pass last fed this session
 
     @property
     def allocated(self) -> bool:
         return self.arena is not None
 
+    @property
+    def size(self) -> int:
+        """Token positions this session's blocks hold."""
+        return len(self.blocks) * self.arena.block_tokens if self.arena is not None else 0
+
     def nbytes(self) -> int:
-        """Bytes of arena memory this session reserves."""
+        """Bytes of arena memory this session holds."""
         return self.size * self.arena.bytes_per_token if self.arena is not None else 0
 
     def truncate(self, keep: int) -> None:
@@ -46,7 +61,7 @@ class SessionKV:
         self.length = min(self.length, keep)
 
     def clear(self) -> None:
-        """Drop the cache and give the extent back (recomputed from the context if needed)."""
+        """Drop the cache and give the blocks back (recomputed from the context if needed)."""
         if self.arena is not None:
             self.arena.free(self)
         self.length = 0
@@ -60,27 +75,31 @@ class ArenaShape:
 
 
 class KVArena:
-    """Fixed KV budget of one worker, handed out as contiguous per-session extents."""
+    """Fixed KV budget of one worker, handed out block by block."""
 
     def __init__(self, shape: ArenaShape, budget_tokens: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
         self.shape = shape
-        self.budget_tokens = budget_tokens
-        dims = (shape.kv_heads, budget_tokens, shape.head_dim)
+        self.block_tokens = block_tokens
+        self.num_blocks = max(1, budget_tokens // block_tokens)
+        self.budget_tokens = self.num_blocks * block_tokens
+        dims = (self.num_blocks, block_tokens, shape.kv_heads, shape.head_dim)
         self.keys = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
         self.values = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
         element = self.keys[0].element_size()
         self.bytes_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * element
-        self._free: list[tuple[int, int]] = [(0, budget_tokens)]  # sorted (start, size)
-        self._owners: dict[int, weakref.ref[SessionKV]] = {}  # extent start -> holder
-        self.compactions = 0
-        # Passes run in a worker thread while the event loop may free extents (lost or evicted
-        # sessions), and the garbage collector may free one inside either: re-entrant lock.
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack
+        self._owners: dict[int, weakref.ref[SessionKV]] = {}  # SessionKV.key -> holder
+        self.compactions = 0  # kept for status readers: paged memory never compacts
+        self.preemptions = 0
+        self.passes = 0
+        # Passes run in a worker thread while the event loop may free blocks (lost or evicted
+        # sessions), and the garbage collector may free some inside either: re-entrant lock.
         self._lock = threading.RLock()
 
     @property
     def used_tokens(self) -> int:
-        return self.budget_tokens - sum(size for _, size in self._free)
+        return (self.num_blocks - len(self._free)) * self.block_tokens
 
     @property
     def sessions(self) -> int:
@@ -88,123 +107,103 @@ class KVArena:
 
     @property
     def free_tokens(self) -> int:
-        return self.budget_tokens - self.used_tokens
+        return len(self._free) * self.block_tokens
+
+    def admits(self, tokens: int, pending_tokens: int = 0) -> bool:
+        """Admission by use: a new session whose first pass feeds ``tokens`` fits beside what the
+        resident sessions hold, the first passes of admitted sessions that hold nothing yet
+        (``pending_tokens``) and the growth headroom."""
+        held = self.used_tokens + self.blocks_for(pending_tokens) * self.block_tokens
+        return held + self.blocks_for(tokens) * self.block_tokens <= self.admission_budget
+
+    @property
+    def admission_budget(self) -> int:
+        """Tokens admission may fill: the budget less the growth headroom."""
+        return self.budget_tokens - int(self.budget_tokens * GROWTH_HEADROOM)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_tokens)
 
     def allocate(self, kv: SessionKV, tokens: int) -> None:
-        """Give ``kv`` an extent of ``tokens`` positions; growing one keeps its valid prefix.
+        """Make ``kv``'s blocks hold ``tokens`` positions (appending blocks; its prefix stays).
 
-        Raises ``KVCapacityError`` when the tokens do not fit; ``kv`` then holds nothing.
+        Raises ``KVCapacityError`` when they do not fit; ``kv`` then keeps what it had.
         """
         with self._lock:
-            if kv.arena is self and kv.size >= tokens:
-                return
-            saved = self._save(kv) if kv.arena is self and kv.length else None
-            if kv.arena is not None:
+            if kv.arena is not None and kv.arena is not self:
                 kv.arena.free(kv)
-            start = self._first_fit(tokens)
-            if start is None and tokens <= self.free_tokens:
-                self.compact()
-                start = self._first_fit(tokens)
-            if start is None:
+            missing = self.blocks_for(tokens) - len(kv.blocks)
+            if missing <= 0:
+                return
+            if missing > len(self._free):
                 raise KVCapacityError(f"no KV room for {tokens} tokens ({self.free_tokens} of "
                                       f"{self.budget_tokens} free)")
-            kv.arena, kv.start, kv.size, kv.length = self, start, tokens, 0
-            self._own(kv)
-            if saved is not None:
-                self._restore(kv, saved)
+            if kv.arena is None:
+                kv.arena = self
+                self._own(kv)
+            kv.blocks.extend(self._free.pop() for _ in range(missing))
+
+    def allocate_pass(self, needs: list[tuple[SessionKV, int]]) -> None:
+        """Blocks for every session of a pass, dropping idle caches (least recently used first)
+        of sessions outside it if the free blocks do not suffice."""
+        with self._lock:
+            self.passes += 1
+            missing = sum(max(0, self.blocks_for(tokens) - (len(kv.blocks) if kv.arena is self
+                                                             else 0)) for kv, tokens in needs)
+            if missing > len(self._free):
+                self._preempt(missing - len(self._free), {kv.key for kv, _ in needs})
+            for kv, tokens in needs:
+                self.allocate(kv, tokens)
+                kv.last_used = self.passes
 
     def free(self, kv: SessionKV) -> None:
         with self._lock:
-            self._release(kv)
-            kv.arena, kv.start, kv.size, kv.length = None, 0, 0, 0
+            ref = self._owners.get(kv.key)
+            if ref is not None and ref() is kv:
+                del self._owners[kv.key]
+                self._free.extend(reversed(kv.blocks))
+            kv.arena, kv.blocks, kv.length = None, [], 0
 
-    def write(self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``[kv_heads, n, head_dim]`` keys/values at arena positions ``position ..``."""
-        end = position + keys.shape[1]
-        self.keys[layer][:, position:end] = keys
-        self.values[layer][:, position:end] = values
+    def slots(self, kv: SessionKV, start: int, end: int) -> torch.Tensor:
+        """Flat slot indices (``block * block_tokens + offset``) of positions ``start .. end - 1``."""
+        positions = torch.arange(start, end)
+        table = torch.tensor(kv.blocks, dtype=torch.long)
+        return table[positions // self.block_tokens] * self.block_tokens + positions % self.block_tokens
 
-    def view(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views (no copy) of arena positions ``start .. end - 1``: ``[kv_heads, n, head_dim]``."""
-        return self.keys[layer][:, start:end], self.values[layer][:, start:end]
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``[n, kv_heads, head_dim]`` keys/values at flat ``slots`` ``[n]`` (one scatter each)."""
+        self.keys[layer].view(-1, *self.keys[layer].shape[2:]).index_copy_(0, slots, keys)
+        self.values[layer].view(-1, *self.values[layer].shape[2:]).index_copy_(0, slots, values)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys/values at flat ``slots`` ``[n]``: ``[n, kv_heads, head_dim]`` each."""
+        keys, values = self.keys[layer], self.values[layer]
+        return (keys.view(-1, *keys.shape[2:]).index_select(0, slots),
+                values.view(-1, *values.shape[2:]).index_select(0, slots))
 
     def compact(self) -> None:
-        """Move every live extent down so the free space is one block (the arena's only copy)."""
-        with self._lock:
-            self._compact()
-
-    def _compact(self) -> None:
-        position = 0
-        for start in sorted(self._owners):
-            kv = self._owners.pop(start)()
-            if kv is None:
-                continue
-            if start != position and kv.length:
-                self._move(start, position, kv.length)
-            kv.start = position
-            self._own(kv)
-            position += kv.size
-        self._free = [(position, self.budget_tokens - position)] if position < self.budget_tokens else []
-        self.compactions += 1
+        """Nothing to do: blocks need no contiguity (kept for callers of the extent arena)."""
 
     # ------------------------------------------------------------------ internals
 
-    def _first_fit(self, tokens: int) -> int | None:
-        for index, (start, size) in enumerate(self._free):
-            if size >= tokens:
-                if size == tokens:
-                    del self._free[index]
-                else:
-                    self._free[index] = (start + tokens, size - tokens)
-                return start
-        return None
-
     def _own(self, kv: SessionKV) -> None:
-        start, size = kv.start, kv.size
+        key, blocks = kv.key, kv.blocks
 
         def collected(ref: weakref.ref[SessionKV]) -> None:
             with self._lock:
-                if self._owners.get(start) is ref:
-                    self._give_back(start, size)
+                if self._owners.get(key) is ref:
+                    del self._owners[key]
+                    self._free.extend(reversed(blocks))
 
-        self._owners[start] = weakref.ref(kv, collected)
+        self._owners[key] = weakref.ref(kv, collected)
 
-    def _release(self, kv: SessionKV) -> None:
-        ref = self._owners.get(kv.start)
-        if ref is not None and ref() is kv:
-            self._give_back(kv.start, kv.size)
-
-    def _give_back(self, start: int, size: int) -> None:
-        del self._owners[start]
-        index = bisect.bisect(self._free, (start, 0))
-        self._free.insert(index, (start, size))
-        self._merge_around(index)
-
-    def _merge_around(self, index: int) -> None:
-        """Coalesce the free block at ``index`` with its neighbours."""
-        if index + 1 < len(self._free):
-            start, size = self._free[index]
-            after_start, after_size = self._free[index + 1]
-            if start + size == after_start:
-                self._free[index] = (start, size + after_size)
-                del self._free[index + 1]
-        if index > 0:
-            before_start, before_size = self._free[index - 1]
-            start, size = self._free[index]
-            if before_start + before_size == start:
-                self._free[index - 1] = (before_start, before_size + size)
-                del self._free[index]
-
-    def _save(self, kv: SessionKV) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [tuple(t.clone() for t in self.view(layer, kv.start, kv.start + kv.length))  # type: ignore[misc]
-                for layer in range(self.shape.layers)]
-
-    def _restore(self, kv: SessionKV, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for layer, (keys, values) in enumerate(saved):
-            self.write(layer, kv.start, keys, values)
-        kv.length = saved[0][0].shape[1]
-
-    def _move(self, source: int, dest: int, length: int) -> None:
-        for buffers in (self.keys, self.values):
-            for tensor in buffers:
-                tensor[:, dest:dest + length] = tensor[:, source:source + length].clone()
+    def _preempt(self, blocks: int, protected: set[int]) -> None:
+        """Drop the caches of least recently used sessions outside ``protected``."""
+        holders = [kv for ref in list(self._owners.values()) if (kv := ref()) is not None
+                   and kv.key not in protected and kv.blocks]
+        for kv in sorted(holders, key=lambda h: h.last_used):
+            if blocks <= 0:
+                return
+            blocks -= len(kv.blocks)
+            self.free(kv)
+            self.preemptions += 1

@@ -89,8 +89,9 @@ class VerifierSession:
 
     @property
     def reserve(self) -> int:
-        """KV tokens this session may need: its admission cost against the KV budget."""
-        return kv_reserve(self.prompt_len, self.max_new_tokens, self.draft_room)
+        """KV tokens this session counts against the budget: the blocks it holds (paged KV grows
+        with use), or its first pass's need while it holds none."""
+        return self.kv.size or kv_reserve(len(self.context), 0, self.draft_room)
 
     @property
     def generated(self) -> int:

@@ -147,3 +147,60 @@ def test_stop_token_inside_accepted_draft_ends_output(tiny_pair, target) -> None
     [session] = run_local(engine, same, [prompt], SamplingSpec(max_new_tokens=12,
                                                                stop_token_ids=(stop,)), 8)
     assert session.context[len(prompt):] == expected and session.finished == "stop"
+
+
+def test_mixed_batch_matches_the_per_session_reference_past_2048_tokens() -> None:
+    """Greedy and sampled sessions, different gammas, top-k/top-p, contexts over 2,048 tokens:
+    each round's batched outcome equals a plain, uncached, one-session forward followed by the
+    one-session reference maths (tests/sampling_reference.py) with the same seeds."""
+    from sampling_reference import uniforms, verify_one
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from verifier_worker.engine import Draft, VerifyRequest
+    from verifier_worker.kv import SessionKV
+
+    torch.manual_seed(0)
+    vocab = 300
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    engine = TargetEngine(model, vocab, kv_budget_tokens=16384)
+    rng = np.random.default_rng(1)
+    lengths = [2100, 40, 2300, 300, 2050, 10]
+    gammas = [4, 2, 5, 0, 3, 1]
+    params = [SamplingParams(), SamplingParams(0.8, 0.95, 0, 11), SamplingParams(1.0, 1.0, 20, 12),
+              SamplingParams(1.2, 1.0, 0, 13), SamplingParams(), SamplingParams(0.7, 0.9, 5, 15)]
+    contexts = [rng.integers(2, vocab, n).tolist() for n in lengths]
+    kvs = [SessionKV() for _ in lengths]
+    accepted = 0
+    for seq in range(3):
+        requests, supports = [], []
+        for ctx, kv, g, param in zip(contexts, kvs, gammas, params, strict=True):
+            draft_ids = rng.integers(2, vocab, g)
+            if param.greedy and g:  # greedy drafts that the target accepts in part
+                with torch.no_grad():
+                    draft_ids[0] = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+            rows = [[int(t), *rng.choice(vocab, 7, replace=False).tolist()] for t in draft_ids]
+            rows = [list(dict.fromkeys(r)) for r in rows]
+            probs = [rng.dirichlet(np.ones(len(r))).astype(np.float32).tolist() for r in rows]
+            support = [] if param.greedy else list(zip(rows, probs, strict=True))
+            supports.append(support)
+            draft = Draft(draft_ids.astype(np.uint32),
+                          np.array([len(r) for r in rows] if support else [], np.uint16),
+                          np.array([t for r in rows for t in r] if support else [], np.uint32),
+                          np.array([p for r in probs for p in r] if support else [], np.float32))
+            requests.append(VerifyRequest(kv, ctx, draft, param, seq))
+        outcomes = engine.verify(requests)
+        for request, support, outcome in zip(requests, supports, outcomes, strict=True):
+            draft = request.draft.token_ids.tolist()
+            with torch.no_grad():
+                logits = model(torch.tensor([request.context + draft])).logits[0, -len(draft) - 1:]
+            expected = verify_one(logits, draft, request.params, support,
+                                  uniforms(request.params.seed, seq, len(draft)))
+            assert (outcome.accepted, outcome.token) == expected, (seq, len(request.context))
+            request.context.extend([*draft[:outcome.accepted], outcome.token])
+            accepted += outcome.accepted
+    assert accepted > 0  # sampled rows accepted some drafts: the acceptance tests ran both ways
+    assert engine.arena.used_tokens < 16384 and engine.arena.preemptions == 0

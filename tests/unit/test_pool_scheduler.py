@@ -76,11 +76,11 @@ def session(sid: str, prompt: int, max_new: int, tenant: str = "t") -> VerifierS
 
 def test_admission_evicts_idle_sessions_first_and_refuses_when_nothing_is_idle() -> None:
     busy, idle = session("busy", 10, 10), session("idle", 10, 10)
-    assert busy.reserve == 10 + 10 + 16  # prompt, new tokens, one round's largest draft
+    assert busy.reserve == 10 + 16  # no blocks yet: its first pass, prompt and largest draft
     busy.last_active, idle.last_active = 100.0, 50.0
-    assert plan_admission([busy, idle], 20, 100, now=101.0, idle_s=30.0) == []
-    assert plan_admission([busy, idle], 30, 100, now=101.0, idle_s=30.0) == [idle]
-    assert plan_admission([busy, idle], 30, 100, now=60.0, idle_s=30.0) is None
+    assert plan_admission([busy, idle], 40, 100, now=101.0, idle_s=30.0) == []
+    assert plan_admission([busy, idle], 50, 100, now=101.0, idle_s=30.0) == [idle]
+    assert plan_admission([busy, idle], 50, 100, now=60.0, idle_s=30.0) is None
     idle.evicted = True  # evicted sessions reserve nothing
     assert plan_admission([busy, idle], 60, 100, now=60.0, idle_s=30.0) == []
 

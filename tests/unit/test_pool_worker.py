@@ -28,6 +28,7 @@ from common.wire import (
     encode,
 )
 from verifier_worker.engine import TargetEngine, generate_target_only
+from verifier_worker.kv import DEFAULT_BLOCK_TOKENS
 from verifier_worker.session import kv_reserve
 from verifier_worker.worker import VerifierWorker
 
@@ -300,9 +301,16 @@ async def test_retried_pass_does_not_take_draft_tokens_twice(make_worker, target
     assert isinstance(verdict, Verdict) and charged == [[2]]  # paid once, verified on the retry
 
 
+def one_session_budget(target) -> int:
+    """A KV budget whose admission share (less the growth headroom) holds one session's blocks,
+    not two: sessions are admitted by the blocks they use (paged KV)."""
+    need = kv_reserve(len(target.tokenizer.encode(PROMPT)) + MAX_NEW, 0, Settings().limits.max_gamma)
+    return -(-need // DEFAULT_BLOCK_TOKENS) * DEFAULT_BLOCK_TOKENS
+
+
 async def test_admission_control_when_kv_budget_is_full(make_worker, target) -> None:
-    need = kv_reserve(len(target.tokenizer.encode(PROMPT)), MAX_NEW, Settings().limits.max_gamma)
-    w = await make_worker("w", pool={"kv_budget_tokens": need + 2, "admission_wait_s": 30.0})
+    budget = one_session_budget(target)
+    w = await make_worker("w", pool={"kv_budget_tokens": budget, "admission_wait_s": 30.0})
     await w.broker.open_session("first", open_payload("first", target))
     await settle(w, iterations=1)
     edge = Edge("first", target)
@@ -328,8 +336,7 @@ async def test_admission_control_when_kv_budget_is_full(make_worker, target) -> 
 
 
 async def test_idle_session_is_evicted_for_room_and_recomputed_when_it_returns(make_worker, target) -> None:
-    need = kv_reserve(len(target.tokenizer.encode(PROMPT)), MAX_NEW, Settings().limits.max_gamma)
-    w = await make_worker("w", pool={"kv_budget_tokens": need + 2, "idle_evict_s": 0.0})
+    w = await make_worker("w", pool={"kv_budget_tokens": one_session_budget(target), "idle_evict_s": 0.0})
     await w.broker.open_session("idle", open_payload("idle", target))
     await settle(w, iterations=1)
     edge = Edge("idle", target)

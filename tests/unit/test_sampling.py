@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sampling_reference import filtered, uniforms, verify_one
 
+from common.rejection import FlatRound, verify_round
 from common.sampling import (
+    SamplingParams,
     SparseDistribution,
     apply_stop_rules,
-    draw_round_noise,
     filter_logits,
-    rejection_sample,
     round_generator,
+    round_uniforms,
     sample_sparse,
     sparse_draft_distribution,
 )
@@ -39,78 +41,81 @@ def test_filter_logits_temperature_sharpens() -> None:
     assert cold[1] > hot[1] > 0.5
 
 
-def _greedy_inputs(target_argmax: list[list[int]], drafts: list[list[int]], vocab: int = 6):
-    batch, gamma = len(drafts), max(len(d) for d in drafts)
-    target = torch.zeros(batch, gamma + 1, vocab)
-    for b, row in enumerate(target_argmax):
-        for j, token in enumerate(row):
-            target[b, j, token] = 5.0
-    ids = torch.zeros(batch, gamma, dtype=torch.long)
+def flat(drafts: list[list[int]], params: list[SamplingParams], supports=None, seqs=None,
+         uniforms=None) -> FlatRound:
+    """A FlatRound by hand: ``supports[b][j]`` is (ids, probs) of q_j for sampled session b."""
+    gamma = np.array([len(d) for d in drafts], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(gamma + 1)))
+    ids = np.zeros(offsets[-1], np.int64)
+    q = np.ones(offsets[-1], np.float32)
+    rows, sup_ids, sup_probs = [], [], []
     for b, d in enumerate(drafts):
-        ids[b, : len(d)] = torch.tensor(d, dtype=torch.long)
-    return dict(
-        target_probs=target, draft_token_ids=ids,
-        num_draft=torch.tensor([len(d) for d in drafts]),
-        draft_token_q=torch.ones(batch, gamma),
-        draft_support_ids=torch.zeros(batch, gamma, 1, dtype=torch.long),
-        draft_support_probs=torch.zeros(batch, gamma, 1),
-        uniforms=torch.zeros(batch, gamma), exponentials=torch.ones(batch, vocab),
-        greedy=torch.ones(batch, dtype=torch.bool),
+        ids[offsets[b]:offsets[b] + len(d)] = d
+        for j, token in enumerate(d):
+            if supports and supports[b]:
+                s_ids, s_probs = supports[b][j]
+                norm = np.asarray(s_probs, np.float64) / np.sum(s_probs)
+                q[offsets[b] + j] = np.float32(norm[s_ids.index(token)])
+                rows += [offsets[b] + j] * len(s_ids)
+                sup_ids += s_ids
+                sup_probs += norm.astype(np.float32).tolist()
+    if uniforms is None:
+        uniforms = round_uniforms([p.seed for p in params], seqs or [0] * len(params), gamma)
+    return FlatRound(
+        offsets=offsets, draft_ids=ids, draft_q=q, support_rows=np.asarray(rows, np.int64),
+        support_ids=np.asarray(sup_ids, np.int64), support_probs=np.asarray(sup_probs, np.float32),
+        greedy=np.array([p.greedy for p in params]),
+        temperature=np.array([max(p.temperature, 1e-5) for p in params], np.float32),
+        top_k=np.array([p.top_k for p in params], np.int64),
+        top_p=np.array([p.top_p for p in params], np.float32), uniforms=np.asarray(uniforms),
     )
 
 
+def one_hot_logits(argmax_rows: list[list[int]], vocab: int = 6) -> torch.Tensor:  # [T, V]
+    return torch.cat([torch.nn.functional.one_hot(torch.tensor(r), vocab).float() * 5 for r in argmax_rows])
+
+
 def test_greedy_accepts_matching_prefix_and_corrects_first_mismatch() -> None:
-    # Row 0: drafts 1,2,3 vs target 1,2,4 -> 2 accepted, correction 4.
-    # Row 1: drafts 5,5 match -> all accepted, bonus is the target's argmax after them (3).
-    # Row 2: no drafts -> the token is the target's next token (2).
-    result = rejection_sample(**_greedy_inputs(
-        target_argmax=[[1, 2, 4, 0], [5, 5, 3, 0], [2, 0, 0, 0]],
-        drafts=[[1, 2, 3], [5, 5], []],
-    ))
+    # Session 0: drafts 1,2,3 vs target 1,2,4 -> 2 accepted, correction 4.
+    # Session 1: drafts 5,5 match -> all accepted, bonus is the target's argmax after them (3).
+    # Session 2: no drafts -> the token is the target's next token (2).
+    logits = one_hot_logits([[1, 2, 4, 0], [5, 5, 3], [2]])
+    result = verify_round(logits, flat([[1, 2, 3], [5, 5], []], [SamplingParams()] * 3))
     assert result.num_accepted.tolist() == [2, 2, 0]
     assert result.next_token.tolist() == [4, 3, 2]
 
 
 def test_greedy_first_token_wrong_accepts_nothing() -> None:
-    result = rejection_sample(**_greedy_inputs([[3, 1, 1]], [[2, 1]]))
-    assert result.num_accepted.tolist() == [0]
-    assert result.next_token.tolist() == [3]
+    result = verify_round(one_hot_logits([[3, 1, 1]]), flat([[2, 1]], [SamplingParams()]))
+    assert result.num_accepted.tolist() == [0] and result.next_token.tolist() == [3]
 
 
 def test_sampled_acceptance_and_residual_on_hand_built_distributions() -> None:
     # p = [0.1, 0.6, 0.3], q = [0.5, 0.5, 0]; draft token 0 has p/q = 0.2.
-    p = torch.tensor([[[0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]])
-    common = dict(
-        target_probs=p, draft_token_ids=torch.tensor([[0]]), num_draft=torch.tensor([1]),
-        draft_token_q=torch.tensor([[0.5]]),
-        draft_support_ids=torch.tensor([[[0, 1]]]), draft_support_probs=torch.tensor([[[0.5, 0.5]]]),
-        exponentials=torch.ones(1, 3), greedy=torch.tensor([False]),
-    )
-    accepted = rejection_sample(uniforms=torch.tensor([[0.1]]), **common)
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]))
+    params = [SamplingParams(temperature=1.0)]
+    support = [[([0, 1], [0.5, 0.5])]]
+    accepted = verify_round(logits, flat([[0]], params, support, uniforms=[0.1, 0.99]))
     assert accepted.num_accepted.tolist() == [1]
-    assert accepted.next_token.tolist() == [2]  # bonus: argmax of p[1] / 1
-    rejected = rejection_sample(uniforms=torch.tensor([[0.5]]), **common)
+    assert accepted.next_token.tolist() == [2]  # bonus: u = 0.99 falls in p[1]'s last token
+    rejected = verify_round(logits, flat([[0]], params, support, uniforms=[0.5, 0.3]))
     assert rejected.num_accepted.tolist() == [0]
-    # residual = max(0, p - q) = [0, 0.1, 0.3] -> with unit noise its argmax is token 2.
+    # residual = max(0, p - q) = [0, 0.1, 0.3] -> cdf [0, .25, 1]: u = 0.3 picks token 2.
     assert rejected.next_token.tolist() == [2]
+    low = verify_round(logits, flat([[0]], params, support, uniforms=[0.5, 0.2]))
+    assert low.next_token.tolist() == [1]
 
 
-def _sampled_round(p: torch.Tensor, q: torch.Tensor, trials: int, seed: int) -> torch.Tensor:
-    """First output token of ``trials`` independent one-draft rounds (vectorised)."""
+def _first_tokens(p: torch.Tensor, q: torch.Tensor, trials: int, seed: int) -> torch.Tensor:
+    """First output token of ``trials`` one-draft rounds, batched in one call, new noise."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = p.shape[-1]
-    drafts = torch.multinomial(q.expand(trials, vocab), 1, replacement=True, generator=generator)
-    support = torch.arange(vocab).expand(trials, 1, vocab)
-    result = rejection_sample(
-        target_probs=p.expand(trials, 2, vocab).contiguous(), draft_token_ids=drafts,
-        num_draft=torch.ones(trials, dtype=torch.long), draft_token_q=q[drafts.squeeze(1)].unsqueeze(1),
-        draft_support_ids=support, draft_support_probs=q.expand(trials, 1, vocab),
-        uniforms=torch.rand(trials, 1, generator=generator),
-        exponentials=torch.empty(trials, vocab).exponential_(generator=generator),
-        greedy=torch.zeros(trials, dtype=torch.bool),
-    )
-    # The first output token: the accepted draft, else the recovered token.
-    return torch.where(result.num_accepted > 0, drafts.squeeze(1), result.next_token)
+    drafts = torch.multinomial(q.expand(trials, -1), 1, replacement=True, generator=generator)[:, 0]
+    params = [SamplingParams(temperature=1.0, seed=seed * trials + i) for i in range(trials)]
+    support_ids = torch.nonzero(q).squeeze(1).tolist()
+    supports = [[(support_ids, q[support_ids].tolist())] for _ in range(trials)]
+    logits = torch.log(p).expand(trials, -1, -1).reshape(2 * trials, -1)
+    result = verify_round(logits, flat([[int(d)] for d in drafts], params, supports))
+    return torch.where(result.num_accepted > 0, drafts, result.next_token)
 
 
 @pytest.mark.parametrize("q_values", [
@@ -118,27 +123,68 @@ def _sampled_round(p: torch.Tensor, q: torch.Tensor, trials: int, seed: int) -> 
     [0.05, 0.05, 0.1, 0.2, 0.6],  # q puts mass where p has little
 ])
 def test_rejection_sampling_output_follows_target_distribution(q_values: list[float]) -> None:
+    """The law of the output under the counter-based uniforms and inverse-CDF draws."""
     p_values = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
     q = torch.tensor(q_values)
     p = torch.stack([p_values, torch.tensor([0.2] * 5)])  # row 1 (bonus) is irrelevant here
-    trials = 200_000
-    tokens = _sampled_round(p, q, trials, seed=11)
+    trials = 40_000
+    tokens = _first_tokens(p, q, trials, seed=11)
     empirical = torch.bincount(tokens, minlength=5).double() / trials
     sigma = torch.sqrt(p_values.double() * (1 - p_values.double()) / trials)
     assert torch.all((empirical - p_values.double()).abs() <= 5 * sigma + 1e-9), empirical
 
 
-def test_rejection_sampling_is_deterministic_given_noise() -> None:
-    p = torch.tensor([[0.5, 0.5, 0.0], [0.3, 0.3, 0.4]])
-    q = torch.tensor([0.2, 0.3, 0.5])
-    assert torch.equal(_sampled_round(p, q, 1000, seed=5), _sampled_round(p, q, 1000, seed=5))
+def test_round_uniforms_are_uniform_and_keyed_by_seed_sequence_and_counter() -> None:
+    gamma = np.array([3, 0, 5])
+    a = round_uniforms([7, 7, 9], [3, 3, 3], gamma)
+    assert a.shape == (11,) and np.array_equal(a, round_uniforms([7, 7, 9], [3, 3, 3], gamma))
+    assert a[3] == a[4]  # same key: the same final draw, whatever gamma
+    alone = round_uniforms([9], [3], np.array([5]))
+    assert np.array_equal(alone, a[5:])  # a session's draws do not depend on its batch
+    assert not np.array_equal(a[:4], round_uniforms([7], [4], np.array([3])))
+    many = round_uniforms(list(range(20000)), [0] * 20000, np.zeros(20000, np.int64))
+    assert abs(many.mean() - 0.5) < 0.01 and many.min() >= 0 and many.max() < 1
 
 
-def test_round_noise_is_keyed_by_seed_and_sequence() -> None:
-    a, b = draw_round_noise(7, 3, 4, 10), draw_round_noise(7, 3, 4, 10)
-    assert torch.equal(a.uniforms, b.uniforms) and torch.equal(a.exponentials, b.exponentials)
-    assert not torch.equal(a.uniforms, draw_round_noise(7, 4, 4, 10).uniforms)
-    assert not torch.equal(a.uniforms, draw_round_noise(8, 3, 4, 10).uniforms)
+def test_batched_filter_matches_the_sorting_reference_with_ties() -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(24, 5000, generator=generator) * 3).bfloat16()  # bf16: many ties
+    settings = [(0.8, 0, 0.95), (1.0, 40, 1.0), (0.5, 200, 0.9), (1.3, 0, 0.5), (0.7, 3, 0.99),
+                (1.0, 0, 1.0)]
+    for row in range(logits.shape[0]):
+        temperature, top_k, top_p = settings[row % len(settings)]
+        ours = filter_logits(logits[row:row + 1], temperature, top_k, top_p)[0]
+        ref = filtered(logits[row], SamplingParams(temperature, top_p, top_k))
+        assert torch.equal(ours > 0, ref > 0), (row, int((ours > 0).sum()), int((ref > 0).sum()))
+        assert torch.allclose(ours.double(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("slack", [None, 0.5])  # 0.5: the bounds decide little, the exact cut runs
+def test_round_matches_the_per_session_reference(slack, monkeypatch) -> None:
+    if slack is not None:
+        monkeypatch.setattr("common.rejection.SLACK", slack)
+    generator = torch.Generator().manual_seed(5)
+    vocab, gammas = 6000, [4, 0, 2, 5, 1, 3, 4, 2]  # > SORT_VOCAB: the histogram path
+    params = [SamplingParams(0.8, 0.95, 0, 1), SamplingParams(), SamplingParams(1.0, 1.0, 50, 2),
+              SamplingParams(0.6, 0.9, 20, 3), SamplingParams(1.2, 0.8, 0, 4), SamplingParams(),
+              SamplingParams(1.0, 1.0, 0, 6), SamplingParams(0.9, 0.97, 100, 7)]
+    for trial in range(6):
+        logits = torch.randn(sum(g + 1 for g in gammas), vocab, generator=generator) * 3
+        drafts, supports, offset = [], [], 0
+        for g, param in zip(gammas, params, strict=True):
+            rows = logits[offset:offset + g + 1]
+            top = torch.topk(rows, 8, dim=-1).indices.tolist()
+            drafts.append([top[j][trial % 3] for j in range(g)])  # often, not always, acceptable
+            supports.append([(top[j], [0.4, 0.2, 0.1, 0.1, 0.08, 0.06, 0.04, 0.02]) for j in range(g)]
+                            if not param.greedy else [])
+            offset += g + 1
+        result = verify_round(logits, flat(drafts, params, supports, seqs=[trial] * len(params)))
+        offset = 0
+        for b, (g, param) in enumerate(zip(gammas, params, strict=True)):
+            expected = verify_one(logits[offset:offset + g + 1], drafts[b], param, supports[b],
+                                  uniforms(param.seed, trial, g))
+            assert (int(result.num_accepted[b]), int(result.next_token[b])) == expected, (trial, b)
+            offset += g + 1
 
 
 def test_sparse_distribution_truncates_and_sampling_follows_it() -> None:
