@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.streams import Broker, connect
+from common.procs import dies_with_parent
 from common.settings import Settings
 from specd.generate import redis_url_for
 from specd.loadreport import PointData, print_table, read_verifier_rounds, summarise_point, write_plots
@@ -58,7 +59,10 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def _env_value(value: Any) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    """A setting as pydantic-settings parses it from the environment (lists and maps as JSON)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def child_env(settings: Settings, url: str) -> dict[str, str]:
@@ -87,7 +91,8 @@ class VerifierPool:
         for i, log in enumerate(self.logs):
             with log.open("wb") as stderr:
                 self.processes.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "specd", "verifier", "--worker-id", f"loadtest-v{i}",
+                    *dies_with_parent([sys.executable, "-m", "specd", "verifier", "--worker-id",
+                                       f"loadtest-v{i}"]),
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=stderr, env=self.env))
         await self._wait_healthy(settings, url, timeout_s)
@@ -167,9 +172,10 @@ async def _start_edges(env: dict[str, str], slots: list[int], sessions: list[int
         log = log_dir / f"edge-{tag}-{i}.log"
         with log.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "specd.loadedge", "--prompts-json", str(prompts_path),
-                "--offset", str(i), "--stride", str(len(slots)), "--slots", str(slot),
-                "--sessions", str(count), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                *dies_with_parent([sys.executable, "-m", "specd.loadedge", "--prompts-json",
+                                   str(prompts_path), "--offset", str(i), "--stride", str(len(slots)),
+                                   "--slots", str(slot), "--sessions", str(count)]),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=stderr, limit=LINE_LIMIT,
                 env={**env, "SPECD_EDGE__GAMMA": str(gamma), "SPECD_EDGE__WORKER_ID": f"loadtest-e{i}",
                      "SPECD_EDGE__MAX_CONCURRENT_SESSIONS": str(slot)})
