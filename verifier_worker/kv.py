@@ -1,7 +1,7 @@
 """The verifier's KV memory: one preallocated pool of fixed-size blocks per worker (paged, as vLLM).
 
 The arena holds, per layer, keys and values ``[num_blocks, block_tokens, kv_heads, head_dim]``
-allocated once (``torch.empty``: on a GPU the budget is claimed at start-up). A session owns a
+allocated once (zeroed; on a GPU the budget is claimed at start-up). A session owns a
 block table: the blocks it has filled so far, in order, so position ``i`` of its cache lives at
 slot ``blocks[i // block_tokens] * block_tokens + i % block_tokens``. A session grows one block at
 a time as its context does, so it holds what it uses (at most one partly filled block more), not
@@ -84,8 +84,10 @@ class KVArena:
         self.num_blocks = max(1, budget_tokens // block_tokens)
         self.budget_tokens = self.num_blocks * block_tokens
         dims = (self.num_blocks, block_tokens, shape.kv_heads, shape.head_dim)
-        self.keys = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
-        self.values = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
+        # Zeros, not empty: a pass reads padding slots under a zero mask weight, and 0 * NaN from
+        # uninitialised memory would poison the output. Stale keys left by freed blocks are finite.
+        self.keys = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
+        self.values = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
         element = self.keys[0].element_size()
         self.bytes_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * element
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack
