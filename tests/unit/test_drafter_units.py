@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from common.sampling import SamplingParams, rejection_sample
+from common.rejection import FlatRound, verify_round
+from common.sampling import SamplingParams
 from common.settings import ConfigError, load_settings
 from edge_worker.backends.base import DraftBackend, DraftState, Proposal
 from edge_worker.backends.policy import RoutePolicy, prompt_class
@@ -58,20 +60,24 @@ def test_prompt_lookup_proposal_is_one_hot_when_sampled_and_stops_at_a_stop_toke
 def test_one_hot_q_keeps_rejection_sampling_exact() -> None:
     """A deterministic draft with q = 1 on its token: the first output token still follows p."""
     p_values = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
-    p = torch.stack([p_values, torch.tensor([0.2] * 5)])
-    trials, vocab = 200_000, 5
-    generator = torch.Generator().manual_seed(7)
+    trials, vocab = 100_000, 5
+    rng = np.random.default_rng(7)
+    # Each trial is one session drafting one token: rows 2b (p after 0 drafts), 2b + 1 (bonus).
+    logits = torch.stack([p_values.log(), torch.full((vocab,), 0.2).log()]).repeat(trials, 1)  # [2n, V]
     for drafted in (0, 3, 4):  # a likely, an unlikely and an impossible token
-        drafts = torch.full((trials, 1), drafted)
-        result = rejection_sample(
-            target_probs=p.expand(trials, 2, vocab).contiguous(), draft_token_ids=drafts,
-            num_draft=torch.ones(trials, dtype=torch.long), draft_token_q=torch.ones(trials, 1),
-            draft_support_ids=drafts.unsqueeze(-1), draft_support_probs=torch.ones(trials, 1, 1),
-            uniforms=torch.rand(trials, 1, generator=generator),
-            exponentials=torch.empty(trials, vocab).exponential_(generator=generator),
-            greedy=torch.zeros(trials, dtype=torch.bool),
+        draft_rows = np.arange(0, 2 * trials, 2)
+        draft_ids = np.zeros(2 * trials, np.int64)
+        draft_ids[draft_rows] = drafted
+        batch = FlatRound(
+            offsets=np.arange(0, 2 * trials + 1, 2), draft_ids=draft_ids,
+            draft_q=np.ones(2 * trials, np.float32), support_rows=draft_rows,
+            support_ids=np.full(trials, drafted, np.int64), support_probs=np.ones(trials, np.float32),
+            greedy=np.zeros(trials, bool), temperature=np.ones(trials, np.float32),
+            top_k=np.zeros(trials, np.int64), top_p=np.ones(trials, np.float32),
+            uniforms=rng.random(2 * trials),
         )
-        tokens = torch.where(result.num_accepted > 0, drafts.squeeze(1), result.next_token)
+        result = verify_round(logits, batch)
+        tokens = torch.where(result.num_accepted > 0, torch.full((trials,), drafted), result.next_token)
         empirical = torch.bincount(tokens, minlength=vocab).double() / trials
         sigma = torch.sqrt(p_values.double() * (1 - p_values.double()) / trials)
         assert torch.all((empirical - p_values.double()).abs() <= 5 * sigma + 1e-9), (drafted, empirical)
