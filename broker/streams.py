@@ -90,6 +90,15 @@ def tenant_of(sid: str) -> str:
     return head if dot else DEFAULT_TENANT
 
 
+def short_session_id(sid: str) -> str:
+    """A session id for tables and terminals: 8 characters of its random part, and its tenant
+    unless that is the default one."""
+    tenant, _, rest = sid.partition(".")
+    if not rest:
+        return sid[:8]
+    return rest[:8] if tenant == DEFAULT_TENANT else f"{tenant}.{rest[:8]}"
+
+
 def shard_of(sid: str, shards: int) -> int:
     """A session's shard (cluster mode): stable across processes (CRC32, not Python's hash)."""
     return zlib.crc32(sid.encode()) % shards

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.reach import redacted
+from broker.streams import short_session_id
 from common.procs import dies_with_parent
 from common.settings import Settings
 from specd.generate import redis_url_for
@@ -183,11 +184,12 @@ def _row(r: dict[str, Any], name: str) -> list[str]:
 def print_report(report: dict[str, Any], texts: dict[str, str], out: TextIO) -> None:
     print("\n=== completions ===", file=out)
     for r in report["sessions"]:
-        print(f"--- {r['session_id'][:8]} ---\n{r['prompt']}{r['text']}", file=out)
+        print(f"--- {short_session_id(r['session_id'])} ---\n{r['prompt']}{r['text']}", file=out)
     print("\n=== figures (times summed over rounds; tok/s per session wall time) ===", file=out)
     header = "  ".join(name.rjust(width) for name, width in COLUMNS)
     print(header, file=out)
-    rows = [_row(r, r["session_id"][:8]) for r in report["sessions"]] + [_row(report["total"], "TOTAL")]
+    rows = [_row(r, short_session_id(r["session_id"])) for r in report["sessions"]]
+    rows.append(_row(report["total"], "TOTAL"))
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, (_, width) in zip(row, COLUMNS, strict=True)),
               file=out)

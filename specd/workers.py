@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.reach import RedisUnavailable
-from broker.streams import Broker
+from broker.streams import Broker, short_session_id
 from common.logs import LogSink, bind, get_logger, log_sink
 from common.metrics import serve
 from common.settings import Settings
@@ -212,8 +212,9 @@ def _printer(events: bool) -> Any:
         if events:
             print(json.dumps(event), flush=True)
         elif event["event"] == "result":
-            print(f"[{event['session_id'][:8]}] {event['prompt']}{event['text']}", flush=True)
+            print(f"[{short_session_id(event['session_id'])}] {event['prompt']}{event['text']}", flush=True)
         elif event["event"] == "error":
-            print(f"[{event['session_id'][:8]}] error {event['code']}: {event['message']}", flush=True)
+            sid = short_session_id(event["session_id"])
+            print(f"[{sid}] error {event['code']}: {event['message']}", flush=True)
 
     return emit
