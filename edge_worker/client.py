@@ -18,13 +18,14 @@ notices, re-sends, resuming after Redis lost rounds) lives in ``edge_worker.wait
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from broker.streams import TRANSIENT_ERRORS, Broker, session_key, with_backoff
@@ -178,6 +179,13 @@ class EdgeClient:
         self._slots = asyncio.Semaphore(max_concurrent_sessions)
         self._draft_lock = asyncio.Lock()  # one forward at a time on the shared draft model
         self.metrics = EdgeMetrics()
+
+    def for_tenant(self, tenant: str) -> EdgeClient:
+        """A client whose sessions carry ``tenant`` (its key space) and share this one's draft
+        backend, broker, session slots, metrics and one-forward-at-a-time draft lock."""
+        sibling = copy.copy(self)
+        sibling.config = replace(self.config, tenant=tenant)
+        return sibling
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
                        on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:

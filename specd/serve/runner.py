@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.streams import Broker
@@ -171,15 +171,7 @@ class SessionRunner:
         """
         client = self._clients.get(tenant)
         if client is None:
-            base = self.base
-            # edge_worker has no per-session tenant yet: share its lock by name, loudly if renamed
-            if not hasattr(base, "_draft_lock"):
-                raise RuntimeError("EdgeClient's draft lock moved: update SessionRunner._client_for")
-            client = EdgeClient(base.backend, base.broker, replace(base.config, tenant=tenant),
-                                self.max_concurrent)
-            client._draft_lock = base._draft_lock
-            client.metrics = base.metrics
-            self._clients[tenant] = client
+            client = self._clients[tenant] = self.base.for_tenant(tenant)
         return client
 
 
