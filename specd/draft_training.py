@@ -151,9 +151,13 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return target.model, draft.model, draft.tokenizer
 
 
+# The command line's plumbing, not the training's settings (a resume compares the rest).
+_NOT_SETTINGS = ("func", "command", "handler", "needs_settings", "debug")
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "data" else v)
-            for k, v in vars(args).items() if k not in ("func", "command")}
+            for k, v in vars(args).items() if k not in _NOT_SETTINGS}
 
 
 def _check_resume(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker.embedded import EmbeddedRedis
+from common.logs import get_logger
 from common.models import load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
@@ -18,6 +19,8 @@ from specd.prompts import PromptError
 from specd.runtime import backend_context, build_draft_backend, build_edge, build_verifier, open_broker
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
+
+log = get_logger("specd.generate")
 
 
 @contextlib.asynccontextmanager
@@ -44,14 +47,26 @@ async def local_verifier(settings: Settings, url: str) -> AsyncIterator[Any]:
         try:
             yield worker
         except BaseException:  # interrupted or failed: nobody is left to serve, do not drain
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done(task)
             raise
         stop.set()
         await task
     finally:
         await broker.close()
+
+
+async def cancel_until_done(task: asyncio.Task[Any], every_s: float = 0.5) -> None:
+    """Cancel ``task`` and wait for it, cancelling again while it runs on.
+
+    A cancellation can be lost inside a client library (seen: a verifier task blocked in a
+    redis-py read went on serving after its cancel, 1 Ctrl-C in 3 during start-up), and one lost
+    cancel would hang the command for good; a repeated one costs nothing.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("verifier.stopped_with_error", error=repr(task.exception()))
 
 
 async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str, Any]:
