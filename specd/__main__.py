@@ -10,8 +10,12 @@ _hook = sys.unraisablehook
 
 
 def _quiet(info: object) -> None:
-    if not isinstance(getattr(info, "exc_value", None), SystemExit | KeyboardInterrupt):
-        _hook(info)  # type: ignore[arg-type]
+    if isinstance(getattr(info, "exc_value", None), SystemExit | KeyboardInterrupt):
+        # Python could not raise the exit where it landed: deliver it again, where it can land
+        # (going on would run the command with whatever import it interrupted half done).
+        signal.raise_signal(signal.SIGINT)
+        return
+    _hook(info)  # type: ignore[arg-type]
 
 
 sys.unraisablehook = _quiet

@@ -266,10 +266,13 @@ def _interactive(args: argparse.Namespace) -> bool:
 
 
 def _quiet_interrupts(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A Ctrl-C that lands inside an import's clean-up is "ignored" by Python with a traceback."""
+    """A Ctrl-C that lands where Python cannot raise it (an import's clean-up, a finalizer) is
+    "ignored" with a traceback, and the command would run on, perhaps with a half-imported
+    module (seen: numpy without ``matrix``). Raise it again, where it can land."""
 
     def unraisable(info: Any) -> Any:
-        if isinstance(info.exc_value, KeyboardInterrupt):
+        if isinstance(info.exc_value, KeyboardInterrupt | SystemExit):
+            signal.raise_signal(signal.SIGINT)
             return None
         return hook(info)
 
