@@ -285,14 +285,56 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so every exit path stops what the command started.
     stops = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
+    _SIGNALS.watch()
     try:
         return _main(argv)
     except KeyboardInterrupt as exc:  # before the command ran (parsing flags, importing)
         return report("", exc, False)
     finally:
+        _SIGNALS.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = hook
+
+
+class _SignalLog:
+    """Which signals arrived, from the interpreter's wakeup fd (written whatever the handler).
+
+    A Ctrl-C that lands inside a library's import can come out as another error ("could not
+    import module ..."), with no KeyboardInterrupt left in its chain: the log still tells that
+    the user interrupted, so the failure is reported as an interruption (130), not a bug."""
+
+    def __init__(self) -> None:
+        self._fds: tuple[int, int] | None = None
+        self._previous = -1
+
+    def watch(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        self._fds = (read, write)
+        self._previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def interrupted(self) -> bool:
+        if self._fds is None:
+            return False
+        try:
+            seen = os.read(self._fds[0], 4096)
+        except BlockingIOError:
+            return False
+        return bool(set(seen) & {signal.SIGINT, signal.SIGTERM})
+
+    def close(self) -> None:
+        if self._fds is not None:
+            signal.set_wakeup_fd(self._previous)
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+
+
+_SIGNALS = _SignalLog()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -310,6 +352,8 @@ def _main(argv: list[str] | None) -> int:
         return int(handler(args, settings))
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place failures are reported
         url = settings.redis.url if settings is not None else ""
+        if not isinstance(exc, KeyboardInterrupt) and _SIGNALS.interrupted():
+            exc = KeyboardInterrupt()  # the failure followed a Ctrl-C/SIGTERM (see _SignalLog)
         return report(args.command, exc, bool(getattr(args, "debug", False)), url)
 
 
