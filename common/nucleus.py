@@ -11,14 +11,21 @@ The definition (the edge's ``filter_logits`` and the verifier share it):
 A row is then two numbers: ``threshold`` (kept iff ``e >= threshold``) and ``total``. The top-p
 cut is found from a histogram of the float bits (``bits >> 16``: the order of buckets is the
 order of values for non-negative floats, 128 buckets per octave), then sorted exactly inside the
-one bucket that holds it (small vocabularies just sort). ``cut_bounds`` gives the cheap float32
-version of the same histogram: bounds on ``total`` that decide almost every acceptance test
-without the exact step.
+one bucket that holds it (small vocabularies just sort).
+
+The verifier needs the kept set itself only on a few rows per pass (its final draws and the
+acceptance tests its bounds leave open): ``kept_tokens`` gives it compacted. The float32
+histogram places the cut to within a bucket; the tokens from the bucket below it up (the nucleus
+and a sliver, a few percent of a real vocabulary at most) are gathered in vocabulary order,
+sorted and cut with exact float64 running sums. That the candidates hold the cut is checked
+exactly; if they do not (float32 sums misplaced it), the floor drops to ``(1 - top_p) * total / V``,
+below which the cut can never lie, and a row too wide to compact stays dense.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,7 +33,6 @@ BUCKETS = (0x3F800000 >> 16) + 1  # bits >> 16 of floats in [0, 1]
 GROUP = 128  # buckets per group in the two-level search (one octave)
 GROUPS = -(-BUCKETS // GROUP)
 STRIDE = GROUPS * GROUP  # histogram bins per row (the last few stay empty)
-SLACK = 4e-6  # relative error allowed for the float32 histogram's bucket sums (~64 float32 ulps)
 SORT_VOCAB = 4096  # at or below this vocabulary a row sort is cheaper than the histogram
 
 
@@ -108,20 +114,6 @@ def _cut(hist: torch.Tensor, top_p: torch.Tensor) -> Cut:  # hist [R, STRIDE] as
 CHUNK_ROWS = max(1, (1 << 24) // STRIDE)  # rows per histogram: bounds its memory
 
 
-def cut_bounds(e: torch.Tensor, top_p: torch.Tensor,  # e [R, V] float32, top_p [R]
-               scratch: torch.Tensor | None = None) -> Cut:  # scratch: [>= R * V] int32
-    """The top-p cut bucket from a float32 histogram: ``target <= kept total <= reached``."""
-    top_p = top_p.to(e.device)
-    parts = []
-    for i in range(0, e.shape[0], CHUNK_ROWS):
-        rows = e[i:i + CHUNK_ROWS]
-        out = scratch[: rows.numel()].view(rows.shape) if scratch is not None else None
-        parts.append(_cut(_histogram(rows, _buckets(rows, out), torch.float32), top_p[i:i + CHUNK_ROWS]))
-    if len(parts) == 1:
-        return parts[0]
-    return Cut(*(torch.cat([getattr(c, f) for c in parts]) for f in Cut.__dataclass_fields__))
-
-
 def exact_cut(
     e: torch.Tensor,  # [R, V] float32 (top-k applied)
     top_p: torch.Tensor,  # [R] float32; rows with 1.0 keep everything
@@ -177,3 +169,122 @@ def filter_rows(e: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> to
     threshold, total = exact_cut(e, top_p)
     e.masked_fill_(e < threshold.unsqueeze(1), 0.0)
     return (e.double() / total.unsqueeze(1)).float()
+
+
+COMPACT_SHARE = 8
+"""A row compacts its candidates when they are at most ``1 / COMPACT_SHARE`` of the vocabulary;
+wider rows (flat distributions, no top-p) stay dense."""
+
+
+@dataclass
+class Kept:
+    """Rows' kept sets after top-k/top-p, in vocabulary order; ``p = e / total`` on kept tokens.
+
+    Compact (``ids`` set): entry ``j`` of row ``r`` is token ``ids[r, j]`` with value ``e[r, j]``;
+    ids ascend along a row, padding entries are token ``vocab`` with e 0. Dense (``ids`` None):
+    entry ``j`` is token ``j``. Entries that are not kept hold 0.
+    """
+
+    e: torch.Tensor  # [R, K] float32
+    ids: torch.Tensor | None  # [R, K] int64, or None (dense: K = V)
+    threshold: torch.Tensor  # [R] float32: a token is kept iff its e >= threshold (and e > 0)
+    total: torch.Tensor  # [R] float64: the kept mass
+    vocab: int
+
+    def locate(self, rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat entry ``[S]`` of each (row, token) pair ``[S]``, and whether the row holds it."""
+        if self.ids is None:
+            return rows * self.vocab + ids, torch.ones_like(rows, dtype=torch.bool)
+        stride = self.vocab + 1  # flat keys row * stride + id ascend across the whole table
+        keys = (torch.arange(self.ids.shape[0], device=rows.device).unsqueeze(1) * stride
+                + self.ids).view(-1)
+        wanted = rows * stride + ids
+        at = torch.searchsorted(keys, wanted).clamp_(max=keys.numel() - 1)
+        return at, keys[at] == wanted
+
+    def token_at(self, entry: torch.Tensor) -> torch.Tensor:  # [R] entry of each row -> [R] token
+        if self.ids is None:
+            return entry
+        return self.ids.gather(1, entry.unsqueeze(1)).squeeze(1)
+
+
+class KeptGroup(NamedTuple):
+    rows: torch.Tensor  # [R'] the rows of the caller's ``e`` this group holds
+    kept: Kept
+
+
+def kept_tokens(e: torch.Tensor, top_p: torch.Tensor) -> list[KeptGroup]:
+    """The kept sets of ``e`` ``[R, V]`` (float32, top-k applied), grouped by layout."""
+    vocab, device = e.shape[-1], e.device
+    top_p = top_p.to(device)
+    groups = []
+    compact = torch.zeros(e.shape[0], dtype=torch.bool, device=device)
+    cut = torch.nonzero(top_p < 1.0).squeeze(1)
+    if cut.numel():
+        rows = e if cut.numel() == e.shape[0] else e.index_select(0, cut)
+        kept = _compacted(rows, top_p[cut])
+        if kept is not None:
+            groups.append(KeptGroup(cut, kept))
+            compact[cut] = True
+    dense = torch.nonzero(~compact).squeeze(1)
+    if dense.numel():
+        rows = e if dense.numel() == e.shape[0] else e.index_select(0, dense)
+        threshold, total = exact_cut(rows, top_p[dense])
+        rows = rows.masked_fill(rows < threshold.unsqueeze(1), 0.0)
+        groups.append(KeptGroup(dense, Kept(rows, None, threshold, total, vocab)))
+    return groups
+
+
+def _compacted(e: torch.Tensor, top_p: torch.Tensor) -> Kept | None:
+    """``Kept`` of rows that all have a top-p cut, compacted to their candidates (None: too wide)."""
+    vocab = e.shape[-1]
+    whole = e.sum(dim=-1, dtype=torch.float64)  # [R]
+    target = top_p.double() * whole  # [R] the cut: keep while the mass before is below this
+    for floor in (_histogram_floor(e, top_p), _sure_floor(whole, target, vocab)):
+        found = _candidates(e, floor)
+        if found is None:
+            return None
+        ids, values = found  # [R, W] vocabulary order, padding: id vocab, value 0
+        descending = values.sort(dim=1, descending=True).values.double()  # [R, W]
+        running = descending.cumsum(dim=1)  # [R, W]
+        if bool((running[:, -1] >= target).all()):  # the candidates hold the cut: exact from here
+            break
+    else:
+        return None
+    kept = ((running - descending) < target.unsqueeze(1)).sum(dim=1).clamp_(min=1)  # [R]
+    threshold = descending.gather(1, (kept - 1).unsqueeze(1)).squeeze(1).float()  # [R]
+    values.masked_fill_(values < threshold.unsqueeze(1), 0.0)
+    return Kept(values, ids, threshold, values.sum(dim=1, dtype=torch.float64), vocab)
+
+
+TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # the smallest subnormal
+
+
+def _histogram_floor(e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:  # [R] float32
+    """The lower edge of the bucket below the float32 histogram's cut bucket: the candidates it
+    leaves are the nucleus and a sliver, unless float32 sums misplace the cut (then checked)."""
+    cut = _cut(_histogram(e, _buckets(e), torch.float32), top_p)
+    edge = (cut.bucket - 1).clamp_(min=0).to(torch.int32).bitwise_left_shift_(16)
+    return edge.view(torch.float32).clamp_(min=TINY)
+
+
+def _sure_floor(whole: torch.Tensor, target: torch.Tensor, vocab: int) -> torch.Tensor:  # [R]
+    """A floor the cut never lies below: everything under it holds < ``vocab * floor``, at most
+    the mass top-p drops (``whole - target``); the margin absorbs rounding."""
+    return ((whole - target) / vocab * (1 - 1e-6)).float().clamp_(min=TINY)
+
+
+def _candidates(e: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Entries ``e >= floor`` of each row, packed left in vocabulary order: ids, values ``[R, W]``."""
+    rows, vocab = e.shape
+    row, column = torch.nonzero(e >= floor.unsqueeze(1), as_tuple=True)  # row-major order
+    counts = torch.bincount(row, minlength=rows)  # [R]
+    width = max(int(counts.max()), 1)
+    if width * COMPACT_SHARE > vocab:
+        return None
+    slot = torch.arange(row.numel(), device=e.device) - (counts.cumsum(0) - counts)[row]
+    ids = torch.full((rows, width), vocab, dtype=torch.long, device=e.device)
+    ids[row, slot] = column
+    values = torch.zeros((rows, width), dtype=torch.float32, device=e.device)
+    values[row, slot] = e[row, column]
+    return ids, values

@@ -130,7 +130,7 @@ class TargetEngine:
         if logits.device.type != "cpu":
             return None
         rows = sum(r.draft.gamma + 1 for r in requests if not r.params.greedy)
-        if 2 * rows * logits.shape[-1] > self._workspace.numel():  # e and the histogram's bins
+        if 2 * rows * logits.shape[-1] > self._workspace.numel():  # e and a same-sized scratch
             self._workspace = torch.empty(2 * rows * logits.shape[-1], dtype=torch.float32)
         return self._workspace
 
@@ -293,15 +293,15 @@ class PackedPass:
         if group != self.group:
             raise RuntimeError("the packed pass was built for another head grouping")
         self.arena.write(layer, self.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-        cache_k, cache_v = self.arena.keys[layer], self.arena.values[layer]
         outputs = []
         for bucket in self.buckets:  # at most two, whatever the number of sessions
             rows, width = bucket.rows, bucket.width
             q = query[0].index_select(1, bucket.queries)  # [Hq, R * C, D]
             q = q.view(kv_heads, group, rows, width, dim).permute(2, 0, 1, 3, 4)
             q = q.reshape(rows, kv_heads, group * width, dim)
-            k = cache_k.index_select(0, bucket.blocks).view(rows, -1, kv_heads, dim).transpose(1, 2)
-            v = cache_v.index_select(0, bucket.blocks).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            k, v = self.arena.gather(layer, bucket.blocks)  # [R * L / block, block, Hkv, D]
+            k = k.view(rows, -1, kv_heads, dim).transpose(1, 2)  # [R, Hkv, L, D]
+            v = v.view(rows, -1, kv_heads, dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scaling)
             o = o.view(rows, kv_heads, group, width, dim).permute(0, 3, 1, 2, 4)
             outputs.append(o.reshape(rows * width, q_heads, dim))

@@ -134,6 +134,31 @@ def test_rejection_sampling_output_follows_target_distribution(q_values: list[fl
     assert torch.all((empirical - p_values.double()).abs() <= 5 * sigma + 1e-9), empirical
 
 
+def test_output_follows_the_top_p_target_at_a_large_vocabulary() -> None:
+    """The same law through the large-vocabulary path: float32 bounds decide the acceptance
+    tests, the final draws run on compacted kept sets after a top-p cut."""
+    vocab, trials = 4200, 2500  # > SORT_VOCAB
+    raw = torch.full((vocab,), 1e-12)
+    raw[:5] = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+    kept = raw.clone()
+    kept[4:] = 0  # top_p 0.95: the mass before token 4 is 0.96, so tokens 0-3 are kept
+    p_values = kept.double() / kept.double().sum()
+    q = torch.zeros(vocab)
+    q[[0, 1, 4, 7]] = torch.tensor([0.1, 0.5, 0.3, 0.1])  # q has mass p lacks (4, 7)
+    generator = torch.Generator().manual_seed(13)
+    drafts = torch.multinomial(q.expand(trials, -1), 1, replacement=True, generator=generator)[:, 0]
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=7 * trials + i) for i in range(trials)]
+    support = [0, 1, 4, 7]
+    supports = [[(support, q[support].tolist())] for _ in range(trials)]
+    logits = torch.log(raw).expand(trials, 2, -1).reshape(2 * trials, -1)
+    result = verify_round(logits, flat([[int(d)] for d in drafts], params, supports))
+    tokens = torch.where(result.num_accepted > 0, drafts, result.next_token)
+    empirical = torch.bincount(tokens, minlength=vocab).double() / trials
+    assert empirical[4:].sum() == 0  # nothing outside the nucleus, although q drafts 4 and 7
+    sigma = torch.sqrt(p_values[:4] * (1 - p_values[:4]) / trials)
+    assert torch.all((empirical[:4] - p_values[:4]).abs() <= 5 * sigma), empirical[:4]
+
+
 def test_round_uniforms_are_uniform_and_keyed_by_seed_sequence_and_counter() -> None:
     gamma = np.array([3, 0, 5])
     a = round_uniforms([7, 7, 9], [3, 3, 3], gamma)
@@ -159,12 +184,33 @@ def test_batched_filter_matches_the_sorting_reference_with_ties() -> None:
         assert torch.allclose(ours.double(), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("slack", [None, 0.5])  # 0.5: the bounds decide little, the exact cut runs
-def test_round_matches_the_per_session_reference(slack, monkeypatch) -> None:
+@pytest.mark.parametrize(("slack", "layout"), [
+    (None, "compact"),  # the bounds decide most tests; final rows compact their candidates
+    (0.5, "compact"),  # the bounds decide little: the exact kept sets run on most rows
+    (0.5, "sure_floor"),  # the histogram's floor misses the cut: the sure floor takes over
+    (0.5, "dense"),  # candidates too wide to compact: dense rows
+])
+def test_round_matches_the_per_session_reference(slack, layout, monkeypatch) -> None:
+    import common.nucleus as nucleus
+
     if slack is not None:
         monkeypatch.setattr("common.rejection.SLACK", slack)
+    if layout == "sure_floor":
+        monkeypatch.setattr(nucleus, "_histogram_floor", lambda e, top_p: e.amax(dim=-1))
+        monkeypatch.setattr(nucleus, "COMPACT_SHARE", 1)  # however wide the sure floor leaves it
+    if layout == "dense":
+        monkeypatch.setattr(nucleus, "COMPACT_SHARE", 10**9)
+    layouts: list[bool] = []
+    original = nucleus.kept_tokens
+
+    def spy(e, top_p):
+        groups = original(e, top_p)
+        layouts.extend(group.kept.ids is not None for group in groups)
+        return groups
+
+    monkeypatch.setattr("common.rejection.kept_tokens", spy)
     generator = torch.Generator().manual_seed(5)
-    vocab, gammas = 6000, [4, 0, 2, 5, 1, 3, 4, 2]  # > SORT_VOCAB: the histogram path
+    vocab, gammas = 6000, [4, 0, 2, 5, 1, 3, 4, 2]  # > SORT_VOCAB: the bounds path
     params = [SamplingParams(0.8, 0.95, 0, 1), SamplingParams(), SamplingParams(1.0, 1.0, 50, 2),
               SamplingParams(0.6, 0.9, 20, 3), SamplingParams(1.2, 0.8, 0, 4), SamplingParams(),
               SamplingParams(1.0, 1.0, 0, 6), SamplingParams(0.9, 0.97, 100, 7)]
@@ -185,6 +231,21 @@ def test_round_matches_the_per_session_reference(slack, monkeypatch) -> None:
                                   uniforms(param.seed, trial, g))
             assert (int(result.num_accepted[b]), int(result.next_token[b])) == expected, (trial, b)
             offset += g + 1
+    assert (True in layouts) == (layout != "dense") and False in layouts  # top_p 1 rows: dense
+
+
+def test_row_argmax_is_the_first_maximum_with_ties_and_a_tail() -> None:
+    from common.rejection import row_argmax
+
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (1031 * 8, 128256, 151936 + 5):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(12, vocab, generator=generator) * 3).to(dtype)
+            x[3] = 0  # all tied
+            x[4, -5:] = 100  # the maximum in the tail past the last whole chunk
+            x[5, [7, 900]] = 50  # tied maxima in different chunks
+            x[6, [vocab - 1, 0]] = 80  # the first index beats a tied tail
+            assert torch.equal(row_argmax(x), x.argmax(dim=-1)), (vocab, dtype)
 
 
 def test_sparse_distribution_truncates_and_sampling_follows_it() -> None:
