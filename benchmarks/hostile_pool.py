@@ -4,10 +4,14 @@ Three verifier processes (`specd verifier`) on a private redis-server; edges in 
 with the replay backend (the target's own greedy continuation, accepted per token with
 probability ``--acceptance``), so the load is cheap and every output has a known exact answer.
 
-``soak``: tenant ``good`` runs ``--sessions`` concurrent sessions twice, first alone (quiet), then
-while tenant ``flood`` (limit ``--flood-limit`` sessions) floods its open stream with
-``--flood-rate`` opens per second and runs sessions whose every draft is sent twice. Reports, per
-phase, exact/wrong/failed counts and the good tenant's round latency (p50/p95), and the p95 ratio.
+``soak``: tenant ``good`` runs ``--sessions`` concurrent sessions ``--repeats`` times alone (quiet),
+then ``--repeats`` times while tenant ``flood`` (limit ``--flood-limit`` sessions) floods its open
+stream with ``--flood-rate`` opens per second and runs sessions whose every draft is sent twice.
+Between them, a control phase runs the same flood process against a Redis of its own: it takes
+the same CPU on this machine without reaching the pool, which separates the pool's share of a
+slowdown from the flood generator's. Reports, per phase (pooled over its runs, and per run),
+exact/wrong/failed counts and the good tenant's round latency (p50/p95), and the p95 ratios to
+quiet and to the control.
 
 ``restarts``: Redis with AOF (``appendfsync everysec``) is killed (SIGKILL) and started again
 ``--restarts`` times while sessions run; every session must finish exact or fail with a clear
@@ -185,6 +189,7 @@ async def run_sessions(
         "rewinds": sum(r.rewinds for r in results),
         "forged": sum(r.forged for r in results),
         "wall_s": round(time.monotonic() - started, 2),
+        "round_ms": rounds,
     }
 
 
@@ -230,47 +235,94 @@ async def soak(
     prompts: list[list[int]],
 ) -> dict[str, Any]:
     good = edge_for(settings, "good", args.sessions)
-    warmup = await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)  # not compared
-    quiet = await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)
+
+    async def phase() -> dict[str, Any]:
+        return await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)
+
+    warmup = await phase()  # not compared
+    quiet = [await phase() for _ in range(args.repeats)]
+    # Control: the same flood process, aimed at a Redis of its own: it takes the same CPU on this
+    # machine but never reaches the pool, which separates the pool's share of a slowdown.
+    decoy = RedisServer(Path(tempfile.mkdtemp(prefix="specd-decoy-")), *PERSISTENCE["none"])
+    decoy.start()
+    try:
+        flood = await start_flood(decoy.url, replay.fingerprint, args.flood_rate)
+        control = [await phase() for _ in range(args.repeats)]
+        await stop_flood(flood)
+    finally:
+        decoy.kill()
     duplicator = edge_for(settings, "dup", 4, duplicate=True)
-    flood = await asyncio.create_subprocess_exec(  # its own process: the flood does not share our loop
-        sys.executable,
-        __file__,
-        "_flood",
-        "--url",
-        server.url,
-        "--fingerprint",
-        replay.fingerprint,
-        "--flood-rate",
-        str(args.flood_rate),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert flood.stdout is not None
-    await asyncio.wait_for(
-        flood.stdout.readline(), 120
-    )  # "ready": the flood is on before the good tenant starts
-    await asyncio.sleep(1.0)
-    dup_task = asyncio.create_task(run_sessions(duplicator, prompts, replay, 4, args.max_new_tokens))
-    hostile = await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)
-    duplicated = await dup_task
-    flood.terminate()
-    out, _ = await flood.communicate()
-    opens_flooded = int(out.decode().split()[-1] if out.strip() else 0)
+    flood = await start_flood(server.url, replay.fingerprint, args.flood_rate)
+    hostile, duplicated = [], []
+    for _ in range(args.repeats):
+        dup_task = asyncio.create_task(run_sessions(duplicator, prompts, replay, 4, args.max_new_tokens))
+        hostile.append(await phase())
+        duplicated.append(await dup_task)
+    opens_flooded = await stop_flood(flood)
     queued = int(await good.broker.redis.xlen(good.broker.keys.opens("flood")))
     for edge in (good, duplicator):
         await edge.broker.close()
+    quiet_all, control_all, hostile_all = pooled(quiet), pooled(control), pooled(hostile)
     return {
-        "warmup": warmup,
-        "quiet": quiet,
-        "hostile": hostile,
+        "warmup": public(warmup),
+        "quiet": quiet_all,
+        "control_flood_elsewhere": control_all,
+        "hostile": hostile_all,
+        "quiet_runs": [public(r) for r in quiet],
+        "control_runs": [public(r) for r in control],
+        "hostile_runs": [public(r) for r in hostile],
         "flood": {
             "opens_sent": opens_flooded,
             "opens_still_queued": queued,
-            "duplicating_sessions": duplicated,
+            "duplicating_sessions": pooled(duplicated),
         },
-        "p95_ratio": round(hostile["round_ms_p95"] / quiet["round_ms_p95"], 3)
-        if quiet["round_ms_p95"]
+        "p95_ratio": round(hostile_all["round_ms_p95"] / quiet_all["round_ms_p95"], 3)
+        if quiet_all["round_ms_p95"]
         else None,
+        "p95_ratio_to_control": round(hostile_all["round_ms_p95"] / control_all["round_ms_p95"], 3)
+        if control_all["round_ms_p95"]
+        else None,
+        "p95_ratio_per_run": [
+            round(h["round_ms_p95"] / q["round_ms_p95"], 3) if q["round_ms_p95"] else None
+            for q, h in zip(quiet, hostile, strict=True)
+        ],
+    }
+
+
+async def start_flood(url: str, fingerprint: str, rate: float) -> asyncio.subprocess.Process:
+    """The flooding tenant in its own process (the flood does not share our loop), running."""
+    flood = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "_flood", "--url", url, "--fingerprint", fingerprint,
+        "--flood-rate", str(rate), stdout=asyncio.subprocess.PIPE,
+    )
+    assert flood.stdout is not None
+    await asyncio.wait_for(flood.stdout.readline(), 120)  # "ready": the flood is on
+    await asyncio.sleep(1.0)
+    return flood
+
+
+async def stop_flood(flood: asyncio.subprocess.Process) -> int:
+    """Stops the flood; returns how many opens it sent."""
+    flood.terminate()
+    out, _ = await flood.communicate()
+    return int(out.decode().split()[-1] if out.strip() else 0)
+
+
+def public(phase: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in phase.items() if k != "round_ms"}
+
+
+def pooled(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts summed and latency percentiles over every round of ``phases``."""
+    rounds = [ms for p in phases for ms in p["round_ms"]]
+    counts = ("sessions", "exact", "wrong", "failed", "rounds", "resends", "rewinds", "forged")
+    return {
+        "runs": len(phases),
+        **{k: sum(p[k] for p in phases) for k in counts},
+        "errors": sorted({e for p in phases for e in p["errors"]})[:5],
+        "round_ms_p50": percentile(rounds, 50),
+        "round_ms_p95": percentile(rounds, 95),
+        "wall_s": round(sum(p["wall_s"] for p in phases), 2),
     }
 
 
@@ -287,7 +339,8 @@ async def restarts(
 
     async def keep_running() -> None:
         while not stop.is_set():
-            rounds.append(await run_sessions(edge, prompts, replay, args.sessions, args.max_new_tokens))
+            batch = await run_sessions(edge, prompts, replay, args.sessions, args.max_new_tokens)
+            rounds.append(public(batch))
 
     runner = asyncio.create_task(keep_running())
     kills = []
@@ -365,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--flood-rate", type=float, default=2000.0, help="soak: flood opens per second")
     parser.add_argument("--flood-limit", type=int, default=2, help="soak: the flooding tenant's max_sessions")
+    parser.add_argument("--repeats", type=int, default=3, help="soak: runs of each phase (pooled)")
     parser.add_argument("--restarts", type=int, default=10)
     parser.add_argument(
         "--interval", type=float, default=4.0, help="restarts: seconds between kills (+-30%%)"
