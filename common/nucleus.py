@@ -119,6 +119,9 @@ def exact_cut(
     top_p: torch.Tensor,  # [R] float32; rows with 1.0 keep everything
 ) -> tuple[torch.Tensor, torch.Tensor]:  # threshold [R] float32, kept total [R] float64
     """Each row's top-p threshold and kept mass, exactly (float64 sums)."""
+    if bool((top_p >= 1.0).all()):  # no cut (temperature/top-k only): nothing to search for
+        return (torch.zeros(e.shape[0], dtype=torch.float32, device=e.device),
+                e.sum(dim=-1, dtype=torch.float64))
     parts = [_exact_cut(e[i:i + CHUNK_ROWS], top_p[i:i + CHUNK_ROWS].to(e.device))
              for i in range(0, e.shape[0], CHUNK_ROWS)]
     if len(parts) == 1:
