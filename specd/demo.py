@@ -81,7 +81,7 @@ async def _relay(process: asyncio.subprocess.Process, label: str, out: TextIO,
         except json.JSONDecodeError:
             continue
         sid = event.get("session_id", "")
-        tag = f"[{label}/{sid[:6]}]"
+        tag = f"[{label}/{short_session_id(sid)}]"
         if event["event"] == "tokens":
             texts[sid] = texts.get(sid, "") + event["text"]
             print(f"{tag} {event['text']!r}", file=out, flush=True)

@@ -193,7 +193,8 @@ def test_slow_verifier_edges_wait_and_nothing_is_lost(env, reference, capsys, mo
     # The session's timeline from the worker log files, and its lines in the Redis log stream.
     sid = results[0]["session_id"]
     files = ["--file", str(env["folder"] / "verifier.log"), "--file", str(worker.log)]
-    timeline = specd_logs("session", sid[:10], *files, env=env, capsys=capsys, monkeypatch=monkeypatch)
+    short = sid[:sid.index(".") + 9]  # a unique prefix: the tenant and 8 random hex digits
+    timeline = specd_logs("session", short, *files, env=env, capsys=capsys, monkeypatch=monkeypatch)
     summary = timeline[-1]
     assert summary["event"] == "timeline.summary" and summary["complete"]
     assert summary["rounds"] == results[0]["rounds"] and summary["accepted"] == results[0]["accepted"]
