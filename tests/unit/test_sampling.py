@@ -7,6 +7,7 @@ import pytest
 import torch
 from sampling_reference import filtered, uniforms, verify_one
 
+from common.nucleus import filter_rows
 from common.rejection import FlatRound, verify_round
 from common.sampling import (
     SamplingParams,
@@ -27,11 +28,22 @@ def test_filter_logits_top_k_keeps_k_largest() -> None:
 
 
 def test_filter_logits_top_p_keeps_smallest_prefix_reaching_p() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # Clear of the boundary on any CPU: before the third token the mass is 0.85 >= 0.8.
+    logits = torch.log(torch.tensor([[0.5, 0.35, 0.1, 0.05]]))
     probs = filter_logits(logits, 1.0, top_k=0, top_p=0.8)[0]
-    # 0.5 < 0.8, 0.5 + 0.3 = 0.8 reaches it: the first two stay.
     assert (probs > 0).tolist() == [True, True, False, False]
-    assert probs[:2].tolist() == pytest.approx([0.625, 0.375])
+    assert probs[:2].tolist() == pytest.approx([0.5 / 0.85, 0.35 / 0.85])
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(0.75, 2), (0.7500001, 4), (0.7499999, 2), (0.5, 1)])
+def test_top_p_boundary_is_strict_and_exact(top_p: float, kept: int) -> None:
+    """The definition at the knife edge, on values every CPU holds exactly (dyadic floats, no
+    ``exp``): a token is kept iff the mass before it is *below* ``top_p`` of the total, and
+    ties with the last kept token stay with it (0.75 before the third token: not kept at 0.75;
+    just above it, the third is kept and its tie the fourth too)."""
+    e = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
+    probs = filter_rows(e, torch.zeros(1, dtype=torch.long), torch.tensor([top_p]))[0]
+    assert int((probs > 0).sum()) == kept
 
 
 def test_filter_logits_temperature_sharpens() -> None:
