@@ -61,7 +61,6 @@ class VerifyRequest:
     draft: Draft
     params: SamplingParams
     seq: int  # round sequence number, keys the round's random draws
-    reserve: int = 0  # unused by the paged arena (blocks follow use); kept for callers
 
 
 @dataclass(frozen=True)
@@ -357,9 +356,8 @@ def generate_target_only(engine: TargetEngine, prompt_ids: list[int], params: Sa
 
     kv, context = SessionKV(), list(prompt_ids)
     generated: list[int] = []
-    reserve = len(prompt_ids) + max_new_tokens
     for seq in range(max_new_tokens):
-        outcome = engine.verify([VerifyRequest(kv, context, Draft.empty(), params, seq, reserve)])[0]
+        outcome = engine.verify([VerifyRequest(kv, context, Draft.empty(), params, seq)])[0]
         kept, finish = apply_stop_rules([outcome.token], len(generated), stop_token_ids,
                                         max_new_tokens)
         generated.extend(kept)

@@ -114,7 +114,7 @@ class VerifierSession:
         draft = pending.draft
         sizes = draft.support_sizes if not self.params.greedy else np.zeros(0, np.uint16)
         return VerifyRequest(
-            kv=self.kv, context=self.context, seq=draft.seq, params=self.params, reserve=self.reserve,
+            kv=self.kv, context=self.context, seq=draft.seq, params=self.params,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
         )
 
