@@ -54,7 +54,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cluster import DEFAULT_SHARDS, SlotReader, connect_cluster, is_cluster, is_cluster_url, slot_of
 from common.logs import get_logger
-from common.settings import RedisSettings
+from common.settings import RedisSettings, Settings
 
 GROUP = "verifiers"
 FIELD = b"m"
@@ -125,7 +125,8 @@ def session_key(secret: str, open_key: bytes) -> bytes:
 
 
 def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", password: str = "",
-            tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "") -> aioredis.Redis:
+            tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "",
+            max_connections: int = 0) -> aioredis.Redis:
     """A redis.asyncio client (hiredis parser when installed); bytes in, bytes out.
 
     A ``redis+cluster://host:port,host:port`` URL (``rediss+cluster://`` with TLS) gives a
@@ -134,6 +135,9 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
     ``username``/``password`` log in as a Redis ACL user (they override credentials in the URL).
     A ``rediss://`` URL speaks TLS and verifies the server certificate against ``tls_ca_file``
     (system CAs when empty); ``tls_cert_file``/``tls_key_file`` present a client certificate.
+    ``max_connections``: a pool of that many connections that waits for a free one instead of
+    failing (redis-py's default pool raises past 100; a load-test edge sends from hundreds of
+    sessions at once). A cluster client keeps its own pool per node.
     """
     if is_cluster_url(url):
         return connect_cluster(url, socket_timeout_s, username=username, password=password,  # type: ignore[return-value]
@@ -149,6 +153,12 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
                        ssl_certfile=tls_cert_file or None, ssl_keyfile=tls_key_file or None)
     elif tls_ca_file or tls_cert_file or tls_key_file:
         raise BrokerError("TLS files are set but the Redis URL is not rediss://")
+    if max_connections:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout_s, decode_responses=False,
+            socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+            health_check_interval=30, retry_on_timeout=False, **options)
+        return aioredis.Redis(connection_pool=pool)
     return aioredis.Redis.from_url(
         url, decode_responses=False, socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s, health_check_interval=30,
@@ -156,11 +166,11 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
     )
 
 
-def connect_settings(redis: RedisSettings) -> aioredis.Redis:
+def connect_settings(redis: RedisSettings, max_connections: int = 0) -> aioredis.Redis:
     """``connect`` with the URL, credentials and TLS files of the ``[redis]`` settings."""
     return connect(redis.url, redis.socket_timeout_s, username=redis.username, password=redis.password,
                    tls_ca_file=redis.tls_ca_file, tls_cert_file=redis.tls_cert_file,
-                   tls_key_file=redis.tls_key_file)
+                   tls_key_file=redis.tls_key_file, max_connections=max_connections)
 
 
 class Keys:
@@ -489,3 +499,21 @@ def _entry(stream: str, entry_id: Any, fields: Any) -> Entry:
     except ValueError:
         hops, since = 0, 0
     return Entry(stream, _text(entry_id), fields.get(FIELD), hops, since, fields.get(MAC_FIELD))
+
+
+def make_broker(settings: Settings | RedisSettings, url: str | None = None, *,
+                max_connections: int = 0) -> Broker:
+    """The one place a Broker is built from settings: the configured Redis with its ACL user,
+    password and TLS files, key prefix, stream MAXLEN and session TTL.
+
+    ``url``: another server (an embedded one, whose URL carries its own password) instead of
+    ``redis.url``; the configured credentials and TLS files then do not apply. ``max_connections``:
+    see ``connect``.
+    """
+    redis = settings.redis if isinstance(settings, Settings) else settings
+    if url and url != redis.url:
+        client = connect(url, redis.socket_timeout_s, max_connections=max_connections)
+    else:
+        client = connect_settings(redis, max_connections)
+    return Broker(client, prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
+                  session_ttl_s=redis.session_ttl_s)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import edge_worker.drafters  # noqa: F401 - registers the drafters, whose names the settings check
 from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from specd.failures import EPILOG, USAGE, report

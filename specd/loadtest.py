@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from broker.streams import Broker, connect
+from broker.streams import make_broker
 from common.procs import dies_with_parent
 from common.settings import Settings
 from specd.generate import redis_url_for
@@ -98,7 +98,7 @@ class VerifierPool:
         await self._wait_healthy(settings, url, timeout_s)
 
     async def _wait_healthy(self, settings: Settings, url: str, timeout_s: float) -> None:
-        broker = Broker(connect(url), prefix=settings.redis.key_prefix)
+        broker = make_broker(settings, url)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -192,8 +192,8 @@ async def _await_ready(edges: list[_Edge], timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _ping_loop(url: str, prefix: str, pings: list[float], every_s: float = 0.25) -> None:
-    broker = Broker(connect(url), prefix=prefix)
+async def _ping_loop(settings: Settings, url: str, pings: list[float], every_s: float = 0.25) -> None:
+    broker = make_broker(settings, url)
     try:
         while True:
             with contextlib.suppress(Exception):
@@ -244,7 +244,7 @@ async def run_point(settings: Settings, options: LoadTestOptions, url: str, env:
             assert edge.process.stdin is not None
             edge.process.stdin.write(f"go {options.duration_s}\n".encode())
             await edge.process.stdin.drain()
-        background.append(asyncio.create_task(_ping_loop(url, settings.redis.key_prefix, point.pings_ms)))
+        background.append(asyncio.create_task(_ping_loop(settings, url, point.pings_ms)))
         if options.progress:
             background.append(asyncio.create_task(
                 _progress_loop(collector, sum(counts), started, sys.stderr)))

@@ -13,16 +13,9 @@ from typing import Any
 
 from broker.pool import PoolBroker
 from broker.reach import ensure_reachable
-from broker.streams import GROUP, Broker, connect_settings
+from broker.streams import GROUP, make_broker
 from common.procs import dies_with_parent
 from common.settings import Settings
-
-
-def make_broker(settings: Settings) -> Broker:
-    """Like specd.runtime.make_broker, without importing torch (status must start fast)."""
-    redis = settings.redis
-    return Broker(connect_settings(redis), prefix=redis.key_prefix,
-                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
 
 
 async def pool_status(settings: Settings) -> dict[str, Any]:
