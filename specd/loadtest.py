@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.streams import make_broker
-from common.procs import dies_with_parent
+from common.procs import child_env, dies_with_parent
 from common.settings import Settings
 from specd.generate import redis_url_for
 from specd.loadreport import PointData, print_table, read_verifier_rounds, summarise_point, write_plots
@@ -56,27 +56,6 @@ class LoadTestOptions:
 def split(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` near-equal non-negative integers."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def _env_value(value: Any) -> str:
-    """A setting as pydantic-settings parses it from the environment (lists and maps as JSON)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def child_env(settings: Settings, url: str) -> dict[str, str]:
-    """This run's effective settings as SPECD_* variables (they win over any settings file)."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SPECD_")}
-    for section, values in settings.model_dump().items():
-        for key, value in values.items():
-            if value is not None:
-                env[f"SPECD_{section.upper()}__{key.upper()}"] = _env_value(value)
-    env.update(SPECD_REDIS__URL=url, SPECD_LOG__FORMAT="json", PYTHONUNBUFFERED="1")
-    if not settings.models.torch_threads:  # processes share the CPU: one torch thread each
-        env["SPECD_MODELS__TORCH_THREADS"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 class VerifierPool:
