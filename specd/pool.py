@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from broker.reach import ensure_reachable
 from broker.streams import GROUP, make_broker
 from common.procs import dies_with_parent
 from common.settings import Settings
+from specd.signals import forward_stop_signals
 
 
 async def pool_status(settings: Settings) -> dict[str, Any]:
@@ -112,13 +112,12 @@ def run_workers(count: int, argv: list[str], base_id: str) -> int:
                                                    "--worker-id", f"{base}-{i}"]))
                 for i in range(count)]
 
-    def forward(signum: int, _frame: Any) -> None:
+    def forward(signum: int) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    forward_stop_signals(forward)
     codes = []
     for child in children:
         while True:

@@ -18,6 +18,7 @@ from typing import Any
 from common.settings import Settings
 from specd.failures import EPILOG
 from specd.flags import HelpFormatter, add_setting_flags
+from specd.signals import on_stop_signals
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -141,12 +142,9 @@ def _Server(config: Any) -> Any:  # reads as the class it builds
 
 def _stop_on_signals(server: Any) -> None:
     """First SIGINT/SIGTERM: stop accepting, finish streams (5 s at most); second: at once."""
-    loop = asyncio.get_running_loop()
-
-    def stop() -> None:
+    def stop(_signum: int) -> None:
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    on_stop_signals(stop)
