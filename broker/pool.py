@@ -31,7 +31,7 @@ import json
 import time
 from typing import Any
 
-from broker.cluster import run_scripts, slot_groups
+from broker.cluster import run_scripts, slot_groups, text
 from broker.streams import FIELD, GROUP, Broker, Entry
 
 _NOW_MS = """
@@ -249,7 +249,7 @@ class PoolBroker:
     async def lapsed(self, limit: int = 100) -> list[str]:
         """Sessions whose registered lease deadline has passed."""
         found = await self.redis.zrangebyscore(self.leases_key, "-inf", now_ms(), start=0, num=limit)
-        return [_text(sid) for sid in found]
+        return [text(sid) for sid in found]
 
     async def forget(self, sid: str) -> None:
         """Remove a finished (or vanished) session from the registry (its lease goes with FINISH)."""
@@ -287,7 +287,7 @@ class PoolBroker:
                 load = {"at": 0}
             age = now - float(load.get("at", 0))
             if age <= fresh_s:
-                live[_text(worker)] = load
+                live[text(worker)] = load
             elif prune_s is not None and age > prune_s:
                 stale.append(worker)
         if stale:
@@ -331,7 +331,7 @@ class PoolBroker:
             return {}
         rows = await self.redis.xpending_range(stream, GROUP, min=min(entry_ids, key=_id_key),
                                                max=max(entry_ids, key=_id_key), count=len(entry_ids) + 100)
-        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     # ------------------------------------------------------------ tenants
 
@@ -379,5 +379,3 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))

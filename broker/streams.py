@@ -52,7 +52,15 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.cluster import DEFAULT_SHARDS, SlotReader, connect_cluster, is_cluster, is_cluster_url, slot_of
+from broker.cluster import (
+    DEFAULT_SHARDS,
+    SlotReader,
+    connect_cluster,
+    is_cluster,
+    is_cluster_url,
+    slot_of,
+    text,
+)
 from common.logs import get_logger
 from common.settings import RedisSettings, Settings
 
@@ -278,7 +286,7 @@ class Broker:
             pipe.xadd(key, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.ttl)
             entry_id, _ = await pipe.execute()
-        return _text(entry_id)
+        return text(entry_id)
 
     async def read_verdicts(self, sid: str, last_id: str, block_ms: int) -> list[Entry]:
         """Verdicts after ``last_id``; blocks up to ``block_ms`` when there are none."""
@@ -355,7 +363,7 @@ class Broker:
         """Tenants with an open stream (a SCAN: run every few seconds, never per iteration)."""
         found: set[str] = set()
         async for key in self.redis.scan_iter(match=self.keys.opens_pattern, count=1000, _type="stream"):
-            tenant = self.keys.tenant_of_opens(_text(key))
+            tenant = self.keys.tenant_of_opens(text(key))
             if tenant is not None:
                 found.add(tenant)
             if len(found) >= limit:
@@ -477,15 +485,12 @@ async def with_backoff(operation: Callable[[], Awaitable[T]], what: str,
             delay = min(delay * 2, max_delay_s)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _entries(reply: Any) -> list[Entry]:
     """Flatten an XREAD/XREADGROUP reply (RESP2: ``[[stream, [(id, fields)]]]``) into entries."""
     entries = []
     for stream, messages in reply or []:
-        name = _text(stream)
+        name = text(stream)
         for entry_id, fields in messages:
             entries.append(_entry(name, entry_id, fields))
     return entries
@@ -493,12 +498,12 @@ def _entries(reply: Any) -> list[Entry]:
 
 def _entry(stream: str, entry_id: Any, fields: Any) -> Entry:
     if not isinstance(fields, dict):
-        return Entry(stream, _text(entry_id), None)
+        return Entry(stream, text(entry_id), None)
     try:
         hops, since = int(fields.get(b"h", 0)), int(fields.get(b"t", 0))
     except ValueError:
         hops, since = 0, 0
-    return Entry(stream, _text(entry_id), fields.get(FIELD), hops, since, fields.get(MAC_FIELD))
+    return Entry(stream, text(entry_id), fields.get(FIELD), hops, since, fields.get(MAC_FIELD))
 
 
 def make_broker(settings: Settings | RedisSettings, url: str | None = None, *,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+
+    @classmethod
+    def of(cls, spec: Any) -> SamplingParams:
+        """The parameters of a session's ``SamplingSpec`` (common.wire): the one place they are read."""
+        return cls(spec.temperature, spec.top_p, spec.top_k, spec.seed)
 
     @property
     def greedy(self) -> bool:

@@ -207,7 +207,7 @@ class _EdgeSession(VerdictWaiter):
         self.sent: bytes = b""  # the current draft, as sent (re-sent unchanged)
         self.open_payload = b""
         self.spec = spec
-        self.params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
+        self.params = SamplingParams.of(spec)
         self.stops = frozenset(spec.stop_token_ids)
         self.context = list(prompt_ids)
         self.result = SessionResult(self.sid, list(prompt_ids), seed=spec.seed)

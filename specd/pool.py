@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from broker.cluster import text
 from broker.pool import PoolBroker
 from broker.reach import ensure_reachable
 from broker.streams import GROUP, make_broker
@@ -35,10 +36,10 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
         async for key in redis.scan_iter(match=broker.keys.opens_pattern, count=1000, _type="stream"):
             opens_length += int(await redis.xlen(key))
             for group in await redis.xinfo_groups(key):
-                if _text(group.get("name")) == GROUP:
+                if text(group.get("name")) == GROUP:
                     opens_waiting += int(group.get("lag") or 0)
                     opens_pending += int(group.get("pending") or 0)
-        owners = {_text(k): _text(v) for k, v in (await redis.hgetall(pool.owners_key)).items()}
+        owners = {text(k): text(v) for k, v in (await redis.hgetall(pool.owners_key)).items()}
         tenants: Counter[str] = Counter()
         for load in workers.values():
             tenants.update(load.get("tenants", {}))
@@ -145,5 +146,3 @@ def strip_workers_flag(argv: list[str]) -> list[str]:
     return out
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

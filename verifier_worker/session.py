@@ -64,7 +64,7 @@ class VerifierSession:
         return cls(
             draft_room=draft_room or DEFAULT_DRAFT_ROOM,
             session_id=message.session_id, tenant=message.tenant,
-            params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
+            params=SamplingParams.of(spec),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
             key=message.verdict_key, repair=True,
