@@ -157,12 +157,10 @@ class PoolBroker:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.redis = broker.redis
-        prefix = broker.keys.prefix
-        self.leases_key = f"{prefix}:leases"
-        self.owners_key = f"{prefix}:owners"
-        self.workers_key = f"{prefix}:workers"
-        self.deadletter_key = f"{prefix}:deadletter"
-        self.prefix = prefix
+        keys = broker.keys
+        self.leases_key, self.owners_key = keys.leases, keys.owners
+        self.workers_key, self.deadletter_key = keys.workers, keys.deadletter
+        self.prefix = keys.prefix
         self._admit = self.redis.register_script(ADMIT_SESSION)
         self._refresh = self.redis.register_script(REFRESH_SESSIONS)
         self._take = self.redis.register_script(TAKE_TOKENS)
@@ -336,10 +334,10 @@ class PoolBroker:
     # ------------------------------------------------------------ tenants
 
     def tenant_sessions_key(self, tenant: str) -> str:
-        return f"{self.prefix}:tenant:{tenant}:sessions"
+        return self.broker.keys.tenant_sessions(tenant)
 
     def tenant_bucket_key(self, tenant: str) -> str:
-        return f"{self.prefix}:tenant:{tenant}:bucket"
+        return self.broker.keys.tenant_bucket(tenant)
 
     async def admit_session(self, tenant: str, sid: str, limit: int, lifetime_ms: int) -> tuple[bool, int]:
         """Count the session against the tenant's pool-wide limit, atomically; (admitted, count).

@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import re
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -96,6 +97,11 @@ def tenant_of(sid: str) -> str:
     """The tenant a session id belongs to: the part before the first dot (``default`` without)."""
     head, dot, _ = sid.partition(".")
     return head if dot else DEFAULT_TENANT
+
+
+def new_session_id(tenant: str = DEFAULT_TENANT) -> str:
+    """A fresh session id: ``{tenant}.{32 hex digits}``, in the tenant's key space (its ACL)."""
+    return f"{tenant}.{uuid.uuid4().hex}"
 
 
 def short_session_id(sid: str) -> str:
@@ -187,6 +193,23 @@ class Keys:
         self.shards = shards  # 0: one hash tag per session (one node); n: n slot groups per tenant
         self.opens_pattern = f"{prefix}:opens:*"
         self.logs = f"{prefix}:logs"
+        # The pool's registries (broker.pool, docs/pool.md).
+        self.leases = f"{prefix}:leases"
+        self.owners = f"{prefix}:owners"
+        self.workers = f"{prefix}:workers"
+        self.deadletter = f"{prefix}:deadletter"
+
+    def tenant_sessions(self, tenant: str) -> str:
+        """The tenant's admitted sessions (for ``max_sessions``)."""
+        return f"{self.prefix}:tenant:{tenant}:sessions"
+
+    def tenant_bucket(self, tenant: str) -> str:
+        """The tenant's draft-token bucket (for ``draft_tokens_per_s``)."""
+        return f"{self.prefix}:tenant:{tenant}:bucket"
+
+    def wake(self, tenant: str, token: str) -> str:
+        """A multiplexed verdict reader's wake-up stream, in the tenant's key space (its ACL)."""
+        return f"{self.prefix}:{{{tenant}.mux-{token}}}:wake"
 
     def opens(self, tenant: str) -> str:
         """The tenant's session-open stream (``{tenant}`` hash tag: one slot per tenant)."""

@@ -23,12 +23,11 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from broker.streams import TRANSIENT_ERRORS, Broker, session_key, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, new_session_id, session_key, with_backoff
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
 from common.prompt_limits import prompt_problem
@@ -199,7 +198,7 @@ class _EdgeSession(VerdictWaiter):
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
         tenant = client.config.tenant  # the tenant prefix puts the session in its tenant's key space
-        self.sid = session_id or f"{tenant}.{uuid.uuid4().hex}"
+        self.sid = session_id or new_session_id(tenant)
         self.open_key = os.urandom(32)
         self.key = session_key(client.config.verdict_secret, self.open_key)
         self.seq = 0
