@@ -17,11 +17,11 @@ import sys
 import time
 from typing import Any
 
+from broker.multiplex import MultiplexedBroker
 from broker.streams import make_broker
 from common.logs import bind, configure_logging
 from common.settings import Settings, load_settings
 from edge_worker.client import EdgeClient, SessionFailed
-from edge_worker.verdicts import MultiplexedBroker
 from specd.runtime import build_edge
 from specd.workers import sampling_spec
 

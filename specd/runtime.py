@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.multiplex import MultiplexedBroker
 from broker.reach import ensure_reachable
-from broker.shaping import ShapedBroker
 from broker.streams import Broker, make_broker
 from common.models import load_causal_lm, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, build_drafter
 from edge_worker.client import EdgeClient, EdgeConfig
-from edge_worker.verdicts import MultiplexedBroker
+from edge_worker.shaping import ShapedBroker
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
 
