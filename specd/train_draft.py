@@ -36,10 +36,6 @@ from pathlib import Path
 from typing import Any
 
 
-class TrainDraftError(Exception):
-    """Bad input: the message names the problem and what to do (exit code 2)."""
-
-
 def add_parser(subcommands: Any) -> argparse.ArgumentParser:
     parser = subcommands.add_parser(
         "train-draft", help="fine-tune or distil a Hugging Face draft for a target",
@@ -78,7 +74,8 @@ def add_parser(subcommands: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specd.draft_training import train
+    # Imported here: torch and the training loop load only when a run starts (--help stays fast).
+    from specd.draft_training import TrainDraftError, train
 
     try:
         report = train(args)
