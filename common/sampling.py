@@ -82,8 +82,19 @@ class SparseDistribution:
 
     def normalised(self) -> np.ndarray:  # [K] float64
         """The probabilities both sides use: float32 wire values renormalised in float64."""
-        p = self.probs.astype(np.float64)
-        return p / p.sum()
+        return normalised_supports(self.probs, np.array([self.probs.size]))
+
+
+def normalised_supports(probs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Sparse supports' float32 wire probabilities (concatenated, ``sizes`` entries each)
+    renormalised in float64, each support to sum 1: the one normalisation of ``q``, used by the
+    edge that samples from it and the verifier that tests it (the same sums in the same order,
+    so the same bits on both sides)."""
+    raw = probs.astype(np.float64)
+    if not raw.size:
+        return raw
+    starts = np.concatenate(([0], np.cumsum(sizes)))[:-1]
+    return raw / np.repeat(np.add.reduceat(raw, starts), sizes)
 
 
 def sparse_draft_distribution(

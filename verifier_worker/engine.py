@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common.rejection import FlatRound, verify_round
-from common.sampling import SamplingParams, round_uniforms
+from common.sampling import SamplingParams, normalised_supports, round_uniforms
 from verifier_worker.kv import ArenaShape, KVArena, KVCapacityError, SessionKV
 
 __all__ = ["Draft", "KVCapacityError", "TargetEngine", "VerifyOutcome", "VerifyRequest",
@@ -166,10 +166,8 @@ def _sparse_rows(draft: Draft, start: int, draft_q: np.ndarray) -> tuple[np.ndar
     sizes = draft.support_sizes.astype(np.int64)
     rows = np.repeat(start + np.arange(draft.gamma), sizes)
     ids = draft.support_ids.astype(np.int64)
-    raw = draft.support_probs.astype(np.float64)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
-    sums = np.add.reduceat(raw, offsets[:-1]) if raw.size else raw
-    probs = raw / np.repeat(sums, sizes)  # exactly the edge's normalisation (common.sampling)
+    probs = normalised_supports(draft.support_probs, sizes)  # exactly the edge's normalisation
     token_of_entry = np.repeat(draft.token_ids.astype(np.int64), sizes)
     hit = np.flatnonzero(ids == token_of_entry)
     first_hit = hit[np.searchsorted(hit, offsets[:-1])]  # the drafted token's own entry
