@@ -261,7 +261,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _interactive(args: argparse.Namespace) -> bool:
     """Generated text streams to a terminal that also shows stderr: keep log lines out of it."""
-    streams = args.command == "generate" and not args.json
+    streams = args.command == "chat" or (args.command == "generate" and not args.json)
     return streams and sys.stdout.isatty() and sys.stderr.isatty() and args.log_level is None
 
 

@@ -89,8 +89,8 @@ def build_context(settings: Settings, broker: Any, registries: list[Any]) -> Any
     """The edge client (draft backend loaded once), its runner, limits and keys."""
     from edge_worker.client import EdgeClient
     from specd.runtime import build_draft_backend, edge_broker, edge_config
-    from specd.serve.app import ServeContext
     from specd.serve.auth import KeyRing
+    from specd.serve.context import ServeContext
     from specd.serve.runner import SessionRunner
 
     serve = settings.serve

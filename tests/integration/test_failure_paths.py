@@ -87,6 +87,48 @@ def test_generate_in_a_terminal_shows_only_the_text(tiny_pair, tmp_path) -> None
     assert "mode=speculative" in text  # the figures line (stderr) comes after the text
 
 
+# Hides the web server's packages, as on the base install that `dev.sh demo` makes (no extras).
+BASE_INSTALL = ("import sys; sys.modules.update(fastapi=None, uvicorn=None, starlette=None); "
+                "from specd.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _converse_in_a_terminal(command: list[str], env: dict[str, str], lines: list[str],
+                            prompt: bytes = b"you> ") -> tuple[int, str]:
+    """Run ``command`` on a pseudo-terminal, typing each line when ``prompt`` shows; (rc, output)."""
+    master, slave = os.openpty()
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    output, typed = b"", 0
+    while select.select([master], [], [], 120)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+        if typed < len(lines) and output.count(prompt) > typed:
+            os.write(master, lines[typed].encode() + b"\n")
+            typed += 1
+    os.close(master)
+    return process.wait(30), output.decode(errors="replace")
+
+
+def test_chat_in_a_terminal_on_the_base_install_shows_only_the_answer(tiny_pair, tmp_path) -> None:
+    """Issue 21, items 2 and 3: `specd chat` without fastapi (the base install) runs, and on a
+    terminal no info log line (verify.round, session.*) lands inside the streamed answer."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_MODELS__DRAFT=tiny_pair["draft"], SPECD_SAMPLING__MAX_NEW_TOKENS="12")
+    rc, text = _converse_in_a_terminal([sys.executable, "-c", BASE_INSTALL, "chat"], env,
+                                       ["def add", "/quit"])
+    assert rc == 0, text
+    assert "ModuleNotFoundError" not in text and "internal error" not in text, text
+    answer = text.split("specd> ", 1)[1]
+    assert "tok/s" in answer and "acceptance" in answer, text  # the turn's figures line
+    for noise in ('"event"', "[info", "verify.round", "session.", "Warning", "deprecated"):
+        assert noise not in text, text
+
+
 def _run_one(index: int, mark: str, tmp: Path, pair: dict[str, str], rng: random.Random) -> tuple[str, int]:
     env = marked_env(mark, tmp, SPECD_MODELS__TARGET=pair["target"], SPECD_MODELS__DRAFT=pair["draft"],
                      SPECD_POOL__KV_BUDGET_TOKENS="4096")
