@@ -45,6 +45,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO) -> int:
+    from broker.reach import redacted
     from specd.generate import local_verifier, redis_url_for
     from specd.runtime import make_broker
     from specd.serve.command import build_context
@@ -56,7 +57,7 @@ async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO)
         stack.push_async_callback(broker.close)
         context = build_context(settings, broker, [])
         stack.push_async_callback(context.runner.wait_closed)
-        print(f"specd chat: {context.defaults.model} (Redis {'embedded' if embedded else url}); "
+        print(f"specd chat: {context.defaults.model} (Redis {'embedded' if embedded else redacted(url)}); "
               "/reset forgets, /quit leaves", file=out, flush=True)
         await _converse(context, system, stdin, out)
     return 0

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker.embedded import EmbeddedRedis
+from broker.reach import redacted
 from common.logs import get_logger
 from common.models import load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
@@ -91,7 +92,7 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
         summary = result.summary()
         summary.update(mode="speculative", gamma=settings.edge.gamma,
                        text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
-                       redis="embedded" if embedded else url)
+                       redis="embedded" if embedded else redacted(url))
         return summary
 
 
