@@ -356,6 +356,38 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
     assert shot.stat().st_size > 0
 
 
+# --------------------------------------------------------------------------- start-up and stop
+
+
+def test_serve_on_a_busy_port_fails_at_once_with_a_usage_error() -> None:
+    """Issue 21, item 5: the port is checked before Redis and models; no URL printed as if listening."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "specd", "serve", "--port", str(port)],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr, run.stderr
+    assert "http://" not in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 2, run.stderr
+
+
+def test_serve_exits_130_on_ctrl_c(tmp_path) -> None:
+    """Issue 21, item 12: SIGINT is an interruption (130, the exit-code table); SIGTERM, a service
+    manager's orderly stop, stays 0 (the served fixture checks that)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "specd", "serve", "--port", str(port)], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", [server])
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- specd chat
 
 
