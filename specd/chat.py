@@ -59,8 +59,8 @@ async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO)
         stack.push_async_callback(context.runner.wait_closed)
         print(f"specd chat: {context.defaults.model} (Redis {'embedded' if embedded else redacted(url)}); "
               "/reset forgets, /quit leaves", file=out, flush=True)
-        await _converse(context, system, stdin, out)
-    return 0
+        interrupted = await _converse(context, system, stdin, out)
+    return 130 if interrupted else 0  # Ctrl-C at the prompt: interrupted (the exit-code table)
 
 
 class _Lines:
@@ -81,14 +81,17 @@ class _Lines:
         self.queue.put_nowait(None)
 
 
-async def _converse(context: Any, system: str, stdin: TextIO, out: TextIO) -> None:
+async def _converse(context: Any, system: str, stdin: TextIO, out: TextIO) -> bool:
+    """The conversation; True when Ctrl-C at the prompt ended it."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    lines, turn = _Lines(stdin), None
+    lines, turn, interrupted = _Lines(stdin), None, False
 
     def interrupt() -> None:  # Ctrl-C: stop the answer being written, or leave at the prompt
+        nonlocal interrupted
         if turn is not None and not turn.done():
             turn.cancel()
         else:
+            interrupted = True
             lines.leave()
 
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
@@ -111,6 +114,7 @@ async def _converse(context: Any, system: str, stdin: TextIO, out: TextIO) -> No
             history.pop()  # stopped or failed: the question is not part of the conversation
         else:
             history.append({"role": "assistant", "content": reply})
+    return interrupted
 
 
 async def _read(lines: _Lines, stdin: TextIO, out: TextIO) -> str | None:

@@ -92,9 +92,10 @@ BASE_INSTALL = ("import sys; sys.modules.update(fastapi=None, uvicorn=None, star
                 "from specd.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def _converse_in_a_terminal(command: list[str], env: dict[str, str], lines: list[str],
+def _converse_in_a_terminal(command: list[str], env: dict[str, str], lines: list[str | None],
                             prompt: bytes = b"you> ") -> tuple[int, str]:
-    """Run ``command`` on a pseudo-terminal, typing each line when ``prompt`` shows; (rc, output)."""
+    """Run ``command`` on a pseudo-terminal, typing each line when ``prompt`` shows (None: Ctrl-C,
+    sent as SIGINT); (rc, output)."""
     master, slave = os.openpty()
     process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
@@ -108,7 +109,11 @@ def _converse_in_a_terminal(command: list[str], env: dict[str, str], lines: list
             break
         output += chunk
         if typed < len(lines) and output.count(prompt) > typed:
-            os.write(master, lines[typed].encode() + b"\n")
+            line = lines[typed]
+            if line is None:
+                process.send_signal(signal.SIGINT)
+            else:
+                os.write(master, line.encode() + b"\n")
             typed += 1
     os.close(master)
     return process.wait(30), output.decode(errors="replace")
@@ -127,6 +132,42 @@ def test_chat_in_a_terminal_on_the_base_install_shows_only_the_answer(tiny_pair,
     assert "tok/s" in answer and "acceptance" in answer, text  # the turn's figures line
     for noise in ('"event"', "[info", "verify.round", "session.", "Warning", "deprecated"):
         assert noise not in text, text
+
+
+def test_chat_left_with_ctrl_c_at_the_prompt_exits_130(tiny_pair, tmp_path) -> None:
+    """Issue 21, item 12: Ctrl-C at chat's prompt leaves, as an interruption (130, the table)."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_MODELS__DRAFT=tiny_pair["draft"], SPECD_SAMPLING__MAX_NEW_TOKENS="4")
+    rc, text = _converse_in_a_terminal(specd_command("chat"), env, ["def add", None])
+    assert rc == 130, text
+    assert "Traceback" not in text, text
+
+
+def test_verifier_exits_130_on_ctrl_c(redis_url, tiny_pair, tmp_path) -> None:
+    """Issue 21, item 12: `specd verifier` on SIGINT drains and exits 130 (interrupted, the exit-code
+    table); `--workers N` returns its children's worst code, so 130 too. SIGTERM, an orderly stop,
+    stays 0 (test_cli, test_pool_failover)."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_REDIS__URL=redis_url, SPECD_REDIS__KEY_PREFIX="ki",
+                     SPECD_POOL__KV_BUDGET_TOKENS="4096")
+    client = redis_client.Redis.from_url(redis_url)
+    log = tmp_path / "verifiers.log"
+    with open(log, "wb") as err:
+        parent = subprocess.Popen(specd_command("verifier", "--worker-id", "ki-0"),
+                                  env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 240
+        while not client.exists("ki:health:verifier:ki-0"):
+            assert time.monotonic() < deadline and parent.poll() is None  # serving
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGINT)
+        parent.wait(60)
+    finally:
+        client.close()
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 130, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
 
 
 def _run_one(index: int, mark: str, tmp: Path, pair: dict[str, str], rng: random.Random) -> tuple[str, int]:
