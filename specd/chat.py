@@ -47,9 +47,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO) -> int:
     from broker.reach import redacted
     from specd.generate import local_verifier, redis_url_for
-    from specd.runtime import make_broker
+    from specd.runtime import check_models, make_broker
     from specd.serve.command import build_context
 
+    check_models(settings, target=not settings.redis.url, draft=True)
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as stack:
         if embedded:
             await stack.enter_async_context(local_verifier(settings, url))

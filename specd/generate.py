@@ -17,7 +17,14 @@ from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings, context_length
 from specd.prompts import PromptError
-from specd.runtime import backend_context, build_draft_backend, build_edge, build_verifier, open_broker
+from specd.runtime import (
+    backend_context,
+    build_draft_backend,
+    build_edge,
+    build_verifier,
+    check_models,
+    open_broker,
+)
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
 
@@ -154,6 +161,8 @@ def _plain_summary(mode: str, tokenizer: Any, prompt_ids: list[int], tokens: lis
 
 
 def run_generate(settings: Settings, prompt: str, mode: str, as_json: bool) -> dict[str, Any]:
+    check_models(settings, target=mode == "target" or (mode == "speculative" and not settings.redis.url),
+                 draft=mode != "target")
     if mode == "speculative":
         return asyncio.run(speculative(settings, prompt, stream=not as_json))
     if mode == "target":

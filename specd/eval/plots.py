@@ -6,11 +6,17 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot() -> Any:
+def check_plotting() -> Any:
+    """matplotlib, or a RuntimeError saying how to install it (checked before the suite runs)."""
     try:
         import matplotlib
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install 'specd[bench]'") from exc
+    return matplotlib
+
+
+def _pyplot() -> Any:
+    matplotlib = check_plotting()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError as exc:
         print(f"specd serve: {exc.name} is missing: pip install 'specd[serve]'", file=sys.stderr)
         return 2
+    from specd.runtime import check_models
+
+    check_models(settings, target=not settings.redis.url, draft=True)
     with listen(settings.serve.host, settings.serve.port) as sock:  # before any model loads
         return asyncio.run(serve_forever(settings, sock))
 

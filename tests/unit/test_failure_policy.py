@@ -218,6 +218,20 @@ def test_a_missing_model_folder_says_so(capsys) -> None:
     assert code == 2 and err == "specd generate: model folder /nonexistent/model does not exist\n"
 
 
+def test_a_missing_draft_folder_fails_before_redis_or_the_target_start(capsys, monkeypatch) -> None:
+    """Issue 21, item 12: `generate --draft-model ./nope` used to start a Redis, load the target,
+    and only then fail; the names are checked first."""
+    from specd import generate
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("started before the model names were checked")
+
+    monkeypatch.setattr(generate, "EmbeddedRedis", refuse)
+    monkeypatch.setattr(generate, "build_verifier", refuse)
+    assert cli.main(["generate", "--prompt", "x", "--draft-model", "./nope"]) == 2
+    assert capsys.readouterr().err == "specd generate: model folder ./nope does not exist\n"
+
+
 def test_a_folder_without_a_model_says_so(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a model folder"):
         resolve_model_path(str(tmp_path))
