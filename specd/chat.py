@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO) -> int:
-    from broker.reach import redacted
+    from broker.reach import redacted, require_verifier
     from specd.generate import local_verifier, redis_url_for
     from specd.runtime import check_models, make_broker
     from specd.serve.command import build_context
@@ -56,6 +56,8 @@ async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO)
             await stack.enter_async_context(local_verifier(settings, url))
         broker = make_broker(settings, url)
         stack.push_async_callback(broker.close)
+        if not embedded:  # the pool's: is anyone serving it? (before the draft loads)
+            await require_verifier(broker, url, settings.redis.startup_wait_s)
         context = build_context(settings, broker, [])
         stack.push_async_callback(context.runner.wait_closed)
         print(f"specd chat: {context.defaults.model} (Redis {'embedded' if embedded else redacted(url)}); "

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker.embedded import EmbeddedRedis
-from broker.reach import redacted
+from broker.reach import redacted, require_verifier
 from common.logs import get_logger
 from common.models import load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
@@ -83,6 +83,8 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
             await stack.enter_async_context(local_verifier(settings, url))
         broker = await open_broker(settings, url)
         stack.push_async_callback(broker.close)
+        if not embedded:  # the pool's: is anyone serving it? (before the draft loads)
+            await require_verifier(broker, url, settings.redis.startup_wait_s)
         client = build_edge(settings, broker)
         tokenizer = client.backend.tokenizer
         spec = sampling_spec(settings, client.backend.eos_token_ids)

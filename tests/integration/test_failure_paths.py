@@ -170,6 +170,25 @@ def test_verifier_exits_130_on_ctrl_c(redis_url, tiny_pair, tmp_path) -> None:
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.parametrize("command", [["edge", "--prompt", "x"], ["generate", "--prompt", "x"]])
+def test_no_live_verifier_fails_fast_with_one_clear_line(redis_url, tiny_pair, monkeypatch, capsys,
+                                                         command) -> None:
+    """Issue 21, item 10: edge and generate check the verifier heartbeat up front, as serve does,
+    instead of 60 s of re-sends and `[] error internal: internal: ...`."""
+    from specd import cli
+
+    monkeypatch.setenv("SPECD_REDIS__STARTUP_WAIT_S", "0.5")
+    monkeypatch.setenv("SPECD_MODELS__DRAFT", tiny_pair["draft"])
+    prefix = f"nov{uuid.uuid4().hex[:8]}"  # no verifier heartbeats under it
+    monkeypatch.setenv("SPECD_REDIS__KEY_PREFIX", prefix)
+    started = time.monotonic()
+    assert cli.main([*command, "--redis-url", redis_url]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"specd {command[0]}: no verifier is alive at {redis_url}"), err
+    assert "`specd verifier`" in err and len(err.splitlines()) == 1 and "internal" not in err, err
+
+
 def _run_one(index: int, mark: str, tmp: Path, pair: dict[str, str], rng: random.Random) -> tuple[str, int]:
     env = marked_env(mark, tmp, SPECD_MODELS__TARGET=pair["target"], SPECD_MODELS__DRAFT=pair["draft"],
                      SPECD_POOL__KV_BUDGET_TOKENS="4096")

@@ -365,3 +365,24 @@ def test_cached_forward_uses_the_current_transformers_argument(tiny_pair) -> Non
         out, cache = forward_with_cache(model, None, input_ids=torch.tensor([[1, 2, 3]]))
         out2, cache = forward_with_cache(model, cache, input_ids=torch.tensor([[4]]))
     assert cache.get_seq_length() == 4 and out2.logits.shape[1] == 1 and out.logits.shape[1] == 3
+
+
+async def test_a_failed_edge_session_line_names_its_session_and_its_code_once(capsys) -> None:
+    """Issue 21, item 10: `[] error internal: internal: ...` became `[a1b2c3d4] error internal: ...`."""
+    from types import SimpleNamespace
+
+    from edge_worker.client import SessionFailed
+    from specd.workers import PromptJob, _printer, run_edge_jobs
+
+    class FailingClient:
+        backend = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: [1, 2]), eos_token_ids=[0])
+
+        def session_id(self) -> str:
+            return "default.a1b2c3d4e5f6"
+
+        async def generate(self, *_args: object) -> None:
+            raise SessionFailed(ErrorCode.INTERNAL, "no verdict for seq 0 within 60.0s")
+
+    results = await run_edge_jobs(Settings(), FailingClient(), [PromptJob("x")], _printer(False))  # type: ignore[arg-type]
+    assert results == [None]
+    assert capsys.readouterr().out == "[a1b2c3d4] error internal: no verdict for seq 0 within 60.0s\n"
