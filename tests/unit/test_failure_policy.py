@@ -386,3 +386,14 @@ async def test_a_failed_edge_session_line_names_its_session_and_its_code_once(ca
     results = await run_edge_jobs(Settings(), FailingClient(), [PromptJob("x")], _printer(False))  # type: ignore[arg-type]
     assert results == [None]
     assert capsys.readouterr().out == "[a1b2c3d4] error internal: no verdict for seq 0 within 60.0s\n"
+
+
+def test_one_thread_policy_for_every_generate_mode(monkeypatch) -> None:
+    """Issue 21, item 8: 0 (the default) is one torch thread in every mode, --torch-threads N is N."""
+    from specd import generate
+
+    applied: list[int] = []
+    monkeypatch.setattr(generate, "set_torch_threads", applied.append)
+    assert generate.thread_policy(load_settings({})) == 1
+    assert generate.thread_policy(load_settings({"models": {"torch_threads": 3}})) == 3
+    assert applied == [1, 3]
