@@ -189,6 +189,18 @@ def test_no_live_verifier_fails_fast_with_one_clear_line(redis_url, tiny_pair, m
     assert "`specd verifier`" in err and len(err.splitlines()) == 1 and "internal" not in err, err
 
 
+def test_pool_status_into_a_closed_pipe_is_quiet(redis_url, tmp_path) -> None:
+    """Issue 21, item 12: `specd pool status --json | head` ended in a BrokenPipeError traceback."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_REDIS__URL=redis_url)
+    process = subprocess.Popen(specd_command("pool", "status", "--json"), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def _run_one(index: int, mark: str, tmp: Path, pair: dict[str, str], rng: random.Random) -> tuple[str, int]:
     env = marked_env(mark, tmp, SPECD_MODELS__TARGET=pair["target"], SPECD_MODELS__DRAFT=pair["draft"],
                      SPECD_POOL__KV_BUDGET_TOKENS="4096")

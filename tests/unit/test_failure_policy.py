@@ -397,3 +397,10 @@ def test_one_thread_policy_for_every_generate_mode(monkeypatch) -> None:
     assert generate.thread_policy(load_settings({})) == 1
     assert generate.thread_policy(load_settings({"models": {"torch_threads": 3}})) == 3
     assert applied == [1, 3]
+
+
+def test_gamma_zero_is_refused_with_what_to_do_instead(capsys) -> None:
+    """Issue 21, item 12: `--gamma 0` ran a "speculative" session that never drafted."""
+    assert cli.main(["generate", "--prompt", "x", "--gamma", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "edge.gamma: must be at least 1" in err and "--mode target" in err and "(from --gamma)" in err
