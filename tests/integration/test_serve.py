@@ -337,11 +337,18 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
             page.goto(served.url + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'bundled:target'")
             page.fill("#max-tokens", "48")
+            # Earlier turns fill the view: the answer ends at the bottom edge, above the input box.
+            page.evaluate("document.getElementById('messages').insertAdjacentHTML('afterbegin', "
+                          "'<div style=\"height: 2000px\"></div>')")
             page.fill("#prompt", "a stack class")
             page.click("#send")
             page.wait_for_function("document.getElementById('fig-status').textContent === 'done'",
                                    timeout=60_000)
             answer = page.inner_text(".msg.assistant")
+            # Issue 21, item 12: the turn's figures line is scrolled into view, not under the input box.
+            hidden_px = page.evaluate(
+                "document.querySelector('.msg.assistant .figs').getBoundingClientRect().bottom"
+                " - document.getElementById('messages').getBoundingClientRect().bottom")
             draft = page.locator(".msg.assistant span.draft").count()
             target = page.locator(".msg.assistant span.target").count()
             figures = {name: page.inner_text(f"#fig-{name}") for name in ("tokens", "rounds", "acceptance")}
@@ -352,6 +359,7 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
         model=MODEL, messages=[{"role": "user", "content": "a stack class"}], max_tokens=48, temperature=0)
     assert answer.startswith(expected.choices[0].message.content)
     assert target >= 1 and draft >= 1
+    assert hidden_px <= 0, f"the figures line is {hidden_px} px below the messages' visible area"
     assert figures["tokens"] == "48" and int(figures["rounds"]) >= 1 and figures["acceptance"].endswith("%")
     assert shot.stat().st_size > 0
 
