@@ -7,7 +7,7 @@ from typing import Any
 from broker.reach import ensure_reachable
 from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect, connect_settings
-from common.models import load_causal_lm, resolve_model_path, set_torch_threads
+from common.models import hub_options, load_causal_lm, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
@@ -17,12 +17,13 @@ from verifier_worker.worker import VerifierWorker
 
 
 def check_models(settings: Settings, target: bool, draft: bool) -> None:
-    """Model names that cannot load (a missing folder, one without config.json) fail now, before
-    a slow load of the other model: ModelLoadError, exit 2. Hub ids are checked when loaded."""
+    """Model names that cannot load (a missing folder, one without config.json, a hub id neither
+    the hub nor the local cache can serve) fail now, before a slow load of the other model:
+    ModelLoadError, exit 2."""
     if target:
-        resolve_model_path(settings.models.target)
+        hub_options(settings.models.target)
     if draft and settings.edge.backend != "router":  # the router's drafts name their own models
-        resolve_model_path(settings.models.draft)
+        hub_options(settings.models.draft)
 
 
 def make_broker(settings: Settings, url: str | None = None) -> Broker:
