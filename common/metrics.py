@@ -59,6 +59,17 @@ class VerifierMetrics:
         self.throttled = Counter("specd_verifier_throttled_drafts_total",
                                  "Drafts held back for their tenant's draft-token rate.", ["tenant"],
                                  registry=r)
+        self.admission = Counter("specd_verifier_admission_total",
+                                 "Session opens by admission outcome (admitted, passed_on, deferred, "
+                                 "refused_capacity, refused_busy).", ["outcome"], registry=r)
+        self.max_batch_sessions = Gauge("specd_verifier_max_batch_sessions",
+                                        "Configured sessions per forward pass (batch fill's denominator).",
+                                        registry=r)
+        self.kv_budget_tokens = Gauge("specd_verifier_kv_budget_tokens",
+                                      "Configured KV budget of this verifier, in tokens.", registry=r)
+        self.redis_up = Gauge("specd_verifier_redis_up",
+                              "1 while this verifier's last lease/heartbeat tick reached Redis, else 0.",
+                              registry=r)
 
     def session_opened(self, tenant: str) -> None:
         self.sessions_opened.labels(tenant).inc()
@@ -87,6 +98,16 @@ class VerifierMetrics:
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
+
+    def configured(self, max_batch_sessions: int, kv_budget_tokens: int) -> None:
+        self.max_batch_sessions.set(max_batch_sessions)
+        self.kv_budget_tokens.set(kv_budget_tokens)
+
+    def admission_outcome(self, outcome: str) -> None:
+        self.admission.labels(outcome).inc()
+
+    def redis_reachable(self, up: bool) -> None:
+        self.redis_up.set(1 if up else 0)
 
     def draft_throttled(self, tenant: str) -> None:
         self.throttled.labels(tenant).inc()
@@ -121,6 +142,9 @@ class EdgeMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("specd_edge_errors_total", "Failed sessions, by error code.", ["code"],
                               registry=r)
+        self.drafter_tokens = Counter("specd_edge_drafter_tokens_total",
+                                      "Drafted and accepted tokens by drafter (kind: drafted, accepted).",
+                                      ["drafter", "kind"], registry=r)
 
     def session_started(self, tenant: str) -> None:
         self.sessions.labels(tenant).inc()
@@ -130,8 +154,10 @@ class EdgeMetrics:
         self.sessions_finished.labels(tenant, outcome).inc()
 
     def observe_round(self, tenant: str, drafted: int, accepted: int, committed: int, draft_ms: float,
-                      round_ms: float) -> None:
+                      round_ms: float, drafter: str = "") -> None:
         self.rounds.labels(tenant).inc()
+        self.drafter_tokens.labels(drafter, "drafted").inc(drafted)
+        self.drafter_tokens.labels(drafter, "accepted").inc(accepted)
         self.drafted.labels(tenant).inc(drafted)
         self.accepted.labels(tenant).inc(accepted)
         self.generated.labels(tenant).inc(committed)
