@@ -74,18 +74,23 @@ def prometheus(tmp_path: Path) -> Iterator[Any]:
                   "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{p}"]}]}
                                      for job, p in targets.items()]}
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        log = (tmp_path / "prometheus.log").open("wb")
+        opened.append(log)
         processes.append(subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "prometheus.log").open("wb")))
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log))
         _wait_for_port(port, timeout=30)
         return f"http://127.0.0.1:{port}"
 
     processes: list[subprocess.Popen[bytes]] = []
+    opened: list[Any] = []
     yield start
     for process in processes:
         process.terminate()
         process.wait(timeout=30)
+    for log in opened:
+        log.close()
 
 
 def query(base: str, expr: str) -> list[Any]:

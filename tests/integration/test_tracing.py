@@ -41,7 +41,8 @@ def test_a_session_is_one_trace_across_edge_and_verifier(redis_url, tiny_pair, t
     try:
         _wait_for_line(verifier, "verifier.started")
         edge = subprocess.run(
-            [sys.executable, "-m", "specd", "edge", "--prompt", "def fibonacci(n):", "--max-new-tokens", "24"],
+            [sys.executable, "-m", "specd", "edge", "--prompt", "def fibonacci(n):",
+             "--max-new-tokens", "24"],
             env={**env, "SPECD_TRACING__FILE": str(edge_file)}, capture_output=True, text=True, timeout=240)
         assert edge.returncode == 0, edge.stderr[-2000:]
     finally:

@@ -50,6 +50,7 @@ def test_spans_nest_across_a_traceparent() -> None:
     trace_id = spans["specd.session"].context.trace_id
     assert spans["specd.verifier.round"].context.trace_id == trace_id
     assert spans["specd.verifier.round"].parent.span_id == spans["specd.session"].context.span_id
-    assert spans["specd.verifier.pass"].links[0].context.span_id == spans["specd.verifier.round"].context.span_id
+    round_id = spans["specd.verifier.round"].context.span_id
+    assert spans["specd.verifier.pass"].links[0].context.span_id == round_id
     assert spans["specd.session"].attributes["specd.rounds"] == 1
     assert tracing.log_ids(parent)["trace_id"] == f"{trace_id:032x}"
