@@ -304,6 +304,14 @@ class EdgeSettings(Section):
     multiplex_verdicts: Bool = False
     """Read every session's verdicts with one XREAD per edge process instead of one per session."""
 
+    @field_validator("gamma")
+    @classmethod
+    def _drafts_at_all(cls, value: int) -> int:
+        if value == 0:  # a "speculative" session that never drafts: the target alone, but slower
+            raise ValueError("must be at least 1: each round drafts gamma tokens; for the target "
+                             "alone use `specd generate --mode target`")
+        return value
+
     @field_validator("drafts")
     @classmethod
     def _drafts_refer_to_each_other(cls, drafts: list[DraftSpec]) -> list[DraftSpec]:

@@ -188,6 +188,10 @@ class EdgeClient:
         sibling.config = replace(self.config, tenant=tenant)
         return sibling
 
+    def session_id(self) -> str:
+        """A new session id: the tenant prefix puts the session in its tenant's key space."""
+        return f"{self.config.tenant}.{uuid.uuid4().hex}"
+
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
                        on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
         check_prompt(prompt_ids, spec, self.config)
@@ -199,8 +203,7 @@ class _EdgeSession(VerdictWaiter):
     def __init__(self, client: EdgeClient, prompt_ids: list[int], spec: SamplingSpec,
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
-        tenant = client.config.tenant  # the tenant prefix puts the session in its tenant's key space
-        self.sid = session_id or f"{tenant}.{uuid.uuid4().hex}"
+        self.sid = session_id or client.session_id()
         self.open_key = os.urandom(32)
         self.key = session_key(client.config.verdict_secret, self.open_key)
         self.seq = 0
