@@ -87,7 +87,8 @@ def _info_routes(app: FastAPI, context: ServeContext) -> None:
             return JSONResponse({"status": "unavailable", "error": exc.message}, status_code=503)
         return JSONResponse({"status": "ok", "model": context.defaults.model,
                              "active": context.runner.active,
-                             "max_concurrent": context.runner.max_concurrent})
+                             "max_concurrent": context.runner.max_concurrent,
+                             "queued": context.runner.admission.waiting})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -136,10 +137,14 @@ async def _generate(context: ServeContext, request: Request, kind: Literal["comp
         tenant = context.keys.tenant(request.headers.get("authorization"))
         generation = build_generation(kind, parse_body(await request.body()), context.defaults,
                                       runner.tokenizer)
-        release = runner.acquire()
+        release = await runner.acquire()  # at once, or after a wait in the queue
     except errors.APIError as exc:
         runner.metrics.request(route, exc.status)
         return error_response(exc)
+    if await request.is_disconnected():  # gave up while queued: its slot goes to the next
+        release()
+        runner.metrics.request(route, 499)
+        return Response(status_code=499)
     sid = runner.session_id(tenant)
     try:
         await runner.check_pool()

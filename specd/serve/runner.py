@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from common.logs import get_logger
 from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
 from specd.serve import errors
+from specd.serve.admission import Admission, Release
 from specd.serve.metrics import ServeMetrics
 from specd.serve.schemas import Generation
 from specd.serve.text import Delta, TextStream
@@ -56,36 +57,26 @@ class _Tally:
 
 class SessionRunner:
     def __init__(self, client: EdgeClient, broker: Broker, max_concurrent: int,
-                 pool_check_timeout_s: float = 2.0) -> None:
+                 pool_check_timeout_s: float = 2.0, queue_size: int = 0,
+                 queue_timeout_s: float = 30.0) -> None:
         self.base = client
         self.broker = broker
         self.tokenizer = client.backend.tokenizer
         self.max_concurrent = max_concurrent
         self.pool_check_timeout_s = pool_check_timeout_s
         self.metrics = ServeMetrics()
-        self.active = 0
+        self.admission = Admission(max_concurrent, queue_size, queue_timeout_s, self.metrics)
         self._clients = {client.config.tenant: client}
         self._closing: set[asyncio.Task[Any]] = set()
         self._pool_ok_until = 0.0
 
-    def acquire(self) -> Callable[[], None]:
-        """A slot for one request, or 429 at once (never a queue that hides the overload).
+    async def acquire(self) -> Release:
+        """A slot for one request: at once, or after a FIFO wait; 429 past the queue (admission)."""
+        return await self.admission.acquire()
 
-        Returns the slot's release (idempotent)."""
-        if self.active >= self.max_concurrent:
-            raise errors.busy(self.max_concurrent)
-        self.active += 1
-        self.metrics.in_flight.inc()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.active -= 1
-                self.metrics.in_flight.dec()
-
-        return release
+    @property
+    def active(self) -> int:
+        return self.admission.running
 
     async def check_pool(self) -> None:
         """503 when Redis does not answer in time or no verifier heartbeats; cached briefly."""

@@ -5,6 +5,7 @@ driven by the official openai client, raw HTTP, curl (killed mid-stream) and hea
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ class Served:
     url: str
     metrics_port: int  # the verifier's /metrics
     redis_url: str
+    verifier_pid: int = 0
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -96,7 +98,7 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         env=_env(), stdout=subprocess.DEVNULL, stderr=open(logs / "serve.log", "wb"))  # noqa: SIM115
     try:
         _wait_ready(f"http://127.0.0.1:{port}", [verifier, server])
-        yield Served(f"http://127.0.0.1:{port}", metrics_port, redis_url)
+        yield Served(f"http://127.0.0.1:{port}", metrics_port, redis_url, verifier.pid)
     finally:
         _stop(server)
         _stop(verifier)
@@ -230,6 +232,71 @@ async def test_sixteen_concurrent_streams_get_their_greedy_output_batched(served
     print(f"16 concurrent streams: {passes:.0f} forward passes, {passes - singles:.0f} verified more than "
           "one session")  # shown with -s
     assert passes - singles > 0, "no forward pass verified more than one session"
+
+
+# --------------------------------------------------------------------------- the request queue
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _wait_for_metric(url: str, name: str, value: float) -> None:
+    """Until the server's /metrics shows ``name`` at ``value`` (an event to wait on, not a time)."""
+    deadline = time.monotonic() + 60
+    while _sum(_scrape(_port_of(url)), name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
+def test_requests_past_max_concurrent_wait_in_a_fifo_queue(served: Served, tmp_path: Path) -> None:
+    """max_concurrent 1, a queue of 2, on a key prefix no verifier serves yet (a stand-in heartbeat
+    passes the pool check): the first request holds the slot, two more queue, a fourth is refused
+    with 429; then a verifier starts on that prefix and the three all get their greedy text."""
+    import redis
+
+    env = {**_env(), "SPECD_REDIS__KEY_PREFIX": "queued", "SPECD_EDGE__VERDICT_TIMEOUT_S": "300"}
+    stand_in = redis.Redis.from_url(served.redis_url)
+    stand_in.set("queued:health:verifier:stand-in", b"1", ex=600)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "specd", "serve", "--redis-url", served.redis_url, "--port", str(port),
+         "--max-concurrent", "1", "--queue-size", "2", "--queue-timeout", "600", "--log-format", "json"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))  # noqa: SIM115
+    url, verifier = f"http://127.0.0.1:{port}", None
+    ask = dict(model=MODEL, max_tokens=8, temperature=0)
+    expected = [_client(served).completions.create(prompt=p, **ask).choices[0].text for p in PROMPTS[:3]]
+    try:
+        _wait_ready(url, [server])
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = [pool.submit(client.completions.create, prompt=PROMPTS[0], **ask)]
+            _wait_for_metric(url, "specd_serve_requests_in_flight", 1)
+            for queued, prompt in enumerate(PROMPTS[1:3], start=1):  # one after the other: FIFO
+                replies.append(pool.submit(client.completions.create, prompt=prompt, **ask))
+                _wait_for_metric(url, "specd_serve_queue_length", queued)
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.completions.create(prompt=PROMPTS[3], **ask)
+            waiting = _scrape(port)
+            verifier = subprocess.Popen([sys.executable, "-m", "specd", "verifier", "--redis-url",
+                                         served.redis_url, "--log-format", "json"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            texts = [reply.result().choices[0].text for reply in replies]
+        assert texts == expected
+        assert refused.value.status_code == 429 and "serve.queue_size" in refused.value.message
+        assert _sum(waiting, "specd_serve_queue_length") == 2
+        assert _sum(waiting, "specd_serve_requests_in_flight") == 1
+        assert _sum(waiting, "specd_serve_queue_rejected_total", reason="full") == 1
+        after = _scrape(port)
+        assert _sum(after, "specd_serve_queue_length") == 0
+        assert _sum(after, "specd_serve_queue_wait_seconds_count") == 3  # the refused one never waited
+    finally:
+        stand_in.delete("queued:health:verifier:stand-in")
+        stand_in.close()
+        _stop(server)
+        if verifier is not None:
+            _stop(verifier)
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
 # --------------------------------------------------------------------------- done means 3
