@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from common.logs import get_logger
 from specd.serve import errors
 from specd.serve.auth import KeyRing
+from specd.serve.logprobs import LogprobFormat
 from specd.serve.responses import ChunkWriter, full_response, response_id, usage
 from specd.serve.runner import Finished, Round, SessionRunner
 from specd.serve.schemas import Defaults, Generation, build_generation, parse_body
@@ -174,21 +175,25 @@ async def _whole(context: ServeContext, generation: Generation, tenant: str, sid
     assert finished is not None  # rounds() ends with Finished or raises
     _observe(context, route, tenant, finished, started)
     used = usage(len(generation.prompt_ids), finished.completion_tokens)
+    logprobs = None if finished.logprobs is None else LogprobFormat(
+        runner.tokenizer, generation.tokens_as_ids).of(generation.kind, finished.logprobs)
     return JSONResponse(full_response(generation, response_id(generation, sid), finished.text,
-                                      finished.finish_reason, used, finished.figures))
+                                      finished.finish_reason, used, finished.figures, logprobs))
 
 
 async def _chunks(context: ServeContext, generation: Generation, tenant: str, sid: str, route: str,
                   started: float) -> AsyncIterator[bytes]:
     runner = context.runner
     writer = ChunkWriter(generation, response_id(generation, sid))
+    format_ = LogprobFormat(runner.tokenizer, generation.tokens_as_ids)
     completed = False
     try:
         yield writer.start()
         async with contextlib.aclosing(runner.rounds(generation, tenant, sid)) as rounds:
             async for event in rounds:
                 if isinstance(event, Round):
-                    yield writer.delta(event.delta, event.figures)
+                    logprobs = None if event.logprobs is None else format_.of(generation.kind, event.logprobs)
+                    yield writer.delta(event.delta, event.figures, logprobs)
                     continue
                 _observe(context, route, tenant, event, started)
                 yield writer.finish(event.finish_reason,

@@ -115,7 +115,11 @@ def test_valid_requests_take_server_defaults() -> None:
     ("completion", {"model": "m", "prompt": "a", "temperature": -1}, 400, "temperature", None),
     ("completion", {"model": "m", "prompt": "a", "seed": -3}, 400, "seed", None),
     ("completion", {"model": "m", "prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty", None),
-    ("completion", {"model": "m", "prompt": "a", "logprobs": 2}, 400, "logprobs", None),
+    ("completion", {"model": "m", "prompt": "a", "logprobs": 21}, 400, "logprobs", None),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, 400,
+     "top_logprobs", None),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "a"}], "logprobs": True,
+              "top_logprobs": 21}, 400, "top_logprobs", None),
     ("completion", {"model": "m", "prompt": "a", "stop": [""]}, 400, "stop", None),
     ("completion", {"model": "m", "prompt": ""}, 400, "prompt", None),
     ("completion", {"model": "m", "prompt": [1, -2]}, 400, "prompt", None),
@@ -333,3 +337,38 @@ async def test_app_queues_past_max_concurrent_instead_of_refusing() -> None:
         metrics = (await client.get("/metrics")).text
         assert "specd_serve_queue_length 0.0" in metrics
         assert "specd_serve_queue_wait_seconds_count 2.0" in metrics
+
+
+def test_tokens_are_released_with_their_text() -> None:
+    stream = TextStream(CharTokenizer(), stops=("end",))
+    first = stream.push(ids("ab e"), accepted=3)  # "e" held back: its round's tokens wait too
+    assert (first.text, first.tokens) == ("ab ", 0)
+    second = stream.push(ids("x"), accepted=0)
+    assert (second.text, second.tokens) == ("ex", 5)
+    third = stream.push(ids("yzen"), accepted=3)  # "en" may become "end"
+    assert (third.text, third.tokens) == ("yz", 0)
+    cut = stream.push(ids("dq"), accepted=1)  # the stop: tokens that start before it are released
+    assert (cut.text, cut.tokens, stream.released) == ("", 2, 7)
+    tail = TextStream(CharTokenizer())
+    tail.push(ids("ab"), accepted=1)
+    assert tail.finish().tokens == 0 and tail.released == 2
+
+
+def test_logprobs_take_openai_shapes() -> None:
+    from edge_worker.client import TokenLogprob
+    from specd.serve.logprobs import LogprobFormat
+
+    entries = [TokenLogprob(0, -0.5, ((0, -0.5), (1, -1.5))), TokenLogprob(2, -2.0, ((1, -0.25), (0, -1.0)))]
+    completion = LogprobFormat(CharTokenizer()).completion(entries)
+    assert completion == {"tokens": ["a", "c"], "token_logprobs": [-0.5, -2.0], "text_offset": [0, 1],
+                          "top_logprobs": [{"a": -0.5, "b": -1.5}, {"b": -0.25, "a": -1.0, "c": -2.0}]}
+    chat = LogprobFormat(CharTokenizer(), as_ids=True).chat(entries[:1])
+    assert chat == {"refusal": None, "content": [{
+        "token": "token_id:0", "logprob": -0.5, "bytes": list(b"token_id:0"),
+        "top_logprobs": [{"token": "token_id:0", "logprob": -0.5, "bytes": list(b"token_id:0")},
+                         {"token": "token_id:1", "logprob": -1.5, "bytes": list(b"token_id:1")}]}]}
+    generation = build_generation("chat", {"model": "m", "messages": [{"role": "user", "content": "a"}],
+                                           "logprobs": True}, DEFAULTS, CharTokenizer())
+    assert generation.logprobs == 0
+    plain = build_generation("completion", {"model": "m", "prompt": "a"}, DEFAULTS, CharTokenizer())
+    assert plain.logprobs is None

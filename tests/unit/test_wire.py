@@ -134,8 +134,10 @@ def test_logprobs_travel_only_when_asked_and_round_trip() -> None:
                          np.array([[-0.5, -2.0], [-1.25, -1.5]], np.float32))
     got = decode(encode(Verdict("s1", 3, 1, 9, 13, logprobs=data)), LIMITS).logprobs
     assert got is not None and got.chosen.tolist() == [-0.5, -1.25]
-    assert got.top_ids.tolist() == [[4, 7], [9, 1]] and got.top_logprobs.tolist() == [[-0.5, -2.0], [-1.25, -1.5]]
-    none_top = TokenLogprobs(np.array([-0.5], np.float32), np.zeros((1, 0), np.uint32), np.zeros((1, 0), np.float32))
+    assert got.top_ids.tolist() == [[4, 7], [9, 1]]
+    assert got.top_logprobs.tolist() == [[-0.5, -2.0], [-1.25, -1.5]]
+    none_top = TokenLogprobs(np.array([-0.5], np.float32), np.zeros((1, 0), np.uint32),
+                             np.zeros((1, 0), np.float32))
     got = decode(encode(Verdict("s1", 3, 0, 9, 13, logprobs=none_top)), LIMITS).logprobs
     assert got is not None and got.top_ids.shape == (1, 0) and got.head(1).chosen.tolist() == [-0.5]
 
