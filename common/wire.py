@@ -18,6 +18,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from common.tracing import TRACEPARENT
+
 SCHEMA_VERSION = 1
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 LOGPROB_FLOOR = -9999.0  # a token of probability 0 (log -inf) is reported as this (JSON has no -inf)
@@ -129,6 +131,7 @@ class SessionOpen:
     target_model: str = ""  # the target the edge expects; empty means "whatever the pool runs"
     verdict_key: bytes = b""  # the session's key: verifiers put an HMAC of it beside each verdict
     logprobs: int | None = None  # None: none; n: each committed token's logprob and its top n
+    trace: str = ""  # W3C traceparent of the edge's session span when tracing is on (else absent)
     type_: str = field(default="open", init=False)
 
 
@@ -228,6 +231,8 @@ def encode(message: Message) -> bytes:
         )
         if message.logprobs is not None:  # absent by default: no cost for sessions that do not ask
             body["logprobs"] = message.logprobs
+        if message.trace:
+            body["trace"] = message.trace
     elif isinstance(message, DraftBatch):
         body.update(
             seq=message.seq, start=message.start, tokens=_ids_to_bytes(message.token_ids),
@@ -303,7 +308,7 @@ def _decode_open(body: dict[str, Any], sid: str, limits: Limits) -> SessionOpen:
         session_id=sid, prompt_ids=prompt, sampling=SamplingSpec.from_wire(body.get("sampling"), limits),
         draft_model=_string(body, "draft_model", 512), target_model=_string(body, "target_model", 512),
         vocab_fingerprint=_string(body, "vocab", 128), tenant=_string(body, "tenant", limits.max_id_length),
-        verdict_key=_key(body), logprobs=_top_count(body),
+        verdict_key=_key(body), logprobs=_top_count(body), trace=_trace(body),
     )
 
 
@@ -340,6 +345,12 @@ def _floats(raw: Any, name: str, limit: int) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise WireError(ErrorCode.MALFORMED, f"{name} holds a value that is not finite")
     return values
+
+
+def _trace(body: dict[str, Any]) -> str:
+    """The open's trace context; an invalid one is ignored (as W3C trace context asks), not an error."""
+    value = body.get("trace", "")
+    return value if isinstance(value, str) and TRACEPARENT.fullmatch(value) else ""
 
 
 def _key(body: dict[str, Any]) -> bytes:
