@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import queue
 import threading
 from collections.abc import Coroutine, Iterator
@@ -248,6 +249,10 @@ class Client:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+        # The verifier's KV arena (GBs) sits in reference cycles (worker, metrics callbacks, tasks):
+        # free it now rather than at some later cyclic collection.
+        self._edge = None
+        gc.collect()
 
     async def _shutdown(self) -> None:
         """Sessions still running are cancelled (each tells the pool), then what ``_open`` started."""

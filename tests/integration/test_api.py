@@ -17,7 +17,7 @@ import specd
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-ONE_THREAD = {"models": {"torch_threads": 1}}
+LEAN = {"models": {"torch_threads": 1}, "pool": {"kv_budget_tokens": 16384}}  # a 128 MiB KV arena
 
 
 def _readme_example() -> str:
@@ -42,6 +42,7 @@ def _redis_children() -> set[int]:
 
 def test_readme_example_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPECD_MODELS__TORCH_THREADS", "1")
+    monkeypatch.setenv("SPECD_POOL__KV_BUDGET_TOKENS", "16384")
     out = io.StringIO()
     namespace: dict[str, object] = {}
     with contextlib.redirect_stdout(out):
@@ -60,7 +61,7 @@ def test_greedy_result_is_the_targets_and_carries_the_generate_json_fields() -> 
     from common.sampling import SamplingParams
     from verifier_worker.engine import TargetEngine, generate_target_only
 
-    with specd.Client(settings=ONE_THREAD) as client:
+    with specd.Client(settings=LEAN) as client:
         children = _redis_children()
         assert len(children) == 1 and client.embedded  # the embedded Redis, a child of ours
         result = client.generate("def fibonacci(n):\n", max_new_tokens=20, temperature=0)
@@ -72,7 +73,7 @@ def test_greedy_result_is_the_targets_and_carries_the_generate_json_fields() -> 
         again = client.generate("import os\n", max_new_tokens=8, temperature=0)
     assert not _redis_children() and all(not Path(f"/proc/{pid}").exists() for pid in children)
     target = load_causal_lm("bundled:target")
-    reference = generate_target_only(TargetEngine(target.model, target.vocab_size),
+    reference = generate_target_only(TargetEngine(target.model, target.vocab_size, 4096),
                                      target.tokenizer.encode("def fibonacci(n):\n"), SamplingParams(),
                                      frozenset(target.eos_token_ids), 20)
     assert result.token_ids == reference and stream.result is not None
