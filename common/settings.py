@@ -378,7 +378,11 @@ class ServeSettings(Section):
     """Address the HTTP server binds to; 0.0.0.0 exposes it beyond this machine."""
     port: int = Field(8000, ge=0, le=65535)
     max_concurrent: int = Field(32, ge=1)
-    """Requests (speculative sessions) served at once; one more gets 429 at once."""
+    """Requests (speculative sessions) served at once; more wait in the queue."""
+    queue_size: int = Field(128, ge=0)
+    """Requests that may wait (FIFO) for a slot past max_concurrent; one more gets 429. 0: no queue."""
+    queue_timeout_s: float = Field(60.0, gt=0)
+    """Longest wait in the queue; a request still waiting then gets 429."""
     api_keys: dict[str, str] = Field(default_factory=dict)
     """Bearer token -> tenant; empty: no key needed and sessions carry edge.tenant."""
     model_name: str = ""

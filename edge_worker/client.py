@@ -88,6 +88,7 @@ class SessionResult:
     resends: int = 0  # drafts (or the open) sent again after no verdict within the resend budget
     forged: int = 0  # verdict-stream entries dropped because their MAC did not verify
     rewinds: int = 0  # times the edge resumed from a shorter committed context (Redis lost rounds)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the session asked
 
     @property
     def acceptance_rate(self) -> float:
@@ -106,6 +107,7 @@ class SessionResult:
         data = asdict(self)
         data.pop("round_ms")
         data.pop("gammas")
+        data.pop("logprobs")  # per-token data, not a figure (the result keeps it)
         for key in ("draft_ms", "queue_ms", "verify_ms", "transport_ms", "wall_ms", "first_token_ms"):
             data[key] = round(data[key], 3)
         data.update(acceptance_rate=round(self.acceptance_rate, 4),
@@ -115,7 +117,19 @@ class SessionResult:
         return data
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of one generated token and its ``top`` alternatives
+    (``(token id, logprob)``, most likely first), from the pass that committed it."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 TokenCallback = Callable[[str, list[int]], None]
+LogprobCallback = Callable[[str, list[TokenLogprob]], None]
+"""Called just before ``TokenCallback`` with the same tokens' logprobs (sessions that ask)."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +207,16 @@ class EdgeClient:
         return f"{self.config.tenant}.{uuid.uuid4().hex}"
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
-                       on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
+                       on_tokens: TokenCallback | None = None, session_id: str = "",
+                       logprobs: int | None = None,
+                       on_logprobs: LogprobCallback | None = None) -> SessionResult:
+        """One session. ``logprobs`` (None: none): the target's logprob of every generated token
+        and its top ``logprobs`` alternatives, in ``SessionResult.logprobs`` and ``on_logprobs``."""
         check_prompt(prompt_ids, spec, self.config)
         async with self._slots:
-            return await _EdgeSession(self, prompt_ids, spec, on_tokens, session_id).run()
+            session = _EdgeSession(self, prompt_ids, spec, on_tokens, session_id)
+            session.want_logprobs(logprobs, on_logprobs)
+            return await session.run()
 
 
 class _EdgeSession(VerdictWaiter):
@@ -222,6 +242,12 @@ class _EdgeSession(VerdictWaiter):
         self.ahead: _Ahead | None = None
         self.pressure = Backpressure()  # verifier load from verdicts: shorter drafts or a wait
         self.span: Any = None  # the session's trace span (tracing on), else None
+        self.logprobs: int | None = None
+        self.on_logprobs: LogprobCallback | None = None
+
+    def want_logprobs(self, top: int | None, on_logprobs: LogprobCallback | None) -> None:
+        self.logprobs, self.on_logprobs = top, on_logprobs
+        self.result.logprobs = [] if top is not None else None
 
     async def run(self) -> SessionResult:
         broker, backend = self.client.broker, self.client.backend
@@ -232,7 +258,7 @@ class _EdgeSession(VerdictWaiter):
             session_id=self.sid, prompt_ids=_u32(self.context), sampling=self.spec,
             draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
-            verdict_key=self.open_key, trace=tracing.traceparent(self.span),
+            verdict_key=self.open_key, logprobs=self.logprobs, trace=tracing.traceparent(self.span),
         )
         self.open_payload = encode(opened)
         tenant, metrics = self.client.config.tenant, self.client.metrics
@@ -388,6 +414,7 @@ class _EdgeSession(VerdictWaiter):
         r = self.result
         r.token_ids.extend(kept)
         fresh = self._fresh_tokens(kept)
+        fresh_logprobs = self._logprobs(kept, verdict)[len(kept) - len(fresh):]
         r.finish_reason = finish
         r.rounds += 1
         r.target_forward_passes += 1
@@ -400,8 +427,26 @@ class _EdgeSession(VerdictWaiter):
         r.round_ms.append(round_ms)
         self.client.metrics.observe_round(self.client.config.tenant, len(drafted), verdict.accepted,
                                           len(kept), draft_ms, round_ms, self.client.backend.model_name)
+        if self.on_logprobs is not None and fresh_logprobs:
+            self.on_logprobs(self.sid, fresh_logprobs)
         if self.on_tokens is not None and fresh:
             self.on_tokens(self.sid, fresh)
+
+    def _logprobs(self, kept: list[int], verdict: Verdict) -> list[TokenLogprob]:
+        """The kept tokens' logprobs from the verdict (recorded in the result), when asked for."""
+        if self.result.logprobs is None:
+            return []
+        data = verdict.logprobs
+        if data is None or len(data) != len(kept):
+            raise SessionFailed(ErrorCode.INTERNAL, f"the verdict of round {verdict.seq} carries "
+                                f"{0 if data is None else len(data)} logprobs for {len(kept)} tokens "
+                                "(a verifier older than this edge ignores the request for them)")
+        entries = [TokenLogprob(token, float(chosen), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
+                   for token, chosen, ids, values in zip(kept, data.chosen.tolist(), data.top_ids,
+                                                         data.top_logprobs, strict=True)]
+        del self.result.logprobs[len(self.result.token_ids) - len(kept):]  # a rewind redoes rounds
+        self.result.logprobs.extend(entries)
+        return entries
 
     def _fresh_tokens(self, kept: list[int]) -> list[int]:
         """The tokens not handed out before; after a rewind the redone ones must equal those that were."""

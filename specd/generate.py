@@ -16,6 +16,7 @@ from common.models import load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings, context_length
+from edge_worker.client import SessionResult
 from specd.prompts import PromptError
 from specd.runtime import (
     backend_context,
@@ -98,11 +99,17 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
         result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
         if stream:
             print(flush=True)
-        summary = result.summary()
-        summary.update(mode="speculative", gamma=settings.edge.gamma,
-                       text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
-                       redis="embedded" if embedded else redacted(url))
-        return summary
+        return speculative_summary(settings, result, tokenizer, url, embedded)
+
+
+def speculative_summary(settings: Settings, result: SessionResult, tokenizer: Any, url: str,
+                        embedded: bool) -> dict[str, Any]:
+    """What ``generate --json`` prints for a speculative session (and the Python API returns)."""
+    summary = result.summary()
+    summary.update(mode="speculative", gamma=settings.edge.gamma,
+                   text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
+                   redis="embedded" if embedded else redacted(url))
+    return summary
 
 
 def target_only(settings: Settings, prompt: str) -> dict[str, Any]:

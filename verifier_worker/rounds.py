@@ -218,6 +218,7 @@ class RoundMixin(LeaseMixin):
             token=outcome.token, committed=len(session.context), finish_reason=finish,
             queue_ms=round(queue_ms, 3), verify_ms=round(verify_ms, 3), batch_size=batch_size,
             worker_id=self.worker_id, pool_load=self.pool_load,
+            logprobs=outcome.logprobs.head(kept) if outcome.logprobs is not None else None,
         )
         payload = encode(verdict)
         session.last_verdict = payload
