@@ -19,6 +19,7 @@ from typing import Any
 
 from broker.multiplex import MultiplexedBroker
 from broker.streams import make_broker
+from common import tracing
 from common.logs import bind, configure_logging
 from common.settings import Settings, load_settings
 from edge_worker.client import EdgeClient, SessionFailed
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.prompts_json) as f:
         prompts = json.load(f)
     plan = _Plan(prompts, args.offset, args.stride, args.sessions)
-    return asyncio.run(run(settings, plan, args.slots))
+    tracing.configure("specd-loadedge", settings.tracing.otlp_endpoint, settings.tracing.file)
+    try:
+        return asyncio.run(run(settings, plan, args.slots))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

@@ -42,14 +42,17 @@ def forward_stop_signals(handler: Callable[[int], Any]) -> None:
         signal.signal(sig, lambda signum, _frame: handler(signum))
 
 
-def drain_then_exit(stop: asyncio.Event, grace_s: float = 30.0) -> None:
+def drain_then_exit(stop: asyncio.Event, grace_s: float = 30.0) -> list[int]:
     """SIGINT/SIGTERM set ``stop``: workers finish their batch and drain.
 
     Whatever state the worker is in (draining, reconnecting to Redis), it is gone ``grace_s`` after
     the first signal, and at once on a second one (exit 130; children die with it, common.procs).
+    Returns the signals received, for the exit code (``stopped_exit_code``).
     """
+    received: list[int] = []
 
     def on_signal(signum: int) -> None:
+        received.append(signum)
         if stop.is_set():
             log.warning("worker.stop_forced", signal=signum)
             os._exit(130)
@@ -59,6 +62,13 @@ def drain_then_exit(stop: asyncio.Event, grace_s: float = 30.0) -> None:
         watchdog.start()
 
     on_stop_signals(on_signal)
+    return received
+
+
+def stopped_exit_code(received: list[int]) -> int:
+    """Ctrl-C is an interruption (130, the exit-code table); SIGTERM, a service manager's orderly
+    stop after a drain, is a success (0)."""
+    return 130 if signal.SIGINT in received else 0
 
 
 def _forced_exit(grace_s: float) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.reach import RedisUnavailable
+from broker.reach import RedisUnavailable, require_verifier
 from broker.streams import Broker, short_session_id
 from common.logs import LogSink, bind, get_logger, log_sink
 from common.metrics import serve
@@ -20,7 +20,7 @@ from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
 from specd.logs import LOG_FIELD, log_stream_key
 from specd.runtime import build_edge, build_verifier, open_broker
-from specd.signals import drain_then_exit
+from specd.signals import drain_then_exit, stopped_exit_code
 from verifier_worker.worker import default_worker_id
 
 log = get_logger("specd.workers")
@@ -31,12 +31,12 @@ async def run_verifier(settings: Settings) -> int:
     try:
         worker = build_verifier(settings, broker)
         stop = asyncio.Event()
-        drain_then_exit(stop, settings.verifier.drain_timeout_s + 5)
+        received = drain_then_exit(stop, settings.verifier.drain_timeout_s + 5)
         async with worker_services(settings, broker, worker.metrics.registry):
             await worker.run(stop)
     finally:
         await broker.close()
-    return 0
+    return stopped_exit_code(received)
 
 
 @contextlib.asynccontextmanager
@@ -136,11 +136,11 @@ async def run_edge_jobs(settings: Settings, client: EdgeClient, jobs: list[Promp
     async def one(job: PromptJob) -> SessionResult | None:
         prompt_ids = tokenizer.encode(job.text)
         spec = sampling_spec(settings, stops)
+        sid = job.session_id or client.session_id()  # known here too: the error line names it
         try:
-            result = await client.generate(prompt_ids, spec, on_tokens, job.session_id)
+            result = await client.generate(prompt_ids, spec, on_tokens, sid)
         except SessionFailed as exc:
-            emit({"event": "error", "session_id": job.session_id, "code": exc.code.value,
-                  "message": str(exc)})
+            emit({"event": "error", "session_id": sid, "code": exc.code.value, "message": exc.message})
             return None
         emit({"event": "result", "prompt": job.text,
               "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
@@ -157,6 +157,8 @@ async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> i
     bind(worker_id=worker_id)
     heartbeat = asyncio.create_task(_edge_heartbeat(broker, worker_id, settings.edge.heartbeat_ttl_s))
     try:
+        # before the draft loads: fail fast, not once per session after edge.verdict_timeout_s
+        await require_verifier(broker, settings.redis.url, settings.redis.startup_wait_s)
         client = build_edge(settings, broker)
         log.info("edge.started", backend=client.backend.name, device=client.backend.device,
                  model=client.backend.model_name, sessions=len(jobs))

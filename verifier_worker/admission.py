@@ -16,6 +16,7 @@ import time
 
 from broker.pool import now_ms
 from broker.streams import DEFAULT_TENANT, Entry, tenant_of
+from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import (
     AdmissionRules,
@@ -126,8 +127,9 @@ class Admission:
             session.lease, session.key, session.open_raw = lease, key, raw
             state.hold(session)
             state.stats.sessions_opened += 1
+            state.metrics.admission_outcome("admitted")
             log.info("session.opened", session_id=sid, tenant=message.tenant,
-                     prompt_tokens=int(message.prompt_ids.size),
+                     **tracing.log_ids(message.trace), prompt_tokens=int(message.prompt_ids.size),
                      max_new_tokens=message.sampling.max_new_tokens,
                      temperature=message.sampling.temperature, hops=entry.hops, lease=lease)
         else:
@@ -186,6 +188,9 @@ class Admission:
             queued=await state.pool.queued_opens(entry.stream))
         decision = decide_admission(list(state.sessions.values()), request, self.rules(), state.peers,
                                     time.monotonic())
+        outcome = _outcome(decision)
+        if outcome:
+            state.metrics.admission_outcome(outcome)
         if isinstance(decision, PassOn):
             state.stats.opens_passed_on += 1
             await state.pool.pass_on_open(entry, entry.hops + 1, since)
@@ -205,3 +210,10 @@ class Admission:
         session.evicted = True
         self.state.stats.evictions += 1
         log.info("session.evicted", session_id=session.session_id, reserve=session.reserve)
+
+
+def _outcome(decision: object) -> str:
+    """The admission metric's label of a decision that does not take the open here ("": it does)."""
+    if isinstance(decision, Reject):
+        return "refused_capacity" if decision.code is ErrorCode.CAPACITY else "refused_busy"
+    return {PassOn: "passed_on", Wait: "deferred"}.get(type(decision), "")

@@ -91,6 +91,7 @@ class WorkerState:
         self.metrics = VerifierMetrics()
         self.metrics.track(lambda: sum(s.kv.nbytes() for s in list(self.sessions.values())),
                            lambda: sum(len(s.queue) for s in list(self.sessions.values())))
+        self.metrics.configured(settings.verifier.max_batch_sessions, settings.pool.kv_budget_tokens)
 
     def key_of(self, open_key: bytes) -> bytes:
         return session_key(self.settings.redis.verdict_secret, open_key)

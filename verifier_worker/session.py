@@ -57,6 +57,8 @@ class VerifierSession:
     open_raw: bytes = b""  # the open message, to rewrite the meta key if Redis lost it
     stored: int = 0  # tokens of the context known to be in Redis ({sid}:tokens)
     repair: bool = False  # the next commit rewrites the whole context (Redis lost some of it)
+    logprobs: int | None = None  # the open's: verdicts carry the committed tokens' logprobs
+    trace: str = ""  # the edge's session span (W3C traceparent) when it traces; rounds join it
 
     @classmethod
     def from_open(cls, message: SessionOpen, draft_room: int = 0) -> VerifierSession:
@@ -67,7 +69,7 @@ class VerifierSession:
             params=SamplingParams.of(spec),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
-            key=message.verdict_key, repair=True,
+            key=message.verdict_key, repair=True, logprobs=message.logprobs, trace=message.trace,
         )
 
     @classmethod
@@ -116,6 +118,7 @@ class VerifierSession:
         return VerifyRequest(
             kv=self.kv, context=self.context, seq=draft.seq, params=self.params,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
+            logprobs=self.logprobs,
         )
 
     def input_tokens(self, pending: PendingDraft) -> int:

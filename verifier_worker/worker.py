@@ -86,7 +86,9 @@ class VerifierWorker:
         while True:
             try:
                 await self.tick()
+                self.state.metrics.redis_reachable(True)
             except Exception as exc:  # noqa: BLE001 - the main loop reports broker trouble
+                self.state.metrics.redis_reachable(False)
                 log.warning("verifier.tick_failed", error=str(exc))
             await asyncio.sleep(self.leases.tick_s)
 
