@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from honest import honest
 
 from broker.streams import Broker
 from common.models import load_causal_lm
@@ -51,7 +52,7 @@ def worker_on(url: str, target, worker_id: str, prefix: str, **sections) -> Veri
     return VerifierWorker(
         settings,
         TargetEngine(target.model, target.vocab_size),
-        make_broker(settings),
+        honest(make_broker(settings)),
         "tiny",
         target.fingerprint,
         worker_id=worker_id,
