@@ -7,7 +7,7 @@ nonce of the session's open (remembered from the opens it sent; empty when it se
 
 from __future__ import annotations
 
-from broker.streams import Broker, Keys
+from broker.streams import FIELD, MAC_FIELD, Broker, Keys
 from common.integrity import mac, session_key
 from common.wire import SessionOpen, WireError, decode
 
@@ -54,3 +54,10 @@ def entry_tag(keys: Keys, stream: str, payload: bytes | None) -> bytes | None:
 def honest(broker: Broker) -> HonestBroker:
     """The same connection, prefix and limits, sending signed messages."""
     return HonestBroker(broker.redis, broker.keys.prefix, broker.maxlen, broker.ttl, broker.keys.shards)
+
+
+def signed_open(payload: bytes) -> dict[bytes, bytes]:
+    """An open's stream entry as an honest edge writes it: the payload and its MAC."""
+    tag = open_tag(payload)
+    assert tag is not None, "not an open"
+    return {FIELD: payload, MAC_FIELD: tag}

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
-from honest import open_tag
+from honest import signed_open
 from redis.exceptions import NoPermissionError, ResponseError
 
 from broker.acl import edge_rule, ops_rule, verifier_rule
-from broker.streams import FIELD, MAC_FIELD, connect
+from broker.streams import FIELD, connect
 from common.sampling import SamplingParams
 from common.settings import Settings
 from common.wire import ErrorCode, ErrorMessage, SamplingSpec, SessionOpen, decode, encode
@@ -104,13 +104,6 @@ async def run_acme(url: str, tiny_pair: dict, verifier) -> None:
         await broker.close()
 
 
-def signed(payload: bytes) -> dict[bytes, bytes]:
-    """An open's stream entry as an honest edge writes it: with its MAC (tests/honest.py)."""
-    tag = open_tag(payload)
-    assert tag is not None
-    return {FIELD: payload, MAC_FIELD: tag}
-
-
 def an_open(sid: str, tenant: str, fingerprint: str) -> bytes:
     return encode(
         SessionOpen(
@@ -166,11 +159,11 @@ async def test_finding2_the_tenant_comes_from_the_stream_not_the_message(acl_red
         stream = f"{PREFIX}:opens:{{evil}}"
         try:
             for i in range(4):  # claiming acme's name on its own stream: refused, never counted
-                await evil.xadd(stream, signed(an_open(f"evil.claim{i}", "acme", verifier.fingerprint)))
+                await evil.xadd(stream, signed_open(an_open(f"evil.claim{i}", "acme", verifier.fingerprint)))
             for i in range(4):  # acme's id space on evil's stream: dropped unanswered
-                await evil.xadd(stream, signed(an_open(f"acme.fake{i}", "acme", verifier.fingerprint)))
+                await evil.xadd(stream, signed_open(an_open(f"acme.fake{i}", "acme", verifier.fingerprint)))
             for i in range(4):  # honest opens over its limit of 1: one admitted, three refused
-                await evil.xadd(stream, signed(an_open(f"evil.s{i}", "evil", verifier.fingerprint)))
+                await evil.xadd(stream, signed_open(an_open(f"evil.s{i}", "evil", verifier.fingerprint)))
             refusals = await wait_for_refusals(
                 evil, [f"evil.claim{i}" for i in range(4)] + [f"evil.s{i}" for i in range(4)], expected=7
             )
