@@ -9,7 +9,7 @@ from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect, connect_settings
 from common.integrity import NO_SECRET_RISK
 from common.logs import get_logger
-from common.models import load_causal_lm, set_torch_threads
+from common.models import hub_options, load_causal_lm, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
@@ -18,6 +18,16 @@ from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
 
 log = get_logger("specd.runtime")
+
+
+def check_models(settings: Settings, target: bool, draft: bool) -> None:
+    """Model names that cannot load (a missing folder, one without config.json, a hub id neither
+    the hub nor the local cache can serve) fail now, before a slow load of the other model:
+    ModelLoadError, exit 2."""
+    if target:
+        hub_options(settings.models.target)
+    if draft and settings.edge.backend != "router":  # the router's drafts name their own models
+        hub_options(settings.models.draft)
 
 
 def make_broker(settings: Settings, url: str | None = None) -> Broker:

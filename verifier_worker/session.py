@@ -62,6 +62,8 @@ class VerifierSession:
     forged_told: float = -1e9  # when the edge was last told of one (monotonic)
     stored: int = 0  # tokens of the context known to be in Redis ({sid}:tokens)
     repair: bool = False  # the next commit rewrites the whole context (Redis lost some of it)
+    logprobs: int | None = None  # the open's: verdicts carry the committed tokens' logprobs
+    trace: str = ""  # the edge's session span (W3C traceparent) when it traces; rounds join it
 
     @classmethod
     def from_open(cls, message: SessionOpen, draft_room: int = 0) -> VerifierSession:
@@ -72,7 +74,8 @@ class VerifierSession:
             params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
-            digest=ContextDigest(u32(message.prompt_ids)), repair=True,
+            digest=ContextDigest(u32(message.prompt_ids)), repair=True, logprobs=message.logprobs,
+            trace=message.trace,
         )
 
     @classmethod
@@ -128,6 +131,7 @@ class VerifierSession:
         return VerifyRequest(
             kv=self.kv, context=self.context, seq=draft.seq, params=self.params, reserve=self.reserve,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
+            logprobs=self.logprobs,
         )
 
     def input_tokens(self, pending: PendingDraft) -> int:
