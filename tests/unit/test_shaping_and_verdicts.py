@@ -86,6 +86,8 @@ async def test_multiplexed_read_times_out_empty_and_buffers_late_entries(broker)
 
 
 class _NoDraft:
+    model_name = "none"  # named in the edge's per-drafter round metrics
+
     def new_state(self) -> None:
         return None
 
