@@ -90,8 +90,11 @@ class RedisSettings(Section):
     tls_key_file: str = ""
     """Private key of the client certificate (rediss:// only)."""
     verdict_secret: str = ""
-    """Shared by edges and verifiers: mixed into each session's verdict key, so that a reader of
-    the open streams still cannot forge verdicts; prefer SPECD_REDIS__VERDICT_SECRET."""
+    """Shared by edges and verifiers (same value on all): each session's key (the MACs of its
+    opens, drafts and verdicts) is derived from it, so a client without it cannot change an
+    output even with full access to Redis. Empty on a shared Redis: integrity then rests on Redis
+    ACLs alone (a warning at start-up); the embedded Redis gets a random one per run. Prefer
+    SPECD_REDIS__VERDICT_SECRET; docs/security.md."""
 
     @field_validator("key_prefix")
     @classmethod

@@ -20,7 +20,9 @@ import numpy as np
 
 from common.tracing import TRACEPARENT
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the open carries a nonce instead of a verdict key; verdicts bind the drafted tokens and the
+committed context (common.integrity); opens, drafts and closes travel with a MAC beside them."""
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 LOGPROB_FLOOR = -9999.0  # a token of probability 0 (log -inf) is reported as this (JSON has no -inf)
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -43,6 +45,7 @@ class ErrorCode(str, enum.Enum):
     DEAD_LETTER = "dead_letter"  # a message kept failing and was moved to the dead-letter stream
     BUSY = "busy"  # the tenant's queue of waiting session opens is full: open again later
     UNAVAILABLE = "unavailable"  # Redis stayed unreachable (or lost the session) past the edge's bound
+    INTEGRITY = "integrity"  # a message failed its MAC, or a verdict verified other tokens than drafted
     INTERNAL = "internal"
 
 
@@ -129,7 +132,7 @@ class SessionOpen:
     vocab_fingerprint: str
     tenant: str = "default"
     target_model: str = ""  # the target the edge expects; empty means "whatever the pool runs"
-    verdict_key: bytes = b""  # the session's key: verifiers put an HMAC of it beside each verdict
+    nonce: bytes = b""  # random per session: mixed with the secret and the id into the session's key
     logprobs: int | None = None  # None: none; n: each committed token's logprob and its top n
     trace: str = ""  # W3C traceparent of the edge's session span when tracing is on (else absent)
     type_: str = field(default="open", init=False)
@@ -191,6 +194,8 @@ class Verdict:
     batch_size: int = 1
     worker_id: str = ""
     pool_load: float = 0.0  # the verifier's load: >= 1 means its batch or KV budget binds
+    drafted: bytes = b""  # common.integrity.draft_digest of the draft this verdict verified
+    context_digest: bytes = b""  # digest of the committed context after this verdict
     logprobs: TokenLogprobs | None = None  # only for sessions that asked (SessionOpen.logprobs)
     type_: str = field(default="verdict", init=False)
 
@@ -227,7 +232,7 @@ def encode(message: Message) -> bytes:
         body.update(
             prompt=_ids_to_bytes(message.prompt_ids), sampling=message.sampling.to_wire(),
             draft_model=message.draft_model, target_model=message.target_model,
-            vocab=message.vocab_fingerprint, tenant=message.tenant, key=message.verdict_key,
+            vocab=message.vocab_fingerprint, tenant=message.tenant, nonce=message.nonce,
         )
         if message.logprobs is not None:  # absent by default: no cost for sessions that do not ask
             body["logprobs"] = message.logprobs
@@ -246,7 +251,7 @@ def encode(message: Message) -> bytes:
             seq=message.seq, accepted=message.accepted, token=message.token,
             committed=message.committed, finish=message.finish_reason, queue_ms=message.queue_ms,
             verify_ms=message.verify_ms, batch=message.batch_size, worker=message.worker_id,
-            load=message.pool_load,
+            load=message.pool_load, dh=message.drafted, ch=message.context_digest,
         )
         if message.logprobs is not None:
             body.update(_logprobs_to_wire(message.logprobs))
@@ -287,7 +292,8 @@ def decode(raw: bytes, limits: Limits = Limits()) -> Message:
     version = body.get("v")
     if version != SCHEMA_VERSION:
         raise WireError(ErrorCode.UNSUPPORTED_VERSION,
-                        f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})",
+                        f"schema version {version!r} is not supported (expected {SCHEMA_VERSION}): run the "
+                        "same specd release on edges and verifiers",
                         session_id=_safe_sid(body))
     session_id = _string(body, "sid", limits.max_id_length)
     decoder = _DECODERS.get(_string(body, "t", 16))
@@ -308,7 +314,7 @@ def _decode_open(body: dict[str, Any], sid: str, limits: Limits) -> SessionOpen:
         session_id=sid, prompt_ids=prompt, sampling=SamplingSpec.from_wire(body.get("sampling"), limits),
         draft_model=_string(body, "draft_model", 512), target_model=_string(body, "target_model", 512),
         vocab_fingerprint=_string(body, "vocab", 128), tenant=_string(body, "tenant", limits.max_id_length),
-        verdict_key=_key(body), logprobs=_top_count(body), trace=_trace(body),
+        nonce=_short_bytes(body, "nonce", 64), logprobs=_top_count(body), trace=_trace(body),
     )
 
 
@@ -353,11 +359,11 @@ def _trace(body: dict[str, Any]) -> str:
     return value if isinstance(value, str) and TRACEPARENT.fullmatch(value) else ""
 
 
-def _key(body: dict[str, Any]) -> bytes:
-    key = body.get("key", b"")  # absent from older edges: their verdicts carry a MAC of an empty key
-    if not isinstance(key, bytes) or len(key) > 64:
-        raise WireError(ErrorCode.MALFORMED, "key must be a byte string of at most 64 bytes")
-    return key
+def _short_bytes(body: dict[str, Any], name: str, limit: int) -> bytes:
+    value = body.get(name, b"")
+    if not isinstance(value, bytes) or len(value) > limit:
+        raise WireError(ErrorCode.MALFORMED, f"{name} must be a byte string of at most {limit} bytes")
+    return value
 
 
 def _decode_draft(body: dict[str, Any], sid: str, limits: Limits) -> DraftBatch:
@@ -415,6 +421,7 @@ def _decode_verdict(body: dict[str, Any], sid: str, limits: Limits) -> Verdict:
         queue_ms=_number(body, "queue_ms", 0.0), verify_ms=_number(body, "verify_ms", 0.0),
         batch_size=_integer(body, "batch", 0, 1 << 20), worker_id=_string(body, "worker", 128),
         pool_load=_number(body, "load", 0.0),  # absent in verdicts of older verifiers
+        drafted=_short_bytes(body, "dh", 32), context_digest=_short_bytes(body, "ch", 32),
         logprobs=_logprobs_from_wire(body, limits),
     )
 

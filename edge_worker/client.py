@@ -11,8 +11,10 @@ dropped, and the backend rolls its cache back on the next proposal. The early ba
 batch the edge would have drafted after the verdict: the same context and the same ``seq``, so
 the same draws for sampled sessions; exactness does not depend on it.
 
-Each session has a random verdict key sent in its open; waiting for a verdict (authentication,
-notices, re-sends, resuming after Redis lost rounds) lives in ``edge_worker.waiting``.
+Each session's key is derived from the pool's secret, its id and a random nonce sent in its open
+(common.integrity); the open, every draft and the close carry a MAC under it. Waiting for a
+verdict (authentication, binding to the drafted tokens, notices, re-sends, resuming after Redis
+lost rounds) lives in ``edge_worker.waiting``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from broker.streams import TRANSIENT_ERRORS, Broker, new_session_id, session_key, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, new_session_id, with_backoff
 from common import tracing
+from common.integrity import ContextDigest, draft_digest, mac, session_key, u32
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
 from common.prompt_limits import prompt_problem
@@ -86,6 +89,7 @@ class SessionResult:
     throttled: int = 0  # drafts held back for the tenant's draft-token rate (non-fatal notices)
     resends: int = 0  # drafts (or the open) sent again after no verdict within the resend budget
     forged: int = 0  # verdict-stream entries dropped because their MAC did not verify
+    forged_drafts: int = 0  # drafts someone else put in this session's stream (refused by the verifier)
     rewinds: int = 0  # times the edge resumed from a shorter committed context (Redis lost rounds)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the session asked
 
@@ -223,16 +227,20 @@ class _EdgeSession(VerdictWaiter):
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
         self.sid = session_id or client.session_id()
-        self.open_key = os.urandom(32)
-        self.key = session_key(client.config.verdict_secret, self.open_key)
+        self.nonce = os.urandom(32)
+        self.key = session_key(client.config.verdict_secret, self.sid, self.nonce)
         self.seq = 0
         self.emitted: list[int] = []  # tokens handed to on_tokens (a rewind never repeats them)
         self.sent: bytes = b""  # the current draft, as sent (re-sent unchanged)
+        self.sent_tag: bytes = b""  # its MAC
+        self.bound: bytes = b""  # its draft_digest: the verdict must name the same
         self.open_payload = b""
+        self.open_tag = b""
         self.spec = spec
         self.params = SamplingParams.of(spec)
         self.stops = frozenset(spec.stop_token_ids)
         self.context = list(prompt_ids)
+        self.digest = ContextDigest(u32(prompt_ids))  # of the committed context: verdicts carry it too
         self.result = SessionResult(self.sid, list(prompt_ids), seed=spec.seed)
         self.on_tokens = on_tokens
         self.state = client.backend.new_state()
@@ -257,13 +265,15 @@ class _EdgeSession(VerdictWaiter):
             session_id=self.sid, prompt_ids=_u32(self.context), sampling=self.spec,
             draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
-            verdict_key=self.open_key, logprobs=self.logprobs, trace=tracing.traceparent(self.span),
+            nonce=self.nonce, logprobs=self.logprobs, trace=tracing.traceparent(self.span),
         )
         self.open_payload = encode(opened)
+        self.open_tag = mac(self.key, self.open_payload)
         tenant, metrics = self.client.config.tenant, self.client.metrics
         metrics.session_started(tenant)
         try:
-            await self._redis(lambda: broker.open_session(self.sid, self.open_payload), "open_session")
+            await self._redis(lambda: broker.open_session(self.sid, self.open_payload, self.open_tag),
+                              "open_session")
             while self.result.finish_reason is None:
                 await self._round(self.seq)
                 if self.result.rounds == 1:
@@ -282,8 +292,9 @@ class _EdgeSession(VerdictWaiter):
             backend.release(self.state)
             self.result.wall_ms = (time.perf_counter() - started) * 1000
             if self.result.finish_reason is None:  # tell the verifier to free the session now
+                close = encode(SessionClose(self.sid, "aborted"))
                 await _quietly(asyncio.wait_for(
-                    broker.send_draft(self.sid, encode(SessionClose(self.sid, "aborted"))), 2.0))
+                    broker.send_draft(self.sid, close, mac(self.key, close)), 2.0))
         log.info("edge.session.summary", **tracing.log_ids(self.span), **{
             k: v for k, v in self.result.summary().items() if k not in ("token_ids", "prompt_ids")})
         return self.result
@@ -309,7 +320,9 @@ class _EdgeSession(VerdictWaiter):
         )
         sent = time.perf_counter()
         self.sent = encode(message)
-        await self._redis(lambda: self.client.broker.send_draft(self.sid, self.sent), "send_draft")
+        self.sent_tag, self.bound = mac(self.key, self.sent), draft_digest(message.start, u32(ids))
+        await self._redis(lambda: self.client.broker.send_draft(self.sid, self.sent, self.sent_tag),
+                          "send_draft")
         self._start_ahead(seq, proposal.token_ids)
         verdict = await self._await_verdict(seq)
         if verdict is None:  # the verifier committed fewer tokens than this edge holds: resumed
@@ -410,6 +423,9 @@ class _EdgeSession(VerdictWaiter):
             raise SessionFailed(ErrorCode.INTERNAL,
                                 f"edge and verifier disagree: {len(self.context)} vs "
                                 f"{verdict.committed} tokens, {finish} vs {verdict.finish_reason}")
+        self.digest.extend(u32(kept))
+        if verdict.context_digest != self.digest.digest():
+            self._integrity_failure("the verifier's committed context differs from this edge's")
         r = self.result
         r.token_ids.extend(kept)
         fresh = self._fresh_tokens(kept)

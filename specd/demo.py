@@ -72,7 +72,7 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
         print(f"specd demo: Redis {'embedded at ' + redacted(url) if embedded else redacted(url)}; "
               f"1 verifier, {edges} edge workers x {sessions_per_edge} sessions; logs in {log_dir}",
               file=out, flush=True)
-        env = child_env(settings, url)  # every setting, each flag the demo took included
+        env = child_env(settings, url)  # every setting (the run's verdict secret too), no flags
         verifier = await asyncio.create_subprocess_exec(
             *dies_with_parent([sys.executable, "-m", "specd", "verifier"]),
             stdout=asyncio.subprocess.DEVNULL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,10 @@ async def redis_url_for(settings: Settings) -> AsyncIterator[tuple[str, bool]]:
         # Private to this command (loopback, random password, dies with it): there is no other
         # client whose reach an ACL would bound, so the verifier's ACL warning would only be noise.
         settings.verifier.acl_check = "off"
+        # A fresh secret per run, shared only in process and with child processes' environments
+        # (specd demo), never through Redis: sessions are authenticated without configuration.
+        if not settings.redis.verdict_secret:
+            settings.redis.verdict_secret = secrets.token_urlsafe(32)
         yield embedded.url, True
 
 

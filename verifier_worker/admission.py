@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from broker.pool import now_ms
-from broker.streams import DEFAULT_TENANT, Entry, tenant_of
+from broker.streams import DEFAULT_TENANT, Entry, mac_ok, tenant_of
 from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import (
@@ -91,7 +91,7 @@ class Admission:
             message = decode(raw, state.limits)
             if not isinstance(message, SessionOpen):
                 raise WireError(ErrorCode.MALFORMED, "expected a session open message")
-            key = state.key_of(message.verdict_key)
+            key = state.key_of(message.session_id, message.nonce)
             if tenant_of(message.session_id) != tenant:
                 log.warning("open.foreign_session", session_id=message.session_id, tenant=tenant)
                 await state.broker.ack(entry.stream, entry.entry_id)  # another tenant's id: no reply
@@ -99,6 +99,9 @@ class Admission:
             if message.tenant != tenant:
                 raise WireError(ErrorCode.MALFORMED, f"the open claims tenant {message.tenant!r} on the open "
                                 f"stream of tenant {tenant!r}", message.session_id)
+            if not mac_ok(key, raw, entry.mac):
+                raise WireError(ErrorCode.INTEGRITY, "the open's MAC does not verify: edges and verifiers "
+                                "need the same redis.verdict_secret", message.session_id)
             self.check_compatible(message)
             if message.session_id in state.sessions or await state.broker.session_known(message.session_id):
                 # A duplicated open (an edge re-sends its open while no verdict came): the session
@@ -121,10 +124,11 @@ class Admission:
         state, sid = self.state, message.session_id
         lease = await state.pool.acquire(sid, state.worker_id, state.settings.pool.lease_ms)
         if lease is not None:
-            await state.pool.save_open(sid, raw)
+            tag = entry.mac or b""
+            await state.pool.save_open(sid, raw, tag)
             await state.broker.ensure_group(state.broker.keys.drafts(sid))
             session = VerifierSession.from_open(message, state.limits.max_gamma)
-            session.lease, session.key, session.open_raw = lease, key, raw
+            session.lease, session.key, session.open_raw, session.open_tag = lease, key, raw, tag
             state.hold(session)
             state.stats.sessions_opened += 1
             state.metrics.admission_outcome("admitted")

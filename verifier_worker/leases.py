@@ -6,7 +6,9 @@ here. A lease that vanished while nobody else took it (Redis restarted and lost 
 again under a new epoch, and the session's next commit rewrites its context and meta from this
 worker's memory, so sessions survive a Redis that lost its last writes. Every scan interval the
 worker adopts sessions whose lease lapsed, rebuilding them from ``{sid}:tokens`` and the state
-hash, and claims their pending drafts.
+hash, and claims their pending drafts. Nothing read back is trusted unless its MAC verifies under
+the session's key (common.integrity): the open in ``{sid}:meta`` (else the session is not adopted),
+and the committed context, vouched for by the last verdict (else it restarts from the prompt).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.streams import Entry
-from common.wire import SessionOpen, Verdict, WireError, decode
+from broker.streams import Entry, mac_ok
+from common.wire import ErrorCode, SessionOpen, Verdict, WireError, decode
 from verifier_worker.admission import Admission
 from verifier_worker.capacity import should_pass_on
 from verifier_worker.core import SessionWrites, WorkerState, log
@@ -66,7 +68,7 @@ class Leases:
         state = self.state
         session.lease, session.repair = lease, True
         state.stats.leases_retaken += 1
-        await state.pool.save_open(session.session_id, session.open_raw)
+        await state.pool.save_open(session.session_id, session.open_raw, session.open_tag)
         await state.broker.ensure_group(state.broker.keys.drafts(session.session_id))
         log.warning("session.lease_retaken", session_id=session.session_id, lease=lease)
 
@@ -120,22 +122,41 @@ class Maintenance:
             if lease is not None:
                 await self._adopt(sid, lease)
 
+    async def _trusted_open(self, sid: str) -> tuple[SessionOpen, bytes, bytes, bytes] | None:
+        """The session's saved open (decoded, raw), its MAC and the session's key, if the MAC verifies."""
+        state = self.state
+        raw, tag = await state.pool.load_open(sid)
+        try:
+            message = decode(raw or b"", state.limits)
+        except WireError:
+            return None
+        if not isinstance(message, SessionOpen) or message.session_id != sid:
+            return None
+        key = state.key_of(sid, message.nonce)
+        if not mac_ok(key, raw or b"", tag):
+            state.count_error(ErrorCode.INTEGRITY)
+            log.warning("session.open_unauthenticated", session_id=sid,
+                        error="the saved open's MAC does not verify: not adopted")
+            return None
+        return message, raw or b"", tag or b"", key
+
     async def _adopt(self, sid: str, lease: str) -> None:
         """Rebuild a session from its open message and committed tokens, then claim its drafts."""
         state = self.state
-        raw = await state.pool.load_open(sid) or b""
-        try:
-            message = decode(raw, state.limits)
-        except WireError:
-            message = None
+        opened = await self._trusted_open(sid)
         stored = await state.broker.load_state(sid)
-        if not isinstance(message, SessionOpen) or _finished(stored):
+        if opened is None or _finished(stored):
             await state.pool.release({sid: lease})
             await state.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
             return
+        message, raw, tag, key = opened
         tokens = await state.broker.load_tokens(sid)
-        session = VerifierSession.restore(message, stored, tokens, state.limits.max_gamma)
-        session.lease, session.key, session.open_raw = lease, state.key_of(message.verdict_key), raw
+        session = VerifierSession.restore(message, stored, tokens, key, state.limits.max_gamma)
+        if tokens and not session.stored:
+            state.count_error(ErrorCode.INTEGRITY)
+            log.warning("session.state_untrusted", session_id=sid, error="the committed context in Redis is "
+                        "not vouched for by a verdict under the session's key: restarting from the prompt")
+        session.lease, session.open_raw, session.open_tag = lease, raw, tag
         await state.broker.ensure_group(state.broker.keys.drafts(sid))
         if state.session_limit(session.tenant):  # admitted once: count it, never refuse it
             await state.pool.admit_session(session.tenant, sid, 0, state.tenant_entry_ms)

@@ -23,10 +23,11 @@ import os
 import time
 from typing import Any
 
-from broker.streams import TRANSIENT_ERRORS, Broker, Entry, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, Entry, mac_ok, with_backoff
+from common.integrity import NO_SECRET_RISK
 from common.logs import bind
 from common.settings import Settings
-from common.wire import DraftBatch, ErrorCode, SessionClose, WireError, decode
+from common.wire import DraftBatch, ErrorCode, ErrorMessage, SessionClose, WireError, decode
 from verifier_worker.aclcheck import check_acl
 from verifier_worker.admission import Admission
 from verifier_worker.capacity import resident_tokens, tenant_sessions
@@ -34,8 +35,11 @@ from verifier_worker.core import SessionWrites, VerifierStats, WorkerState, defa
 from verifier_worker.engine import TargetEngine
 from verifier_worker.leases import Leases, Maintenance
 from verifier_worker.rounds import Rounds
+from verifier_worker.session import VerifierSession
 
 __all__ = ["VerifierStats", "VerifierWorker", "default_worker_id"]
+
+FORGED_RETELL_S = 1.0  # a flood of forged drafts costs the edge at most one notice a second
 
 
 class VerifierWorker:
@@ -119,6 +123,8 @@ class VerifierWorker:
     async def startup(self) -> None:
         state = self.state
         await check_acl(state.broker, state.settings.verifier.acl_check)
+        if not state.settings.redis.verdict_secret:
+            log.warning("verifier.no_verdict_secret", risk=NO_SECRET_RISK)
         await with_backoff(lambda: self.admission.refresh_tenants(force=True), "serve_tenants",
                            state.stopping)
         await self.tick()
@@ -204,6 +210,9 @@ class VerifierWorker:
             # The session ended, or another worker owns it now: leave the entry pending (the
             # owner claims stale pending drafts; a deleted stream takes its pending list along).
             return
+        if not mac_ok(session.key, entry.payload or b"", entry.mac):
+            await self._forged_draft(session, entry)  # not from this session's edge: never decoded
+            return
         try:
             message = decode(entry.payload or b"", state.limits)
             if isinstance(message, SessionClose):
@@ -215,3 +224,21 @@ class VerifierWorker:
                 raise WireError(ErrorCode.MALFORMED, f"unexpected {message.type_} on a draft stream")
         except WireError as exc:
             await self.writes.reject(session, entry.entry_id, exc)
+
+    async def _forged_draft(self, session: VerifierSession, entry: Entry) -> None:
+        """Drop a draft-stream entry whose MAC does not verify; tell the edge (at most once a second)."""
+        state = self.state
+        session.forged += 1
+        state.stats.forged_drafts += 1
+        state.count_error(ErrorCode.INTEGRITY)
+        log.warning("draft.unauthenticated", session_id=session.session_id, entry_id=entry.entry_id,
+                    forged=session.forged)
+        now = time.monotonic()
+        if now - session.forged_told < FORGED_RETELL_S:
+            await state.writer.ack_foreign(entry.stream, entry.entry_id)
+            return
+        session.forged_told = now
+        await self.writes.notify(session, ErrorMessage(
+            session.session_id, ErrorCode.INTEGRITY, f"{session.forged} message(s) in this session's draft "
+            "stream failed authentication (not written by its edge): dropped, not verified",
+            seq=session.next_seq, fatal=False), entry.entry_id)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common.wire import (
+    SCHEMA_VERSION,
     DraftBatch,
     ErrorCode,
     ErrorMessage,
@@ -63,8 +64,8 @@ def test_token_ids_travel_as_uint32_bytes() -> None:
     (b"\xc1not msgpack", ErrorCode.MALFORMED),
     (msgpack.packb([1, 2, 3]), ErrorCode.MALFORMED),
     (msgpack.packb({"v": 99, "t": "draft", "sid": "s1"}), ErrorCode.UNSUPPORTED_VERSION),
-    (msgpack.packb({"v": 1, "t": "nope", "sid": "s1"}), ErrorCode.MALFORMED),
-    (msgpack.packb({"v": 1, "t": "draft", "sid": "bad}id"}), ErrorCode.MALFORMED),
+    (msgpack.packb({"v": SCHEMA_VERSION, "t": "nope", "sid": "s1"}), ErrorCode.MALFORMED),
+    (msgpack.packb({"v": SCHEMA_VERSION, "t": "draft", "sid": "bad}id"}), ErrorCode.MALFORMED),
     (b"\x00" * (Limits().max_message_bytes + 1), ErrorCode.LIMIT_EXCEEDED),
 ])
 def test_structural_errors(payload: bytes, code: ErrorCode) -> None:
