@@ -11,7 +11,7 @@ from typing import Any
 
 from broker.embedded import EmbeddedRedis
 from common.logs import get_logger
-from common.models import load_causal_lm, set_torch_threads
+from common.models import encode_prompt, load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings, context_length
@@ -69,7 +69,7 @@ async def cancel_until_done(task: asyncio.Task[Any], every_s: float = 0.5) -> No
         log.warning("verifier.stopped_with_error", error=repr(task.exception()))
 
 
-async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str, Any]:
+async def speculative(settings: Settings, prompt: str, stream: bool, chat: bool = False) -> dict[str, Any]:
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as stack:
         if embedded:  # nobody else can reach an embedded Redis: serve it ourselves
             await stack.enter_async_context(local_verifier(settings, url))
@@ -84,8 +84,8 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
                 print(tokenizer.decode(tokens, skip_special_tokens=True), end="", flush=True)
 
         if stream:
-            print(prompt, end="", flush=True)
-        result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
+            print(prompt, end="\n" if chat else "", flush=True)
+        result = await client.generate(encode_prompt(tokenizer, prompt, chat), spec, on_tokens)
         if stream:
             print(flush=True)
         summary = result.summary()
@@ -95,13 +95,14 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
         return summary
 
 
-def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
+def target_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str, Any]:
     models = settings.models
     set_torch_threads(models.torch_threads)
-    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
+                            cache_dir=settings.edge.cache_dir)
     engine = TargetEngine(target.model, target.vocab_size)
     spec = sampling_spec(settings, target.eos_token_ids)
-    prompt_ids = target.tokenizer.encode(prompt)
+    prompt_ids = encode_prompt(target.tokenizer, prompt, chat)
     check_local_prompt(prompt_ids, spec.max_new_tokens, context_length(target.model.config), "models.target")
     started = time.perf_counter()
     tokens = generate_target_only(engine, prompt_ids, SamplingParams(
@@ -111,11 +112,11 @@ def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
                           engine.forward_passes, spec.seed)
 
 
-def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
+def draft_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str, Any]:
     backend = build_draft_backend(settings)
     spec = sampling_spec(settings, backend.eos_token_ids)
     params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
-    prompt_ids = backend.tokenizer.encode(prompt)
+    prompt_ids = encode_prompt(backend.tokenizer, prompt, chat)
     check_local_prompt(prompt_ids, spec.max_new_tokens, backend_context(backend), "models.draft")
     state, context = backend.new_state(), list(prompt_ids)
     tokens: list[int] = []
@@ -152,13 +153,15 @@ def _plain_summary(mode: str, tokenizer: Any, prompt_ids: list[int], tokens: lis
     }
 
 
-def run_generate(settings: Settings, prompt: str, mode: str, as_json: bool) -> dict[str, Any]:
+def run_generate(settings: Settings, prompt: str, mode: str, as_json: bool,
+                 chat: bool = False) -> dict[str, Any]:
+    """``chat``: the prompt is one user message, sent through the model's chat template."""
     if mode == "speculative":
-        return asyncio.run(speculative(settings, prompt, stream=not as_json))
+        return asyncio.run(speculative(settings, prompt, stream=not as_json, chat=chat))
     if mode == "target":
-        return target_only(settings, prompt)
+        return target_only(settings, prompt, chat)
     if mode == "draft":
-        return draft_only(settings, prompt)
+        return draft_only(settings, prompt, chat)
     raise ValueError(f"unknown mode {mode!r}")
 
 

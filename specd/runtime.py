@@ -38,7 +38,8 @@ async def open_broker(settings: Settings, url: str | None = None) -> Broker:
 def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> VerifierWorker:
     models = settings.models
     set_torch_threads(models.torch_threads)
-    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
+                            cache_dir=settings.edge.cache_dir)
     engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
