@@ -100,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = _new_command(commands, "demo", help="verifier + edge workers on an embedded Redis",
                         description="Start one verifier and several edge workers (processes) on an "
-                        "embedded Redis with the bundled model pair, stream the text, print "
-                        "per-session and total figures.")
+                        "embedded Redis with the configured pair (default: SmolLM2-135M-Instruct and "
+                        "its draft; --pair tiny: the bundled tiny code pair), stream the text, print "
+                        "per-session and total figures. Prompts are user messages (the chat template "
+                        "is applied when the model has one).")
     demo.add_argument("--edges", type=_positive_int, default=3, help="edge worker processes")
     demo.add_argument("--sessions-per-edge", type=_positive_int, default=1, help="sessions per edge")
-    demo.add_argument("--prompt", action="append", help="a prompt (repeatable); default: built-ins")
+    demo.add_argument("--prompt", action="append", help="a prompt (repeatable); default: built-in "
+                      "questions (code prefixes for the tiny pair)")
     demo.add_argument("--log-dir", type=Path, help="where worker logs go (default: a temp folder)")
     demo.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_setting_flags(demo, "common", "target", "batching", "draft")
@@ -374,10 +377,10 @@ def _configure_logs(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from specd.demo import DEFAULT_PROMPTS, run_demo
+    from specd.demo import default_prompts, run_demo
 
     report_ = asyncio.run(run_demo(settings, args.edges, args.sessions_per_edge,
-                                   args.prompt or DEFAULT_PROMPTS, args.log_dir))
+                                   args.prompt or default_prompts(settings), args.log_dir))
     if args.json:
         print(json.dumps(report_))
     return 0 if len(report_["sessions"]) == args.edges * args.sessions_per_edge else 1
