@@ -189,7 +189,7 @@ class PoolSettings(Section):
     max_deliveries: int = Field(5, ge=1)
     """A draft delivered more often than this (crashes, failing passes) goes to the dead letters."""
     deadletter_maxlen: int = Field(1000, ge=10)
-    kv_budget_tokens: int = Field(262144, ge=1)
+    kv_budget_tokens: int = Field(32768, ge=1)
     """KV cache budget of one verifier in tokens, preallocated at start-up; each session reserves
     prompt + max_new_tokens + limits.max_gamma."""
     admission_wait_s: float = Field(30.0, ge=0)
