@@ -96,7 +96,8 @@ def smol_vocab_pair(real_target: str, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.mark.parametrize("backend", ["openvino", "genai"])
-async def test_converted_backends_on_the_real_vocabulary(backend, redis_url, smol_vocab_pair, edge_cache) -> None:
+async def test_converted_backends_on_the_real_vocabulary(backend, redis_url, smol_vocab_pair,
+                                                        edge_cache) -> None:
     """OpenVINO and GenAI convert a draft with the real model's vocabulary (49,152 tokens) and
     stay exact on chat-templated questions."""
     from common.models import encode_prompt

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,10 +60,10 @@ def greedy(real_pair: dict[str, str]) -> Any:
     target = load_causal_lm(REAL_TARGET)
     engine = TargetEngine(target.model, target.vocab_size)
 
-    def answer(question: str) -> list[int]:
+    def answer(question: str, tokens: int = TOKENS) -> list[int]:
         prompt = encode_prompt(target.tokenizer, question, chat=True)
         return generate_target_only(engine, prompt, SamplingParams(0.0, 1.0, 0, 0),
-                                    frozenset(target.eos_token_ids), TOKENS)
+                                    frozenset(target.eos_token_ids), tokens)
 
     answer.tokenizer = target.tokenizer  # type: ignore[attr-defined]
     return answer
@@ -121,5 +122,40 @@ def test_serve_with_the_openai_client_equals_target_greedy(redis_url: str, real_
         stream = client.chat.completions.create(model=REAL_TARGET, messages=messages, max_tokens=TOKENS,
                                                 temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        if CHROMIUM:
+            _web_page_answers(f"http://127.0.0.1:{port}/", greedy, tmp_path)
     finally:
         _stop(server)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WEB_QUESTION = "What is the capital of France, and what is it famous for?"
+
+
+def _web_page_answers(url: str, greedy: Any, tmp_path: Path) -> None:
+    """The web chat answers a real question in headless Chromium; the screenshot goes to
+    $SPECD_SERVE_SCREENSHOT when set (docs/serve-web.png is made so)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    shot = Path(os.environ.get("SPECD_SERVE_SCREENSHOT", tmp_path / "serve-web.png"))
+    tokens = int(os.environ.get("SPECD_SERVE_SCREENSHOT_TOKENS", TOKENS))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(  # a fresh --user-data-dir
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            viewport={"width": 1100, "height": 640},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function(f"document.getElementById('model').textContent === '{REAL_TARGET}'")
+            page.fill("#max-tokens", str(tokens))
+            page.fill("#prompt", WEB_QUESTION)
+            page.click("#send")
+            page.wait_for_function("document.getElementById('fig-status').textContent === 'done'",
+                                   timeout=240_000)
+            answer = page.inner_text(".msg.assistant")
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    expected = greedy.tokenizer.decode(greedy(WEB_QUESTION, tokens), skip_special_tokens=True)
+    assert answer.strip().startswith(expected.strip()) and "Paris" in answer
