@@ -83,6 +83,22 @@ def one_start(url: str, cache: Path, model: str, threads: int, kv_tokens: int) -
             "dequantise_began_s": events.get("model.gguf_dequantising")}
 
 
+def in_process_loads(model: str, repeats: int) -> list[float]:
+    """Seconds of ``load_causal_lm`` alone (imports done, cache warm): the part the cache saves."""
+    import torch
+
+    from common.models import load_causal_lm, resolve_model_path
+
+    torch.set_num_threads(1)
+    resolve_model_path(model)  # fills the default cache if it is cold
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        load_causal_lm(model)
+        times.append(round(time.perf_counter() - started, 3))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="named model or .gguf file")
@@ -91,7 +107,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kv-tokens", type=int, default=4096, help="pool.kv_budget_tokens")
     parser.add_argument("--out", type=Path, default=RESULTS / "startup.json")
+    parser.add_argument("--in-process", type=int, default=0, metavar="N",
+                        help="only time N warm load_causal_lm calls in this process, print them")
     args = parser.parse_args()
+    if args.in_process:
+        print(json.dumps({"model": args.model, "warm_load_s": in_process_loads(args.model, args.in_process),
+                          "load_average": os.getloadavg()}))
+        return
     scratch = Path(tempfile.mkdtemp(prefix="specd-startup-"))
     redis, url = start_redis(scratch)
     runs: list[dict[str, Any]] = []
