@@ -146,8 +146,11 @@ def test_pair_flag_sets_both_models_and_explicit_flags_win(monkeypatch: pytest.M
     assert (mixed.target, mixed.draft) == ("bundled:target", "d")
 
 
-def test_models_command_lists_named_models_and_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_command_lists_named_models_and_pairs(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from specd.cli import main
+
+    monkeypatch.setattr("specd.cli.configure_logging", lambda *a, **k: None)  # keep pytest's streams
 
     assert main(["models", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
