@@ -121,11 +121,21 @@ class RedisSettings(Section):
         return self
 
 
+MODEL_PAIRS: dict[str, tuple[str, str]] = {
+    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-draft"),
+    "tiny": ("bundled:target", "bundled:draft"),
+}
+"""``--pair NAME``: (target, draft). smollm2 is the default (a real instruct model and its
+distilled draft), tiny the bundled 14M-parameter code pair that the tests run on."""
+
+
 class ModelSettings(Section):
-    target: str = "bundled:target"
-    """Target model: a Hugging Face causal-LM folder, a hub id, or bundled:target."""
-    draft: str = "bundled:draft"
-    """Draft model: a Hugging Face causal-LM folder, a hub id, or bundled:draft."""
+    target: str = MODEL_PAIRS["smollm2"][0]
+    """Target model: a named model (specd models), a .gguf file, a Hugging Face causal-LM folder,
+    a hub id, or bundled:target."""
+    draft: str = MODEL_PAIRS["smollm2"][1]
+    """Draft model: a named model (specd models), a .gguf file, a Hugging Face causal-LM folder,
+    a hub id, or bundled:draft."""
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     """Torch dtype of the models (and of the draft when edge.precision is auto)."""
     target_device: str = "cpu"
@@ -182,7 +192,7 @@ class PoolSettings(Section):
     max_deliveries: int = Field(5, ge=1)
     """A draft delivered more often than this (crashes, failing passes) goes to the dead letters."""
     deadletter_maxlen: int = Field(1000, ge=10)
-    kv_budget_tokens: int = Field(262144, ge=1)
+    kv_budget_tokens: int = Field(32768, ge=1)
     """KV cache budget of one verifier in tokens, preallocated at start-up; each session reserves
     prompt + max_new_tokens + limits.max_gamma."""
     admission_wait_s: float = Field(30.0, ge=0)
@@ -275,7 +285,8 @@ class EdgeSettings(Section):
     precision: Literal["auto", "f32", "f16", "bf16", "int8", "int4"] = "auto"
     """Draft precision; auto follows models.dtype. f32 is the exact one."""
     cache_dir: str = ""
-    """Where converted draft models (OpenVINO IR, GenAI folders) are kept; empty: ~/.cache/specd."""
+    """Where converted models are kept (OpenVINO IR, GenAI folders, GGUF files dequantised to
+    safetensors, for the target too); empty: ~/.cache/specd."""
     gamma: int = Field(4, ge=0)
     """Draft tokens per round (fixed), or the starting point of adaptive gamma."""
     adaptive_gamma: Bool = False

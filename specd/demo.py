@@ -31,6 +31,22 @@ DEFAULT_PROMPTS = [
     "    for i in range(len(items)):\n",
     "def is_prime(n):\n",
 ]
+"""Code to continue: the bundled tiny pair is a Python code model without a chat template."""
+
+CHAT_PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "What is the capital of France, and what is it famous for?",
+    "Explain in two sentences why the sky is blue.",
+    "Translate to English: Der Hund läuft schnell über die Straße.",
+    "Give me three tips for writing readable code.",
+    "What is the difference between a list and a tuple in Python?",
+]
+"""Questions for an instruct model (the default SmolLM2 pair), sent through its chat template."""
+
+
+def default_prompts(settings: Settings) -> list[str]:
+    """The built-in prompts that suit the configured target: code for the tiny pair, else questions."""
+    return list(DEFAULT_PROMPTS if settings.models.target.startswith("bundled:") else CHAT_PROMPTS)
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
@@ -50,7 +66,7 @@ def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
     verifier = [*shared, "--target-device", m.target_device,
                 "--max-batch-sessions", str(v.max_batch_sessions),
                 "--max-batch-tokens", str(v.max_batch_tokens)]
-    edge = [*shared, "--draft-model", m.draft, "--backend", e.backend, "--device", e.device,
+    edge = [*shared, "--chat", "--draft-model", m.draft, "--backend", e.backend, "--device", e.device,
             "--gamma", str(e.gamma), "--max-support", str(e.max_support), "--tenant", e.tenant,
             "--temperature", str(s.temperature), "--top-p", str(s.top_p), "--top-k", str(s.top_k),
             "--max-new-tokens", str(s.max_new_tokens)]
@@ -185,7 +201,9 @@ def _row(r: dict[str, Any], name: str) -> list[str]:
 def print_report(report: dict[str, Any], texts: dict[str, str], out: TextIO) -> None:
     print("\n=== completions ===", file=out)
     for r in report["sessions"]:
-        print(f"--- {short_session_id(r['session_id'])} ---\n{r['prompt']}{r['text']}", file=out)
+        # a question (chat template) and its answer on their own lines; code runs on from its prefix
+        joint = "" if r["prompt"].endswith("\n") else "\n"
+        print(f"--- {short_session_id(r['session_id'])} ---\n{r['prompt']}{joint}{r['text']}", file=out)
     print("\n=== figures (times summed over rounds; tok/s per session wall time) ===", file=out)
     header = "  ".join(name.rjust(width) for name, width in COLUMNS)
     print(header, file=out)

@@ -9,7 +9,7 @@ from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect, connect_settings
 from common.integrity import NO_SECRET_RISK
 from common.logs import get_logger
-from common.models import hub_options, load_causal_lm, set_torch_threads
+from common.models import hub_options, load_causal_lm, resolve_model_path, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
@@ -24,10 +24,11 @@ def check_models(settings: Settings, target: bool, draft: bool) -> None:
     """Model names that cannot load (a missing folder, one without config.json, a hub id neither
     the hub nor the local cache can serve) fail now, before a slow load of the other model:
     ModelLoadError, exit 2."""
+    cache = settings.edge.cache_dir  # a GGUF file or named model resolves to its dequantised copy
     if target:
-        hub_options(settings.models.target)
+        hub_options(resolve_model_path(settings.models.target, cache))
     if draft and settings.edge.backend != "router":  # the router's drafts name their own models
-        hub_options(settings.models.draft)
+        hub_options(resolve_model_path(settings.models.draft, cache))
 
 
 def make_broker(settings: Settings, url: str | None = None) -> Broker:
@@ -52,7 +53,8 @@ async def open_broker(settings: Settings, url: str | None = None) -> Broker:
 def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> VerifierWorker:
     models = settings.models
     set_torch_threads(models.torch_threads)
-    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
+                            cache_dir=settings.edge.cache_dir)
     engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 

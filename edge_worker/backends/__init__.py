@@ -57,7 +57,8 @@ def create_backend(kind: str, model: str, dtype: str = "float32", device: str = 
         from edge_worker.backends.torch_backend import TorchDraftBackend
 
         torch_dtype = dtype if precision == "auto" else PRECISION_DTYPE[chosen]
-        backend = TorchDraftBackend(load_causal_lm(model, torch_dtype, choice.used, trust_remote_code))
+        backend = TorchDraftBackend(load_causal_lm(model, torch_dtype, choice.used, trust_remote_code,
+                                                   cache_dir=cache_dir))
     elif kind == "openvino":
         from edge_worker.backends.openvino_backend import OpenVINODraftBackend
 

@@ -36,6 +36,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("SPECD_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("SPECD_MODELS__TARGET", "bundled:target")  # the tiny pair, as everywhere in tests
+    monkeypatch.setenv("SPECD_MODELS__DRAFT", "bundled:draft")
     monkeypatch.setattr("specd.cli.configure_logging", lambda *a, **k: None)  # keep pytest's streams
 
 
@@ -152,7 +154,7 @@ def test_every_settings_flag_shows_its_key_and_default(capsys) -> None:
     for group in ("common", "target", "draft"):
         for flag in cli.SETTING_FLAGS[group]:
             section, key = flag.setting.split(".")
-            default = getattr(getattr(Settings(), section), key)
+            default = Settings.model_fields[section].annotation.model_fields[key].default
             shown = cli._default_text(default)
             assert f"[{flag.setting}; default: {shown}]" in text, flag.setting
 
