@@ -82,6 +82,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings()
     settings.models.target, settings.models.draft = args.target, args.draft
     settings.models.torch_threads = 1
+    settings.pool.kv_budget_tokens = args.kv_budget_tokens  # one session: the default arena is ~12 GB here
     settings.edge.gamma, settings.edge.adaptive_gamma = args.gamma, False
     settings.sampling.temperature, settings.sampling.max_new_tokens = 0.0, args.max_new_tokens
     target = load_causal_lm(args.target)
@@ -183,6 +184,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-limit", type=int, default=160)
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--kv-budget-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_pair")
     args = parser.parse_args()
     summary = asyncio.run(run_all(args))

@@ -47,6 +47,7 @@ class ReducedHead(nn.Module):
     def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)  # [K, H]
+        self.token_ids: torch.Tensor
         self.register_buffer("token_ids", token_ids.to(torch.long), persistent=False)
         self.vocab_size = vocab_size
 

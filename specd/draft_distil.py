@@ -319,7 +319,8 @@ def train_from_target(args: argparse.Namespace) -> dict[str, Any]:
                 best = {"step": done, "agreement": scores["overall"]["agreement"]}
                 _save_best(args, draft, loaded, subset, evals)
             _checkpoint(args, draft, optimizer, done, evals, best)
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+    report = {"settings": {k: [str(p) for p in v] if k == "data" else str(v) if isinstance(v, Path) else v
+                           for k, v in vars(args).items()
                            if k not in ("handler", "needs_settings", "func", "command")},
               "layers": layers, "vocab_subset": len(subset), "subset_coverage_of_train_answers": coverage,
               "data": _data_record(data, train, held_out), "before": evals[0], "best": best,

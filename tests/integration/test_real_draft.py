@@ -107,7 +107,8 @@ def test_sampled_proposals_carry_a_valid_sparse_q(pair: tuple[Any, Any]) -> None
     for token, q_ids, q_probs in zip(proposal.token_ids, proposal.support_ids, proposal.support_probs,
                                      strict=True):
         assert token in q_ids.tolist() and set(q_ids.tolist()) <= subset
-        assert (q_probs > 0).all() and abs(float(np.float64(q_probs).sum()) - 1.0) < 1e-3
+        # the wire carries the top max_support probabilities; both sides renormalise them
+        assert (q_probs > 0).all() and float(q_probs.astype(np.float64).sum()) <= 1.0 + 1e-5
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
