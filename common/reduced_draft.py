@@ -10,9 +10,9 @@ rare token simply is never drafted, and the target supplies it.
   every consumer (greedy argmax, ``common.sampling``, transformers' assisted generation) sees an
   ordinary [.., V] logits tensor.
 * A model folder holding ``specd_vocab_subset.json`` (the K ids) is a normal Hugging Face folder
-  with a full ``lm_head`` (the trained rows at those ids, the target's tied embedding rows
-  elsewhere), so converters (OpenVINO, ONNX Runtime GenAI) take it as it is; the torch loader
-  swaps in the reduced head (``install_reduced_head``).
+  with a full ``lm_head`` (the trained rows at those ids, zero rows elsewhere), so converters
+  (OpenVINO, ONNX Runtime GenAI) take it as it is; the torch loader swaps in the reduced head
+  (``install_reduced_head``).
 * The shipped draft ``smollm2-135m-draft`` (``assets/smollm2_draft``) holds only its own tensors
   (layers, norm, the K head rows, the ids): its embedding table (49,152 x 576, 113 MB in float32)
   is the target's, read from the target's GGUF file, whose SHA-256 is checked, when the complete
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+ASSEMBLY_FORMAT = b"2"  # part of the cache key: a changed assembly rebuilds cached folders
 SUBSET_FILE = "specd_vocab_subset.json"
 SHIPPED_META = "specd_draft.json"
 SHIPPED_WEIGHTS = "draft.safetensors"
@@ -58,6 +59,18 @@ class ReducedHead(nn.Module):
         subset = self.subset_logits(hidden)
         full = subset.new_full((*subset.shape[:-1], self.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.token_ids, subset)
+
+
+def full_head(rows: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The full-vocabulary ``lm_head`` of a reduced one, for converters: zero rows outside the subset.
+
+    A zero row scores 0, below the subset's winning logit in practice (a trained head's top logit
+    is large and positive), so a converted model drafts what the reduced head drafts; its q is
+    still sent explicitly, so even where it differs the output stays exact.
+    """
+    full = rows.new_zeros(vocab_size, rows.shape[1])
+    full[token_ids] = rows
+    return full
 
 
 def install_reduced_head(model: Any, token_ids: list[int]) -> None:
@@ -120,7 +133,7 @@ def assembled_folder(name: str) -> Path:
     """The complete Hugging Face folder of a shipped draft, assembled into the cache once."""
     source = SHIPPED_DRAFTS[name]
     meta = json.loads((source / SHIPPED_META).read_text())
-    key = hashlib.sha256((source / SHIPPED_META).read_bytes()
+    key = hashlib.sha256(ASSEMBLY_FORMAT + (source / SHIPPED_META).read_bytes()
                          + file_sha256(source / SHIPPED_WEIGHTS).encode()).hexdigest()[:16]
     folder = cache_root() / f"{name}-{key}"
     if (folder / SUBSET_FILE).is_file():
@@ -146,8 +159,7 @@ def _assemble(source: Path, meta: dict[str, Any], gguf_path: Path, out: Path) ->
     tensors = {k: v.float() for k, v in load_file(str(source / SHIPPED_WEIGHTS)).items()}
     ids = tensors.pop("lm_head.token_ids").long()
     embedding = gguf_tensor(gguf_path, meta["embedding_tensor"])
-    head = embedding.clone()
-    head[ids] = tensors.pop("lm_head.weight")
+    head = full_head(tensors.pop("lm_head.weight"), ids, embedding.shape[0])
     tensors["model.embed_tokens.weight"] = embedding
     tensors["lm_head.weight"] = head
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -182,8 +194,7 @@ def export_shipped(model: Any, tokenizer_folder: Path, out: Path, meta: dict[str
 def save_full_folder(model: Any, tokenizer: Any, out: Path) -> None:
     """A reduced-head draft as a complete Hugging Face folder (full ``lm_head`` + the subset file)."""
     head = model.get_output_embeddings()
-    full = model.get_input_embeddings().weight.detach().clone()
-    full[head.token_ids] = head.weight.detach()
+    full = full_head(head.weight.detach(), head.token_ids, head.vocab_size)
     model.set_output_embeddings(nn.Linear(full.shape[1], full.shape[0], bias=False))
     model.get_output_embeddings().weight = nn.Parameter(full)
     try:
