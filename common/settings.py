@@ -304,6 +304,14 @@ class EdgeSettings(Section):
     multiplex_verdicts: Bool = False
     """Read every session's verdicts with one XREAD per edge process instead of one per session."""
 
+    @field_validator("gamma")
+    @classmethod
+    def _drafts_at_all(cls, value: int) -> int:
+        if value == 0:  # a "speculative" session that never drafts: the target alone, but slower
+            raise ValueError("must be at least 1: each round drafts gamma tokens; for the target "
+                             "alone use `specd generate --mode target`")
+        return value
+
     @field_validator("drafts")
     @classmethod
     def _drafts_refer_to_each_other(cls, drafts: list[DraftSpec]) -> list[DraftSpec]:
@@ -354,6 +362,15 @@ class MetricsSettings(Section):
     """Address the metrics endpoint binds to (0.0.0.0: every interface, e.g. in a container)."""
 
 
+class TracingSettings(Section):
+    """OpenTelemetry traces: one per session across edge and verifier (docs/operations.md)."""
+
+    otlp_endpoint: str = ""
+    """OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces); empty with no file: tracing off."""
+    file: str = ""
+    """Also (or only) append finished spans to this file as JSON lines."""
+
+
 class ServeSettings(Section):
     """``specd serve``: the OpenAI-compatible HTTP endpoint on the edge (docs/serve.md)."""
 
@@ -396,6 +413,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ class SessionFailed(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
+        self.message = message  # without the code (printers that show the code apart)
 
 
 class VerdictWaiter:

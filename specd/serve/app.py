@@ -9,34 +9,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from common.logs import get_logger
 from specd.serve import errors
-from specd.serve.auth import KeyRing
+from specd.serve.context import ServeContext
 from specd.serve.responses import ChunkWriter, full_response, response_id, usage
-from specd.serve.runner import Finished, Round, SessionRunner
-from specd.serve.schemas import Defaults, Generation, build_generation, parse_body
+from specd.serve.runner import Finished, Round
+from specd.serve.schemas import Generation, build_generation, parse_body
 
 STATIC = Path(__file__).with_name("static")
 log = get_logger("specd.serve")
-
-
-@dataclass
-class ServeContext:
-    runner: SessionRunner
-    defaults: Defaults
-    keys: KeyRing
-    registries: list[CollectorRegistry]  # shown on /metrics besides the server's own
 
 
 class _Stream(StreamingResponse):

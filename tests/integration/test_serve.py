@@ -337,11 +337,18 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
             page.goto(served.url + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'bundled:target'")
             page.fill("#max-tokens", "48")
+            # Earlier turns fill the view: the answer ends at the bottom edge, above the input box.
+            page.evaluate("document.getElementById('messages').insertAdjacentHTML('afterbegin', "
+                          "'<div style=\"height: 2000px\"></div>')")
             page.fill("#prompt", "a stack class")
             page.click("#send")
             page.wait_for_function("document.getElementById('fig-status').textContent === 'done'",
                                    timeout=60_000)
             answer = page.inner_text(".msg.assistant")
+            # Issue 21, item 12: the turn's figures line is scrolled into view, not under the input box.
+            hidden_px = page.evaluate(
+                "document.querySelector('.msg.assistant .figs').getBoundingClientRect().bottom"
+                " - document.getElementById('messages').getBoundingClientRect().bottom")
             draft = page.locator(".msg.assistant span.draft").count()
             target = page.locator(".msg.assistant span.target").count()
             figures = {name: page.inner_text(f"#fig-{name}") for name in ("tokens", "rounds", "acceptance")}
@@ -352,8 +359,41 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
         model=MODEL, messages=[{"role": "user", "content": "a stack class"}], max_tokens=48, temperature=0)
     assert answer.startswith(expected.choices[0].message.content)
     assert target >= 1 and draft >= 1
+    assert hidden_px <= 0, f"the figures line is {hidden_px} px below the messages' visible area"
     assert figures["tokens"] == "48" and int(figures["rounds"]) >= 1 and figures["acceptance"].endswith("%")
     assert shot.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- start-up and stop
+
+
+def test_serve_on_a_busy_port_fails_at_once_with_a_usage_error() -> None:
+    """Issue 21, item 5: the port is checked before Redis and models; no URL printed as if listening."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "specd", "serve", "--port", str(port)],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr, run.stderr
+    assert "http://" not in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 2, run.stderr
+
+
+def test_serve_exits_130_on_ctrl_c(tmp_path) -> None:
+    """Issue 21, item 12: SIGINT is an interruption (130, the exit-code table); SIGTERM, a service
+    manager's orderly stop, stays 0 (the served fixture checks that)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "specd", "serve", "--port", str(port)], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", [server])
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- specd chat

@@ -11,8 +11,9 @@ import httpx2 as httpx
 import pytest
 
 from specd.serve import errors
-from specd.serve.app import ServeContext, create_app
+from specd.serve.app import create_app
 from specd.serve.auth import KeyRing
+from specd.serve.context import ServeContext
 from specd.serve.responses import ChunkWriter
 from specd.serve.runner import Finished, Round, SessionRunner
 from specd.serve.schemas import Defaults, build_generation
