@@ -34,7 +34,8 @@ class TokenizerMismatchError(Exception):
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``bundled:target`` / ``bundled:draft`` to the shipped folders; check local paths.
+    """Map ``bundled:target`` / ``bundled:draft`` to the shipped folders, a shipped draft's name
+    (``smollm2-135m-draft``) to its assembled folder (``common.reduced_draft``); check local paths.
 
     A name that looks like a path (absolute, ``./``, ``../``, ``~``) or names an existing folder
     must be a model folder; anything else is a Hugging Face hub id.
