@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from common.models import load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings, context_length
+from edge_worker.client import SessionResult
 from specd.prompts import PromptError
 from specd.runtime import (
     backend_context,
@@ -41,6 +43,10 @@ async def redis_url_for(settings: Settings) -> AsyncIterator[tuple[str, bool]]:
         # Private to this command (loopback, random password, dies with it): there is no other
         # client whose reach an ACL would bound, so the verifier's ACL warning would only be noise.
         settings.verifier.acl_check = "off"
+        # A fresh secret per run, shared only in process and with child processes' environments
+        # (specd demo), never through Redis: sessions are authenticated without configuration.
+        if not settings.redis.verdict_secret:
+            settings.redis.verdict_secret = secrets.token_urlsafe(32)
         yield embedded.url, True
 
 
@@ -98,11 +104,17 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
         result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
         if stream:
             print(flush=True)
-        summary = result.summary()
-        summary.update(mode="speculative", gamma=settings.edge.gamma,
-                       text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
-                       redis="embedded" if embedded else redacted(url))
-        return summary
+        return speculative_summary(settings, result, tokenizer, url, embedded)
+
+
+def speculative_summary(settings: Settings, result: SessionResult, tokenizer: Any, url: str,
+                        embedded: bool) -> dict[str, Any]:
+    """What ``generate --json`` prints for a speculative session (and the Python API returns)."""
+    summary = result.summary()
+    summary.update(mode="speculative", gamma=settings.edge.gamma,
+                   text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
+                   redis="embedded" if embedded else redacted(url))
+    return summary
 
 
 def target_only(settings: Settings, prompt: str) -> dict[str, Any]:

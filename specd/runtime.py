@@ -7,6 +7,8 @@ from typing import Any
 from broker.reach import ensure_reachable
 from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect, connect_settings
+from common.integrity import NO_SECRET_RISK
+from common.logs import get_logger
 from common.models import hub_options, load_causal_lm, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, create_backend
@@ -14,6 +16,8 @@ from edge_worker.client import EdgeClient, EdgeConfig
 from edge_worker.verdicts import MultiplexedBroker
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
+
+log = get_logger("specd.runtime")
 
 
 def check_models(settings: Settings, target: bool, draft: bool) -> None:
@@ -128,6 +132,8 @@ def edge_broker(settings: Settings, broker: Broker) -> Broker:
 
 
 def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
+    if not settings.redis.verdict_secret:
+        log.warning("edge.no_verdict_secret", risk=NO_SECRET_RISK)
     backend = build_draft_backend(settings)
     context = backend_context(backend)
     check_fits_model(settings, context, "models.draft")

@@ -113,7 +113,8 @@ def build_context(settings: Settings, broker: Any, registries: list[Any]) -> Any
     serve = settings.serve
     client = EdgeClient(build_draft_backend(settings), edge_broker(settings, broker),
                         edge_config(settings), serve.max_concurrent)
-    runner = SessionRunner(client, broker, serve.max_concurrent, serve.pool_check_timeout_s)
+    runner = SessionRunner(client, broker, serve.max_concurrent, serve.pool_check_timeout_s,
+                           serve.queue_size, serve.queue_timeout_s)
     return ServeContext(runner, defaults_for(settings, runner.tokenizer),
                         KeyRing(serve.api_keys, settings.edge.tenant),
                         [client.metrics.registry, *registries])

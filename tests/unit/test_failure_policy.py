@@ -16,6 +16,7 @@ from pathlib import Path
 import fakeredis
 import numpy as np
 import pytest
+from honest import HonestBroker
 
 from broker.reach import RedisUnavailable, ensure_reachable, redacted
 from broker.streams import Broker, connect
@@ -306,7 +307,7 @@ async def test_verifier_refuses_an_over_long_prompt_with_a_typed_error(tiny_pair
     from verifier_worker.worker import VerifierWorker
 
     target = load_causal_lm(tiny_pair["target"])
-    broker = Broker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="t")
+    broker = HonestBroker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="t")
     worker = VerifierWorker(Settings(verifier={"idle_block_ms": 1}, pool={"kv_budget_tokens": 4096}),
                             TargetEngine(target.model, target.vocab_size, 4096), broker, "tiny",
                             target.fingerprint, worker_id="w1")
