@@ -43,7 +43,7 @@ def resolve_model_path(name: str) -> str:
     if name in SHIPPED_DRAFTS:  # the real target's draft: its embedding comes from the target's GGUF
         try:
             return str(assembled_folder(name))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, ImportError) as exc:  # ImportError: no `gguf` package
             raise ModelLoadError(f"cannot assemble the draft {name!r}: {_first_line(exc)}") from exc
     if name.startswith(BUNDLED_PREFIX):
         folder = BUNDLED_DIR / name[len(BUNDLED_PREFIX):]
