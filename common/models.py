@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from common.reduced_draft import SHIPPED_DRAFTS, apply_folder_subset, assembled_folder, output_vocab_size
+
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "tiny_pair"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -119,6 +121,11 @@ def resolve_model_path(name: str, cache_dir: str | Path = "") -> str:
     path (absolute, ``./``, ``../``, ``~``) or names an existing folder must be a model folder;
     anything else is a Hugging Face hub id.
     """
+    if name in SHIPPED_DRAFTS:  # the real target's draft: its embedding comes from the target's GGUF
+        try:
+            return str(assembled_folder(name))
+        except (OSError, ValueError, KeyError, ImportError) as exc:  # ImportError: no `gguf` package
+            raise ModelLoadError(f"cannot assemble the draft {name!r}: {_first_line(exc)}") from exc
     if name.startswith(BUNDLED_PREFIX):
         folder = BUNDLED_DIR / name[len(BUNDLED_PREFIX):]
         if not (folder / "config.json").is_file():
@@ -327,12 +334,13 @@ def load_causal_lm(
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model {name!r}: {_first_line(exc)}") from exc
+    apply_folder_subset(model, path)  # a reduced-vocabulary draft scores only its subset
     torch_device = torch.device(device)
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types .to narrowly
     model.eval()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, device=torch_device,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        vocab_size=output_vocab_size(model),
         fingerprint=vocab_fingerprint(tokenizer), eos_token_ids=eos_token_ids(model, tokenizer),
     )
 

@@ -34,6 +34,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 def describe(cache_dir: str) -> dict[str, Any]:
     """Named models (installed?, where, cached?) and pairs, without loading or hashing anything."""
     from common.models import BUNDLED_DIR, GGUF_DONE, NAMED_MODELS, cache_root, named_model_file
+    from common.reduced_draft import SHIPPED_DRAFTS
 
     cached = {json.loads(done.read_text()).get("source")
               for done in (cache_root(cache_dir) / "gguf").glob(f"*/{GGUF_DONE}")}
@@ -45,6 +46,11 @@ def describe(cache_dir: str) -> dict[str, Any]:
                        "path": str(path) if installed else None,
                        "dequantised": bool(installed and str(path) in cached),
                        "install": "" if installed else entry.install})
+    for name, folder in SHIPPED_DRAFTS.items():  # drafts assembled from the target's own embedding
+        models.append({"name": name, "description": "draft for smollm2-135m-instruct: 2 of its layers, "
+                       "an 8,192-id head, its embedding taken from the target (docs/drafters.md)",
+                       "installed": folder.is_dir(), "path": str(folder), "dequantised": False,
+                       "install": ""})
     for side in ("target", "draft"):
         models.append({"name": f"bundled:{side}", "description": f"bundled tiny {side} (Python code, "
                        "vocabulary 4,096; the tests' pair)", "installed": (BUNDLED_DIR / side).is_dir(),
