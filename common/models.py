@@ -121,19 +121,9 @@ def resolve_model_path(name: str, cache_dir: str | Path = "") -> str:
     path (absolute, ``./``, ``../``, ``~``) or names an existing folder must be a model folder;
     anything else is a Hugging Face hub id.
     """
-    if name in SHIPPED_DRAFTS:  # the real target's draft: its embedding comes from the target's GGUF
-        try:
-            return str(assembled_folder(name))
-        except (OSError, ValueError, KeyError, ImportError) as exc:  # ImportError: no `gguf` package
-            raise ModelLoadError(f"cannot assemble the draft {name!r}: {_first_line(exc)}") from exc
-    if name.startswith(BUNDLED_PREFIX):
-        folder = BUNDLED_DIR / name[len(BUNDLED_PREFIX):]
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"bundled model {name!r} is missing at {folder}; the bundled "
-                                 "pair is bundled:target and bundled:draft")
-        return str(folder)
-    if name in NAMED_MODELS:
-        return _resolve_named(name, cache_dir)
+    shipped = _shipped_model(name, cache_dir)
+    if shipped is not None:
+        return shipped
     path = Path(name).expanduser()
     if name.endswith(GGUF_SUFFIX) or path.is_file():
         return str(_gguf_folder(path, name, cache_dir))
@@ -151,6 +141,24 @@ def resolve_model_path(name: str, cache_dir: str | Path = "") -> str:
                                  "models) or bundled:target/bundled:draft")
         return str(path)
     return name
+
+
+def _shipped_model(name: str, cache_dir: str | Path) -> str | None:
+    """The folder of a model specd ships or knows by name; None for any other name."""
+    if name in SHIPPED_DRAFTS:  # the real target's draft: its embedding comes from the target's GGUF
+        try:
+            return str(assembled_folder(name))
+        except (OSError, ValueError, KeyError, ImportError) as exc:  # ImportError: no `gguf` package
+            raise ModelLoadError(f"cannot assemble the draft {name!r}: {_first_line(exc)}") from exc
+    if name.startswith(BUNDLED_PREFIX):
+        folder = BUNDLED_DIR / name[len(BUNDLED_PREFIX):]
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"bundled model {name!r} is missing at {folder}; the bundled "
+                                 "pair is bundled:target and bundled:draft")
+        return str(folder)
+    if name in NAMED_MODELS:
+        return _resolve_named(name, cache_dir)
+    return None
 
 
 def _gguf_folder(path: Path, name: str, cache_dir: str | Path) -> Path:
