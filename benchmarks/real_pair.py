@@ -74,7 +74,7 @@ def hf_generate(target: Any, ids: list[int], new: int, eos: list[int], assistant
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from common.models import load_causal_lm
     from common.settings import Settings
-    from specd.generate import local_verifier, redis_url_for
+    from specd.generation import local_verifier, redis_url_for
     from specd.runtime import build_edge, open_broker
     from specd.workers import sampling_spec
 

@@ -459,7 +459,7 @@ def _edge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
-    from specd.generate import print_human, run_generate
+    from specd.generation import print_human, run_generate
 
     if not args.prompt:
         raise PromptError("--prompt is empty: give some text")

@@ -20,7 +20,7 @@ from broker.reach import redacted
 from broker.streams import short_session_id
 from common.procs import dies_with_parent
 from common.settings import Settings
-from specd.generate import redis_url_for
+from specd.generation import redis_url_for
 from specd.runtime import make_broker
 
 DEFAULT_PROMPTS = [

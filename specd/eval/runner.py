@@ -28,7 +28,7 @@ from specd.eval.modes import draft_generate, speculative_generate, target_genera
 from specd.eval.progress import Progress
 from specd.eval.records import MODES, RecordFile, mode_block, speculative_block
 from specd.eval.suites import Question
-from specd.generate import local_verifier, redis_url_for
+from specd.generation import local_verifier, redis_url_for
 from specd.runtime import build_draft_backend, edge_broker, edge_config, make_broker
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine

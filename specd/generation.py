@@ -30,7 +30,7 @@ from specd.runtime import (
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
 
-log = get_logger("specd.generate")
+log = get_logger("specd.generation")
 
 
 @contextlib.asynccontextmanager
