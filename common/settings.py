@@ -191,6 +191,15 @@ class PoolSettings(Section):
     max_queued_opens: int = Field(10000, ge=1)
     """Per tenant: an open that must wait for KV room while its tenant's open stream holds more
     than this many opens is refused with `busy` (the stream has no MAXLEN: nothing is trimmed)."""
+    open_expiry_s: float = Field(60.0, ge=0, le=86400)
+    """A session open that waited longer than this (queued or deferred) is refused with
+    ``session_expired`` instead of being served late; 0: never."""
+    adopted_idle_s: float = Field(30.0, ge=0, le=86400)
+    """An adopted session that gets no draft within this many seconds is ended (``expired``):
+    sessions that finished after a Redis snapshot come back from it with no edge."""
+    janitor_interval_s: float = Field(60.0, ge=0, le=86400)
+    """How often a verifier gives session-pattern keys that have no TTL (a tenant's own streams,
+    ghost drafts streams) the session TTL, a bounded SCAN step each time; 0: never."""
     opens_per_read: int = Field(16, ge=1)
     """Session opens a verifier reads per tenant per iteration: a tenant flooding its open stream
     costs each iteration at most this many, whatever the flood."""
