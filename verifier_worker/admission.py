@@ -110,8 +110,8 @@ class AdmissionMixin(WorkerCore):
                 raise WireError(ErrorCode.MALFORMED, f"the open claims tenant {message.tenant!r} on the open "
                                 f"stream of tenant {tenant!r}", message.session_id)
             self._check_compatible(message)
-            sid = message.session_id
-            if sid in self.sessions or await self.broker.session_known(sid, typed=True):
+            known = message.session_id in self.sessions
+            if known or await self.broker.session_known(message.session_id, typed=True):
                 # A duplicated open (an edge re-sends its open while no verdict came): the session
                 # is served already, here or elsewhere; refusing it now would end a live session.
                 await self.broker.ack(entry.stream, entry.entry_id)
