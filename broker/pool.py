@@ -356,11 +356,8 @@ class PoolBroker:
         raw = await self.redis.hgetall(self.workers_key)
         now, live, stale = time.time(), {}, []
         for worker, blob in raw.items():
-            try:
-                load = json.loads(blob)
-            except ValueError:
-                load = {"at": 0}
-            age = now - float(load.get("at", 0))
+            load = _load(blob)
+            age = now - load["at"]
             if age <= fresh_s:
                 live[_text(worker)] = load
             elif prune_s is not None and age > prune_s:
@@ -476,6 +473,29 @@ class PoolBroker:
         taken, wait_ms = await self._take(keys=[self.tenant_bucket_key(tenant)],
                                           args=[repr(float(rate)), repr(float(capacity)), *costs])
         return int(taken), int(wait_ms) / 1000
+
+
+_LOAD_NUMBERS = ("at", "sessions", "queue", "resident_tokens", "kv_budget_tokens", "kv_bytes", "load")
+
+
+def _load(blob: Any) -> dict[str, Any]:
+    """A worker's published load, its figures numbers (a malformed entry, written by anyone where
+    ACLs do not keep others out, reads as a stale one: pruned, never trusted)."""
+    try:
+        load = json.loads(blob)
+        if not isinstance(load, dict):
+            raise ValueError("not a map")
+        for name in _LOAD_NUMBERS:
+            value = load.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} is not a number")
+        tenants = load.get("tenants", {})
+        if not isinstance(tenants, dict) or not all(isinstance(n, int) for n in tenants.values()):
+            raise ValueError("tenants is not a map of counts")
+    except ValueError:
+        return {"at": 0.0}
+    load["at"] = float(load.get("at", 0))
+    return load
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
