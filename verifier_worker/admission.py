@@ -21,13 +21,19 @@ from verifier_worker.prompt_check import check_prompt_fits
 from verifier_worker.session import VerifierSession, kv_reserve
 
 
+PLAUSIBLE_ID_AGE_MS = 86_400_000
+
+
 def open_age_ms(entry: Entry, now: int) -> int:
     """How long an open has waited: since a verifier first saw it, or since its stream id's time
-    (Redis' clock at XADD). An id a tenant chose makes only its own opens look younger or older."""
+    (Redis' clock at XADD). An id a tenant chose makes only its own opens look younger or older;
+    one more than a day old (or from the future) says nothing: age 0."""
     first = entry.since_ms
     if not first:
         head = entry.entry_id.partition("-")[0]
         first = int(head) if head.isdigit() and len(head) < 16 else now
+        if not now - PLAUSIBLE_ID_AGE_MS <= first <= now:
+            first = now
     return max(0, now - first)
 
 
