@@ -201,12 +201,14 @@ async def run_sessions(
         "rewinds": sum(r.rewinds for r in results),
         "forged": sum(r.forged for r in results),
         "wall_s": round(time.monotonic() - started, 2),
+        "first_token_ms_p50": percentile([r.first_token_ms for r in results], 50),
+        "first_token_ms_p95": percentile([r.first_token_ms for r in results], 95),
         "round_ms": rounds,
     }
 
 
-async def flood_opens(url: str, fingerprint: str, rate: float) -> None:
-    """Opens of tenant flood at ``rate`` per second, in batches, until SIGTERM; prints how many."""
+async def flood_opens(url: str, fingerprint: str, rate: float, tenant: str = "flood") -> None:
+    """Opens of ``tenant`` at ``rate`` per second, in batches, until SIGTERM; prints how many."""
     import signal
 
     from broker.streams import connect
@@ -219,13 +221,13 @@ async def flood_opens(url: str, fingerprint: str, rate: float) -> None:
     while not stop.is_set():
         async with broker.redis.pipeline(transaction=False) as pipe:
             for _ in range(batch):
-                sid = f"flood.x{sent}"
+                sid = f"{tenant}.x{sent}"
                 pipe.xadd(
-                    broker.keys.opens("flood"),
+                    broker.keys.opens(tenant),
                     {
                         FIELD: encode(
                             SessionOpen(
-                                sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint, tenant="flood"
+                                sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint, tenant=tenant
                             )
                         )
                     },
@@ -301,11 +303,12 @@ async def soak(
     }
 
 
-async def start_flood(url: str, fingerprint: str, rate: float) -> asyncio.subprocess.Process:
+async def start_flood(url: str, fingerprint: str, rate: float,
+                      tenant: str = "flood") -> asyncio.subprocess.Process:
     """The flooding tenant in its own process (the flood does not share our loop), running."""
     flood = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "_flood", "--url", url, "--fingerprint", fingerprint,
-        "--flood-rate", str(rate), stdout=asyncio.subprocess.PIPE,
+        "--flood-rate", str(rate), "--flood-tenant", tenant, stdout=asyncio.subprocess.PIPE,
     )
     assert flood.stdout is not None
     await asyncio.wait_for(flood.stdout.readline(), 120)  # "ready": the flood is on
@@ -466,6 +469,50 @@ async def poison(
     }
 
 
+async def selfflood(
+    args: argparse.Namespace,
+    server: RedisServer,
+    settings: Settings,
+    replay: ReplayFile,
+    prompts: list[list[int]],
+) -> dict[str, Any]:
+    """Issue 22, finding 4: tenant good's live sessions beside its own backlog. Quiet runs, then runs
+    each opened right after ``--burst`` idle opens of good (no edge behind them) were queued on
+    good's own stream, while the flood process keeps adding good's opens at ``--flood-rate``."""
+    good = edge_for(settings, "good", args.sessions)
+
+    async def phase() -> dict[str, Any]:
+        return await run_sessions(good, prompts, replay, args.sessions, args.max_new_tokens)
+
+    await phase()  # warm-up, not compared
+    quiet = [await phase() for _ in range(args.repeats)]
+    flood = await start_flood(server.url, replay.fingerprint, args.flood_rate, tenant="good")
+    flooded = []
+    ids = np.asarray([5, 6, 7, 8], np.uint32)
+    for run in range(args.repeats):
+        async with good.broker.redis.pipeline(transaction=False) as pipe:
+            for i in range(args.burst):
+                sid = f"good.idle{run}-{i}"
+                opened = SessionOpen(sid, ids, SamplingSpec(max_new_tokens=8), "draft", replay.fingerprint,
+                                     tenant="good")
+                pipe.xadd(good.broker.keys.opens("good"), {FIELD: encode(opened)})
+            await pipe.execute()
+        flooded.append(await phase())
+    sent = await stop_flood(flood)
+    keys = good.broker.keys
+    queued = int(await good.broker.redis.xlen(keys.opens("good"))) + int(
+        await good.broker.redis.xlen(keys.deferred("good")))
+    await good.broker.close()
+    return {
+        "quiet": pooled(quiet), "own_backlog": pooled(flooded),
+        "quiet_runs": [public(r) for r in quiet], "own_backlog_runs": [public(r) for r in flooded],
+        "burst_per_run": args.burst, "flood_rate": args.flood_rate, "flood_opens_sent": sent,
+        "opens_still_queued": queued,
+        "pool_settings": {k: getattr(settings.pool, k) for k in ("open_expiry_s", "max_queued_opens",
+                                                                    "opens_per_read", "adopted_idle_s")},
+    }
+
+
 def public(phase: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in phase.items() if k != "round_ms"}
 
@@ -480,6 +527,7 @@ def pooled(phases: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sorted({e for p in phases for e in p["errors"]})[:5],
         "round_ms_p50": percentile(rounds, 50),
         "round_ms_p95": percentile(rounds, 95),
+        "first_token_ms_p95_max": max((p.get("first_token_ms_p95", 0.0) for p in phases), default=0.0),
         "wall_s": round(sum(p["wall_s"] for p in phases), 2),
     }
 
@@ -546,7 +594,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     pool = VerifierPool(env, args.verifiers, folder)
     try:
         await pool.start(settings, server.url, 300)
-        run = {"soak": soak, "restarts": restarts, "poison": poison}[args.mode]
+        run = {"soak": soak, "selfflood": selfflood, "restarts": restarts, "poison": poison}[args.mode]
         result = await run(args, server, settings, replay, prompts)
         result["verifier_exits"] = sum(p.returncode is not None for p in pool.processes)
         result["verifier_exit_codes"] = [p.returncode for p in pool.processes]
@@ -571,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["soak", "restarts", "poison", "_flood", "_poison"])
+    parser.add_argument("mode", choices=["soak", "selfflood", "restarts", "poison", "_flood", "_poison"])
     parser.add_argument("--url", help="_flood: the Redis URL")
     parser.add_argument("--fingerprint", help="_flood: the vocabulary fingerprint")
     parser.add_argument("--sessions", type=int, default=24, help="concurrent sessions of the good tenant")
@@ -580,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", type=float, default=0.8)
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--flood-rate", type=float, default=2000.0, help="soak: flood opens per second")
+    parser.add_argument("--flood-tenant", default="flood", help="_flood: the tenant whose stream it floods")
+    parser.add_argument("--burst", type=int, default=3000,
+                        help="selfflood: idle opens queued at once on the live tenant's own stream")
     parser.add_argument("--flood-limit", type=int, default=2, help="soak: the flooding tenant's max_sessions")
     parser.add_argument("--repeats", type=int, default=3, help="soak: runs of each phase (pooled)")
     parser.add_argument("--waves", type=int, default=8, help="poison: waves of sessions")
@@ -598,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("error", "console")
     if args.mode == "_flood":
-        asyncio.run(flood_opens(args.url, args.fingerprint, args.flood_rate))
+        asyncio.run(flood_opens(args.url, args.fingerprint, args.flood_rate, args.flood_tenant))
         return 0
     if args.mode == "_poison":
         asyncio.run(poison_keys(args.url, args.fingerprint, args.poison_period))
@@ -610,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2))
     if args.mode == "soak":
         return 0 if result["hostile"]["exact"] == args.sessions else 1
+    if args.mode == "selfflood":
+        return 0 if result["own_backlog"]["wrong"] == 0 else 1
     if args.mode == "poison":
         others = result["other_tenants"]
         return 0 if result["verifier_exits"] == 0 and others["exact"] == others["sessions"] else 1
