@@ -3,9 +3,13 @@
 The tenant of an open is the tenant whose stream it was read from, never the message's claim:
 an open whose session id or ``tenant`` field names another tenant is refused (the former
 silently, as its id lies in another tenant's key space, which its sender cannot read anyway).
-Consumed opens are acknowledged and deleted; an open that waits for KV room goes back to the
-end of its tenant's stream, and when that stream already holds ``pool.max_queued_opens`` opens
-it is refused with ``busy`` instead: one tenant's flood fills only its own queue.
+Consumed opens are acknowledged and deleted; an open passed on to a peer or waiting for KV room
+goes to the tenant's deferred stream, which only verifiers write (a tenant cannot block its ids),
+acknowledged only once that write landed. Opens older than ``pool.open_expiry_s`` are refused
+with ``session_expired``, and while a tenant's queue holds more than ``pool.max_queued_opens``
+its opens are refused with ``busy`` as they are read: one tenant's flood fills only its own
+queue, and drains at the cost of one rejection per open. Redis replies a tenant shaped (keys of
+the wrong type, blocked ids, refusals) fail only the open's session (``_open_guarded``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from verifier_worker.capacity import plan_admission, should_pass_on
 from verifier_worker.core import WorkerCore, log
 from verifier_worker.prompt_check import check_prompt_fits
 from verifier_worker.session import VerifierSession, kv_reserve
-
 
 PLAUSIBLE_ID_AGE_MS = 86_400_000
 

@@ -68,7 +68,7 @@ class VerifierWorker(RoundMixin):
         arena = self.engine.arena
         log.info("verifier.started", model=self.model_name, vocab=self.engine.vocab_size,
                  peers=sorted(self.peers), kv_budget_tokens=arena.budget_tokens,
-                 tenants=sorted(self.tenant_streams.values()),
+                 tenants=sorted(set(self.tenant_streams.values())),
                  kv_arena_mib=round(arena.budget_tokens * arena.bytes_per_token / 2**20, 1))
 
     async def shutdown(self) -> None:
