@@ -152,7 +152,8 @@ def base_settings(url: str, args: argparse.Namespace, replay_path: Path) -> Sett
                 "resend_after_s": args.resend_after,
             },
             "sampling": {"temperature": 0.0, "max_new_tokens": args.max_new_tokens},
-            "pool": {"lease_ms": 1500},
+            "pool": {"lease_ms": 1500, "max_queued_opens": args.max_queued_opens,
+                     "open_expiry_s": args.open_expiry},
             "tenants": {
                 "names": ["good", "flood", "dup", "other", "evil"],
                 "overrides": {"flood": {"max_sessions": args.flood_limit}},
@@ -642,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-tenant", default="flood", help="_flood: the tenant whose stream it floods")
     parser.add_argument("--burst", type=int, default=3000,
                         help="selfflood: idle opens queued at once on the live tenant's own stream")
+    parser.add_argument("--max-queued-opens", type=int, default=10000, help="pool.max_queued_opens")
+    parser.add_argument("--open-expiry", type=float, default=60.0, help="pool.open_expiry_s")
     parser.add_argument("--flood-limit", type=int, default=2, help="soak: the flooding tenant's max_sessions")
     parser.add_argument("--repeats", type=int, default=3, help="soak: runs of each phase (pooled)")
     parser.add_argument("--waves", type=int, default=8, help="poison: waves of sessions")
