@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from broker.streams import FIELD, TRANSIENT_ERRORS, Broker
+from broker.streams import FIELD, MAC_FIELD, TRANSIENT_ERRORS, Broker
+from common.integrity import mac, session_key
 from common.logs import configure_logging
 from common.sampling import apply_stop_rules
 from common.settings import Settings, load_settings
@@ -129,9 +130,9 @@ class DuplicatingBroker(Broker):
     def __init__(self, inner: Broker) -> None:
         super().__init__(inner.redis, inner.keys.prefix, inner.maxlen, inner.ttl)
 
-    async def send_draft(self, sid: str, payload: bytes) -> str:
-        await super().send_draft(sid, payload)
-        return await super().send_draft(sid, payload)
+    async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
+        await super().send_draft(sid, payload, tag)
+        return await super().send_draft(sid, payload, tag)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -223,16 +224,11 @@ async def flood_opens(url: str, fingerprint: str, rate: float, tenant: str = "fl
         async with broker.redis.pipeline(transaction=False) as pipe:
             for _ in range(batch):
                 sid = f"{tenant}.x{sent}"
-                pipe.xadd(
-                    broker.keys.opens(tenant),
-                    {
-                        FIELD: encode(
-                            SessionOpen(
-                                sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint, tenant=tenant
-                            )
-                        )
-                    },
-                )
+                payload = encode(SessionOpen(sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint,
+                                             tenant=tenant))
+                # Signed as the tenant's edge would (the pool here has no verdict_secret): real opens.
+                tag = mac(session_key("", sid, b""), payload)
+                pipe.xadd(broker.keys.opens(tenant), {FIELD: payload, MAC_FIELD: tag})
                 sent += 1
             await pipe.execute()
         if sent == batch:
@@ -363,9 +359,9 @@ async def poison_keys(url: str, fingerprint: str, period_s: float) -> None:
     counts: dict[str, int] = {}
     ids = np.asarray([5, 6, 7, 8], np.uint32)
 
-    def opened(sid: str) -> bytes:
+    def opened(sid: str) -> dict[bytes, bytes]:
         spec = SamplingSpec(max_new_tokens=8)
-        return encode(SessionOpen(sid, ids, spec, "draft", fingerprint, tenant="evil", verdict_key=b"k" * 32))
+        return signed(encode(SessionOpen(sid, ids, spec, "draft", fingerprint, tenant="evil")), sid)
 
     async def attempt(kind: str, operation: Any) -> None:
         try:
@@ -389,22 +385,27 @@ async def poison_keys(url: str, fingerprint: str, period_s: float) -> None:
     await r.aclose()
 
 
+def signed(payload: bytes, sid: str) -> dict[bytes, bytes]:
+    """Stream fields as the session's edge writes them (no verdict_secret in these runs)."""
+    return {FIELD: payload, MAC_FIELD: mac(session_key("", sid, b""), payload)}
+
+
 async def plant(r: Any, n: int, attempt: Any, opened: Any) -> None:
     """One round of tenant evil's attempts (``attempt`` counts each, and each refusal)."""
     opens = "specd:opens:{evil}"
     for key in ("state", "tokens", "lease", "meta"):  # a wrong type under a session's key, then its open
         sid = f"evil.{key}{n}"
         await attempt("wrong_type_" + key, r.xadd(f"specd:{{{sid}}}:{key}", {FIELD: b"x" * 64}))
-        await attempt("open", r.xadd(opens, {FIELD: opened(sid)}))
+        await attempt("open", r.xadd(opens, opened(sid)))
     sid = f"evil.v{n}"  # its verdict stream blocked, then opened and drafted
     await attempt("blocked_verdicts", r.xadd(f"specd:{{{sid}}}:verdicts", {FIELD: b"x"}, id=TOP_ID))
-    await attempt("open", r.xadd(opens, {FIELD: opened(sid)}))
+    await attempt("open", r.xadd(opens, opened(sid)))
     named = sid if n % 2 else f"evil.other{n}"  # every other draft names another session
     draft = DraftBatch(session_id=named, seq=0, start=4, token_ids=np.asarray([1], np.uint32),
                        support_sizes=np.zeros(0, np.uint16), support_ids=np.zeros(0, np.uint32),
                        support_probs=np.zeros(0, np.float32))
     kind = "draft" if n % 2 else "foreign_draft"
-    await attempt(kind, r.xadd(f"specd:{{{sid}}}:drafts", {FIELD: encode(draft)}))
+    await attempt(kind, r.xadd(f"specd:{{{sid}}}:drafts", signed(encode(draft), sid)))
     await attempt("untimed_stream", r.xadd(f"specd:{{evil.park{n}}}:junk", {FIELD: b"x" * 4096}))
     await attempt("ghost_drafts", r.xadd(f"specd:{{evil.ghost{n}}}:drafts", {FIELD: b"junk"}))
     # Keys of a session of its own, replaced mid-session: EXPIRE 0 (a stream comes next round).
@@ -498,7 +499,7 @@ async def selfflood(
                 sid = f"good.idle{run}-{i}"
                 opened = SessionOpen(sid, ids, SamplingSpec(max_new_tokens=8), "draft", replay.fingerprint,
                                      tenant="good")
-                pipe.xadd(good.broker.keys.opens("good"), {FIELD: encode(opened)})
+                pipe.xadd(good.broker.keys.opens("good"), signed(encode(opened), sid))
             await pipe.execute()
         flooded.append(await phase())
     sent = await stop_flood(flood)

@@ -4,7 +4,7 @@ Key layout (besides ``broker.streams``):
 
     {prefix}:{{sid}}:lease        ``worker/epoch`` of the owner, PX lease_ms, renewed by the owner;
                                   the epoch (``epoch`` in the state hash) grows with each taking
-    {prefix}:{{sid}}:meta         hash: ``open`` = the session's open message (for adoption)
+    {prefix}:{{sid}}:meta         hash: ``open`` = the session's open message, ``a`` = its MAC (adoption)
     {prefix}:leases               sorted set: sid -> lease deadline (epoch ms); the registry that
                                   lets a verifier find lapsed sessions without scanning keys
     {prefix}:owners               hash: sid -> worker id (for `specd pool status`)
@@ -152,10 +152,15 @@ return bad
 
 PASS_ON_OPEN = """
 -- KEYS: the tenant's deferred stream (verifiers only), the stream the open was read from.
--- ARGV: payload, hops, first seen (ms), the entry id. Acks and deletes the entry only when the
--- open was written on: an XADD refused (a stream someone else broke) leaves it pending here,
--- and a peer claims it after 2 leases. Returns 1 passed on, or the error text.
-local ok, err = pcall(redis.call, 'XADD', KEYS[1], '*', 'm', ARGV[1], 'h', ARGV[2], 't', ARGV[3])
+-- ARGV: payload, hops, first seen (ms), the entry id, the edge's MAC ('' none). Acks and deletes
+-- the entry only when the open was written on: an XADD refused (a stream someone else broke)
+-- leaves it pending here, and a peer claims it after 2 leases. Returns 1 passed on, or the error.
+local fields = {'m', ARGV[1], 'h', ARGV[2], 't', ARGV[3]}
+if ARGV[5] ~= '' then
+  fields[#fields + 1] = 'a'
+  fields[#fields + 1] = ARGV[5]
+end
+local ok, err = pcall(redis.call, 'XADD', KEYS[1], '*', unpack(fields))
 if not ok then return tostring(type(err) == 'table' and err.err or err) end
 redis.call('XACK', KEYS[2], 'verifiers', ARGV[4])
 redis.call('XDEL', KEYS[2], ARGV[4])
@@ -335,16 +340,19 @@ class PoolBroker:
 
     # ------------------------------------------------------------ session meta
 
-    async def save_open(self, sid: str, payload: bytes) -> None:
+    async def save_open(self, sid: str, payload: bytes, tag: bytes) -> None:
+        """The open and the edge's MAC of it: an adopting verifier trusts only an open that verifies."""
         key = self.broker.keys.meta(sid)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, "open", payload)
+            pipe.hset(key, mapping={"open": payload, "a": tag})
             pipe.expire(key, self.broker.ttl)
             await pipe.execute()
 
-    async def load_open(self, sid: str) -> bytes | None:
-        value = await self.redis.hget(self.broker.keys.meta(sid), "open")  # type: ignore[misc]
-        return value if isinstance(value, bytes) else None
+    async def load_open(self, sid: str) -> tuple[bytes | None, bytes | None]:
+        """The saved open and its MAC (None for what is missing)."""
+        values = await self.redis.hmget(self.broker.keys.meta(sid), ["open", "a"])  # type: ignore[misc]
+        raw, tag = (values or [None, None])[:2]
+        return (raw if isinstance(raw, bytes) else None), (tag if isinstance(tag, bytes) else None)
 
     # ------------------------------------------------------------ load registry
 
@@ -373,9 +381,11 @@ class PoolBroker:
 
     async def pass_on_open(self, entry: Entry, tenant: str, hops: int, since_ms: int) -> bool:
         """Re-queue a session open on the tenant's deferred stream (only verifiers write it), and ack
-        and delete this delivery in the same script; False (the entry stays pending) when refused."""
+        and delete this delivery in the same script; False (the entry stays pending) when refused.
+        The edge's MAC travels with the open."""
         reply = await self._pass_on(keys=[self.broker.keys.deferred(tenant), entry.stream],
-                                    args=[entry.payload or b"", hops, since_ms, entry.entry_id])
+                                    args=[entry.payload or b"", hops, since_ms, entry.entry_id,
+                                          entry.mac if entry.mac is not None else b""])
         if reply == 1:
             return True
         log.warning("open.pass_on_refused", stream=entry.stream, entry_id=entry.entry_id, error=_text(reply))

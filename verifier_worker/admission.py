@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 
 from broker.pool import now_ms
-from broker.streams import DEFAULT_TENANT, SESSION_DATA_ERRORS, Entry, SessionDataError, tenant_of
+from broker.streams import DEFAULT_TENANT, SESSION_DATA_ERRORS, Entry, SessionDataError, mac_ok, tenant_of
+from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import plan_admission, should_pass_on
 from verifier_worker.core import WorkerCore, log
@@ -100,7 +101,7 @@ class AdmissionMixin(WorkerCore):
             message = decode(raw, self.limits)
         except WireError:
             return b""
-        return self._key_of(message.verdict_key) if isinstance(message, SessionOpen) else b""
+        return self._key_of(message.session_id, message.nonce) if isinstance(message, SessionOpen) else b""
 
     # ------------------------------------------------------------------ one open
 
@@ -110,7 +111,7 @@ class AdmissionMixin(WorkerCore):
             message = decode(raw, self.limits)
             if not isinstance(message, SessionOpen):
                 raise WireError(ErrorCode.MALFORMED, "expected a session open message")
-            key = self._key_of(message.verdict_key)
+            key = self._key_of(message.session_id, message.nonce)
             if tenant_of(message.session_id) != tenant:
                 log.warning("open.foreign_session", session_id=message.session_id, tenant=tenant)
                 await self.broker.ack(entry.stream, entry.entry_id)  # another tenant's id: no reply
@@ -118,6 +119,9 @@ class AdmissionMixin(WorkerCore):
             if message.tenant != tenant:
                 raise WireError(ErrorCode.MALFORMED, f"the open claims tenant {message.tenant!r} on the open "
                                 f"stream of tenant {tenant!r}", message.session_id)
+            if not mac_ok(key, raw, entry.mac):
+                raise WireError(ErrorCode.INTEGRITY, "the open's MAC does not verify: edges and verifiers "
+                                "need the same redis.verdict_secret", message.session_id)
             self._check_compatible(message)
             known = message.session_id in self.sessions
             if known or await self.broker.session_known(message.session_id, typed=True):
@@ -128,12 +132,7 @@ class AdmissionMixin(WorkerCore):
             self._check_fresh(entry, message)
             await self._check_queue(entry, message)
         except WireError as exc:
-            if exc.code is ErrorCode.SESSION_EXPIRED and exc.session_id:  # copies re-sent meanwhile: ignored
-                await self.pool.condemn(exc.session_id, "expired", self.settings.pool.finished_ttl_s)
-            sid = exc.session_id or peek_session_id(raw)
-            if sid is not None and (tenant_of(sid) != tenant or sid in self.sessions):
-                sid = None  # another tenant's id, or a bad open naming a live session: no reply
-            await self._reject_open(sid, entry, exc, key)
+            await self._refuse_open(entry, tenant, exc, key)
             return
         if await self._defer_open(entry, message, key):
             return
@@ -141,18 +140,28 @@ class AdmissionMixin(WorkerCore):
             return
         await self._take(entry, message, raw, key)
 
+    async def _refuse_open(self, entry: Entry, tenant: str, exc: WireError, key: bytes) -> None:
+        if exc.code is ErrorCode.SESSION_EXPIRED and exc.session_id:  # copies re-sent meanwhile: ignored
+            await self.pool.condemn(exc.session_id, "expired", self.settings.pool.finished_ttl_s)
+        sid = exc.session_id or peek_session_id(entry.payload or b"")
+        if sid is not None and (tenant_of(sid) != tenant or sid in self.sessions):
+            sid = None  # another tenant's id, or a bad open naming a live session: no reply
+        await self._reject_open(sid, entry, exc, key)
+
     async def _take(self, entry: Entry, message: SessionOpen, raw: bytes, key: bytes) -> None:
         sid = message.session_id
         lease = await self.pool.acquire(sid, self.worker_id, self.settings.pool.lease_ms)
         if lease is not None:
-            await self.pool.save_open(sid, raw)
+            tag = entry.mac or b""
+            await self.pool.save_open(sid, raw, tag)
             await self.broker.ensure_group(self.broker.keys.drafts(sid))
             session = VerifierSession.from_open(message, self.limits.max_gamma)
-            session.lease, session.key, session.open_raw = lease, key, raw
+            session.lease, session.key, session.open_raw, session.open_tag = lease, key, raw, tag
             self._hold(session)
             self.stats.sessions_opened += 1
+            self.metrics.admission_outcome("admitted")
             log.info("session.opened", session_id=sid, tenant=message.tenant,
-                     prompt_tokens=int(message.prompt_ids.size),
+                     **tracing.log_ids(message.trace), prompt_tokens=int(message.prompt_ids.size),
                      max_new_tokens=message.sampling.max_new_tokens,
                      temperature=message.sampling.temperature, hops=entry.hops, lease=lease)
         else:
@@ -242,6 +251,7 @@ class AdmissionMixin(WorkerCore):
         since = entry.since_ms or now_ms()
         if should_pass_on(len(self.sessions), self.peers, entry.hops, cfg.max_open_hops, cfg.spread_slack):
             self.stats.opens_passed_on += 1
+            self.metrics.admission_outcome("passed_on")
             await self.pool.pass_on_open(entry, message.tenant, entry.hops + 1, since)
             return True
         need = kv_reserve(int(message.prompt_ids.size), 0, self.limits.max_gamma)  # paged: by use
@@ -252,16 +262,19 @@ class AdmissionMixin(WorkerCore):
                 self._evict(victim)
             return False
         if need > cfg.kv_budget_tokens or now_ms() - since > cfg.admission_wait_s * 1000:
+            self.metrics.admission_outcome("refused_capacity")
             await self._reject_open(message.session_id, entry, WireError(
                 ErrorCode.CAPACITY, f"no KV room for {need} tokens (budget {cfg.kv_budget_tokens} tokens "
                 f"per verifier) within {cfg.admission_wait_s}s"), key)
             return True
         queued = await self.pool.queued_opens(message.tenant)
         if queued > cfg.max_queued_opens:
+            self.metrics.admission_outcome("refused_busy")
             await self._reject_open(message.session_id, entry, WireError(
                 ErrorCode.BUSY, f"tenant {message.tenant!r} has {queued} session opens waiting (limit "
                 f"{cfg.max_queued_opens}): open again later"), key)
             return True
+        self.metrics.admission_outcome("deferred")
         await self.pool.pass_on_open(entry, message.tenant, entry.hops, since)  # waits, deferred
         self._opens_paused_until = time.monotonic() + cfg.scan_interval_ms / 1000
         return True

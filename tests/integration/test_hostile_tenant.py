@@ -19,7 +19,8 @@ import redis
 from redis.exceptions import ResponseError
 
 from broker.acl import edge_rule, ops_rule, verifier_rule
-from broker.streams import FIELD, connect
+from broker.streams import FIELD, MAC_FIELD, connect
+from common.integrity import mac, session_key
 from common.sampling import SamplingParams
 from common.settings import Settings
 from common.wire import DraftBatch, ErrorMessage, SamplingSpec, SessionOpen, decode, encode
@@ -124,9 +125,14 @@ def an_open(sid: str, fingerprint: str, tenant: str = "evil") -> bytes:
             "draft",
             fingerprint,
             tenant=tenant,
-            verdict_key=b"k" * 32,
         )
     )
+
+
+def signed(payload: bytes, sid: str) -> dict[bytes, bytes]:
+    """Stream fields as the session's edge writes them: the payload and its MAC (no verdict_secret
+    here, so anyone who knows the session id can sign: what is tested is the keys, not integrity)."""
+    return {FIELD: payload, MAC_FIELD: mac(session_key("", sid, b""), payload)}
 
 
 async def state_of(url: str, sid: str) -> dict[bytes, bytes]:
@@ -176,9 +182,14 @@ async def test_finding1_wrong_type_session_keys_fail_only_their_session(acl_redi
         # A lapsed session (as Redis holds it after its owner died) whose tokens evil replaced.
         await evil.xadd(f"{PREFIX}:{{evil.ad}}:tokens", {FIELD: b"x"})
         async with verifier_as(acl_redis, tiny_pair) as verifier:
-            await admin.hset(f"{PREFIX}:{{evil.ad}}:meta", "open", an_open("evil.ad", verifier.fingerprint))
+            opened = signed(an_open("evil.ad", verifier.fingerprint), "evil.ad")
+            await admin.hset(
+                f"{PREFIX}:{{evil.ad}}:meta", mapping={"open": opened[FIELD], "a": opened[MAC_FIELD]}
+            )
             await admin.zadd(f"{PREFIX}:leases", {"evil.ad": 0})
-            await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: an_open("evil.vd", verifier.fingerprint)})
+            await evil.xadd(
+                f"{PREFIX}:opens:{{evil}}", signed(an_open("evil.vd", verifier.fingerprint), "evil.vd")
+            )
             planted = ("evil.st", "evil.tk", "evil.ls", "evil.mt")
             failures = await asyncio.gather(
                 *(evil_generate(acl_redis, tiny_pair, sid) for sid in planted),
@@ -186,7 +197,9 @@ async def test_finding1_wrong_type_session_keys_fail_only_their_session(acl_redi
             )
             assert [f.code.value for f in failures[:4]] == ["invalid_state"] * 4
             assert "evil.vd" in verifier.sessions  # its verdicts stream breaks its first commit
-            await evil.xadd(f"{PREFIX}:{{evil.vd}}:drafts", {FIELD: encode(greedy_draft("evil.vd"))})
+            await evil.xadd(
+                f"{PREFIX}:{{evil.vd}}:drafts", signed(encode(greedy_draft("evil.vd")), "evil.vd")
+            )
             for sid in ("evil.st", "evil.tk", "evil.ls", "evil.mt", "evil.ad", "evil.vd"):
                 assert (await state_of(acl_redis, sid)).get(b"finished") == b"invalid_state", sid
             assert await admin.type(f"{PREFIX}:{{evil.ad}}:tokens") == b"none"  # quarantined
@@ -219,7 +232,9 @@ async def test_finding2_a_poisoned_opens_stream_blocks_only_its_tenant(acl_redis
         async with verifier_as(
             acl_redis, tiny_pair, pool={"spread_slack": 0, "max_open_hops": 2}
         ) as verifier:
-            await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: an_open("evil.q1", verifier.fingerprint)})
+            await evil.xadd(
+                f"{PREFIX}:opens:{{evil}}", signed(an_open("evil.q1", verifier.fingerprint), "evil.q1")
+            )
             await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: b"junk"}, id=TOP_ID)
             with pytest.raises(ResponseError):  # evil's own opens are blocked now ...
                 await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: b"x"})
@@ -256,12 +271,13 @@ async def test_finding4_stale_opens_expire_and_the_tenant_queue_is_bounded(acl_r
                 for i in range(100):  # a minute old (ids a tenant may choose), then a fresh flood
                     pipe.xadd(
                         f"{PREFIX}:opens:{{evil}}",
-                        {FIELD: an_open(f"evil.old{i}", verifier.fingerprint)},
+                        signed(an_open(f"evil.old{i}", verifier.fingerprint), f"evil.old{i}"),
                         id=f"{stale}-{i + 1}",
                     )
                 for i in range(100):
                     pipe.xadd(
-                        f"{PREFIX}:opens:{{evil}}", {FIELD: an_open(f"evil.new{i}", verifier.fingerprint)}
+                        f"{PREFIX}:opens:{{evil}}",
+                        signed(an_open(f"evil.new{i}", verifier.fingerprint), f"evil.new{i}"),
                     )
                 await pipe.execute()
             await run_acme(
@@ -301,12 +317,16 @@ async def test_finding5_acl_refusal_and_foreign_drafts_are_typed(acl_redis, tiny
     admin = connect(acl_redis, 5)
     try:
         async with verifier_as(acl_redis, tiny_pair) as verifier:
-            await evil.xadd(f"{PREFIX}:opens:{{evil}}", {FIELD: an_open("evil.d1", verifier.fingerprint)})
+            await evil.xadd(
+                f"{PREFIX}:opens:{{evil}}", signed(an_open("evil.d1", verifier.fingerprint), "evil.d1")
+            )
             for _ in range(200):
                 if "evil.d1" in verifier.sessions:
                     break
                 await asyncio.sleep(0.05)
-            await evil.xadd(f"{PREFIX}:{{evil.d1}}:drafts", {FIELD: encode(greedy_draft("evil.other"))})
+            await evil.xadd(
+                f"{PREFIX}:{{evil.d1}}:drafts", signed(encode(greedy_draft("evil.other")), "evil.d1")
+            )
             errors = []
             for _ in range(200):
                 reply = await evil.xread({f"{PREFIX}:{{evil.d1}}:verdicts": "0-0"})
@@ -336,7 +356,10 @@ async def test_finding5_a_session_back_from_a_snapshot_is_ended_and_untimed_keys
         pool = {"adopted_idle_s": 1, "janitor_interval_s": 0.2}
         async with verifier_as(acl_redis, tiny_pair, pool=pool) as verifier:
             sid = "acme.back"
-            await admin.hset(f"{PREFIX}:{{{sid}}}:meta", "open", an_open(sid, verifier.fingerprint, "acme"))
+            opened = signed(an_open(sid, verifier.fingerprint, "acme"), sid)
+            await admin.hset(
+                f"{PREFIX}:{{{sid}}}:meta", mapping={"open": opened[FIELD], "a": opened[MAC_FIELD]}
+            )
             await admin.hset(f"{PREFIX}:{{{sid}}}:state", mapping={"next_seq": 1, "epoch": 1})
             await admin.set(f"{PREFIX}:{{{sid}}}:tokens", np.asarray([5, 6, 7, 8], "<u4").tobytes())
             await admin.zadd(f"{PREFIX}:leases", {sid: 0})
