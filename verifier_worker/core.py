@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import NoPermissionError
+
 from broker.pool import PoolBroker
 from broker.rounds import RoundWriter
-from broker.streams import Broker, Entry, RoundResult, mac, session_key
+from broker.streams import SESSION_DATA_ERRORS, Broker, Entry, RoundResult, mac, session_key
 from common.logs import get_logger
 from common.metrics import VerifierMetrics
 from common.settings import Settings, context_length
@@ -86,6 +88,7 @@ class WorkerCore:
         self._next_scan = 0.0
         self._next_tenant_scan = 0.0
         self._opens_paused_until = 0.0
+        self._queue_lengths: dict[str, tuple[float, int]] = {}  # tenant -> (read at, opens waiting)
         self.stopping: asyncio.Event | None = None  # set by run(): retries give up once it is set
         self.metrics = VerifierMetrics()
         self.metrics.track(lambda: sum(s.kv.nbytes() for s in list(self.sessions.values())),
@@ -130,8 +133,12 @@ class WorkerCore:
 
     async def _fenced_notice(self, session: VerifierSession, payload: bytes, ack_id: str = "") -> bool:
         tag = mac(session.key, payload)
-        if await self.writer.notice(session.session_id, session.lease, payload, tag, ack_id):
-            return True
+        try:
+            if await self.writer.notice(session.session_id, session.lease, payload, tag, ack_id):
+                return True
+        except SESSION_DATA_ERRORS as exc:  # its verdict stream or lease replaced by its tenant
+            await self._session_data_failed(session.session_id, exc, session.key, session)
+            return False
         lease = session.lease
         await self.renew_leases([session])  # lapsed or lost by Redis, and nobody took it: take it again
         if self.sessions.get(session.session_id) is session and session.lease != lease:
@@ -150,6 +157,32 @@ class WorkerCore:
                     entry_id=entry_id, fatal=fatal)
         await self._notify(session, ErrorMessage(session.session_id, exc.code, exc.message, fatal=fatal,
                                                  seq=session.next_seq, committed=committed), entry_id)
+
+    async def _session_data_failed(self, sid: str, exc: Exception, key: bytes = b"",
+                                   session: VerifierSession | None = None) -> None:
+        """A session whose keys hold what no verifier wrote (a tenant's wrong-type key, a blocked
+        stream id) or that Redis refused: it ends with a typed fatal error on its verdict stream
+        where that takes one (else the log says so), its keys are tombstoned and the wrong-typed
+        ones deleted, and every other session goes on."""
+        code = ErrorCode.FORBIDDEN if isinstance(exc, NoPermissionError) else ErrorCode.INVALID_STATE
+        self._count_error(code)
+        log.error("session.invalid_state", session_id=sid, code=code.value, error=str(exc)[:300])
+        if session is not None and self.sessions.get(sid) is session:
+            del self.sessions[sid]
+            self.metrics.session_finished(session.tenant, code.value)
+            session.kv.clear()
+        payload = encode(ErrorMessage(sid, code, f"the session's Redis keys cannot be used: {exc}"[:500],
+                                      fatal=True))
+        try:
+            bad = await self.pool.condemn(sid, code.value, self.settings.pool.finished_ttl_s)
+            if session is not None and self._session_limit(session.tenant):
+                await self.pool.leave_session(session.tenant, sid)
+            await self.broker.publish_round([RoundResult(sid, payload, [], mac=mac(key, payload))])
+        except SESSION_DATA_ERRORS as again:
+            log.warning("session.invalid_state_unreported", session_id=sid, error=str(again)[:300])
+            return
+        if bad:
+            log.warning("session.keys_quarantined", session_id=sid, keys=bad)
 
     def _drop(self, session: VerifierSession, reason: str) -> None:
         """Forget a session this worker may no longer write (its lease went to another worker)."""

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from broker.streams import Entry, mac_ok
+from broker.streams import SESSION_DATA_ERRORS, Entry, mac_ok
 from common.wire import ErrorCode, ErrorMessage, SessionOpen, Verdict, WireError, decode
 from verifier_worker.admission import AdmissionMixin
 from verifier_worker.capacity import load_figure, resident_tokens, should_pass_on, tenant_sessions
@@ -28,6 +28,9 @@ from verifier_worker.session import VerifierSession
 
 
 class LeaseMixin(AdmissionMixin):
+    _next_janitor = 0.0
+    _janitor_cursor = 0
+
     @property
     def tick_s(self) -> float:
         """Lease renewal and load publishing period: a third of the shorter lifetime."""
@@ -107,6 +110,7 @@ class LeaseMixin(AdmissionMixin):
             await self._claim_stuck_opens()
         await self._claim_stray_drafts(now)
         await self._expire_abandoned(now)
+        await self._janitor(now)
 
     async def _adopt_lapsed(self) -> None:
         cfg = self.settings.pool
@@ -115,9 +119,21 @@ class LeaseMixin(AdmissionMixin):
                 continue
             if should_pass_on(len(self.sessions), self.peers, 0, 1, cfg.spread_slack):
                 return  # clearly more loaded than a live peer: leave the rest to it
-            lease = await self.pool.acquire(sid, self.worker_id, cfg.lease_ms)
-            if lease is not None:
-                await self._adopt(sid, lease)
+            try:
+                lease = await self.pool.acquire(sid, self.worker_id, cfg.lease_ms)
+                if lease is not None:
+                    await self._adopt(sid, lease)
+            except SESSION_DATA_ERRORS as exc:  # its keys hold what no verifier wrote: it ends here
+                self.sessions.pop(sid, None)
+                await self._session_data_failed(sid, exc, await self._adoptee_key(sid))
+
+    async def _adoptee_key(self, sid: str) -> bytes:
+        """The verdict key of a session from its saved open (empty when that is unreadable)."""
+        try:
+            raw, _ = await self.pool.load_open(sid)
+            return self._open_key(raw or b"")
+        except SESSION_DATA_ERRORS:
+            return b""
 
     async def _trusted_open(self, sid: str) -> tuple[SessionOpen, bytes, bytes, bytes] | None:
         """The session's saved open (decoded, raw), its MAC and the session's key, if the MAC verifies."""
@@ -145,8 +161,10 @@ class LeaseMixin(AdmissionMixin):
             await self.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
             return
         message, raw, tag, key = opened
-        tokens = await self.broker.load_tokens(sid)
+        longest = message.prompt_ids.size + message.sampling.max_new_tokens + self.limits.max_gamma + 1
+        tokens = await self.broker.load_tokens(sid, max_bytes=4 * int(longest))
         session = VerifierSession.restore(message, state, tokens, key, self.limits.max_gamma)
+        session.adopted_idle = True  # until its first draft (RDB: a finished session may come back)
         if tokens and not session.stored:
             self._count_error(ErrorCode.INTEGRITY)
             log.warning("session.state_untrusted", session_id=sid, error="the committed context in Redis is "
@@ -187,16 +205,34 @@ class LeaseMixin(AdmissionMixin):
         lease_s = self.settings.pool.lease_ms / 1000
         for session in list(self.sessions.values()):
             if not session.queue and lease_s <= now - session.last_active <= 4 * lease_s:
-                await self._claim_pending(session, min_idle_ms=self.settings.pool.lease_ms)
+                try:
+                    await self._claim_pending(session, min_idle_ms=self.settings.pool.lease_ms)
+                except SESSION_DATA_ERRORS as exc:
+                    await self._session_data_failed(session.session_id, exc, session.key, session)
 
     async def _expire_abandoned(self, now: float) -> None:
-        ttl = self.settings.redis.session_ttl_s
+        ttl, adopted = self.settings.redis.session_ttl_s, self.settings.pool.adopted_idle_s
         for session in list(self.sessions.values()):
-            if not session.queue and now - session.last_active > ttl:
-                # Its edge is gone (no draft for the session TTL): free the KV memory it holds.
+            # Its edge is gone (no draft for the session TTL, or none since adoption): free its KV
+            # memory and tenant slot. A live edge re-sends its draft within its resend budget.
+            idle = adopted if adopted and session.adopted_idle else ttl
+            if not session.queue and now - session.last_active > idle:
                 log.warning("session.expired", session_id=session.session_id, tenant=session.tenant,
-                            idle_s=ttl)
+                            idle_s=idle, adopted=session.adopted_idle)
                 await self._finish(session, "expired")
+
+    async def _janitor(self, now: float) -> None:
+        """A bounded SCAN step giving session-pattern keys without a TTL the session TTL."""
+        every = self.settings.pool.janitor_interval_s
+        if not every or now < self._next_janitor or self.broker.cluster:
+            return
+        self._next_janitor = now + every
+        pattern = f"{self.broker.keys.prefix}:{{*"
+        try:
+            cursor = self._janitor_cursor
+            self._janitor_cursor = await self.pool.expire_untimed(pattern, self.broker.ttl, cursor)
+        except SESSION_DATA_ERRORS as exc:  # e.g. SCAN refused by a narrower ACL: skip it
+            log.warning("janitor.failed", error=str(exc)[:300])
 
 
 def _finished(state: dict[bytes, bytes]) -> bool:

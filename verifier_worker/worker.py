@@ -18,7 +18,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.streams import TRANSIENT_ERRORS, Entry, mac_ok, with_backoff
+from broker.streams import (
+    SESSION_DATA_ERRORS,
+    TRANSIENT_ERRORS,
+    Entry,
+    SessionDataError,
+    mac_ok,
+    with_backoff,
+)
 from common.integrity import NO_SECRET_RISK
 from common.logs import bind
 from common.wire import DraftBatch, ErrorCode, ErrorMessage, SessionClose, WireError, decode
@@ -70,11 +77,11 @@ class VerifierWorker(RoundMixin):
         # Session opens this consumer read before a restart but never acknowledged.
         for stream, tenant in list(self.tenant_streams.items()):
             for entry in await self.broker.read_pending(self.worker_id, stream):
-                await self._on_open(entry, tenant)
+                await self._open_guarded(entry, tenant)
         arena = self.engine.arena
         log.info("verifier.started", model=self.model_name, vocab=self.engine.vocab_size,
                  peers=sorted(self.peers), kv_budget_tokens=arena.budget_tokens,
-                 tenants=sorted(self.tenant_streams.values()),
+                 tenants=sorted(set(self.tenant_streams.values())),
                  kv_arena_mib=round(arena.budget_tokens * arena.bytes_per_token / 2**20, 1))
 
     async def shutdown(self) -> None:
@@ -123,15 +130,32 @@ class VerifierWorker(RoundMixin):
         """
         per_tenant = self.settings.pool.opens_per_read
         entries: list[Entry] = []
-        if opens:
-            opens_block = None if drafts else block
-            entries += await with_backoff(lambda: self.broker.read_work(
-                self.worker_id, opens, opens_block, count=per_tenant), "read_opens", self.stopping)
-        if drafts:
-            count = self._read_count
-            entries += await with_backoff(lambda: self.broker.read_work(
-                self.worker_id, drafts, block, count=count), "read_drafts", self.stopping)
+        try:
+            if opens:
+                opens_block = None if drafts else block
+                entries += await with_backoff(lambda: self.broker.read_work(
+                    self.worker_id, opens, opens_block, count=per_tenant), "read_opens", self.stopping)
+            if drafts:
+                count = self._read_count
+                entries += await with_backoff(lambda: self.broker.read_work(
+                    self.worker_id, drafts, block, count=count), "read_drafts", self.stopping)
+        except SessionDataError as exc:  # a key replaced by another type: its owner fails, the rest read next
+            await self._unreadable(exc)
         return entries
+
+    async def _unreadable(self, exc: SessionDataError) -> None:
+        """Keys a read found of the wrong type: their sessions fail typed, a tenant's stream is left."""
+        log.error("verifier.unreadable_keys", keys=list(exc.keys), error=str(exc)[:300])
+        for key in exc.keys:
+            tenant = self.tenant_streams.pop(key, None)
+            if tenant is not None:
+                log.error("tenant.stream_invalid", tenant=tenant, stream=key)
+                continue
+            session = self.sessions.get(self.broker.keys.session_of(key))
+            if session is not None:
+                await self._session_data_failed(session.session_id, exc, session.key, session)
+        if not exc.keys:
+            await asyncio.sleep(self._idle_block_ms() / 1000)  # nothing to blame: do not spin
 
     def _has_runnable_draft(self) -> bool:
         """A queued draft that may be verified now (not held back for its tenant's rate)."""
@@ -148,7 +172,7 @@ class VerifierWorker(RoundMixin):
     async def _dispatch(self, entry: Entry) -> None:
         tenant = self.tenant_streams.get(entry.stream)
         if tenant is not None:
-            await self._on_open(entry, tenant)
+            await self._open_guarded(entry, tenant)
             return
         session = self.sessions.get(self.broker.keys.session_of(entry.stream))
         if session is None:
@@ -160,6 +184,9 @@ class VerifierWorker(RoundMixin):
             return
         try:
             message = decode(entry.payload or b"", self.limits)
+            if message.session_id != session.session_id:
+                raise WireError(ErrorCode.MALFORMED, f"a {message.type_} naming session "
+                                f"{message.session_id!r} on the draft stream of {session.session_id!r}")
             if isinstance(message, SessionClose):
                 await self.broker.ack(entry.stream, entry.entry_id)
                 await self._finish(session, message.reason)
@@ -169,6 +196,8 @@ class VerifierWorker(RoundMixin):
                 raise WireError(ErrorCode.MALFORMED, f"unexpected {message.type_} on a draft stream")
         except WireError as exc:
             await self._reject(session, entry.entry_id, exc)
+        except SESSION_DATA_ERRORS as exc:  # this session's keys only: it fails, the others go on
+            await self._session_data_failed(session.session_id, exc, session.key, session)
 
     async def _forged_draft(self, session: VerifierSession, entry: Entry) -> None:
         """Drop a draft-stream entry whose MAC does not verify; tell the edge (at most once a second)."""
