@@ -99,10 +99,14 @@ def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
     models = settings.models
     set_torch_threads(models.torch_threads)
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
-    engine = TargetEngine(target.model, target.vocab_size)
     spec = sampling_spec(settings, target.eos_token_ids)
     prompt_ids = target.tokenizer.encode(prompt)
     check_local_prompt(prompt_ids, spec.max_new_tokens, context_length(target.model.config), "models.target")
+    # One session: a KV arena of its own length (not a pool's budget), warmed on a throw-away
+    # prompt of the same length before the clock starts, so a fresh process runs at warm speed.
+    engine = TargetEngine(target.model, target.vocab_size,
+                          kv_budget_tokens=max(1024, 2 * (len(prompt_ids) + spec.max_new_tokens)))
+    engine.warm_up(prompt_tokens=len(prompt_ids), gamma=0)
     started = time.perf_counter()
     tokens = generate_target_only(engine, prompt_ids, SamplingParams(
         spec.temperature, spec.top_p, spec.top_k, spec.seed), frozenset(spec.stop_token_ids),

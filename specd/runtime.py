@@ -40,6 +40,7 @@ def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> V
     set_torch_threads(models.torch_threads)
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
     engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
+    engine.warm_up(gamma=settings.edge.gamma)  # the first user's rounds run at warm speed
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
@@ -119,6 +120,7 @@ def edge_broker(settings: Settings, broker: Broker) -> Broker:
 
 def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     backend = build_draft_backend(settings)
+    backend.warm_up(gamma=settings.edge.gamma)  # kernels and allocator warm before a user's tokens
     context = backend_context(backend)
     check_fits_model(settings, context, "models.draft")
     return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings, context),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.rejection import FlatRound, verify_round
+from common.rejection import FlatRound, row_argmax, verify_round
 from common.sampling import SamplingParams, round_uniforms
 from verifier_worker.kv import ArenaShape, KVArena, KVCapacityError, SessionKV
 
@@ -85,6 +85,31 @@ class TargetEngine:
         use_slot_attention(model)
         self.forward_passes = 0
         self._workspace = torch.empty(0)  # float32 scratch of the sampled rows, reused (CPU)
+        # A 4D mask counts as "already prepared": transformers then skips building its own causal
+        # mask every pass (packed-sequence detection and all), which slot attention never reads.
+        self._prepared_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+
+    def warm_up(self, prompt_tokens: int = 64, gamma: int = 4, rounds: int = 4) -> None:
+        """Run a throw-away session through the pass shapes a user's first rounds will have (a
+        prefill of ``prompt_tokens``, then verification rounds of ``gamma`` drafts and of none),
+        so the allocator's pages and the kernels are warm before the first real token: a fresh
+        process then decodes at its warm speed. Leaves no blocks held and no counters moved."""
+        if self.arena.free_tokens < prompt_tokens + 3 * rounds * (gamma + 1) + 2 * self.arena.block_tokens:
+            return  # a budget this small has no room to spare for a rehearsal
+        kv, passes = SessionKV(), self.forward_passes
+        context = [3 + i % max(1, self.vocab_size - 3) for i in range(prompt_tokens)]
+        try:
+            # greedy rounds with and without drafts, and a sampled one (the sampler's buffers)
+            plan = [(gamma, SamplingParams()), (0, SamplingParams()), (0, SamplingParams(0.8, 0.95))]
+            for seq, (drafted, params) in enumerate(plan * rounds):
+                draft = Draft.empty()
+                draft.token_ids = np.asarray(context[-drafted:] if drafted else [], dtype=np.uint32)
+                outcome = self.verify([VerifyRequest(kv, context, draft, params, seq)])[0]
+                context = context + [int(t) for t in draft.token_ids[:outcome.accepted]] + [
+                    outcome.token]
+        finally:
+            kv.clear()
+            self.forward_passes = passes
 
     def set_kv_budget(self, tokens: int) -> None:
         """Re-size the KV arena (``pool.kv_budget_tokens``); only while no session holds memory."""
@@ -98,9 +123,12 @@ class TargetEngine:
     def verify(self, requests: list[VerifyRequest]) -> list[VerifyOutcome]:
         """One target forward over all requests, then rejection sampling and cache rollback."""
         logits = self._forward(requests)  # [sum(gamma + 1), V]
-        result = verify_round(logits, flat_round(requests), self._scratch(requests, logits))
-        outcomes = [VerifyOutcome(int(a), int(t)) for a, t in
-                    zip(result.num_accepted.tolist(), result.next_token.tolist(), strict=True)]
+        if all(r.params.greedy for r in requests):
+            outcomes = greedy_outcomes(logits, requests)
+        else:
+            result = verify_round(logits, flat_round(requests), self._scratch(requests, logits))
+            outcomes = [VerifyOutcome(int(a), int(t)) for a, t in
+                        zip(result.num_accepted.tolist(), result.next_token.tolist(), strict=True)]
         for request, outcome in zip(requests, outcomes, strict=True):
             # The cache must cover the new context minus its last token (the recovered/bonus
             # token is fed at the start of the next round).
@@ -116,7 +144,7 @@ class TargetEngine:
         packed = PackedPass.build(self.arena, requests, inputs, self.group)
         out = self.model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-            logits_to_keep=packed.keep, specd_pass=packed,
+            logits_to_keep=packed.keep, specd_pass=packed, attention_mask=self._prepared_mask,
         )
         self.forward_passes += 1
         packed.check_layers(self.num_layers)
@@ -133,6 +161,22 @@ class TargetEngine:
         if 2 * rows * logits.shape[-1] > self._workspace.numel():  # e and a same-sized scratch
             self._workspace = torch.empty(2 * rows * logits.shape[-1], dtype=torch.float32)
         return self._workspace
+
+
+def greedy_outcomes(logits: torch.Tensor, requests: list[VerifyRequest]) -> list[VerifyOutcome]:
+    """Greedy verification of an all-greedy batch: one argmax over the rows, the accepted prefix
+    compared on the host (what ``verify_round`` computes for greedy rows, without building the
+    flat round's sampling arrays or its round noise, which greedy rows never read)."""
+    best = row_argmax(logits).tolist()  # [sum(gamma + 1)]
+    outcomes, start = [], 0
+    for request in requests:
+        drafted = request.draft.token_ids.tolist()
+        accepted = 0
+        while accepted < len(drafted) and best[start + accepted] == drafted[accepted]:
+            accepted += 1
+        outcomes.append(VerifyOutcome(accepted, best[start + accepted]))
+        start += len(drafted) + 1
+    return outcomes
 
 
 def flat_round(requests: list[VerifyRequest]) -> FlatRound:
@@ -248,6 +292,7 @@ class PackedPass:
     buckets: list[_Bucket]
     back: torch.Tensor  # [N] row of the buckets' concatenated outputs holding each token
     group: int  # query heads per key/value head
+    solo: _Solo | None = None  # one session whose blocks are contiguous: attention in place
     layers_seen: int = 0
 
     @classmethod
@@ -266,6 +311,14 @@ class PackedPass:
         keep = np.concatenate([np.arange(e - r.draft.gamma - 1, e) for r, e in
                                zip(requests, ends.tolist(), strict=True)])
         group = group or 1
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in inputs])
+        solo = _Solo.build(requests[0].kv.blocks, int(past[0]), int(counts[0]), block, group,
+                           device) if len(requests) == 1 else None
+        if solo is not None:  # no buckets, no slot or back indices: nothing to gather
+            empty = torch.zeros(0, dtype=torch.long)
+            return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
+                       empty, [], empty, group, solo)
         buckets, back = [], np.zeros(positions.size, dtype=np.int64)
         done = 0
         for members in (np.flatnonzero(counts <= SHORT_ROW), np.flatnonzero(counts > SHORT_ROW)):
@@ -274,8 +327,6 @@ class PackedPass:
                 back[np.repeat(starts[members], counts[members]) + _ranges(counts[members])] = local + done
                 done += bucket.rows * bucket.width
                 buckets.append(bucket)
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in inputs])
         return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
                    as_tensor(slots), buckets, as_tensor(back), group)
 
@@ -292,6 +343,8 @@ class PackedPass:
         group = q_heads // kv_heads
         if group != self.group:
             raise RuntimeError("the packed pass was built for another head grouping")
+        if self.solo is not None:
+            return self.solo.attend(self.arena, layer, query, key, value, scaling)
         self.arena.write(layer, self.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
         outputs = []
         for bucket in self.buckets:  # at most two, whatever the number of sessions
@@ -312,6 +365,44 @@ class PackedPass:
         if self.layers_seen != layers:
             raise RuntimeError(f"the model ran {self.layers_seen} of {layers} attention layers "
                                "through the slot attention: its architecture is not supported")
+
+
+@dataclass
+class _Solo:
+    """The batch-1 fast path: one session whose blocks are consecutive in the arena, so its cache
+    is one contiguous extent. Keys/values are written with a slice copy and attention reads a
+    view of the extent: no scatter, no gather, no query/output index (what plain ``generate``
+    with a cache does, without its growing ``cat``)."""
+
+    start: int  # flat arena slot of the session's position 0
+    past: int  # cached positions before this pass
+    count: int  # new tokens in this pass
+    mask: torch.Tensor | None  # [1, 1, group * count, past + count] bool; None for one query
+
+    @classmethod
+    def build(cls, blocks: list[int], past: int, count: int, block: int, group: int,
+              device: torch.device) -> _Solo | None:
+        if not blocks or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+            return None
+        mask = None
+        if count > 1:  # query c sees positions 0 .. past + c (the causal offset of a cache)
+            seen = torch.arange(past + count, device=device)[None, :] <= (
+                past + torch.arange(count, device=device))[:, None]  # [C, L]
+            mask = seen.repeat(group, 1).view(1, 1, group * count, past + count)
+        return cls(blocks[0] * block, past, count, mask)
+
+    def attend(self, arena: KVArena, layer: int, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        _, q_heads, count, dim = query.shape
+        kv_heads = key.shape[1]
+        keys, values = arena.extent(layer, self.start, self.past + count)  # [L, Hkv, D] views
+        keys[self.past:].copy_(key[0].transpose(0, 1))
+        values[self.past:].copy_(value[0].transpose(0, 1))
+        q = query.reshape(1, kv_heads, (q_heads // kv_heads) * count, dim)
+        o = F.scaled_dot_product_attention(q, keys.transpose(0, 1).unsqueeze(0),
+                                           values.transpose(0, 1).unsqueeze(0),
+                                           attn_mask=self.mask, scale=scaling)
+        return o.reshape(1, q_heads, count, dim).transpose(1, 2)  # [1, N, Hq, D]
 
 
 def _block_table(tables: list[list[int]]) -> np.ndarray:  # [B, max blocks] int64, padded with 0
