@@ -17,7 +17,7 @@ Verification (``common.sampling.verify_round``) then runs on the logits' device 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -292,7 +292,8 @@ class PackedPass:
     buckets: list[_Bucket]
     back: torch.Tensor  # [N] row of the buckets' concatenated outputs holding each token
     group: int  # query heads per key/value head
-    solo: _Solo | None = None  # one session whose blocks are contiguous: attention in place
+    solo: _Extent | None = None  # batch 1 with consecutive blocks: attention in place, no index
+    extents: list[_Extent] = field(default_factory=list)  # long rows attended in place
     layers_seen: int = 0
 
     @classmethod
@@ -313,22 +314,29 @@ class PackedPass:
         group = group or 1
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
         ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in inputs])
-        solo = _Solo.build(requests[0].kv.blocks, int(past[0]), int(counts[0]), block, group,
-                           device) if len(requests) == 1 else None
-        if solo is not None:  # no buckets, no slot or back indices: nothing to gather
+        extents = [_Extent.build(r.kv.blocks, first, int(p), int(c), block, group, device)
+                   if len(requests) == 1 or p + c >= IN_PLACE_CONTEXT else None
+                   for r, first, p, c in zip(requests, starts.tolist(), past, counts, strict=True)]
+        if len(requests) == 1 and extents[0] is not None:  # batch 1: nothing to index at all
             empty = torch.zeros(0, dtype=torch.long)
             return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
-                       empty, [], empty, group, solo)
+                       empty, [], empty, group, extents[0])
+        gathered = np.array([e is None for e in extents], dtype=bool)
         buckets, back = [], np.zeros(positions.size, dtype=np.int64)
         done = 0
-        for members in (np.flatnonzero(counts <= SHORT_ROW), np.flatnonzero(counts > SHORT_ROW)):
+        for members in (np.flatnonzero(gathered & (counts <= SHORT_ROW)),
+                        np.flatnonzero(gathered & (counts > SHORT_ROW))):
             if members.size:
                 bucket, local = _bucket(members, counts, past, starts, table, block, group, device)
                 back[np.repeat(starts[members], counts[members]) + _ranges(counts[members])] = local + done
                 done += bucket.rows * bucket.width
                 buckets.append(bucket)
+        in_place = [e for e in extents if e is not None]
+        for extent in in_place:  # their outputs follow the buckets' in the concatenation
+            back[extent.first:extent.first + extent.count] = done + np.arange(extent.count)
+            done += extent.count
         return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
-                   as_tensor(slots), buckets, as_tensor(back), group)
+                   as_tensor(slots), buckets, as_tensor(back), group, None, in_place)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None) -> torch.Tensor:
@@ -344,7 +352,10 @@ class PackedPass:
         if group != self.group:
             raise RuntimeError("the packed pass was built for another head grouping")
         if self.solo is not None:
-            return self.solo.attend(self.arena, layer, query, key, value, scaling)
+            keys, values = self.solo.view(self.arena, layer)
+            keys[self.solo.past:].copy_(key[0].transpose(0, 1))  # a slice copy, not a scatter
+            values[self.solo.past:].copy_(value[0].transpose(0, 1))
+            return self.solo.attend(query, keys, values, scaling).unsqueeze(0)
         self.arena.write(layer, self.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
         outputs = []
         for bucket in self.buckets:  # at most two, whatever the number of sessions
@@ -358,6 +369,8 @@ class PackedPass:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scaling)
             o = o.view(rows, kv_heads, group, width, dim).permute(0, 3, 1, 2, 4)
             outputs.append(o.reshape(rows * width, q_heads, dim))
+        for extent in self.extents:  # one call per long row, over a view of its blocks
+            outputs.append(extent.attend(query, *extent.view(self.arena, layer), scaling))
         flat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return flat.index_select(0, self.back).unsqueeze(0)
 
@@ -367,21 +380,28 @@ class PackedPass:
                                "through the slot attention: its architecture is not supported")
 
 
-@dataclass
-class _Solo:
-    """The batch-1 fast path: one session whose blocks are consecutive in the arena, so its cache
-    is one contiguous extent. Keys/values are written with a slice copy and attention reads a
-    view of the extent: no scatter, no gather, no query/output index (what plain ``generate``
-    with a cache does, without its growing ``cat``)."""
+IN_PLACE_CONTEXT = 512
+"""A row whose context reaches this many positions, and whose blocks are consecutive in the arena,
+attends over a view of its blocks with a call of its own instead of joining the gathered batch:
+past this length the gathered copy of its keys/values costs more than a call's overhead (the
+per-session engine beat the gathered pass at context 2,048: 198 against 247 ms at 8 sessions)."""
 
+
+@dataclass
+class _Extent:
+    """A row whose blocks are consecutive in the arena: its cache is one contiguous extent, so
+    attention reads a view of it (no gather, no copy). At batch 1 this is the whole pass (what
+    plain ``generate`` with a cache does, without its growing ``cat``)."""
+
+    first: int  # offset of the row's tokens in the packed pass
     start: int  # flat arena slot of the session's position 0
     past: int  # cached positions before this pass
     count: int  # new tokens in this pass
     mask: torch.Tensor | None  # [1, 1, group * count, past + count] bool; None for one query
 
     @classmethod
-    def build(cls, blocks: list[int], past: int, count: int, block: int, group: int,
-              device: torch.device) -> _Solo | None:
+    def build(cls, blocks: list[int], first: int, past: int, count: int, block: int, group: int,
+              device: torch.device) -> _Extent | None:
         if not blocks or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
             return None
         mask = None
@@ -389,20 +409,21 @@ class _Solo:
             seen = torch.arange(past + count, device=device)[None, :] <= (
                 past + torch.arange(count, device=device))[:, None]  # [C, L]
             mask = seen.repeat(group, 1).view(1, 1, group * count, past + count)
-        return cls(blocks[0] * block, past, count, mask)
+        return cls(first, blocks[0] * block, past, count, mask)
 
-    def attend(self, arena: KVArena, layer: int, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        _, q_heads, count, dim = query.shape
-        kv_heads = key.shape[1]
-        keys, values = arena.extent(layer, self.start, self.past + count)  # [L, Hkv, D] views
-        keys[self.past:].copy_(key[0].transpose(0, 1))
-        values[self.past:].copy_(value[0].transpose(0, 1))
-        q = query.reshape(1, kv_heads, (q_heads // kv_heads) * count, dim)
+    def view(self, arena: KVArena, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return arena.extent(layer, self.start, self.past + self.count)  # [L, Hkv, D] each
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float | None) -> torch.Tensor:  # [count, Hq, D]
+        _, q_heads, _, dim = query.shape
+        kv_heads = keys.shape[1]
+        q = query[0, :, self.first:self.first + self.count]  # [Hq, C, D]
+        q = q.reshape(1, kv_heads, (q_heads // kv_heads) * self.count, dim)
         o = F.scaled_dot_product_attention(q, keys.transpose(0, 1).unsqueeze(0),
                                            values.transpose(0, 1).unsqueeze(0),
                                            attn_mask=self.mask, scale=scaling)
-        return o.reshape(1, q_heads, count, dim).transpose(1, 2)  # [1, N, Hq, D]
+        return o.reshape(q_heads, self.count, dim).transpose(0, 1)
 
 
 def _block_table(tables: list[list[int]]) -> np.ndarray:  # [B, max blocks] int64, padded with 0
