@@ -11,6 +11,7 @@
    same tokens on a rectangular ``DynamicCache`` (no paging at all).
 
     PYTHONPATH=. python benchmarks/gpu_in_place.py              # a CUDA GPU
+    PYTHONPATH=. python benchmarks/gpu_in_place.py --cpu --out benchmarks/results/cpu_in_place.json
     PYTHONPATH=. python benchmarks/gpu_in_place.py --cpu-smoke  # the script itself, small, on a CPU
 
 Results: ``benchmarks/results/gpu_in_place.json`` (or ``--out``).
@@ -111,8 +112,12 @@ def timing(device: torch.device, args: argparse.Namespace) -> list[dict[str, Any
 
     small = args.cpu_smoke
     vocab = 4096 if small else 128256
-    model = (llama(vocab, 256, 2, 4, 2, 512, torch.float32, device) if small else
-             llama(vocab, 4096, args.layers, 32, 8, 14336, torch.bfloat16, device))
+    if args.cpu:  # engine_pass.py's real-scale shape: hidden 256, 8 layers, fp32
+        model = llama(vocab, 256, 8, 4, 2, 512, torch.float32, device)
+    elif small:
+        model = llama(vocab, 256, 2, 4, 2, 512, torch.float32, device)
+    else:
+        model = llama(vocab, 4096, args.layers, 32, 8, 14336, torch.bfloat16, device)
     batches = [int(b) for b in args.batches.split(",")]
     engine = engine_mod.TargetEngine(model, vocab, kv_budget_tokens=max(batches) * (args.context + 64) + 64)
     for tensor in [*engine.arena.keys, *engine.arena.values]:
@@ -218,16 +223,18 @@ def main() -> int:
     parser.add_argument("--atol", type=float, default=2e-3)
     parser.add_argument("--out", default=str(RESULTS / "gpu_in_place.json"))
     parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time on the CPU (one thread) with engine_pass.py's shape")
     args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.cpu_smoke:
+    if not torch.cuda.is_available() and not (args.cpu_smoke or args.cpu):
         print("gpu_in_place: no CUDA device here (or --cpu-smoke)", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.cpu_smoke:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cpu":
         torch.set_num_threads(1)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                               "torch": torch.__version__}
-    report["check"] = check(device, args.context if not args.cpu_smoke else 600, args.atol)
+    report["check"] = check(device, 600 if args.cpu_smoke else args.context, args.atol)
     print(json.dumps(report["check"]), flush=True)
     report["timing"] = timing(device, args)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
