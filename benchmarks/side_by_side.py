@@ -143,6 +143,10 @@ class SpecdStack:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.stack.aclose())
+        left = asyncio.all_tasks(self.loop)  # background loops still winding down
+        for task in left:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         self.loop.close()
 
 
