@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ADMISSION_OUTCOMES = ("admitted", "passed_on", "deferred", "refused_capacity", "refused_busy")
 
 
 class VerifierMetrics:
@@ -59,6 +60,19 @@ class VerifierMetrics:
         self.throttled = Counter("specd_verifier_throttled_drafts_total",
                                  "Drafts held back for their tenant's draft-token rate.", ["tenant"],
                                  registry=r)
+        self.admission = Counter("specd_verifier_admission_total",
+                                 "Session opens by admission outcome (admitted, passed_on, deferred, "
+                                 "refused_capacity, refused_busy).", ["outcome"], registry=r)
+        for outcome in ADMISSION_OUTCOMES:  # present at 0 from the start: alerts see "none", not "no data"
+            self.admission.labels(outcome)
+        self.max_batch_sessions = Gauge("specd_verifier_max_batch_sessions",
+                                        "Configured sessions per forward pass (batch fill's denominator).",
+                                        registry=r)
+        self.kv_budget_tokens = Gauge("specd_verifier_kv_budget_tokens",
+                                      "Configured KV budget of this verifier, in tokens.", registry=r)
+        self.redis_up = Gauge("specd_verifier_redis_up",
+                              "1 while this verifier's last lease/heartbeat tick reached Redis, else 0.",
+                              registry=r)
 
     def session_opened(self, tenant: str) -> None:
         self.sessions_opened.labels(tenant).inc()
@@ -87,6 +101,16 @@ class VerifierMetrics:
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
+
+    def configured(self, max_batch_sessions: int, kv_budget_tokens: int) -> None:
+        self.max_batch_sessions.set(max_batch_sessions)
+        self.kv_budget_tokens.set(kv_budget_tokens)
+
+    def admission_outcome(self, outcome: str) -> None:
+        self.admission.labels(outcome).inc()
+
+    def redis_reachable(self, up: bool) -> None:
+        self.redis_up.set(1 if up else 0)
 
     def draft_throttled(self, tenant: str) -> None:
         self.throttled.labels(tenant).inc()
@@ -121,6 +145,9 @@ class EdgeMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("specd_edge_errors_total", "Failed sessions, by error code.", ["code"],
                               registry=r)
+        self.drafter_tokens = Counter("specd_edge_drafter_tokens_total",
+                                      "Drafted and accepted tokens by drafter (kind: drafted, accepted).",
+                                      ["drafter", "kind"], registry=r)
 
     def session_started(self, tenant: str) -> None:
         self.sessions.labels(tenant).inc()
@@ -130,8 +157,10 @@ class EdgeMetrics:
         self.sessions_finished.labels(tenant, outcome).inc()
 
     def observe_round(self, tenant: str, drafted: int, accepted: int, committed: int, draft_ms: float,
-                      round_ms: float) -> None:
+                      round_ms: float, drafter: str = "") -> None:
         self.rounds.labels(tenant).inc()
+        self.drafter_tokens.labels(drafter, "drafted").inc(drafted)
+        self.drafter_tokens.labels(drafter, "accepted").inc(accepted)
         self.drafted.labels(tenant).inc(drafted)
         self.accepted.labels(tenant).inc(accepted)
         self.generated.labels(tenant).inc(committed)

@@ -354,6 +354,15 @@ class MetricsSettings(Section):
     """Address the metrics endpoint binds to (0.0.0.0: every interface, e.g. in a container)."""
 
 
+class TracingSettings(Section):
+    """OpenTelemetry traces: one per session across edge and verifier (docs/operations.md)."""
+
+    otlp_endpoint: str = ""
+    """OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces); empty with no file: tracing off."""
+    file: str = ""
+    """Also (or only) append finished spans to this file as JSON lines."""
+
+
 class ServeSettings(Section):
     """``specd serve``: the OpenAI-compatible HTTP endpoint on the edge (docs/serve.md)."""
 
@@ -396,6 +405,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")

@@ -18,6 +18,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from common.tracing import TRACEPARENT
+
 SCHEMA_VERSION = 1
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 """Session ids become part of Redis keys: no braces, spaces or control characters."""
@@ -126,6 +128,7 @@ class SessionOpen:
     tenant: str = "default"
     target_model: str = ""  # the target the edge expects; empty means "whatever the pool runs"
     verdict_key: bytes = b""  # the session's key: verifiers put an HMAC of it beside each verdict
+    trace: str = ""  # W3C traceparent of the edge's session span when tracing is on (else absent)
     type_: str = field(default="open", init=False)
 
 
@@ -204,6 +207,8 @@ def encode(message: Message) -> bytes:
             draft_model=message.draft_model, target_model=message.target_model,
             vocab=message.vocab_fingerprint, tenant=message.tenant, key=message.verdict_key,
         )
+        if message.trace:
+            body["trace"] = message.trace
     elif isinstance(message, DraftBatch):
         body.update(
             seq=message.seq, start=message.start, tokens=_ids_to_bytes(message.token_ids),
@@ -277,8 +282,14 @@ def _decode_open(body: dict[str, Any], sid: str, limits: Limits) -> SessionOpen:
         session_id=sid, prompt_ids=prompt, sampling=SamplingSpec.from_wire(body.get("sampling"), limits),
         draft_model=_string(body, "draft_model", 512), target_model=_string(body, "target_model", 512),
         vocab_fingerprint=_string(body, "vocab", 128), tenant=_string(body, "tenant", limits.max_id_length),
-        verdict_key=_key(body),
+        verdict_key=_key(body), trace=_trace(body),
     )
+
+
+def _trace(body: dict[str, Any]) -> str:
+    """The open's trace context; an invalid one is ignored (as W3C trace context asks), not an error."""
+    value = body.get("trace", "")
+    return value if isinstance(value, str) and TRACEPARENT.fullmatch(value) else ""
 
 
 def _key(body: dict[str, Any]) -> bytes:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from broker.streams import TRANSIENT_ERRORS, Broker, session_key, with_backoff
+from common import tracing
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
 from common.prompt_limits import prompt_problem
@@ -217,15 +218,18 @@ class _EdgeSession(VerdictWaiter):
         self.gammas = client.config.controller()
         self.ahead: _Ahead | None = None
         self.pressure = Backpressure()  # verifier load from verdicts: shorter drafts or a wait
+        self.span: Any = None  # the session's trace span (tracing on), else None
 
     async def run(self) -> SessionResult:
         broker, backend = self.client.broker, self.client.backend
         started = time.perf_counter()
+        self.span = tracing.start_span("specd.session", session_id=self.sid, tenant=self.client.config.tenant,
+                                       drafter=backend.model_name)
         opened = SessionOpen(
             session_id=self.sid, prompt_ids=_u32(self.context), sampling=self.spec,
             draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
-            verdict_key=self.open_key,
+            verdict_key=self.open_key, trace=tracing.traceparent(self.span),
         )
         self.open_payload = encode(opened)
         tenant, metrics = self.client.config.tenant, self.client.metrics
@@ -237,10 +241,14 @@ class _EdgeSession(VerdictWaiter):
                 if self.result.rounds == 1:
                     self.result.first_token_ms = (time.perf_counter() - started) * 1000
         except SessionFailed as exc:
-            log.warning("edge.session.failed", session_id=self.sid, code=exc.code.value, error=str(exc))
+            log.warning("edge.session.failed", session_id=self.sid, code=exc.code.value, error=str(exc),
+                        **tracing.log_ids(self.span))
             metrics.error(exc.code.value)
             raise
         finally:
+            tracing.end_span(self.span, rounds=self.result.rounds, tokens=len(self.result.token_ids),
+                             accepted=self.result.accepted, drafted=self.result.drafted,
+                             finish=self.result.finish_reason or "failed")
             await self._drop_ahead()
             metrics.session_ended(tenant, self.result.finish_reason or "failed")
             backend.release(self.state)
@@ -248,11 +256,20 @@ class _EdgeSession(VerdictWaiter):
             if self.result.finish_reason is None:  # tell the verifier to free the session now
                 await _quietly(asyncio.wait_for(
                     broker.send_draft(self.sid, encode(SessionClose(self.sid, "aborted"))), 2.0))
-        log.info("edge.session.summary", **{
+        log.info("edge.session.summary", **tracing.log_ids(self.span), **{
             k: v for k, v in self.result.summary().items() if k not in ("token_ids", "prompt_ids")})
         return self.result
 
     async def _round(self, seq: int) -> None:
+        """One round, traced as a child of the session's span when tracing is on."""
+        span = tracing.start_span("specd.edge.round", self.span, seq=seq)
+        accepted = -1  # -1: no verdict applied (failed, or resumed from a shorter context)
+        try:
+            accepted = await self._run_round(seq)
+        finally:
+            tracing.end_span(span, accepted=accepted)
+
+    async def _run_round(self, seq: int) -> int:
         """Draft (or take the batch drafted ahead) -> send -> await verdict -> accept."""
         draft = await self._next_draft(seq)
         proposal = draft.proposal
@@ -269,11 +286,12 @@ class _EdgeSession(VerdictWaiter):
         verdict = await self._await_verdict(seq)
         if verdict is None:  # the verifier committed fewer tokens than this edge holds: resumed
             await self._drop_ahead()
-            return
+            return -1
         round_ms = (time.perf_counter() - sent) * 1000
         self._accept(proposal.token_ids, verdict, draft.wait_ms, round_ms)
         self.seq += 1
         self.gammas.observe(len(proposal.token_ids), verdict.accepted, draft.compute_ms, round_ms)
+        return verdict.accepted
 
     async def _redis(self, operation: Callable[[], Any], what: str) -> Any:
         """A write to Redis, retried while it is unreachable, for at most the verdict timeout."""
@@ -378,7 +396,7 @@ class _EdgeSession(VerdictWaiter):
         r.transport_ms += max(0.0, round_ms - verdict.queue_ms - verdict.verify_ms)
         r.round_ms.append(round_ms)
         self.client.metrics.observe_round(self.client.config.tenant, len(drafted), verdict.accepted,
-                                          len(kept), draft_ms, round_ms)
+                                          len(kept), draft_ms, round_ms, self.client.backend.model_name)
         if self.on_tokens is not None and fresh:
             self.on_tokens(self.sid, fresh)
 

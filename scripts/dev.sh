@@ -46,6 +46,15 @@ need_redis_server() {
   fi
 }
 
+# The monitoring tests run Debian's prometheus and promtool (skipped when they are missing).
+need_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      prometheus >/dev/null
+  fi
+}
+
 # The web page's browser test drives Debian's chromium (skipped when it is missing).
 need_chromium() {
   if command -v chromium >/dev/null 2>&1; then return; fi
@@ -62,9 +71,10 @@ case "$command" in
     exec specd demo "$@"
     ;;
   test)
-    # The optional edge backends, the load test's charts, serve and eval's metrics are tested too.
-    setup "dev,openvino,genai,bench,serve,eval"
+    # The optional edge backends, the load test's charts, serve, eval's metrics and tracing are tested too.
+    setup "dev,openvino,genai,bench,serve,eval,tracing"
     need_redis_server
+    need_prometheus
     need_chromium
     ruff check .
     mypy common broker edge_worker verifier_worker specd

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import tracing
 from common.logs import LogSink, configure_logging
 from common.settings import ConfigError, Settings, load_settings
 from specd.failures import EPILOG, USAGE, report
@@ -346,6 +347,7 @@ def _main(argv: list[str] | None) -> int:
             return int(args.handler(args, None))
         settings = settings_from_args(args)
         _configure_logs(args, settings)
+        tracing.configure(f"specd-{args.command}", settings.tracing.otlp_endpoint, settings.tracing.file)
         if args.command == "verifier" and args.workers > 1 and not args.check:
             return _verifier_processes(args, settings, list(sys.argv[1:] if argv is None else argv))
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
@@ -355,6 +357,8 @@ def _main(argv: list[str] | None) -> int:
         if not isinstance(exc, KeyboardInterrupt) and _SIGNALS.interrupted():
             exc = KeyboardInterrupt()  # the failure followed a Ctrl-C/SIGTERM (see _SignalLog)
         return report(args.command, exc, bool(getattr(args, "debug", False)), url)
+    finally:
+        tracing.shutdown()  # flush the spans of a traced run (a no-op when tracing is off)
 
 
 def _configure_logs(args: argparse.Namespace, settings: Settings) -> None:

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from broker.cluster import is_cluster_url
 from broker.streams import Broker, connect_settings
+from common import tracing
 from common.logs import bind, configure_logging
 from common.settings import Settings, load_settings
 from edge_worker.client import EdgeClient, SessionFailed
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.prompts_json) as f:
         prompts = json.load(f)
     plan = _Plan(prompts, args.offset, args.stride, args.sessions)
-    return asyncio.run(run(settings, plan, args.slots))
+    tracing.configure("specd-loadedge", settings.tracing.otlp_endpoint, settings.tracing.file)
+    try:
+        return asyncio.run(run(settings, plan, args.slots))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 
 from broker.pool import now_ms
 from broker.streams import DEFAULT_TENANT, Entry, tenant_of
+from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import plan_admission, should_pass_on
 from verifier_worker.core import WorkerCore, log
@@ -95,8 +96,9 @@ class AdmissionMixin(WorkerCore):
             session.lease, session.key, session.open_raw = lease, key, raw
             self._hold(session)
             self.stats.sessions_opened += 1
+            self.metrics.admission_outcome("admitted")
             log.info("session.opened", session_id=sid, tenant=message.tenant,
-                     prompt_tokens=int(message.prompt_ids.size),
+                     **tracing.log_ids(message.trace), prompt_tokens=int(message.prompt_ids.size),
                      max_new_tokens=message.sampling.max_new_tokens,
                      temperature=message.sampling.temperature, hops=entry.hops, lease=lease)
         else:
@@ -159,6 +161,7 @@ class AdmissionMixin(WorkerCore):
         since = entry.since_ms or now_ms()
         if should_pass_on(len(self.sessions), self.peers, entry.hops, cfg.max_open_hops, cfg.spread_slack):
             self.stats.opens_passed_on += 1
+            self.metrics.admission_outcome("passed_on")
             await self.pool.pass_on_open(entry, entry.hops + 1, since)
             return True
         need = kv_reserve(int(message.prompt_ids.size), 0, self.limits.max_gamma)  # paged: by use
@@ -169,16 +172,19 @@ class AdmissionMixin(WorkerCore):
                 self._evict(victim)
             return False
         if need > cfg.kv_budget_tokens or now_ms() - since > cfg.admission_wait_s * 1000:
+            self.metrics.admission_outcome("refused_capacity")
             await self._reject_open(message.session_id, entry, WireError(
                 ErrorCode.CAPACITY, f"no KV room for {need} tokens (budget {cfg.kv_budget_tokens} tokens "
                 f"per verifier) within {cfg.admission_wait_s}s"), key)
             return True
         queued = await self.pool.queued_opens(entry.stream)
         if queued > cfg.max_queued_opens:
+            self.metrics.admission_outcome("refused_busy")
             await self._reject_open(message.session_id, entry, WireError(
                 ErrorCode.BUSY, f"tenant {message.tenant!r} has {queued} session opens waiting (limit "
                 f"{cfg.max_queued_opens}): open again later"), key)
             return True
+        self.metrics.admission_outcome("deferred")
         await self.pool.pass_on_open(entry, entry.hops, since)  # waits in the stream
         self._opens_paused_until = time.monotonic() + cfg.scan_interval_ms / 1000
         return True

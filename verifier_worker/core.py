@@ -89,6 +89,7 @@ class WorkerCore:
         self.metrics = VerifierMetrics()
         self.metrics.track(lambda: sum(s.kv.nbytes() for s in list(self.sessions.values())),
                            lambda: sum(len(s.queue) for s in list(self.sessions.values())))
+        self.metrics.configured(settings.verifier.max_batch_sessions, settings.pool.kv_budget_tokens)
 
     async def _dispatch(self, entry: Entry) -> None:  # the worker loop's (verifier_worker.worker)
         raise NotImplementedError

@@ -35,7 +35,9 @@ class LeaseMixin(AdmissionMixin):
         while True:
             try:
                 await self.tick()
+                self.metrics.redis_reachable(True)
             except Exception as exc:  # noqa: BLE001 - the main loop reports broker trouble
+                self.metrics.redis_reachable(False)
                 log.warning("verifier.tick_failed", error=str(exc))
             await asyncio.sleep(self.tick_s)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from broker.rounds import DONE, FENCED, Commit
 from broker.streams import Entry, mac, with_backoff
+from common import tracing
 from common.wire import DraftBatch, ErrorCode, ErrorMessage, Verdict, WireError, encode
 from verifier_worker.core import log
 from verifier_worker.engine import VerifyOutcome
@@ -150,6 +151,7 @@ class RoundMixin(LeaseMixin):
         if not batch:
             return
         pending = [s.queue[0] for s in batch]
+        started_ns = tracing.now_ns() if tracing.enabled() else 0
         started_wall, started = time.time(), time.perf_counter()
         requests = [s.request(p) for s, p in zip(batch, pending, strict=True)]
         try:
@@ -164,10 +166,31 @@ class RoundMixin(LeaseMixin):
         done = [(s, self._complete(s, p, o, started_wall, verify_ms, len(batch)))
                 for s, p, o in zip(batch, pending, outcomes, strict=True)
                 if self.sessions.get(s.session_id) is s]  # not lost to another worker meanwhile
+        if started_ns:
+            self._trace_pass(done, started_ns, verify_ms)
         await self._commit(done)
         for session, _ in done:
             if session.finished and self.sessions.get(session.session_id) is session:
                 await self._finish(session, session.finished)
+
+    def _trace_pass(self, done: list[tuple[VerifierSession, Commit]], started_ns: int,
+                    verify_ms: float) -> None:
+        """One span per verified session round, in the session's own trace, and the pass itself
+        (its own trace) linked to each of them."""
+        ended_ns = tracing.now_ns()
+        rounds = []
+        for session, _ in done:
+            if not session.trace:
+                continue  # its edge does not trace
+            span = tracing.start_span("specd.verifier.round", session.trace, start_ns=started_ns,
+                                      session_id=session.session_id, tenant=session.tenant,
+                                      seq=session.next_seq - 1, committed=len(session.context),
+                                      worker_id=self.worker_id)
+            tracing.end_span(span, ended_ns)
+            rounds.append(tracing.traceparent(span))
+        tracing.end_span(tracing.start_span("specd.verifier.pass", links=rounds, start_ns=started_ns,
+                                            sessions=len(done), verify_ms=round(verify_ms, 3),
+                                            worker_id=self.worker_id), ended_ns)
 
     async def _batch_failed(self, batch: list[VerifierSession], pending: list[PendingDraft],
                             exc: Exception) -> None:
@@ -201,6 +224,7 @@ class RoundMixin(LeaseMixin):
         self.stats.rounds += 1
         self.metrics.observe_round(session.tenant, draft.gamma, outcome.accepted, queue_ms)
         log.info("verify.round", session_id=session.session_id, tenant=session.tenant,
+                 **tracing.log_ids(session.trace),
                  seq=draft.seq, drafted=draft.gamma, accepted=outcome.accepted, committed=kept,
                  context=len(session.context), batch_size=batch_size, queue_ms=round(queue_ms, 3),
                  verify_ms=round(verify_ms, 3), draft_ms=round(draft.draft_ms, 3), finish=finish)

@@ -57,6 +57,7 @@ class VerifierSession:
     open_raw: bytes = b""  # the open message, to rewrite the meta key if Redis lost it
     stored: int = 0  # tokens of the context known to be in Redis ({sid}:tokens)
     repair: bool = False  # the next commit rewrites the whole context (Redis lost some of it)
+    trace: str = ""  # the edge's session span (W3C traceparent) when it traces; rounds join it
 
     @classmethod
     def from_open(cls, message: SessionOpen, draft_room: int = 0) -> VerifierSession:
@@ -67,7 +68,7 @@ class VerifierSession:
             params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
-            key=message.verdict_key, repair=True,
+            key=message.verdict_key, repair=True, trace=message.trace,
         )
 
     @classmethod
