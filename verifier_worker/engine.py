@@ -11,6 +11,9 @@ token-wise layers (projections, MLP, norms) see exactly the real tokens. Attenti
 pass's new keys/values into the paged ``KVArena`` with one scatter, gathers each row's blocks with
 one index and runs one ``scaled_dot_product_attention`` call for the whole pass (rows padded to
 the pass's widest row, a per-row causal mask built once per pass and shared by every layer).
+Rows whose blocks are consecutive in the arena can skip the gather (``_Extent``): a pass of one
+session always does (slice write, attention over a view, no index at all), and on a CPU so does
+any row whose context reaches ``IN_PLACE_CONTEXT``.
 Verification (``common.sampling.verify_round``) then runs on the logits' device over the flat
 ``[sum(gamma + 1), V]`` rows.
 """
