@@ -146,7 +146,11 @@ class SpecdStack:
         left = asyncio.all_tasks(self.loop)  # background loops still winding down
         for task in left:
             task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+
+        async def finished() -> None:
+            await asyncio.gather(*left, return_exceptions=True)
+
+        self.loop.run_until_complete(finished())
         self.loop.close()
 
 
