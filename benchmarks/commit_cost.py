@@ -5,6 +5,14 @@ For each context length, ``--rounds`` commits of a 5-token round on a private re
 bytes sent to Redis per commit and mean wall time per commit (one session, one client).
 
     PYTHONPATH=. python benchmarks/commit_cost.py --out benchmarks/results/commit_cost.json
+
+``--integrity`` measures instead the CPU cost a round pays for message integrity
+(common.integrity), on real encoded messages of a ``--gamma``-token greedy round: on the edge the
+draft's MAC, the verdict's MAC check, the draft digest and the context digest; on the verifier the
+draft's MAC check, the two digests and the verdict's MAC (the only one paid before); and, once per
+adoption, the digest of a whole context read back from Redis. No Redis involved.
+
+    PYTHONPATH=. python benchmarks/commit_cost.py --integrity --out benchmarks/results/integrity_cost.json
 """
 
 from __future__ import annotations
@@ -65,6 +73,61 @@ async def now(broker: Broker, sid: str, context: list[int], rounds: int) -> tupl
     return (time.perf_counter() - started) / rounds, sent // rounds
 
 
+def _per_call_us(work: Any, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(5):  # the best of five batches: the least disturbed by the other processes
+        started = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return round(best * 1e6, 3)
+
+
+def integrity_cost(gamma: int, lengths: list[int], repeats: int) -> dict[str, Any]:
+    """Microseconds per round of the integrity work on each side (see the module docstring)."""
+    from common.integrity import ContextDigest, draft_digest, mac, mac_ok, session_key, u32
+    from common.wire import DraftBatch, Verdict, encode
+
+    sid = "default.0123456789abcdef0123456789abcdef"
+    key = session_key("secret" * 6, sid, b"n" * 32)
+    tokens = np.arange(gamma, dtype=np.uint32) + 100
+    empty = np.zeros(0, np.uint32)
+    draft = encode(DraftBatch(sid, 7, 1000, tokens, np.zeros(0, np.uint16), empty, empty.astype(np.float32),
+                              sent_at=time.time(), draft_ms=1.5))
+    context = ContextDigest(u32(range(1000)))
+    verdict = encode(Verdict(sid, 7, gamma - 1, 5, 1000 + gamma, None, 0.5, 1.2, 8, "v-1", 0.3,
+                             draft_digest(1000, u32(tokens)), context.digest()))
+    tag, verdict_tag = mac(key, draft), mac(key, verdict)
+    kept = u32([*tokens[:gamma - 1].tolist(), 5])
+
+    def edge() -> None:
+        mac(key, draft)
+        draft_digest(1000, u32(tokens))
+        mac_ok(key, verdict, verdict_tag)
+        ContextDigest().extend(kept)  # extend() on a fresh object: the same work as on a running one
+        context.digest()
+
+    def verifier() -> None:
+        mac_ok(key, draft, tag)
+        draft_digest(1000, u32(tokens))
+        ContextDigest().extend(kept)
+        context.digest()
+        mac(key, verdict)
+
+    row: dict[str, Any] = {
+        "gamma": gamma, "draft_bytes": len(draft), "verdict_bytes": len(verdict),
+        "edge_us_per_round": _per_call_us(edge, repeats),
+        "verifier_us_per_round": _per_call_us(verifier, repeats),
+        "verifier_us_per_round_before": _per_call_us(lambda: mac(key, verdict), repeats),
+        "adoption_digest_us": {},
+    }
+    for n in lengths:  # the tokens come from Redis as bytes
+        stored = u32(range(n))
+        row["adoption_digest_us"][n] = _per_call_us(lambda stored=stored: ContextDigest(stored).digest(), 20)
+    print(row, flush=True)
+    return {"command": ["python", *sys.argv], "repeats": repeats, "rows": [row]}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -106,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 8000, 32000])
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--integrity", action="store_true", help="the CPU cost of integrity per round")
+    parser.add_argument("--gamma", type=int, default=5)
     args = parser.parse_args(argv)
-    result = asyncio.run(main_async(args))
+    if args.integrity:
+        result = integrity_cost(args.gamma, args.lengths, 20_000)
+    else:
+        result = asyncio.run(main_async(args))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

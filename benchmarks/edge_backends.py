@@ -58,10 +58,10 @@ class DelayedBroker(Broker):
         super().__init__(*args, **kwargs)
         self.one_way_s = one_way_s
 
-    async def send_draft(self, sid: str, payload: bytes) -> str:
+    async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
         if self.one_way_s:
             await asyncio.sleep(self.one_way_s)
-        return await super().send_draft(sid, payload)
+        return await super().send_draft(sid, payload, tag)
 
     async def read_verdicts(self, sid: str, last_id: str, block_ms: int) -> list[Entry]:
         entries = await super().read_verdicts(sid, last_id, block_ms)

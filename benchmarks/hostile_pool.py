@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from broker.streams import FIELD, Broker
+from broker.streams import FIELD, MAC_FIELD, Broker
+from common.integrity import mac, session_key
 from common.logs import configure_logging
 from common.sampling import apply_stop_rules
 from common.settings import Settings, load_settings
@@ -117,9 +118,9 @@ class DuplicatingBroker(Broker):
     def __init__(self, inner: Broker) -> None:
         super().__init__(inner.redis, inner.keys.prefix, inner.maxlen, inner.ttl)
 
-    async def send_draft(self, sid: str, payload: bytes) -> str:
-        await super().send_draft(sid, payload)
-        return await super().send_draft(sid, payload)
+    async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
+        await super().send_draft(sid, payload, tag)
+        return await super().send_draft(sid, payload, tag)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -208,16 +209,11 @@ async def flood_opens(url: str, fingerprint: str, rate: float) -> None:
         async with broker.redis.pipeline(transaction=False) as pipe:
             for _ in range(batch):
                 sid = f"flood.x{sent}"
-                pipe.xadd(
-                    broker.keys.opens("flood"),
-                    {
-                        FIELD: encode(
-                            SessionOpen(
-                                sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint, tenant="flood"
-                            )
-                        )
-                    },
-                )
+                payload = encode(SessionOpen(sid, ids, SamplingSpec(max_new_tokens=8), "draft", fingerprint,
+                                             tenant="flood"))
+                # Signed as the tenant's edge would (the pool here has no verdict_secret): real opens.
+                tag = mac(session_key("", sid, b""), payload)
+                pipe.xadd(broker.keys.opens("flood"), {FIELD: payload, MAC_FIELD: tag})
                 sent += 1
             await pipe.execute()
         if sent == batch:

@@ -4,7 +4,7 @@ Key layout (besides ``broker.streams``):
 
     {prefix}:{{sid}}:lease        ``worker/epoch`` of the owner, PX lease_ms, renewed by the owner;
                                   the epoch (``epoch`` in the state hash) grows with each taking
-    {prefix}:{{sid}}:meta         hash: ``open`` = the session's open message (for adoption)
+    {prefix}:{{sid}}:meta         hash: ``open`` = the session's open message, ``a`` = its MAC (adoption)
     {prefix}:leases               sorted set: sid -> lease deadline (epoch ms); the registry that
                                   lets a verifier find lapsed sessions without scanning keys
     {prefix}:owners               hash: sid -> worker id (for `specd pool status`)
@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from broker.cluster import run_scripts, slot_groups
-from broker.streams import FIELD, GROUP, Broker, Entry
+from broker.streams import FIELD, GROUP, MAC_FIELD, Broker, Entry
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -260,16 +260,19 @@ class PoolBroker:
 
     # ------------------------------------------------------------ session meta
 
-    async def save_open(self, sid: str, payload: bytes) -> None:
+    async def save_open(self, sid: str, payload: bytes, tag: bytes) -> None:
+        """The open and the edge's MAC of it: an adopting verifier trusts only an open that verifies."""
         key = self.broker.keys.meta(sid)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, "open", payload)
+            pipe.hset(key, mapping={"open": payload, "a": tag})
             pipe.expire(key, self.broker.ttl)
             await pipe.execute()
 
-    async def load_open(self, sid: str) -> bytes | None:
-        value = await self.redis.hget(self.broker.keys.meta(sid), "open")  # type: ignore[misc]
-        return value if isinstance(value, bytes) else None
+    async def load_open(self, sid: str) -> tuple[bytes | None, bytes | None]:
+        """The saved open and its MAC (None for what is missing)."""
+        values = await self.redis.hmget(self.broker.keys.meta(sid), ["open", "a"])  # type: ignore[misc]
+        raw, tag = (values or [None, None])[:2]
+        return (raw if isinstance(raw, bytes) else None), (tag if isinstance(tag, bytes) else None)
 
     # ------------------------------------------------------------ load registry
 
@@ -302,7 +305,10 @@ class PoolBroker:
     async def pass_on_open(self, entry: Entry, hops: int, since_ms: int) -> None:
         """Re-queue a session open for another verifier (acks this delivery in the same MULTI)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(entry.stream, {FIELD: entry.payload or b"", b"h": hops, b"t": since_ms})
+            fields: dict[Any, Any] = {FIELD: entry.payload or b"", b"h": hops, b"t": since_ms}
+            if entry.mac is not None:  # the edge's MAC travels with the open
+                fields[MAC_FIELD] = entry.mac
+            pipe.xadd(entry.stream, fields)
             pipe.xack(entry.stream, GROUP, entry.entry_id)
             pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()

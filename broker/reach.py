@@ -1,4 +1,4 @@
-"""Is Redis there? A bounded wait at start-up, and the one message every command gives when not.
+"""Is Redis there, and a verifier on it? Bounded waits at start-up, and one message each when not.
 
 Commands used to retry an unreachable Redis forever (and ignore signals meanwhile); now each one
 pings for up to ``redis.startup_wait_s`` and then stops with ``RedisUnavailable``.
@@ -56,3 +56,26 @@ async def ensure_reachable(client: Any, url: str, wait_s: float) -> None:
                 raise unreachable(url, exc) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+class NoVerifierAlive(Exception):
+    """No verifier heartbeats in Redis: every session would wait out its verdict timeout."""
+
+
+async def require_verifier(broker: Any, url: str, wait_s: float) -> None:
+    """Fail fast, as serve's pool check does, when no verifier heartbeats (after up to ``wait_s``
+    for one that is starting). Where the ACL forbids SCAN (an edge's) nothing can be told: the
+    sessions' verdict timeouts still bound the wait."""
+    from redis.exceptions import ResponseError
+
+    deadline = time.monotonic() + wait_s
+    try:
+        while not await broker.any_healthy("verifier"):
+            if time.monotonic() >= deadline:
+                raise NoVerifierAlive(
+                    f"no verifier is alive at {redacted(url)} (no verifier heartbeat under prefix "
+                    f"{broker.keys.prefix!r} within {wait_s:g} s): start `specd verifier` against it, "
+                    "or check --redis-url and redis.key_prefix")
+            await asyncio.sleep(0.2)
+    except ResponseError:  # NOPERM: SCAN is not in this user's ACL
+        return

@@ -61,11 +61,11 @@ class ShapedBroker(Broker):
             await asyncio.sleep(max(0.0, deliver_at - time.monotonic()))
             return await send()
 
-    async def open_session(self, sid: str, payload: bytes) -> None:
-        await self._send_up(sid, lambda: self.inner.open_session(sid, payload))
+    async def open_session(self, sid: str, payload: bytes, tag: bytes | None = None) -> None:
+        await self._send_up(sid, lambda: self.inner.open_session(sid, payload, tag))
 
-    async def send_draft(self, sid: str, payload: bytes) -> str:
-        return await self._send_up(sid, lambda: self.inner.send_draft(sid, payload))
+    async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
+        return await self._send_up(sid, lambda: self.inner.send_draft(sid, payload, tag))
 
     async def read_verdicts(self, sid: str, last_id: str, block_ms: int) -> list[Entry]:
         entries = await self.inner.read_verdicts(sid, last_id, block_ms)

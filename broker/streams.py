@@ -4,12 +4,14 @@ Key layout (the ``{session}`` hash tag keeps one session's keys in one Redis Clu
 
     {prefix}:opens:{{tenant}}          stream of the tenant's SessionOpen messages (group "verifiers")
     {prefix}:{{sid}}:drafts            the session's drafts and its close (consumer group "verifiers")
-    {prefix}:{{sid}}:verdicts          verdicts and errors for the edge (read with XREAD), each with
-                                       an HMAC of the session's key (field ``a``)
+    {prefix}:{{sid}}:verdicts          verdicts and errors for the edge (read with XREAD)
+
+Every entry of these streams carries an HMAC of its payload under the session's key (field
+``a``; common.integrity): the key is derived on each side and never stored in Redis.
     {prefix}:{{sid}}:tokens            string: the committed context (prompt + generated) as uint32
                                        LE, appended each round (never re-serialised)
     {prefix}:{{sid}}:state             hash: next_seq, last verdict and its MAC, lease epoch
-    {prefix}:{{sid}}:meta              hash: the session's open message (for adoption)
+    {prefix}:{{sid}}:meta              hash: the session's open message and its MAC (for adoption)
     {prefix}:{{sid}}:lease             ``worker/epoch`` of the owning verifier, PX lifetime (broker.pool)
     {prefix}:health:{role}:{worker}    heartbeat key with a TTL
 
@@ -32,8 +34,6 @@ refreshed on each round, so abandoned sessions clean themselves up.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import re
 import time
 import zlib
@@ -53,8 +53,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cluster import DEFAULT_SHARDS, SlotReader, connect_cluster, is_cluster, is_cluster_url, slot_of
+from common.integrity import mac, mac_ok, session_key
 from common.logs import get_logger
 from common.settings import RedisSettings
+
+__all__ = ["mac", "mac_ok", "session_key"]  # re-exported: the session keys of every stream entry
 
 GROUP = "verifiers"
 FIELD = b"m"
@@ -81,7 +84,7 @@ class Entry:
     payload: bytes | None  # None when the entry had no payload field (treated as malformed)
     hops: int = 0  # session opens: how many times verifiers passed this open on
     since_ms: int = 0  # session opens passed on: when the first verifier saw it (epoch ms)
-    mac: bytes | None = None  # verdict streams: the HMAC the verifier put beside the payload
+    mac: bytes | None = None  # the HMAC its writer put beside the payload (common.integrity)
 
 
 def tenant_of(sid: str) -> str:
@@ -102,26 +105,6 @@ def short_session_id(sid: str) -> str:
 def shard_of(sid: str, shards: int) -> int:
     """A session's shard (cluster mode): stable across processes (CRC32, not Python's hash)."""
     return zlib.crc32(sid.encode()) % shards
-
-
-def mac(key: bytes, payload: bytes) -> bytes:
-    """The authentication tag of a verdict-stream payload under the session's key."""
-    return hmac.new(key, payload, hashlib.sha256).digest()[:16]
-
-
-def mac_ok(key: bytes, payload: bytes, tag: bytes | None) -> bool:
-    return tag is not None and hmac.compare_digest(mac(key, payload), tag)
-
-
-def session_key(secret: str, open_key: bytes) -> bytes:
-    """A session's verdict key: the edge's key from the open, mixed with the pool's shared secret.
-
-    With ``[redis] verdict_secret`` set (edges and verifiers share it), a reader of the open
-    streams cannot forge verdicts even where ACLs do not keep it out.
-    """
-    if not secret:
-        return open_key
-    return hmac.new(secret.encode(), open_key, hashlib.sha256).digest()
 
 
 def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", password: str = "",
@@ -254,18 +237,19 @@ class Broker:
 
     # ------------------------------------------------------------ edge side
 
-    async def open_session(self, sid: str, payload: bytes) -> None:
-        """Queue the open on the session's tenant's stream (no MAXLEN: never trimmed unread)."""
-        await self.redis.xadd(self.keys.opens(tenant_of(sid)), {FIELD: payload})
+    async def open_session(self, sid: str, payload: bytes, tag: bytes | None = None) -> None:
+        """Queue the open (and its MAC) on the session's tenant's stream (no MAXLEN: never trimmed unread)."""
+        await self.redis.xadd(self.keys.opens(tenant_of(sid)), _fields(payload, tag))
 
     async def session_known(self, sid: str) -> bool:
         """Whether a verifier took the session (its meta key exists): an edge's open went through."""
         return bool(await self.redis.exists(self.keys.meta(sid)))
 
-    async def send_draft(self, sid: str, payload: bytes) -> str:
+    async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
+        """A draft or close (and its MAC) on the session's draft stream."""
         key = self.keys.drafts(sid)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
+            pipe.xadd(key, _fields(payload, tag), maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.ttl)
             entry_id, _ = await pipe.execute()
         return _text(entry_id)
@@ -465,6 +449,10 @@ async def with_backoff(operation: Callable[[], Awaitable[T]], what: str,
             log.warning("broker.retry", operation=what, error=str(exc), delay_s=round(delay, 3))
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay_s)
+
+
+def _fields(payload: bytes, tag: bytes | None) -> dict[Any, Any]:
+    return {FIELD: payload} if tag is None else {FIELD: payload, MAC_FIELD: tag}
 
 
 def _text(value: Any) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,6 +54,37 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def hub_options(name: str) -> dict[str, Any]:
+    """``from_pretrained`` options for ``name``: a hub id the hub cannot serve now loads from the
+    local cache (``local_files_only``) or fails at once with what to do. Without this an offline
+    machine retried for about a minute, printing each warning twice (tokenizer, then model)."""
+    if Path(resolve_model_path(name)).is_dir():  # a folder (or the bundled pair): no hub involved
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+    if not reason:
+        return {}
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"cannot load the model {name!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot be used "
+        f"({reason}) and the model is not in the local cache; download it once with network access, "
+        "or give a local folder")
+
+
+@cache
+def _hub_unreachable(endpoint: str, timeout_s: float = 3.0) -> str:
+    """'' when the hub's host takes a TCP connection (one try, once per process), else why not."""
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return ""
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -67,8 +100,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name),
-                                             trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code,
+                                             **hub_options(name))
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -87,8 +120,10 @@ def load_causal_lm(
     tokenizer = load_tokenizer(name, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **hub_options(name)
         )
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model {name!r}: {_first_line(exc)}") from exc
     torch_device = torch.device(device)

@@ -90,8 +90,11 @@ class RedisSettings(Section):
     tls_key_file: str = ""
     """Private key of the client certificate (rediss:// only)."""
     verdict_secret: str = ""
-    """Shared by edges and verifiers: mixed into each session's verdict key, so that a reader of
-    the open streams still cannot forge verdicts; prefer SPECD_REDIS__VERDICT_SECRET."""
+    """Shared by edges and verifiers (same value on all): each session's key (the MACs of its
+    opens, drafts and verdicts) is derived from it, so a client without it cannot change an
+    output even with full access to Redis. Empty on a shared Redis: integrity then rests on Redis
+    ACLs alone (a warning at start-up); the embedded Redis gets a random one per run. Prefer
+    SPECD_REDIS__VERDICT_SECRET; docs/security.md."""
 
     @field_validator("key_prefix")
     @classmethod
@@ -304,6 +307,14 @@ class EdgeSettings(Section):
     multiplex_verdicts: Bool = False
     """Read every session's verdicts with one XREAD per edge process instead of one per session."""
 
+    @field_validator("gamma")
+    @classmethod
+    def _drafts_at_all(cls, value: int) -> int:
+        if value == 0:  # a "speculative" session that never drafts: the target alone, but slower
+            raise ValueError("must be at least 1: each round drafts gamma tokens; for the target "
+                             "alone use `specd generate --mode target`")
+        return value
+
     @field_validator("drafts")
     @classmethod
     def _drafts_refer_to_each_other(cls, drafts: list[DraftSpec]) -> list[DraftSpec]:
@@ -370,7 +381,11 @@ class ServeSettings(Section):
     """Address the HTTP server binds to; 0.0.0.0 exposes it beyond this machine."""
     port: int = Field(8000, ge=0, le=65535)
     max_concurrent: int = Field(32, ge=1)
-    """Requests (speculative sessions) served at once; one more gets 429 at once."""
+    """Requests (speculative sessions) served at once; more wait in the queue."""
+    queue_size: int = Field(128, ge=0)
+    """Requests that may wait (FIFO) for a slot past max_concurrent; one more gets 429. 0: no queue."""
+    queue_timeout_s: float = Field(60.0, gt=0)
+    """Longest wait in the queue; a request still waiting then gets 429."""
     api_keys: dict[str, str] = Field(default_factory=dict)
     """Bearer token -> tenant; empty: no key needed and sessions carry edge.tenant."""
     model_name: str = ""

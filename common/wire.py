@@ -20,7 +20,11 @@ import numpy as np
 
 from common.tracing import TRACEPARENT
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the open carries a nonce instead of a verdict key; verdicts bind the drafted tokens and the
+committed context (common.integrity); opens, drafts and closes travel with a MAC beside them."""
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+LOGPROB_FLOOR = -9999.0  # a token of probability 0 (log -inf) is reported as this (JSON has no -inf)
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 """Session ids become part of Redis keys: no braces, spaces or control characters."""
 
@@ -41,6 +45,7 @@ class ErrorCode(str, enum.Enum):
     DEAD_LETTER = "dead_letter"  # a message kept failing and was moved to the dead-letter stream
     BUSY = "busy"  # the tenant's queue of waiting session opens is full: open again later
     UNAVAILABLE = "unavailable"  # Redis stayed unreachable (or lost the session) past the edge's bound
+    INTEGRITY = "integrity"  # a message failed its MAC, or a verdict verified other tokens than drafted
     INTERNAL = "internal"
 
 
@@ -127,7 +132,8 @@ class SessionOpen:
     vocab_fingerprint: str
     tenant: str = "default"
     target_model: str = ""  # the target the edge expects; empty means "whatever the pool runs"
-    verdict_key: bytes = b""  # the session's key: verifiers put an HMAC of it beside each verdict
+    nonce: bytes = b""  # random per session: mixed with the secret and the id into the session's key
+    logprobs: int | None = None  # None: none; n: each committed token's logprob and its top n
     trace: str = ""  # W3C traceparent of the edge's session span when tracing is on (else absent)
     type_: str = field(default="open", init=False)
 
@@ -158,6 +164,24 @@ class DraftBatch:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The target's log-probabilities of a verdict's committed tokens, from the pass that committed
+    them: log-softmax of the raw logits (temperature 1, no top-k/top-p), whatever the session samples
+    with. Row ``i`` is committed token ``i``: its own logprob and the ``n`` most likely tokens."""
+
+    chosen: np.ndarray  # [k] float32
+    top_ids: np.ndarray  # [k, n] uint32, most likely first
+    top_logprobs: np.ndarray  # [k, n] float32
+
+    def __len__(self) -> int:
+        return int(self.chosen.size)
+
+    def head(self, count: int) -> TokenLogprobs:
+        """The first ``count`` tokens' rows (the tokens the stop rules kept)."""
+        return TokenLogprobs(self.chosen[:count], self.top_ids[:count], self.top_logprobs[:count])
+
+
+@dataclass(frozen=True)
 class Verdict:
     session_id: str
     seq: int
@@ -170,6 +194,9 @@ class Verdict:
     batch_size: int = 1
     worker_id: str = ""
     pool_load: float = 0.0  # the verifier's load: >= 1 means its batch or KV budget binds
+    drafted: bytes = b""  # common.integrity.draft_digest of the draft this verdict verified
+    context_digest: bytes = b""  # digest of the committed context after this verdict
+    logprobs: TokenLogprobs | None = None  # only for sessions that asked (SessionOpen.logprobs)
     type_: str = field(default="verdict", init=False)
 
 
@@ -205,8 +232,10 @@ def encode(message: Message) -> bytes:
         body.update(
             prompt=_ids_to_bytes(message.prompt_ids), sampling=message.sampling.to_wire(),
             draft_model=message.draft_model, target_model=message.target_model,
-            vocab=message.vocab_fingerprint, tenant=message.tenant, key=message.verdict_key,
+            vocab=message.vocab_fingerprint, tenant=message.tenant, nonce=message.nonce,
         )
+        if message.logprobs is not None:  # absent by default: no cost for sessions that do not ask
+            body["logprobs"] = message.logprobs
         if message.trace:
             body["trace"] = message.trace
     elif isinstance(message, DraftBatch):
@@ -222,8 +251,10 @@ def encode(message: Message) -> bytes:
             seq=message.seq, accepted=message.accepted, token=message.token,
             committed=message.committed, finish=message.finish_reason, queue_ms=message.queue_ms,
             verify_ms=message.verify_ms, batch=message.batch_size, worker=message.worker_id,
-            load=message.pool_load,
+            load=message.pool_load, dh=message.drafted, ch=message.context_digest,
         )
+        if message.logprobs is not None:
+            body.update(_logprobs_to_wire(message.logprobs))
     elif isinstance(message, ErrorMessage):
         body.update(seq=message.seq, code=message.code.value, message=message.message,
                     fatal=message.fatal, retry=message.retry_after_s, committed=message.committed)
@@ -261,7 +292,8 @@ def decode(raw: bytes, limits: Limits = Limits()) -> Message:
     version = body.get("v")
     if version != SCHEMA_VERSION:
         raise WireError(ErrorCode.UNSUPPORTED_VERSION,
-                        f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})",
+                        f"schema version {version!r} is not supported (expected {SCHEMA_VERSION}): run the "
+                        "same specd release on edges and verifiers",
                         session_id=_safe_sid(body))
     session_id = _string(body, "sid", limits.max_id_length)
     decoder = _DECODERS.get(_string(body, "t", 16))
@@ -282,8 +314,43 @@ def _decode_open(body: dict[str, Any], sid: str, limits: Limits) -> SessionOpen:
         session_id=sid, prompt_ids=prompt, sampling=SamplingSpec.from_wire(body.get("sampling"), limits),
         draft_model=_string(body, "draft_model", 512), target_model=_string(body, "target_model", 512),
         vocab_fingerprint=_string(body, "vocab", 128), tenant=_string(body, "tenant", limits.max_id_length),
-        verdict_key=_key(body), trace=_trace(body),
+        nonce=_short_bytes(body, "nonce", 64), logprobs=_top_count(body), trace=_trace(body),
     )
+
+
+def _top_count(body: dict[str, Any]) -> int | None:
+    if body.get("logprobs") is None:  # absent from older edges, and from sessions that do not ask
+        return None
+    return _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+
+
+def _logprobs_to_wire(logprobs: TokenLogprobs) -> dict[str, bytes]:
+    return {"lp": np.asarray(logprobs.chosen, dtype="<f4").tobytes(),
+            "lp_ids": _ids_to_bytes(np.asarray(logprobs.top_ids).reshape(-1)),
+            "lp_top": np.asarray(logprobs.top_logprobs, dtype="<f4").reshape(-1).tobytes()}
+
+
+def _logprobs_from_wire(body: dict[str, Any], limits: Limits) -> TokenLogprobs | None:
+    """A verdict's logprobs (absent: none); at most one row per token a round can commit."""
+    if "lp" not in body:
+        return None
+    chosen = _floats(body.get("lp"), "lp", limits.max_gamma + 1)
+    rows = max(chosen.size, 1)
+    top_ids = _bytes_to_ids(body.get("lp_ids"), "lp_ids", rows * MAX_TOP_LOGPROBS, limits.vocab_size)
+    top = _floats(body.get("lp_top"), "lp_top", rows * MAX_TOP_LOGPROBS)
+    if top.size != top_ids.size or top.size % rows or (top.size and not chosen.size):
+        raise WireError(ErrorCode.MALFORMED, "lp_ids and lp_top must hold n entries per token of lp")
+    n = top.size // rows
+    return TokenLogprobs(chosen, top_ids.reshape(chosen.size, n), top.reshape(chosen.size, n))
+
+
+def _floats(raw: Any, name: str, limit: int) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) % 4 or len(raw) // 4 > limit:
+        raise WireError(ErrorCode.MALFORMED, f"{name} must be a float32 byte array of at most {limit}")
+    values = np.frombuffer(raw, dtype="<f4")
+    if not np.all(np.isfinite(values)):
+        raise WireError(ErrorCode.MALFORMED, f"{name} holds a value that is not finite")
+    return values
 
 
 def _trace(body: dict[str, Any]) -> str:
@@ -292,11 +359,11 @@ def _trace(body: dict[str, Any]) -> str:
     return value if isinstance(value, str) and TRACEPARENT.fullmatch(value) else ""
 
 
-def _key(body: dict[str, Any]) -> bytes:
-    key = body.get("key", b"")  # absent from older edges: their verdicts carry a MAC of an empty key
-    if not isinstance(key, bytes) or len(key) > 64:
-        raise WireError(ErrorCode.MALFORMED, "key must be a byte string of at most 64 bytes")
-    return key
+def _short_bytes(body: dict[str, Any], name: str, limit: int) -> bytes:
+    value = body.get(name, b"")
+    if not isinstance(value, bytes) or len(value) > limit:
+        raise WireError(ErrorCode.MALFORMED, f"{name} must be a byte string of at most {limit} bytes")
+    return value
 
 
 def _decode_draft(body: dict[str, Any], sid: str, limits: Limits) -> DraftBatch:
@@ -354,6 +421,8 @@ def _decode_verdict(body: dict[str, Any], sid: str, limits: Limits) -> Verdict:
         queue_ms=_number(body, "queue_ms", 0.0), verify_ms=_number(body, "verify_ms", 0.0),
         batch_size=_integer(body, "batch", 0, 1 << 20), worker_id=_string(body, "worker", 128),
         pool_load=_number(body, "load", 0.0),  # absent in verdicts of older verifiers
+        drafted=_short_bytes(body, "dh", 32), context_digest=_short_bytes(body, "ch", 32),
+        logprobs=_logprobs_from_wire(body, limits),
     )
 
 

@@ -11,8 +11,10 @@ dropped, and the backend rolls its cache back on the next proposal. The early ba
 batch the edge would have drafted after the verdict: the same context and the same ``seq``, so
 the same draws for sampled sessions; exactness does not depend on it.
 
-Each session has a random verdict key sent in its open; waiting for a verdict (authentication,
-notices, re-sends, resuming after Redis lost rounds) lives in ``edge_worker.waiting``.
+Each session's key is derived from the pool's secret, its id and a random nonce sent in its open
+(common.integrity); the open, every draft and the close carry a MAC under it. Waiting for a
+verdict (authentication, binding to the drafted tokens, notices, re-sends, resuming after Redis
+lost rounds) lives in ``edge_worker.waiting``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from broker.streams import TRANSIENT_ERRORS, Broker, session_key, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, with_backoff
 from common import tracing
+from common.integrity import ContextDigest, draft_digest, mac, session_key, u32
 from common.logs import get_logger
 from common.metrics import EdgeMetrics
 from common.prompt_limits import prompt_problem
@@ -87,7 +90,9 @@ class SessionResult:
     throttled: int = 0  # drafts held back for the tenant's draft-token rate (non-fatal notices)
     resends: int = 0  # drafts (or the open) sent again after no verdict within the resend budget
     forged: int = 0  # verdict-stream entries dropped because their MAC did not verify
+    forged_drafts: int = 0  # drafts someone else put in this session's stream (refused by the verifier)
     rewinds: int = 0  # times the edge resumed from a shorter committed context (Redis lost rounds)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the session asked
 
     @property
     def acceptance_rate(self) -> float:
@@ -106,6 +111,7 @@ class SessionResult:
         data = asdict(self)
         data.pop("round_ms")
         data.pop("gammas")
+        data.pop("logprobs")  # per-token data, not a figure (the result keeps it)
         for key in ("draft_ms", "queue_ms", "verify_ms", "transport_ms", "wall_ms", "first_token_ms"):
             data[key] = round(data[key], 3)
         data.update(acceptance_rate=round(self.acceptance_rate, 4),
@@ -115,7 +121,19 @@ class SessionResult:
         return data
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of one generated token and its ``top`` alternatives
+    (``(token id, logprob)``, most likely first), from the pass that committed it."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 TokenCallback = Callable[[str, list[int]], None]
+LogprobCallback = Callable[[str, list[TokenLogprob]], None]
+"""Called just before ``TokenCallback`` with the same tokens' logprobs (sessions that ask)."""
 
 
 @dataclass(frozen=True)
@@ -188,29 +206,42 @@ class EdgeClient:
         sibling.config = replace(self.config, tenant=tenant)
         return sibling
 
+    def session_id(self) -> str:
+        """A new session id: the tenant prefix puts the session in its tenant's key space."""
+        return f"{self.config.tenant}.{uuid.uuid4().hex}"
+
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
-                       on_tokens: TokenCallback | None = None, session_id: str = "") -> SessionResult:
+                       on_tokens: TokenCallback | None = None, session_id: str = "",
+                       logprobs: int | None = None,
+                       on_logprobs: LogprobCallback | None = None) -> SessionResult:
+        """One session. ``logprobs`` (None: none): the target's logprob of every generated token
+        and its top ``logprobs`` alternatives, in ``SessionResult.logprobs`` and ``on_logprobs``."""
         check_prompt(prompt_ids, spec, self.config)
         async with self._slots:
-            return await _EdgeSession(self, prompt_ids, spec, on_tokens, session_id).run()
+            session = _EdgeSession(self, prompt_ids, spec, on_tokens, session_id)
+            session.want_logprobs(logprobs, on_logprobs)
+            return await session.run()
 
 
 class _EdgeSession(VerdictWaiter):
     def __init__(self, client: EdgeClient, prompt_ids: list[int], spec: SamplingSpec,
                  on_tokens: TokenCallback | None, session_id: str) -> None:
         self.client = client
-        tenant = client.config.tenant  # the tenant prefix puts the session in its tenant's key space
-        self.sid = session_id or f"{tenant}.{uuid.uuid4().hex}"
-        self.open_key = os.urandom(32)
-        self.key = session_key(client.config.verdict_secret, self.open_key)
+        self.sid = session_id or client.session_id()
+        self.nonce = os.urandom(32)
+        self.key = session_key(client.config.verdict_secret, self.sid, self.nonce)
         self.seq = 0
         self.emitted: list[int] = []  # tokens handed to on_tokens (a rewind never repeats them)
         self.sent: bytes = b""  # the current draft, as sent (re-sent unchanged)
+        self.sent_tag: bytes = b""  # its MAC
+        self.bound: bytes = b""  # its draft_digest: the verdict must name the same
         self.open_payload = b""
+        self.open_tag = b""
         self.spec = spec
         self.params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
         self.stops = frozenset(spec.stop_token_ids)
         self.context = list(prompt_ids)
+        self.digest = ContextDigest(u32(prompt_ids))  # of the committed context: verdicts carry it too
         self.result = SessionResult(self.sid, list(prompt_ids), seed=spec.seed)
         self.on_tokens = on_tokens
         self.state = client.backend.new_state()
@@ -219,6 +250,12 @@ class _EdgeSession(VerdictWaiter):
         self.ahead: _Ahead | None = None
         self.pressure = Backpressure()  # verifier load from verdicts: shorter drafts or a wait
         self.span: Any = None  # the session's trace span (tracing on), else None
+        self.logprobs: int | None = None
+        self.on_logprobs: LogprobCallback | None = None
+
+    def want_logprobs(self, top: int | None, on_logprobs: LogprobCallback | None) -> None:
+        self.logprobs, self.on_logprobs = top, on_logprobs
+        self.result.logprobs = [] if top is not None else None
 
     async def run(self) -> SessionResult:
         broker, backend = self.client.broker, self.client.backend
@@ -229,13 +266,15 @@ class _EdgeSession(VerdictWaiter):
             session_id=self.sid, prompt_ids=_u32(self.context), sampling=self.spec,
             draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
-            verdict_key=self.open_key, trace=tracing.traceparent(self.span),
+            nonce=self.nonce, logprobs=self.logprobs, trace=tracing.traceparent(self.span),
         )
         self.open_payload = encode(opened)
+        self.open_tag = mac(self.key, self.open_payload)
         tenant, metrics = self.client.config.tenant, self.client.metrics
         metrics.session_started(tenant)
         try:
-            await self._redis(lambda: broker.open_session(self.sid, self.open_payload), "open_session")
+            await self._redis(lambda: broker.open_session(self.sid, self.open_payload, self.open_tag),
+                              "open_session")
             while self.result.finish_reason is None:
                 await self._round(self.seq)
                 if self.result.rounds == 1:
@@ -254,8 +293,9 @@ class _EdgeSession(VerdictWaiter):
             backend.release(self.state)
             self.result.wall_ms = (time.perf_counter() - started) * 1000
             if self.result.finish_reason is None:  # tell the verifier to free the session now
+                close = encode(SessionClose(self.sid, "aborted"))
                 await _quietly(asyncio.wait_for(
-                    broker.send_draft(self.sid, encode(SessionClose(self.sid, "aborted"))), 2.0))
+                    broker.send_draft(self.sid, close, mac(self.key, close)), 2.0))
         log.info("edge.session.summary", **tracing.log_ids(self.span), **{
             k: v for k, v in self.result.summary().items() if k not in ("token_ids", "prompt_ids")})
         return self.result
@@ -281,7 +321,9 @@ class _EdgeSession(VerdictWaiter):
         )
         sent = time.perf_counter()
         self.sent = encode(message)
-        await self._redis(lambda: self.client.broker.send_draft(self.sid, self.sent), "send_draft")
+        self.sent_tag, self.bound = mac(self.key, self.sent), draft_digest(message.start, u32(ids))
+        await self._redis(lambda: self.client.broker.send_draft(self.sid, self.sent, self.sent_tag),
+                          "send_draft")
         self._start_ahead(seq, proposal.token_ids)
         verdict = await self._await_verdict(seq)
         if verdict is None:  # the verifier committed fewer tokens than this edge holds: resumed
@@ -382,9 +424,13 @@ class _EdgeSession(VerdictWaiter):
             raise SessionFailed(ErrorCode.INTERNAL,
                                 f"edge and verifier disagree: {len(self.context)} vs "
                                 f"{verdict.committed} tokens, {finish} vs {verdict.finish_reason}")
+        self.digest.extend(u32(kept))
+        if verdict.context_digest != self.digest.digest():
+            self._integrity_failure("the verifier's committed context differs from this edge's")
         r = self.result
         r.token_ids.extend(kept)
         fresh = self._fresh_tokens(kept)
+        fresh_logprobs = self._logprobs(kept, verdict)[len(kept) - len(fresh):]
         r.finish_reason = finish
         r.rounds += 1
         r.target_forward_passes += 1
@@ -397,8 +443,26 @@ class _EdgeSession(VerdictWaiter):
         r.round_ms.append(round_ms)
         self.client.metrics.observe_round(self.client.config.tenant, len(drafted), verdict.accepted,
                                           len(kept), draft_ms, round_ms, self.client.backend.model_name)
+        if self.on_logprobs is not None and fresh_logprobs:
+            self.on_logprobs(self.sid, fresh_logprobs)
         if self.on_tokens is not None and fresh:
             self.on_tokens(self.sid, fresh)
+
+    def _logprobs(self, kept: list[int], verdict: Verdict) -> list[TokenLogprob]:
+        """The kept tokens' logprobs from the verdict (recorded in the result), when asked for."""
+        if self.result.logprobs is None:
+            return []
+        data = verdict.logprobs
+        if data is None or len(data) != len(kept):
+            raise SessionFailed(ErrorCode.INTERNAL, f"the verdict of round {verdict.seq} carries "
+                                f"{0 if data is None else len(data)} logprobs for {len(kept)} tokens "
+                                "(a verifier older than this edge ignores the request for them)")
+        entries = [TokenLogprob(token, float(chosen), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
+                   for token, chosen, ids, values in zip(kept, data.chosen.tolist(), data.top_ids,
+                                                         data.top_logprobs, strict=True)]
+        del self.result.logprobs[len(self.result.token_ids) - len(kept):]  # a rewind redoes rounds
+        self.result.logprobs.extend(entries)
+        return entries
 
     def _fresh_tokens(self, kept: list[int]) -> list[int]:
         """The tokens not handed out before; after a rewind the redone ones must equal those that were."""

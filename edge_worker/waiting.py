@@ -1,11 +1,16 @@
 """Waiting for a round's verdict: authenticated entries, non-fatal notices, re-sends, resuming.
 
-Every verdict-stream entry must carry the HMAC of the session's key (see broker.streams): others
-are dropped and counted. A non-fatal notice never ends the session: a rate-limit notice extends
-the wait, an ``out_of_order`` one with a shorter committed context makes the edge resume from it
-(Redis lost rounds). Without a verdict within the resend budget the same draft is sent again
-(and the open, while no verifier took the session). The wait is bounded by the verdict timeout
-even while Redis is unreachable, and its error says whether any verifier heartbeats.
+Every verdict-stream entry must carry the HMAC of the session's key (common.integrity): others are
+dropped, counted (``forged``) and logged. A verdict must name the digest of the very tokens this
+edge drafted for its round, and (edge_worker.client) the digest of the context they commit: a
+mismatch fails the session with a typed ``integrity`` error, never applying the verdict. A
+verifier's ``integrity`` notice reports a draft someone else put in the session's stream (refused
+there, never verified): counted (``forged_drafts``) and logged. A non-fatal notice never ends
+the session: a rate-limit notice extends the wait, an ``out_of_order`` one with a shorter
+committed context makes the edge resume from it (Redis lost rounds). Without a verdict within
+the resend budget the same draft is sent again (and the open, while no verifier took the
+session). The wait is bounded by the verdict timeout even while Redis is unreachable, and its
+error says whether any verifier heartbeats.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from broker.streams import TRANSIENT_ERRORS, Entry, mac_ok, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Entry, with_backoff
+from common.integrity import ContextDigest, mac_ok, u32
 from common.logs import get_logger
 from common.wire import ErrorCode, ErrorMessage, Verdict, decode
 from edge_worker.backpressure import Backpressure
@@ -31,6 +37,7 @@ class SessionFailed(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
+        self.message = message  # without the code (printers that show the code apart)
 
 
 class VerdictWaiter:
@@ -42,7 +49,11 @@ class VerdictWaiter:
     seq: int
     context: list[int]
     sent: bytes
+    sent_tag: bytes
+    bound: bytes
+    digest: ContextDigest
     open_payload: bytes
+    open_tag: bytes
     last_verdict_id: str
     result: SessionResult
     pressure: Backpressure
@@ -76,8 +87,11 @@ class VerdictWaiter:
             if time.monotonic() >= resend_at:
                 await self._resend(seq)
                 resend_at = time.monotonic() + config.resend_s
+        forged = "" if not self.result.forged else (
+            f"; {self.result.forged} verdict-stream entries failed authentication (do edges and "
+            "verifiers share redis.verdict_secret and the same specd release?)")
         raise SessionFailed(ErrorCode.INTERNAL, f"no verdict for seq {seq} within {config.verdict_timeout_s}s"
-                            f" ({self.result.resends} re-sends): {await self._why_no_verdict()}")
+                            f" ({self.result.resends} re-sends): {await self._why_no_verdict()}{forged}")
 
     async def _why_no_verdict(self) -> str:
         """Tell a dead pool (no verifier heartbeat) from a slow or unserving one, where Redis says."""
@@ -102,11 +116,29 @@ class VerdictWaiter:
                 return "wait"
             if message.fatal:
                 raise SessionFailed(message.code, message.message)
+            if message.code is ErrorCode.INTEGRITY:
+                self._forged_draft_reported(message)
+                return None
             return "resumed" if self._resume(message) else None
         if isinstance(message, Verdict) and message.seq == seq:
+            if message.drafted != self.bound:  # it verified tokens this edge did not draft
+                self._integrity_failure(f"the verdict of seq {seq} verified other tokens than this edge "
+                                        "drafted")
             self.pressure.observe(message.pool_load)
             return message
         return None  # an older verdict replayed after a redelivery or a re-send: already applied
+
+    def _forged_draft_reported(self, message: ErrorMessage) -> None:
+        """The verifier refused a draft in this session's stream that this edge did not write."""
+        self.result.forged_drafts += 1
+        self.client.metrics.error(ErrorCode.INTEGRITY.value)
+        log.warning("edge.draft_forged", session_id=self.sid, seq=message.seq, error=message.message)
+
+    def _integrity_failure(self, what: str) -> None:
+        """A verdict that authenticates but does not match this edge's round: never applied."""
+        log.error("edge.verdict_mismatch", session_id=self.sid, seq=self.seq, error=what)
+        raise SessionFailed(ErrorCode.INTEGRITY, f"{what}: not applied (a draft injected by a holder of "
+                            "the secret, or a verifier that lost and redid rounds differently)")
 
     async def _resend(self, seq: int) -> None:
         broker = self.client.broker
@@ -114,8 +146,8 @@ class VerdictWaiter:
         log.info("edge.resend", session_id=self.sid, seq=seq)
         try:
             if self.result.rounds == 0 and not await broker.session_known(self.sid):
-                await broker.open_session(self.sid, self.open_payload)  # the open itself was lost
-            await broker.send_draft(self.sid, self.sent)
+                await broker.open_session(self.sid, self.open_payload, self.open_tag)  # the open was lost
+            await broker.send_draft(self.sid, self.sent, self.sent_tag)
         except TRANSIENT_ERRORS as exc:  # Redis away: the verdict deadline bounds the session
             log.warning("edge.resend_failed", session_id=self.sid, error=str(exc))
 
@@ -132,6 +164,7 @@ class VerdictWaiter:
                 or not len(self.result.prompt_ids) <= committed < len(self.context)):
             return False
         self.context = self.context[:committed]
+        self.digest = ContextDigest(u32(self.context))
         self.result.token_ids = self.context[len(self.result.prompt_ids):]
         self.seq = message.seq
         self.result.rewinds += 1

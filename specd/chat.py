@@ -45,21 +45,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO) -> int:
+    from broker.reach import redacted, require_verifier
     from specd.generate import local_verifier, redis_url_for
-    from specd.runtime import make_broker
+    from specd.runtime import check_models, make_broker
     from specd.serve.command import build_context
 
+    check_models(settings, target=not settings.redis.url, draft=True)
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as stack:
         if embedded:
             await stack.enter_async_context(local_verifier(settings, url))
         broker = make_broker(settings, url)
         stack.push_async_callback(broker.close)
+        if not embedded:  # the pool's: is anyone serving it? (before the draft loads)
+            await require_verifier(broker, url, settings.redis.startup_wait_s)
         context = build_context(settings, broker, [])
         stack.push_async_callback(context.runner.wait_closed)
-        print(f"specd chat: {context.defaults.model} (Redis {'embedded' if embedded else url}); "
+        print(f"specd chat: {context.defaults.model} (Redis {'embedded' if embedded else redacted(url)}); "
               "/reset forgets, /quit leaves", file=out, flush=True)
-        await _converse(context, system, stdin, out)
-    return 0
+        interrupted = await _converse(context, system, stdin, out)
+    return 130 if interrupted else 0  # Ctrl-C at the prompt: interrupted (the exit-code table)
 
 
 class _Lines:
@@ -80,14 +84,17 @@ class _Lines:
         self.queue.put_nowait(None)
 
 
-async def _converse(context: Any, system: str, stdin: TextIO, out: TextIO) -> None:
+async def _converse(context: Any, system: str, stdin: TextIO, out: TextIO) -> bool:
+    """The conversation; True when Ctrl-C at the prompt ended it."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    lines, turn = _Lines(stdin), None
+    lines, turn, interrupted = _Lines(stdin), None, False
 
     def interrupt() -> None:  # Ctrl-C: stop the answer being written, or leave at the prompt
+        nonlocal interrupted
         if turn is not None and not turn.done():
             turn.cancel()
         else:
+            interrupted = True
             lines.leave()
 
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
@@ -110,6 +117,7 @@ async def _converse(context: Any, system: str, stdin: TextIO, out: TextIO) -> No
             history.pop()  # stopped or failed: the question is not part of the conversation
         else:
             history.append({"role": "assistant", "content": reply})
+    return interrupted
 
 
 async def _read(lines: _Lines, stdin: TextIO, out: TextIO) -> str | None:

@@ -262,7 +262,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _interactive(args: argparse.Namespace) -> bool:
     """Generated text streams to a terminal that also shows stderr: keep log lines out of it."""
-    streams = args.command == "generate" and not args.json
+    streams = args.command == "chat" or (args.command == "generate" and not args.json)
     return streams and sys.stdout.isatty() and sys.stderr.isatty() and args.log_level is None
 
 
@@ -351,7 +351,11 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "verifier" and args.workers > 1 and not args.check:
             return _verifier_processes(args, settings, list(sys.argv[1:] if argv is None else argv))
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        return int(handler(args, settings))
+        code = int(handler(args, settings))
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place failures are reported
         url = settings.redis.url if settings is not None else ""
         if not isinstance(exc, KeyboardInterrupt) and _SIGNALS.interrupted():
@@ -359,6 +363,15 @@ def _main(argv: list[str] | None) -> int:
         return report(args.command, exc, bool(getattr(args, "debug", False)), url)
     finally:
         tracing.shutdown()  # flush the spans of a traced run (a no-op when tracing is off)
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (``specd pool status --json | head``): not an error of ours. Point
+    stdout at /dev/null so that the interpreter's last flush does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def _configure_logs(args: argparse.Namespace, settings: Settings) -> None:

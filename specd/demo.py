@@ -102,6 +102,7 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
               file=out, flush=True)
         verifier_args, edge_args = _worker_args(settings, url)
         env["SPECD_REDIS__URL"] = url  # not on the command line: the embedded URL has a password
+        env["SPECD_REDIS__VERDICT_SECRET"] = settings.redis.verdict_secret  # nor the run's secret
         verifier = await asyncio.create_subprocess_exec(
             *dies_with_parent([sys.executable, "-m", "specd", "verifier", *verifier_args]),
             stdout=asyncio.subprocess.DEVNULL,

@@ -28,7 +28,7 @@ EPILOG = "exit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXI
 def _user_errors() -> list[tuple[type[BaseException], int]]:
     """(exception type, exit code), most specific first; imported lazily (torch is slow)."""
     from broker.embedded import EmbeddedRedisError
-    from broker.reach import RedisUnavailable
+    from broker.reach import NoVerifierAlive, RedisUnavailable
     from common.models import ModelLoadError, TokenizerMismatchError
     from common.settings import ConfigError
     from edge_worker.client import SessionFailed
@@ -44,7 +44,8 @@ def _user_errors() -> list[tuple[type[BaseException], int]]:
         pass
     return [*rejected, (ConfigError, USAGE), (ModelLoadError, USAGE), (TokenizerMismatchError, USAGE),
             (PromptError, USAGE), (BackendUnavailableError, USAGE), (DeviceUnavailableError, USAGE),
-            (RedisUnavailable, REDIS), (EmbeddedRedisError, REDIS), (SessionFailed, FAILED)]
+            (RedisUnavailable, REDIS), (EmbeddedRedisError, REDIS), (SessionFailed, FAILED),
+            (NoVerifierAlive, FAILED)]
 
 
 def exit_code_of(exc: BaseException) -> int | None:

@@ -82,6 +82,8 @@ SETTING_FLAGS: dict[str, list[SettingFlag]] = {
         SettingFlag("serve.host", "--host"),
         SettingFlag("serve.port", "--port"),
         SettingFlag("serve.max_concurrent", "--max-concurrent"),
+        SettingFlag("serve.queue_size", "--queue-size"),
+        SettingFlag("serve.queue_timeout_s", "--queue-timeout"),
         SettingFlag("serve.model_name", "--model-name"),
     ],
 }

@@ -170,7 +170,10 @@ def print_table(points: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def write_plots(points: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """Throughput and latency against sessions, acceptance against gamma, batch sizes (PNG)."""
+    """Throughput and latency against sessions, acceptance against gamma, batch sizes (PNG).
+
+    The batch-size chart only when some point has verifier figures: with ``--no-verifiers`` the
+    pool's logs are not ours, and an empty chart would read as a pool that never batched."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -181,8 +184,10 @@ def write_plots(points: list[dict[str, Any]], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in (("throughput", _draw_throughput), ("latency", _draw_latency),
-                       ("acceptance", _draw_acceptance), ("batch_sizes", _draw_batches)):
+    charts = [("throughput", _draw_throughput), ("latency", _draw_latency), ("acceptance", _draw_acceptance)]
+    if any(p["verifier"] and p["verifier"]["batch_size_histogram"] for p in points):
+        charts.append(("batch_sizes", _draw_batches))
+    for name, draw in charts:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         draw(ax, points)
         fig.tight_layout()

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from broker.reach import redacted
 from broker.streams import Broker, connect
 from common.procs import dies_with_parent
 from common.settings import Settings
@@ -284,7 +285,7 @@ async def run_loadtest(settings: Settings, options: LoadTestOptions, out: TextIO
     async with redis_url_for(settings) as (url, embedded):
         env = child_env(settings, url)
         pool = VerifierPool(env, options.verifiers, options.log_dir) if options.start_verifiers else None
-        print(f"specd loadtest: Redis {'embedded at ' + url if embedded else url}; "
+        print(f"specd loadtest: Redis {'embedded at ' if embedded else ''}{redacted(url)}; "
               f"{options.verifiers if pool else 'existing'} verifier(s); backend {settings.edge.backend}; "
               f"logs in {options.log_dir}", file=out, flush=True)
         try:
@@ -296,7 +297,7 @@ async def run_loadtest(settings: Settings, options: LoadTestOptions, out: TextIO
         finally:
             if pool is not None:
                 await pool.stop()
-    report = _report(settings, options, points, "embedded" if embedded else url, command)
+    report = _report(settings, options, points, "embedded" if embedded else redacted(url), command)
     print_table(points, out)
     return report
 

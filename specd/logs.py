@@ -31,6 +31,15 @@ Record = dict[str, Any]
 Emit = Callable[[Record], None]
 
 
+def names_session(sid: str, wanted: str) -> bool:
+    """Whether ``wanted`` is a prefix of ``sid`` or of its short form (``short_session_id``: the
+    default tenant's sessions are printed without their ``default.``)."""
+    from broker.streams import DEFAULT_TENANT
+
+    own = DEFAULT_TENANT + "."
+    return sid.startswith(wanted) or (sid.startswith(own) and sid[len(own):].startswith(wanted))
+
+
 def log_stream_key(prefix: str) -> str:
     return f"{prefix}:logs"
 
@@ -70,7 +79,7 @@ class Filters:
 
     def match(self, record: Record) -> bool:
         checks = (
-            self.session is None or str(record.get("session_id") or "").startswith(self.session),
+            self.session is None or names_session(str(record.get("session_id") or ""), self.session),
             self.tenant is None or record.get("tenant") == self.tenant,
             self.worker is None or fnmatch.fnmatchcase(str(record.get("worker_id", "")), self.worker),
             self.level is None or LEVELS.get(str(record.get("level")), 0) >= LEVELS[self.level],
@@ -195,7 +204,7 @@ def make_emitter(json_mode: bool, out: TextIO) -> Emit:
 
 def resolve_session(records: list[Record], wanted: str) -> str:
     """The full session id for an id or a unique prefix (the demo prints 8 characters)."""
-    ids = {str(r["session_id"]) for r in records if str(r.get("session_id") or "").startswith(wanted)}
+    ids = {str(r["session_id"]) for r in records if names_session(str(r.get("session_id") or ""), wanted)}
     if wanted in ids:
         return wanted
     if len(ids) == 1:
@@ -311,11 +320,22 @@ class LogsRequest:
     session: str | None = None  # `specd logs session ID`
 
 
+class EmptyStream(LookupError):
+    """The log stream has no line at all: streaming is off (the default) or nothing ran yet."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the log stream {key} is empty: workers write to it only with log.redis_stream = true "
+            "(SPECD_LOG__REDIS_STREAM=true; off by default); or read their JSON log files with --file")
+
+
 async def _load(request: LogsRequest, redis_factory: Callable[[], Any], key: str) -> list[Record]:
     if request.files:
         return list(read_files(request.files))
     redis = redis_factory()
     try:
+        if not await redis.xlen(key):
+            raise EmptyStream(key)
         return await read_stream(redis, key, request.filters if request.session is None else Filters())
     finally:
         await redis.aclose()
@@ -325,7 +345,13 @@ def run_logs(request: LogsRequest, redis_factory: Callable[[], Any], key: str,
              out: TextIO | None = None) -> int:
     """Serve ``specd logs``; ``redis_factory`` makes a client when no file is given."""
     out = out or sys.stdout
-    records = asyncio.run(_load(request, redis_factory, key))
+    try:
+        records = asyncio.run(_load(request, redis_factory, key))
+    except EmptyStream as exc:
+        print(f"specd logs: {exc}", file=sys.stderr)
+        if not request.follow or request.session is not None:
+            return 1
+        records = []  # following: the lines to come are shown
     if request.session is not None:
         try:
             events, summary = session_timeline(records, request.session)

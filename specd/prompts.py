@@ -21,19 +21,19 @@ class PromptError(Exception):
     """A prompt or prompts file the command cannot use; the message names it."""
 
 
-def read_text(path: Path) -> str:
-    """The file's UTF-8 text, or a ``PromptError`` naming the file."""
+def read_text(path: Path, what: str = "prompts file") -> str:
+    """The file's UTF-8 text, or a ``PromptError`` naming the file (``what``: how to call it)."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PromptError(f"prompts file {path}: no such file") from None
+        raise PromptError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
-        raise PromptError(f"prompts file {path}: is a folder, not a file") from None
+        raise PromptError(f"{what} {path}: is a folder, not a file") from None
     except UnicodeDecodeError as exc:
-        raise PromptError(f"prompts file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+        raise PromptError(f"{what} {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                           f"offset {exc.start}); save it as UTF-8") from None
     except OSError as exc:
-        raise PromptError(f"prompts file {path}: cannot read it: {exc.strerror}") from None
+        raise PromptError(f"{what} {path}: cannot read it: {exc.strerror}") from None
 
 
 def read_prompts(path: Path, field: str = "text") -> list[str]:

@@ -7,13 +7,27 @@ from typing import Any
 from broker.reach import ensure_reachable
 from broker.shaping import ShapedBroker
 from broker.streams import Broker, connect, connect_settings
-from common.models import load_causal_lm, set_torch_threads
+from common.integrity import NO_SECRET_RISK
+from common.logs import get_logger
+from common.models import hub_options, load_causal_lm, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, create_backend
 from edge_worker.client import EdgeClient, EdgeConfig
 from edge_worker.verdicts import MultiplexedBroker
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
+
+log = get_logger("specd.runtime")
+
+
+def check_models(settings: Settings, target: bool, draft: bool) -> None:
+    """Model names that cannot load (a missing folder, one without config.json, a hub id neither
+    the hub nor the local cache can serve) fail now, before a slow load of the other model:
+    ModelLoadError, exit 2."""
+    if target:
+        hub_options(settings.models.target)
+    if draft and settings.edge.backend != "router":  # the router's drafts name their own models
+        hub_options(settings.models.draft)
 
 
 def make_broker(settings: Settings, url: str | None = None) -> Broker:
@@ -119,6 +133,8 @@ def edge_broker(settings: Settings, broker: Broker) -> Broker:
 
 
 def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
+    if not settings.redis.verdict_secret:
+        log.warning("edge.no_verdict_secret", risk=NO_SECRET_RISK)
     backend = build_draft_backend(settings)
     backend.warm_up(gamma=settings.edge.gamma)  # kernels and allocator warm before a user's tokens
     context = backend_context(backend)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.reach import RedisUnavailable
+from broker.reach import RedisUnavailable, require_verifier
 from broker.streams import Broker, short_session_id
 from common.logs import LogSink, bind, get_logger, log_sink
 from common.metrics import serve
@@ -28,15 +28,18 @@ from verifier_worker.worker import default_worker_id
 log = get_logger("specd.workers")
 
 
-def install_stop_signals(stop: asyncio.Event, grace_s: float = 30.0) -> None:
+def install_stop_signals(stop: asyncio.Event, grace_s: float = 30.0) -> list[int]:
     """SIGINT/SIGTERM set ``stop``: workers finish their batch and drain.
 
     Whatever state the worker is in (draining, reconnecting to Redis), it is gone ``grace_s`` after
     the first signal, and at once on a second one (exit 130; children die with it, common.procs).
+    Returns the signals received, for the exit code (``stopped_exit_code``).
     """
     loop = asyncio.get_running_loop()
+    received: list[int] = []
 
     def on_signal(signum: int) -> None:
+        received.append(signum)
         if stop.is_set():
             log.warning("worker.stop_forced", signal=signum)
             os._exit(130)
@@ -47,6 +50,13 @@ def install_stop_signals(stop: asyncio.Event, grace_s: float = 30.0) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    return received
+
+
+def stopped_exit_code(received: list[int]) -> int:
+    """Ctrl-C is an interruption (130, the exit-code table); SIGTERM, a service manager's orderly
+    stop after a drain, is a success (0)."""
+    return 130 if signal.SIGINT in received else 0
 
 
 def _forced_exit(grace_s: float) -> None:
@@ -59,12 +69,12 @@ async def run_verifier(settings: Settings) -> int:
     try:
         worker = build_verifier(settings, broker)
         stop = asyncio.Event()
-        install_stop_signals(stop, settings.verifier.drain_timeout_s + 5)
+        received = install_stop_signals(stop, settings.verifier.drain_timeout_s + 5)
         async with worker_services(settings, broker, worker.metrics.registry):
             await worker.run(stop)
     finally:
         await broker.close()
-    return 0
+    return stopped_exit_code(received)
 
 
 @contextlib.asynccontextmanager
@@ -164,11 +174,11 @@ async def run_edge_jobs(settings: Settings, client: EdgeClient, jobs: list[Promp
     async def one(job: PromptJob) -> SessionResult | None:
         prompt_ids = tokenizer.encode(job.text)
         spec = sampling_spec(settings, stops)
+        sid = job.session_id or client.session_id()  # known here too: the error line names it
         try:
-            result = await client.generate(prompt_ids, spec, on_tokens, job.session_id)
+            result = await client.generate(prompt_ids, spec, on_tokens, sid)
         except SessionFailed as exc:
-            emit({"event": "error", "session_id": job.session_id, "code": exc.code.value,
-                  "message": str(exc)})
+            emit({"event": "error", "session_id": sid, "code": exc.code.value, "message": exc.message})
             return None
         emit({"event": "result", "prompt": job.text,
               "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
@@ -185,6 +195,8 @@ async def run_edge(settings: Settings, jobs: list[PromptJob], events: bool) -> i
     bind(worker_id=worker_id)
     heartbeat = asyncio.create_task(_edge_heartbeat(broker, worker_id, settings.edge.heartbeat_ttl_s))
     try:
+        # before the draft loads: fail fast, not once per session after edge.verdict_timeout_s
+        await require_verifier(broker, settings.redis.url, settings.redis.startup_wait_s)
         client = build_edge(settings, broker)
         log.info("edge.started", backend=client.backend.name, device=client.backend.device,
                  model=client.backend.model_name, sessions=len(jobs))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from broker.pool import now_ms
-from broker.streams import DEFAULT_TENANT, Entry, tenant_of
+from broker.streams import DEFAULT_TENANT, Entry, mac_ok, tenant_of
 from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import plan_admission, should_pass_on
@@ -60,7 +60,7 @@ class AdmissionMixin(WorkerCore):
             message = decode(raw, self.limits)
             if not isinstance(message, SessionOpen):
                 raise WireError(ErrorCode.MALFORMED, "expected a session open message")
-            key = self._key_of(message.verdict_key)
+            key = self._key_of(message.session_id, message.nonce)
             if tenant_of(message.session_id) != tenant:
                 log.warning("open.foreign_session", session_id=message.session_id, tenant=tenant)
                 await self.broker.ack(entry.stream, entry.entry_id)  # another tenant's id: no reply
@@ -68,6 +68,9 @@ class AdmissionMixin(WorkerCore):
             if message.tenant != tenant:
                 raise WireError(ErrorCode.MALFORMED, f"the open claims tenant {message.tenant!r} on the open "
                                 f"stream of tenant {tenant!r}", message.session_id)
+            if not mac_ok(key, raw, entry.mac):
+                raise WireError(ErrorCode.INTEGRITY, "the open's MAC does not verify: edges and verifiers "
+                                "need the same redis.verdict_secret", message.session_id)
             self._check_compatible(message)
             if message.session_id in self.sessions or await self.broker.session_known(message.session_id):
                 # A duplicated open (an edge re-sends its open while no verdict came): the session
@@ -90,10 +93,11 @@ class AdmissionMixin(WorkerCore):
         sid = message.session_id
         lease = await self.pool.acquire(sid, self.worker_id, self.settings.pool.lease_ms)
         if lease is not None:
-            await self.pool.save_open(sid, raw)
+            tag = entry.mac or b""
+            await self.pool.save_open(sid, raw, tag)
             await self.broker.ensure_group(self.broker.keys.drafts(sid))
             session = VerifierSession.from_open(message, self.limits.max_gamma)
-            session.lease, session.key, session.open_raw = lease, key, raw
+            session.lease, session.key, session.open_raw, session.open_tag = lease, key, raw, tag
             self._hold(session)
             self.stats.sessions_opened += 1
             self.metrics.admission_outcome("admitted")

@@ -46,6 +46,7 @@ class VerifierStats:
     evictions: int = 0
     dead_letters: int = 0
     drafts_throttled: int = 0  # rate-limit notices: a held draft's first, then one per RETELL_S
+    forged_drafts: int = 0  # draft-stream entries whose MAC did not verify: dropped unread
     duplicates: int = 0  # drafts delivered again (redelivery, an edge's re-send): dropped or answered
     fenced: int = 0  # writes refused because the lease was no longer this worker's
     repairs: int = 0  # commits that rewrote a context Redis had lost part of
@@ -94,8 +95,9 @@ class WorkerCore:
     async def _dispatch(self, entry: Entry) -> None:  # the worker loop's (verifier_worker.worker)
         raise NotImplementedError
 
-    def _key_of(self, open_key: bytes) -> bytes:
-        return session_key(self.settings.redis.verdict_secret, open_key)
+    def _key_of(self, sid: str, nonce: bytes) -> bytes:
+        """The session's key (common.integrity): from the pool's secret, never from Redis."""
+        return session_key(self.settings.redis.verdict_secret, sid, nonce)
 
     def _hold(self, session: VerifierSession) -> None:
         self.sessions[session.session_id] = session

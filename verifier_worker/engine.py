@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from common.rejection import FlatRound, row_argmax, verify_round
 from common.sampling import SamplingParams, round_uniforms
+from common.wire import LOGPROB_FLOOR, TokenLogprobs
 from verifier_worker.kv import ArenaShape, KVArena, KVCapacityError, SessionKV
 
 __all__ = ["Draft", "KVCapacityError", "TargetEngine", "VerifyOutcome", "VerifyRequest",
@@ -65,12 +66,14 @@ class VerifyRequest:
     params: SamplingParams
     seq: int  # round sequence number, keys the round's random draws
     reserve: int = 0  # unused by the paged arena (blocks follow use); kept for callers
+    logprobs: int | None = None  # None: none; n: the committed tokens' logprobs and top n each
 
 
 @dataclass(frozen=True)
 class VerifyOutcome:
     accepted: int
     token: int
+    logprobs: TokenLogprobs | None = None  # of the accepted + 1 new tokens, when asked for
 
 
 class TargetEngine:
@@ -132,6 +135,8 @@ class TargetEngine:
             result = verify_round(logits, flat_round(requests), self._scratch(requests, logits))
             outcomes = [VerifyOutcome(int(a), int(t)) for a, t in
                         zip(result.num_accepted.tolist(), result.next_token.tolist(), strict=True)]
+        if any(r.logprobs is not None for r in requests):
+            outcomes = with_logprobs(logits, requests, outcomes)
         for request, outcome in zip(requests, outcomes, strict=True):
             # The cache must cover the new context minus its last token (the recovered/bonus
             # token is fed at the start of the next round).
@@ -180,6 +185,37 @@ def greedy_outcomes(logits: torch.Tensor, requests: list[VerifyRequest]) -> list
         outcomes.append(VerifyOutcome(accepted, best[start + accepted]))
         start += len(drafted) + 1
     return outcomes
+
+
+def with_logprobs(logits: torch.Tensor, requests: list[VerifyRequest],
+                  outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
+    """The outcomes, with the target's logprobs of each new token for the requests that ask.
+
+    From this pass's logits (no second pass): log-softmax of the raw logits (temperature 1, no
+    filter), as OpenAI reports them; the rows of all asking requests in one call. Row ``j`` of a
+    request predicts its token ``j``: drafted token ``j`` if accepted, else the correction, and
+    after a full acceptance the bonus token.
+    """
+    starts = np.concatenate(([0], np.cumsum([r.draft.gamma + 1 for r in requests])))
+    asking = [b for b, r in enumerate(requests) if r.logprobs is not None]
+    rows = np.concatenate([starts[b] + np.arange(outcomes[b].accepted + 1) for b in asking])
+    tokens = np.concatenate([[*requests[b].draft.token_ids[:outcomes[b].accepted].tolist(),
+                              outcomes[b].token] for b in asking]).astype(np.int64)
+    index = torch.from_numpy(rows).to(logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [R, V]
+    logprobs.clamp_(min=LOGPROB_FLOOR)
+    chosen = logprobs.gather(1, torch.from_numpy(tokens).to(logits.device).unsqueeze(1)).squeeze(1)
+    widest = max(requests[b].logprobs or 0 for b in asking)
+    top_values, top_ids = logprobs.topk(widest, dim=-1)  # most likely first
+    chosen_np, values_np, ids_np = (t.cpu().numpy() for t in (chosen, top_values, top_ids))
+    out, at = list(outcomes), 0
+    for b in asking:
+        count, n = outcomes[b].accepted + 1, requests[b].logprobs or 0
+        out[b] = VerifyOutcome(outcomes[b].accepted, outcomes[b].token, TokenLogprobs(
+            chosen_np[at:at + count].astype(np.float32),
+            ids_np[at:at + count, :n].astype(np.uint32), values_np[at:at + count, :n].astype(np.float32)))
+        at += count
+    return out
 
 
 def flat_round(requests: list[VerifyRequest]) -> FlatRound:

@@ -6,7 +6,9 @@ here. A lease that vanished while nobody else took it (Redis restarted and lost 
 again under a new epoch, and the session's next commit rewrites its context and meta from this
 worker's memory, so sessions survive a Redis that lost its last writes. Every scan interval the
 worker adopts sessions whose lease lapsed, rebuilding them from ``{sid}:tokens`` and the state
-hash, and claims their pending drafts.
+hash, and claims their pending drafts. Nothing read back is trusted unless its MAC verifies under
+the session's key (common.integrity): the open in ``{sid}:meta`` (else the session is not adopted),
+and the committed context, vouched for by the last verdict (else it restarts from the prompt).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from broker.streams import Entry
+from broker.streams import Entry, mac_ok
 from common.wire import ErrorCode, ErrorMessage, SessionOpen, Verdict, WireError, decode
 from verifier_worker.admission import AdmissionMixin
 from verifier_worker.capacity import load_figure, resident_tokens, should_pass_on, tenant_sessions
@@ -69,7 +71,7 @@ class LeaseMixin(AdmissionMixin):
         """The lease vanished and this worker took it again: rewrite what Redis may have lost."""
         session.lease, session.repair = lease, True
         self.stats.leases_retaken += 1
-        await self.pool.save_open(session.session_id, session.open_raw)
+        await self.pool.save_open(session.session_id, session.open_raw, session.open_tag)
         await self.broker.ensure_group(self.broker.keys.drafts(session.session_id))
         log.warning("session.lease_retaken", session_id=session.session_id, lease=lease)
 
@@ -117,21 +119,39 @@ class LeaseMixin(AdmissionMixin):
             if lease is not None:
                 await self._adopt(sid, lease)
 
+    async def _trusted_open(self, sid: str) -> tuple[SessionOpen, bytes, bytes, bytes] | None:
+        """The session's saved open (decoded, raw), its MAC and the session's key, if the MAC verifies."""
+        raw, tag = await self.pool.load_open(sid)
+        try:
+            message = decode(raw or b"", self.limits)
+        except WireError:
+            return None
+        if not isinstance(message, SessionOpen) or message.session_id != sid:
+            return None
+        key = self._key_of(sid, message.nonce)
+        if not mac_ok(key, raw or b"", tag):
+            self._count_error(ErrorCode.INTEGRITY)
+            log.warning("session.open_unauthenticated", session_id=sid,
+                        error="the saved open's MAC does not verify: not adopted")
+            return None
+        return message, raw or b"", tag or b"", key
+
     async def _adopt(self, sid: str, lease: str) -> None:
         """Rebuild a session from its open message and committed tokens, then claim its drafts."""
-        raw = await self.pool.load_open(sid) or b""
-        try:
-            message = decode(raw, self.limits)
-        except WireError:
-            message = None
+        opened = await self._trusted_open(sid)
         state = await self.broker.load_state(sid)
-        if not isinstance(message, SessionOpen) or _finished(state):
+        if opened is None or _finished(state):
             await self.pool.release({sid: lease})
             await self.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
             return
+        message, raw, tag, key = opened
         tokens = await self.broker.load_tokens(sid)
-        session = VerifierSession.restore(message, state, tokens, self.limits.max_gamma)
-        session.lease, session.key, session.open_raw = lease, self._key_of(message.verdict_key), raw
+        session = VerifierSession.restore(message, state, tokens, key, self.limits.max_gamma)
+        if tokens and not session.stored:
+            self._count_error(ErrorCode.INTEGRITY)
+            log.warning("session.state_untrusted", session_id=sid, error="the committed context in Redis is "
+                        "not vouched for by a verdict under the session's key: restarting from the prompt")
+        session.lease, session.open_raw, session.open_tag = lease, raw, tag
         await self.broker.ensure_group(self.broker.keys.drafts(sid))
         if self._session_limit(session.tenant):  # admitted once: count it, never refuse it
             await self.pool.admit_session(session.tenant, sid, 0, self._tenant_entry_ms)

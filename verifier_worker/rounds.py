@@ -20,6 +20,7 @@ import numpy as np
 from broker.rounds import DONE, FENCED, Commit
 from broker.streams import Entry, mac, with_backoff
 from common import tracing
+from common.integrity import draft_digest, u32
 from common.wire import DraftBatch, ErrorCode, ErrorMessage, Verdict, WireError, encode
 from verifier_worker.core import log
 from verifier_worker.engine import VerifyOutcome
@@ -218,6 +219,8 @@ class RoundMixin(LeaseMixin):
             token=outcome.token, committed=len(session.context), finish_reason=finish,
             queue_ms=round(queue_ms, 3), verify_ms=round(verify_ms, 3), batch_size=batch_size,
             worker_id=self.worker_id, pool_load=self.pool_load,
+            drafted=draft_digest(draft.start, u32(draft.token_ids)), context_digest=session.digest.digest(),
+            logprobs=outcome.logprobs.head(kept) if outcome.logprobs is not None else None,
         )
         payload = encode(verdict)
         session.last_verdict = payload

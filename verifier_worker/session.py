@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.integrity import ContextDigest, mac_ok, u32
 from common.sampling import SamplingParams, apply_stop_rules
-from common.wire import DraftBatch, ErrorCode, SessionOpen, WireError
+from common.wire import DraftBatch, ErrorCode, SessionOpen, Verdict, WireError, decode
 from verifier_worker.engine import Draft, VerifyOutcome, VerifyRequest
 from verifier_worker.kv import SessionKV
 
@@ -53,10 +54,15 @@ class VerifierSession:
     solo: bool = False  # after a failed pass: verify alone, so a poison draft cannot sink others
     draft_room: int = DEFAULT_DRAFT_ROOM  # the largest draft a round may carry (limits.max_gamma)
     lease: str = ""  # ``worker/epoch``: every write for the session is fenced by it
-    key: bytes = b""  # the verdict key agreed at open (HMAC of each verdict-stream payload)
+    key: bytes = b""  # the session's key (common.integrity): MACs of drafts in, verdicts out
     open_raw: bytes = b""  # the open message, to rewrite the meta key if Redis lost it
+    open_tag: bytes = b""  # the edge's MAC of it, saved beside it
+    digest: ContextDigest = field(default_factory=ContextDigest)  # of ``context``: each verdict carries it
+    forged: int = 0  # draft-stream entries that failed their MAC
+    forged_told: float = -1e9  # when the edge was last told of one (monotonic)
     stored: int = 0  # tokens of the context known to be in Redis ({sid}:tokens)
     repair: bool = False  # the next commit rewrites the whole context (Redis lost some of it)
+    logprobs: int | None = None  # the open's: verdicts carry the committed tokens' logprobs
     trace: str = ""  # the edge's session span (W3C traceparent) when it traces; rounds join it
 
     @classmethod
@@ -68,24 +74,32 @@ class VerifierSession:
             params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
-            key=message.verdict_key, repair=True, trace=message.trace,
+            digest=ContextDigest(u32(message.prompt_ids)), repair=True, logprobs=message.logprobs,
+            trace=message.trace,
         )
 
     @classmethod
-    def restore(cls, message: SessionOpen, state: dict[bytes, bytes], tokens: bytes | None,
+    def restore(cls, message: SessionOpen, state: dict[bytes, bytes], tokens: bytes | None, key: bytes,
                 draft_room: int = 0) -> VerifierSession:
         """Adopt a session from its open message, its committed tokens and last round (empty KV).
 
-        The engine feeds ``context[kv.length:]``, so the first pass after adoption recomputes the
-        whole cache from the committed tokens.
+        Redis' copy is trusted only as far as the last verdict's MAC (under the session's key)
+        vouches for it: the verdict names the committed context's length and digest, and its seq.
+        Anything else (lost, or written by someone else) restarts the session from its prompt, and
+        the edge resumes from there (an ``out_of_order`` notice), its redone tokens checked
+        against those it emitted. The engine feeds ``context[kv.length:]``, so the first pass after
+        adoption recomputes the whole cache from the committed tokens.
         """
         session = cls.from_open(message, draft_room)
-        if tokens and state.get(b"next_seq"):
+        session.key = key
+        verdict = trusted_verdict(key, state, tokens)
+        if tokens and verdict is not None:
             session.context = np.frombuffer(tokens, dtype="<u4").astype(int).tolist()
-            session.next_seq = int(state[b"next_seq"])
-            session.last_verdict = state.get(b"last_verdict") or None
-        session.stored = len(session.context) if tokens else 0
-        session.repair = not tokens
+            session.next_seq = verdict.seq + 1
+            session.last_verdict = state[b"last_verdict"]
+            session.digest = ContextDigest(tokens)
+            session.stored = len(session.context)
+        session.repair = not session.stored  # rewrite whatever Redis holds from this worker's memory
         return session
 
     @property
@@ -117,6 +131,7 @@ class VerifierSession:
         return VerifyRequest(
             kv=self.kv, context=self.context, seq=draft.seq, params=self.params, reserve=self.reserve,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
+            logprobs=self.logprobs,
         )
 
     def input_tokens(self, pending: PendingDraft) -> int:
@@ -129,9 +144,25 @@ class VerifierSession:
         kept, finish = apply_stop_rules(new_tokens, self.generated, self.stop_token_ids,
                                         self.max_new_tokens)
         self.context.extend(kept)
+        self.digest.extend(u32(kept))
         self.next_seq = draft.seq + 1
         self.rounds += 1
         self.drafted += draft.gamma
         self.accepted += outcome.accepted
         self.finished = finish
         return len(kept), finish
+
+
+def trusted_verdict(key: bytes, state: dict[bytes, bytes], tokens: bytes | None) -> Verdict | None:
+    """The session's last verdict from the state hash, if its MAC verifies and it vouches for ``tokens``."""
+    raw, tag = state.get(b"last_verdict"), state.get(b"last_mac")
+    if not tokens or not raw or not mac_ok(key, raw, tag):
+        return None
+    try:
+        verdict = decode(raw)
+    except WireError:
+        return None
+    if (not isinstance(verdict, Verdict) or verdict.committed * 4 != len(tokens)
+            or verdict.context_digest != ContextDigest(tokens).digest()):
+        return None
+    return verdict

@@ -18,14 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.streams import TRANSIENT_ERRORS, Entry, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Entry, mac_ok, with_backoff
+from common.integrity import NO_SECRET_RISK
 from common.logs import bind
-from common.wire import DraftBatch, ErrorCode, SessionClose, WireError, decode
+from common.wire import DraftBatch, ErrorCode, ErrorMessage, SessionClose, WireError, decode
 from verifier_worker.aclcheck import check_acl
 from verifier_worker.core import VerifierStats, default_worker_id, log
 from verifier_worker.rounds import RoundMixin
+from verifier_worker.session import VerifierSession
 
 __all__ = ["VerifierStats", "VerifierWorker", "default_worker_id"]
+
+FORGED_RETELL_S = 1.0  # a flood of forged drafts costs the edge at most one notice a second
 
 
 class VerifierWorker(RoundMixin):
@@ -59,6 +63,8 @@ class VerifierWorker(RoundMixin):
 
     async def startup(self) -> None:
         await check_acl(self.broker, self.settings.verifier.acl_check)
+        if not self.settings.redis.verdict_secret:
+            log.warning("verifier.no_verdict_secret", risk=NO_SECRET_RISK)
         await with_backoff(lambda: self._refresh_tenants(force=True), "serve_tenants", self.stopping)
         await self.tick()
         # Session opens this consumer read before a restart but never acknowledged.
@@ -149,6 +155,9 @@ class VerifierWorker(RoundMixin):
             # The session ended, or another worker owns it now: leave the entry pending (the
             # owner claims stale pending drafts; a deleted stream takes its pending list along).
             return
+        if not mac_ok(session.key, entry.payload or b"", entry.mac):
+            await self._forged_draft(session, entry)  # not from this session's edge: never decoded
+            return
         try:
             message = decode(entry.payload or b"", self.limits)
             if isinstance(message, SessionClose):
@@ -160,3 +169,20 @@ class VerifierWorker(RoundMixin):
                 raise WireError(ErrorCode.MALFORMED, f"unexpected {message.type_} on a draft stream")
         except WireError as exc:
             await self._reject(session, entry.entry_id, exc)
+
+    async def _forged_draft(self, session: VerifierSession, entry: Entry) -> None:
+        """Drop a draft-stream entry whose MAC does not verify; tell the edge (at most once a second)."""
+        session.forged += 1
+        self.stats.forged_drafts += 1
+        self._count_error(ErrorCode.INTEGRITY)
+        log.warning("draft.unauthenticated", session_id=session.session_id, entry_id=entry.entry_id,
+                    forged=session.forged)
+        now = time.monotonic()
+        if now - session.forged_told < FORGED_RETELL_S:
+            await self.writer.ack_foreign(entry.stream, entry.entry_id)
+            return
+        session.forged_told = now
+        await self._notify(session, ErrorMessage(
+            session.session_id, ErrorCode.INTEGRITY, f"{session.forged} message(s) in this session's draft "
+            "stream failed authentication (not written by its edge): dropped, not verified",
+            seq=session.next_seq, fatal=False), entry.entry_id)

@@ -114,7 +114,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"{records.path} already holds records: --resume to continue that run, "
                      "--overwrite to start again, or another --out")
     settings.edge.max_concurrent_sessions = max(settings.edge.max_concurrent_sessions, options.concurrency)
+    problem = _unmet_needs(settings, options, args)
+    if problem:
+        return _fail(problem)
     return _evaluate(settings, options, selected, records, args)
+
+
+def _unmet_needs(settings: Settings, options: Any, args: argparse.Namespace) -> str:
+    """What would only fail after the whole suite ran (or a model loaded): found now."""
+    from common.models import ModelLoadError
+    from specd.eval.plots import check_plotting
+    from specd.runtime import check_models
+
+    try:
+        speculative_here = "speculative" in options.modes and not settings.redis.url  # embedded verifier
+        check_models(settings, target="target" in options.modes or speculative_here,
+                     draft=bool({"draft", "speculative"} & set(options.modes)))
+        if args.plot:
+            check_plotting()
+    except (ModelLoadError, RuntimeError) as exc:
+        return str(exc)
+    return ""
 
 
 def _evaluate(settings: Settings, options: Any, selected: list[Any], records: Any,

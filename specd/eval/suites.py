@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specd.prompts import PromptError, read_text
+
 SUITES = ("specbench", "wmt", "cnndm", "humaneval", "jsonl")
 
 CNNDM_INSTRUCTION = "Summarize the following article in a few sentences.\n\n{article}\n\nSummary:"
@@ -37,9 +39,9 @@ class Question:
 def read_suite(suite: str, path: Path, text_field: str = "text") -> list[Question]:
     """All questions of ``path`` read as ``suite``; raises SuiteError for an unreadable file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SuiteError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        text = read_text(path, "data file")  # the messages of every prompts file (not UTF-8 too)
+    except PromptError as exc:
+        raise SuiteError(str(exc)) from None
     readers = {"specbench": _specbench, "wmt": _wmt, "cnndm": _cnndm, "humaneval": _humaneval,
                "jsonl": lambda items: _plain(items, text_field)}
     if suite not in readers:

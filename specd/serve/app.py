@@ -9,34 +9,25 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from common.logs import get_logger
 from specd.serve import errors
-from specd.serve.auth import KeyRing
+from specd.serve.context import ServeContext
+from specd.serve.logprobs import LogprobFormat
 from specd.serve.responses import ChunkWriter, full_response, response_id, usage
-from specd.serve.runner import Finished, Round, SessionRunner
-from specd.serve.schemas import Defaults, Generation, build_generation, parse_body
+from specd.serve.runner import Finished, Round
+from specd.serve.schemas import Generation, build_generation, parse_body
 
 STATIC = Path(__file__).with_name("static")
 log = get_logger("specd.serve")
-
-
-@dataclass
-class ServeContext:
-    runner: SessionRunner
-    defaults: Defaults
-    keys: KeyRing
-    registries: list[CollectorRegistry]  # shown on /metrics besides the server's own
 
 
 class _Stream(StreamingResponse):
@@ -87,7 +78,8 @@ def _info_routes(app: FastAPI, context: ServeContext) -> None:
             return JSONResponse({"status": "unavailable", "error": exc.message}, status_code=503)
         return JSONResponse({"status": "ok", "model": context.defaults.model,
                              "active": context.runner.active,
-                             "max_concurrent": context.runner.max_concurrent})
+                             "max_concurrent": context.runner.max_concurrent,
+                             "queued": context.runner.admission.waiting})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -136,10 +128,14 @@ async def _generate(context: ServeContext, request: Request, kind: Literal["comp
         tenant = context.keys.tenant(request.headers.get("authorization"))
         generation = build_generation(kind, parse_body(await request.body()), context.defaults,
                                       runner.tokenizer)
-        release = runner.acquire()
+        release = await runner.acquire()  # at once, or after a wait in the queue
     except errors.APIError as exc:
         runner.metrics.request(route, exc.status)
         return error_response(exc)
+    if await request.is_disconnected():  # gave up while queued: its slot goes to the next
+        release()
+        runner.metrics.request(route, 499)
+        return Response(status_code=499)
     sid = runner.session_id(tenant)
     try:
         await runner.check_pool()
@@ -169,21 +165,25 @@ async def _whole(context: ServeContext, generation: Generation, tenant: str, sid
     assert finished is not None  # rounds() ends with Finished or raises
     _observe(context, route, tenant, finished, started)
     used = usage(len(generation.prompt_ids), finished.completion_tokens)
+    logprobs = None if finished.logprobs is None else LogprobFormat(
+        runner.tokenizer, generation.tokens_as_ids).of(generation.kind, finished.logprobs)
     return JSONResponse(full_response(generation, response_id(generation, sid), finished.text,
-                                      finished.finish_reason, used, finished.figures))
+                                      finished.finish_reason, used, finished.figures, logprobs))
 
 
 async def _chunks(context: ServeContext, generation: Generation, tenant: str, sid: str, route: str,
                   started: float) -> AsyncIterator[bytes]:
     runner = context.runner
     writer = ChunkWriter(generation, response_id(generation, sid))
+    format_ = LogprobFormat(runner.tokenizer, generation.tokens_as_ids)
     completed = False
     try:
         yield writer.start()
         async with contextlib.aclosing(runner.rounds(generation, tenant, sid)) as rounds:
             async for event in rounds:
                 if isinstance(event, Round):
-                    yield writer.delta(event.delta, event.figures)
+                    logprobs = None if event.logprobs is None else format_.of(generation.kind, event.logprobs)
+                    yield writer.delta(event.delta, event.figures, logprobs)
                     continue
                 _observe(context, route, tenant, event, started)
                 yield writer.finish(event.finish_reason,

@@ -11,12 +11,13 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-from common.settings import Settings
-from specd.failures import EPILOG
+from common.settings import ConfigError, Settings
+from specd.failures import EPILOG, INTERRUPTED
 from specd.flags import HelpFormatter, add_setting_flags
 
 
@@ -40,12 +41,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError as exc:
         print(f"specd serve: {exc.name} is missing: pip install 'specd[serve]'", file=sys.stderr)
         return 2
-    return asyncio.run(serve_forever(settings))
+    from specd.runtime import check_models
+
+    check_models(settings, target=not settings.redis.url, draft=True)
+    with listen(settings.serve.host, settings.serve.port) as sock:  # before any model loads
+        return asyncio.run(serve_forever(settings, sock))
 
 
-async def serve_forever(settings: Settings) -> int:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a busy port is a usage error, not a crash after start-up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ConfigError(f"serve.port: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                          "give another --port, or stop what listens there") from None
+
+
+async def serve_forever(settings: Settings, sock: socket.socket) -> int:
     import uvicorn
 
+    from broker.reach import redacted
     from specd.generate import local_verifier, redis_url_for
     from specd.runtime import make_broker
 
@@ -64,12 +80,13 @@ async def serve_forever(settings: Settings) -> int:
                                 log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)
         server = _Server(config)
-        _stop_on_signals(server)
-        print(f"specd serve: http://{serve.host}:{serve.port}/ (model {context.defaults.model}; Redis "
-              f"{'embedded, verifier in this process' if embedded else url})", file=sys.stderr, flush=True)
-        await server.serve()
+        received = _stop_on_signals(server)
+        where = "embedded, verifier in this process" if embedded else redacted(url)
+        print(f"specd serve: http://{serve.host}:{sock.getsockname()[1]}/ (model {context.defaults.model}; "
+              f"Redis {where})", file=sys.stderr, flush=True)
+        await server.serve(sockets=[sock])
         await context.runner.wait_closed()  # cancelled sessions have told the verifier
-    return 0
+    return INTERRUPTED if signal.SIGINT in received else 0
 
 
 def _exit_during_startup(_signum: int, _frame: Any) -> None:
@@ -89,14 +106,15 @@ def build_context(settings: Settings, broker: Any, registries: list[Any]) -> Any
     """The edge client (draft backend loaded once), its runner, limits and keys."""
     from edge_worker.client import EdgeClient
     from specd.runtime import build_draft_backend, edge_broker, edge_config
-    from specd.serve.app import ServeContext
     from specd.serve.auth import KeyRing
+    from specd.serve.context import ServeContext
     from specd.serve.runner import SessionRunner
 
     serve = settings.serve
     client = EdgeClient(build_draft_backend(settings), edge_broker(settings, broker),
                         edge_config(settings), serve.max_concurrent)
-    runner = SessionRunner(client, broker, serve.max_concurrent, serve.pool_check_timeout_s)
+    runner = SessionRunner(client, broker, serve.max_concurrent, serve.pool_check_timeout_s,
+                           serve.queue_size, serve.queue_timeout_s)
     return ServeContext(runner, defaults_for(settings, runner.tokenizer),
                         KeyRing(serve.api_keys, settings.edge.tenant),
                         [client.metrics.registry, *registries])
@@ -139,14 +157,20 @@ def _Server(config: Any) -> Any:  # reads as the class it builds
     return _server_class()(config)
 
 
-def _stop_on_signals(server: Any) -> None:
-    """First SIGINT/SIGTERM: stop accepting, finish streams (5 s at most); second: at once."""
-    loop = asyncio.get_running_loop()
+def _stop_on_signals(server: Any) -> list[int]:
+    """First SIGINT/SIGTERM: stop accepting, finish streams (5 s at most); second: at once.
 
-    def stop() -> None:
+    Returns the signals received: Ctrl-C ends in exit 130 (interrupted), SIGTERM (a service
+    manager's orderly stop, after the streams finished) in 0."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def stop(sig: int) -> None:
+        received.append(sig)
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, stop, sig)
+    return received

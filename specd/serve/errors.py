@@ -38,10 +38,18 @@ def bad_key() -> APIError:
                     "key from serve.api_keys.", type_="invalid_request_error", code="invalid_api_key")
 
 
-def busy(limit: int) -> APIError:
+def busy(limit: int, queue_size: int = 0) -> APIError:
+    """The queue is full (or there is none): 429, which OpenAI's clients back off and retry."""
+    queued = f" and {queue_size} more waiting (serve.queue_size)" if queue_size else ""
     return APIError(429, f"Too many concurrent requests: this server runs at most {limit} at once "
-                    "(serve.max_concurrent); retry shortly.", type_="rate_limit_error",
+                    f"(serve.max_concurrent){queued}; retry shortly.", type_="rate_limit_error",
                     code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+def queue_timeout(limit: int, timeout_s: float) -> APIError:
+    return APIError(429, f"The request waited {timeout_s:g} s in the queue (serve.queue_timeout_s) for one "
+                    f"of this server's {limit} slots (serve.max_concurrent); retry later.",
+                    type_="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "5"})
 
 
 def pool_unavailable(reason: str) -> APIError:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of ``specd serve``: requests by route and status, in flight, TTFT, tokens.
+"""Prometheus metrics of ``specd serve``: requests by route and status, in flight, the queue (length,
+wait, refusals), TTFT, tokens.
 
 ``/metrics`` shows this registry, the edge client's and (embedded default) the in-process
 verifier's: one scrape sees the HTTP layer, the sessions and the batching.
@@ -26,6 +27,14 @@ class ServeMetrics:
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("specd_serve_completion_tokens_total", "Completion tokens returned.",
                               ["tenant"], registry=r)
+        self.queue_length = Gauge("specd_serve_queue_length",
+                                  "Requests waiting for a slot (past serve.max_concurrent).", registry=r)
+        self.queue_wait = Histogram("specd_serve_queue_wait_seconds",
+                                    "Time a request waited for its slot (0 when one was free).",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_rejected = Counter("specd_serve_queue_rejected_total",
+                                      "Requests refused with 429: queue full, or waited past "
+                                      "serve.queue_timeout_s.", ["reason"], registry=r)
         self.disconnects = Counter("specd_serve_client_disconnects_total",
                                    "Streams whose client went away; their sessions were cancelled.",
                                    registry=r)

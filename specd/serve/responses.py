@@ -39,13 +39,14 @@ def _envelope(generation: Generation, rid: str, created: int, chunk: bool) -> di
 
 
 def full_response(generation: Generation, rid: str, text: str, finish: str,
-                  used: dict[str, int], figures: dict[str, Any]) -> dict[str, Any]:
+                  used: dict[str, int], figures: dict[str, Any],
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     body = _envelope(generation, rid, int(time.time()), chunk=False)
     if generation.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     else:
         choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": finish}
+                  "logprobs": logprobs, "finish_reason": finish}
     return {**body, "choices": [choice], "usage": used, "specd": figures}
 
 
@@ -57,12 +58,14 @@ class ChunkWriter:
         self.rid = rid
         self.created = int(time.time())
 
-    def _chunk(self, delta: dict[str, Any] | str, finish: str | None, extra: dict[str, Any]) -> bytes:
+    def _chunk(self, delta: dict[str, Any] | str, finish: str | None, extra: dict[str, Any],
+               logprobs: dict[str, Any] | None = None) -> bytes:
         body = _envelope(self.generation, self.rid, self.created, chunk=True)
         if self.generation.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "text": delta, "logprobs": logprobs,
+                                      "finish_reason": finish}
         else:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**body, "choices": [choice], **extra})
 
     def start(self) -> bytes:
@@ -71,10 +74,11 @@ class ChunkWriter:
             return b""
         return self._chunk({"role": "assistant", "content": ""}, None, {})
 
-    def delta(self, delta: Delta, round_figures: dict[str, Any]) -> bytes:
+    def delta(self, delta: Delta, round_figures: dict[str, Any],
+              logprobs: dict[str, Any] | None = None) -> bytes:
         content: dict[str, Any] | str = delta.text if self.generation.kind == "completion" else {
             "content": delta.text}
-        return self._chunk(content, None, {"specd": {**round_figures, "spans": delta.spans}})
+        return self._chunk(content, None, {"specd": {**round_figures, "spans": delta.spans}}, logprobs)
 
     def finish(self, finish: str, used: dict[str, int], figures: dict[str, Any]) -> bytes:
         empty: dict[str, Any] | str = "" if self.generation.kind == "completion" else {}

@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.streams import Broker
 from common.logs import get_logger
 from common.wire import SamplingSpec
-from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
+from edge_worker.client import EdgeClient, SessionFailed, SessionResult, TokenLogprob, new_seed
 from specd.serve import errors
+from specd.serve.admission import Admission, Release
 from specd.serve.metrics import ServeMetrics
 from specd.serve.schemas import Generation
 from specd.serve.text import Delta, TextStream
@@ -33,6 +34,7 @@ POOL_CHECK_TTL_S = 1.0  # a pool found healthy is not asked again for this long
 class Round:
     delta: Delta
     figures: dict[str, int]  # the round number, its accepted draft tokens and verifier tokens
+    logprobs: list[TokenLogprob] | None = None  # of the tokens released with this text, if asked
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Finished:
     finish_reason: str
     completion_tokens: int
     figures: dict[str, Any]
+    logprobs: list[TokenLogprob] | None = None  # of the completion's tokens, if asked
 
 
 @dataclass
@@ -56,36 +59,26 @@ class _Tally:
 
 class SessionRunner:
     def __init__(self, client: EdgeClient, broker: Broker, max_concurrent: int,
-                 pool_check_timeout_s: float = 2.0) -> None:
+                 pool_check_timeout_s: float = 2.0, queue_size: int = 0,
+                 queue_timeout_s: float = 30.0) -> None:
         self.base = client
         self.broker = broker
         self.tokenizer = client.backend.tokenizer
         self.max_concurrent = max_concurrent
         self.pool_check_timeout_s = pool_check_timeout_s
         self.metrics = ServeMetrics()
-        self.active = 0
+        self.admission = Admission(max_concurrent, queue_size, queue_timeout_s, self.metrics)
         self._clients = {client.config.tenant: client}
         self._closing: set[asyncio.Task[Any]] = set()
         self._pool_ok_until = 0.0
 
-    def acquire(self) -> Callable[[], None]:
-        """A slot for one request, or 429 at once (never a queue that hides the overload).
+    async def acquire(self) -> Release:
+        """A slot for one request: at once, or after a FIFO wait; 429 past the queue (admission)."""
+        return await self.admission.acquire()
 
-        Returns the slot's release (idempotent)."""
-        if self.active >= self.max_concurrent:
-            raise errors.busy(self.max_concurrent)
-        self.active += 1
-        self.metrics.in_flight.inc()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.active -= 1
-                self.metrics.in_flight.dec()
-
-        return release
+    @property
+    def active(self) -> int:
+        return self.admission.running
 
     async def check_pool(self) -> None:
         """503 when Redis does not answer in time or no verifier heartbeats; cached briefly."""
@@ -122,8 +115,10 @@ class SessionRunner:
         """The session's rounds as text deltas, then ``Finished``; raises ``APIError`` on failure."""
         client = self._client_for(tenant)
         queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        logprobs: list[TokenLogprob] | None = None if generation.logprobs is None else []
         task = asyncio.create_task(client.generate(
-            generation.prompt_ids, self.spec(generation), lambda _sid, kept: queue.put_nowait(kept), sid))
+            generation.prompt_ids, self.spec(generation), lambda _sid, kept: queue.put_nowait(kept), sid,
+            generation.logprobs, None if logprobs is None else lambda _sid, lps: logprobs.extend(lps)))
         task.add_done_callback(lambda _task: queue.put_nowait(None))
         text, tally = TextStream(self.tokenizer, generation.stop), _Tally()
         timeout_s = client.config.verdict_timeout_s + 5.0  # the edge's own bound, plus slack
@@ -134,15 +129,19 @@ class SessionRunner:
                 tally.accepted += len(kept) - 1  # all but the verifier's token (see module text)
                 tally.first_ms = tally.first_ms or (time.perf_counter() - tally.started) * 1000
                 delta = text.push(kept, len(kept) - 1)
-                if delta.text:
-                    yield Round(delta, {"round": tally.rounds, "accepted": len(kept) - 1, "target": 1})
+                if delta.text or (logprobs is not None and delta.tokens):
+                    yield Round(delta, {"round": tally.rounds, "accepted": len(kept) - 1, "target": 1},
+                                _released(logprobs, text, delta))
                 if text.stopped:
                     break
             result = None if text.stopped else await self._result(task)
             tail = text.finish()
-            if tail.text:
-                yield Round(tail, {"round": tally.rounds, "accepted": 0, "target": 0})
-            yield _finished(text, result, tally, sid, tenant)
+            if tail.text or (logprobs is not None and tail.tokens):
+                yield Round(tail, {"round": tally.rounds, "accepted": 0, "target": 0},
+                            _released(logprobs, text, tail))
+            finished = _finished(text, result, tally, sid, tenant)
+            finished.logprobs = None if logprobs is None else logprobs[:text.released]
+            yield finished
         finally:
             if not task.done():
                 task.cancel()
@@ -173,6 +172,14 @@ class SessionRunner:
         if client is None:
             client = self._clients[tenant] = self.base.for_tenant(tenant)
         return client
+
+
+def _released(logprobs: list[TokenLogprob] | None, text: TextStream,
+              delta: Delta) -> list[TokenLogprob] | None:
+    """The logprobs of the tokens ``delta`` released (the last ``delta.tokens`` released so far)."""
+    if logprobs is None:
+        return None
+    return logprobs[text.released - delta.tokens:text.released]
 
 
 def _finished(text: TextStream, result: SessionResult | None, tally: _Tally, sid: str,

@@ -2,7 +2,7 @@
 
 Fields OpenAI's clients send that change nothing here (``user``, ``logit_bias`` when empty, ...)
 are ignored; fields whose non-default values this server cannot honour (``n`` > 1, penalties,
-``logprobs``, ``echo``) get a 400 naming them rather than a silent wrong answer.
+``echo``) get a 400 naming them rather than a silent wrong answer.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ BUNDLED_CHAT_TEMPLATE = (
 request (system or user) becomes a docstring line, each answer the code after it."""
 
 MAX_STOPS = 4  # as OpenAI
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (common.wire.MAX_TOP_LOGPROBS)
 MAX_SEED = (1 << 63) - 1
 
 
@@ -42,12 +43,13 @@ class _Common(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    return_tokens_as_token_ids: bool = False  # extension (vLLM's): logprobs name tokens "token_id:N"
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
     best_of: int = Field(1, ge=1, le=1)
     suffix: None = None
 
@@ -62,7 +64,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: None = None
 
 
@@ -94,6 +97,8 @@ class Generation:
     stop_token_ids: tuple[int, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: no logprobs; n: each token's and its top n alternatives
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (vLLM's extension)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -197,7 +202,17 @@ def build_generation(kind: Literal["completion", "chat"], body: dict[str, Any], 
         seed=request.seed, stop=_stops(request.stop),
         stop_token_ids=tuple(_token_ids(request.stop_token_ids or [], tokenizer, "stop_token_ids")),
         stream=request.stream,
-        include_usage=bool(options.get("include_usage")))
+        include_usage=bool(options.get("include_usage")), logprobs=_logprobs(request),
+        tokens_as_ids=request.return_tokens_as_token_ids)
+
+
+def _logprobs(request: CompletionRequest | ChatRequest) -> int | None:
+    """Completions: ``logprobs: n``; chat: ``logprobs: true`` with ``top_logprobs: n`` (OpenAI's)."""
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if request.top_logprobs is not None and not request.logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 def _check_lengths(prompt_tokens: int, max_tokens: int, defaults: Defaults, prompt_param: str) -> None:

@@ -5,6 +5,9 @@ draft tokens and of the verifier's token (its correction, or the bonus token) be
 spans so the web page can show them apart. The whole token list is decoded each round (a
 multi-byte character may span tokens); text is held back while it ends in an incomplete
 character or could still be the start of a stop string.
+
+Tokens are released with the text (for per-token logprobs): a round's tokens once all of its
+text is out; at a stop string, the tokens whose text starts before it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ Span = tuple[str, str]  # (text, "draft" | "target")
 class Delta:
     text: str
     spans: list[Span]
+    tokens: int = field(default=0, compare=False)  # tokens released with this text (and logprobs)
 
 
 @dataclass
@@ -28,7 +32,9 @@ class TextStream:
     ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the text already handed out
     stopped: bool = False  # a stop string was found: the text ends before it
+    released: int = 0  # tokens handed out (with the text they make)
     _marks: list[tuple[int, str]] = field(default_factory=list)  # (end char, source) per span
+    _rounds: list[tuple[int, int]] = field(default_factory=list)  # (end char, tokens so far) per round
     _text: str = ""
 
     def push(self, tokens: list[int], accepted: int) -> Delta:
@@ -38,6 +44,7 @@ class TextStream:
             self._extend(tokens[:accepted], "draft")
         if tokens[accepted:]:
             self._extend(tokens[accepted:], "target")
+        self._rounds.append((len(self._text), len(self.ids)))
         return self._release(final=False)
 
     def finish(self) -> Delta:
@@ -63,11 +70,28 @@ class TextStream:
             end, self.stopped = cut, True
         elif not final:
             end = self._safe_end()
+        tokens = self._tokens_before(cut) if cut is not None else (
+            len(self.ids) if final else self._tokens_within(max(end, self.emitted)))
+        fresh, self.released = max(0, tokens - self.released), max(tokens, self.released)
         if end <= self.emitted:
-            return Delta("", [])
-        delta = Delta(self._text[self.emitted:end], self._spans(self.emitted, end))
+            return Delta("", [], fresh)
+        delta = Delta(self._text[self.emitted:end], self._spans(self.emitted, end), fresh)
         self.emitted = end
         return delta
+
+    def _tokens_within(self, end: int) -> int:
+        """Tokens of the rounds whose whole text lies within the first ``end`` characters."""
+        return max((count for round_end, count in self._rounds if round_end <= end), default=0)
+
+    def _tokens_before(self, cut: int) -> int:
+        """Tokens whose text starts before ``cut`` (decoded one prefix at a time in the cut's round)."""
+        count = self._tokens_within(cut)
+        while count < len(self.ids):
+            start = len(self.tokenizer.decode(self.ids[:count], skip_special_tokens=True))
+            if start >= cut:
+                break
+            count += 1
+        return count
 
     def _find_stop(self) -> int | None:
         longest = max((len(s) for s in self.stops), default=0)

@@ -31,7 +31,10 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 
 def test_generate_json_speculative_equals_target_mode(tiny_pair) -> None:
-    env = {**model_env(tiny_pair), "SPECD_REDIS__URL": ""}  # embedded Redis
+    """Also issue 21, items 8 and 12: every mode runs under one torch thread policy, said in the
+    JSON (torch_threads: 1 unless --torch-threads); target/draft say finish_reason, and their
+    acceptance is null (nothing was drafted and verified), not 0.0."""
+    env = {**model_env(tiny_pair), "SPECD_REDIS__URL": "", "SPECD_MODELS__TORCH_THREADS": "0"}
     args = ["generate", "--prompt", "def add(a, b):", "--max-new-tokens", "20", "--json"]
     spec = specd(*args, "--gamma", "3", env=env)
     assert spec.returncode == 0, spec.stderr
@@ -44,6 +47,9 @@ def test_generate_json_speculative_equals_target_mode(tiny_pair) -> None:
     assert target["target_forward_passes"] == 20 > out["target_forward_passes"] == out["rounds"]
     draft = json.loads(specd(*args, "--mode", "draft", env=env).stdout)
     assert len(draft["token_ids"]) == 20
+    assert out["torch_threads"] == target["torch_threads"] == draft["torch_threads"] == 1
+    assert out["finish_reason"] == target["finish_reason"] == draft["finish_reason"] == "length"
+    assert target["acceptance_rate"] is None and draft["acceptance_rate"] is None
 
 
 def test_config_error_names_the_key(tiny_pair) -> None:

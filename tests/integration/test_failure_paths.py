@@ -87,6 +87,120 @@ def test_generate_in_a_terminal_shows_only_the_text(tiny_pair, tmp_path) -> None
     assert "mode=speculative" in text  # the figures line (stderr) comes after the text
 
 
+# Hides the web server's packages, as on the base install that `dev.sh demo` makes (no extras).
+BASE_INSTALL = ("import sys; sys.modules.update(fastapi=None, uvicorn=None, starlette=None); "
+                "from specd.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _converse_in_a_terminal(command: list[str], env: dict[str, str], lines: list[str | None],
+                            prompt: bytes = b"you> ") -> tuple[int, str]:
+    """Run ``command`` on a pseudo-terminal, typing each line when ``prompt`` shows (None: Ctrl-C,
+    sent as SIGINT); (rc, output)."""
+    master, slave = os.openpty()
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    output, typed = b"", 0
+    while select.select([master], [], [], 120)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+        if typed < len(lines) and output.count(prompt) > typed:
+            line = lines[typed]
+            if line is None:
+                process.send_signal(signal.SIGINT)
+            else:
+                os.write(master, line.encode() + b"\n")
+            typed += 1
+    os.close(master)
+    return process.wait(30), output.decode(errors="replace")
+
+
+def test_chat_in_a_terminal_on_the_base_install_shows_only_the_answer(tiny_pair, tmp_path) -> None:
+    """Issue 21, items 2 and 3: `specd chat` without fastapi (the base install) runs, and on a
+    terminal no info log line (verify.round, session.*) lands inside the streamed answer."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_MODELS__DRAFT=tiny_pair["draft"], SPECD_SAMPLING__MAX_NEW_TOKENS="12")
+    rc, text = _converse_in_a_terminal([sys.executable, "-c", BASE_INSTALL, "chat"], env,
+                                       ["def add", "/quit"])
+    assert rc == 0, text
+    assert "ModuleNotFoundError" not in text and "internal error" not in text, text
+    answer = text.split("specd> ", 1)[1]
+    assert "tok/s" in answer and "acceptance" in answer, text  # the turn's figures line
+    for noise in ('"event"', "[info", "verify.round", "session.", "Warning", "deprecated"):
+        assert noise not in text, text
+
+
+def test_chat_left_with_ctrl_c_at_the_prompt_exits_130(tiny_pair, tmp_path) -> None:
+    """Issue 21, item 12: Ctrl-C at chat's prompt leaves, as an interruption (130, the table)."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_MODELS__DRAFT=tiny_pair["draft"], SPECD_SAMPLING__MAX_NEW_TOKENS="4")
+    rc, text = _converse_in_a_terminal(specd_command("chat"), env, ["def add", None])
+    assert rc == 130, text
+    assert "Traceback" not in text, text
+
+
+def test_verifier_exits_130_on_ctrl_c(redis_url, tiny_pair, tmp_path) -> None:
+    """Issue 21, item 12: `specd verifier` on SIGINT drains and exits 130 (interrupted, the exit-code
+    table); `--workers N` returns its children's worst code, so 130 too. SIGTERM, an orderly stop,
+    stays 0 (test_cli, test_pool_failover)."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_MODELS__TARGET=tiny_pair["target"],
+                     SPECD_REDIS__URL=redis_url, SPECD_REDIS__KEY_PREFIX="ki",
+                     SPECD_POOL__KV_BUDGET_TOKENS="4096")
+    client = redis_client.Redis.from_url(redis_url)
+    log = tmp_path / "verifiers.log"
+    with open(log, "wb") as err:
+        parent = subprocess.Popen(specd_command("verifier", "--worker-id", "ki-0"),
+                                  env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 240
+        while not client.exists("ki:health:verifier:ki-0"):
+            assert time.monotonic() < deadline and parent.poll() is None  # serving
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGINT)
+        parent.wait(60)
+    finally:
+        client.close()
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 130, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("command", [["edge", "--prompt", "x"], ["generate", "--prompt", "x"]])
+def test_no_live_verifier_fails_fast_with_one_clear_line(redis_url, tiny_pair, monkeypatch, capsys,
+                                                         command) -> None:
+    """Issue 21, item 10: edge and generate check the verifier heartbeat up front, as serve does,
+    instead of 60 s of re-sends and `[] error internal: internal: ...`."""
+    from specd import cli
+
+    monkeypatch.setenv("SPECD_REDIS__STARTUP_WAIT_S", "0.5")
+    monkeypatch.setenv("SPECD_MODELS__DRAFT", tiny_pair["draft"])
+    prefix = f"nov{uuid.uuid4().hex[:8]}"  # no verifier heartbeats under it
+    monkeypatch.setenv("SPECD_REDIS__KEY_PREFIX", prefix)
+    started = time.monotonic()
+    assert cli.main([*command, "--redis-url", redis_url]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"specd {command[0]}: no verifier is alive at {redis_url}"), err
+    assert "`specd verifier`" in err and len(err.splitlines()) == 1 and "internal" not in err, err
+
+
+def test_pool_status_into_a_closed_pipe_is_quiet(redis_url, tmp_path) -> None:
+    """Issue 21, item 12: `specd pool status --json | head` ended in a BrokenPipeError traceback."""
+    env = marked_env(uuid.uuid4().hex, tmp_path, SPECD_REDIS__URL=redis_url)
+    process = subprocess.Popen(specd_command("pool", "status", "--json"), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def _run_one(index: int, mark: str, tmp: Path, pair: dict[str, str], rng: random.Random) -> tuple[str, int]:
     env = marked_env(mark, tmp, SPECD_MODELS__TARGET=pair["target"], SPECD_MODELS__DRAFT=pair["draft"],
                      SPECD_POOL__KV_BUDGET_TOKENS="4096")

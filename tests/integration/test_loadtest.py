@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,3 +42,21 @@ def test_loadtest_replay_report_and_charts(tiny_pair, redis_url, tmp_path) -> No
     for name in ("throughput", "latency", "acceptance", "batch_sizes"):
         png = plots / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loadtest_on_its_embedded_redis_masks_the_password(tiny_pair, tmp_path) -> None:
+    """Issue 21, item 6: the embedded Redis's URL carries its random password; it is shown as ***."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
+    env.update(SPECD_MODELS__TORCH_THREADS="1", SPECD_MODELS__TARGET=tiny_pair["target"],
+               SPECD_MODELS__DRAFT=tiny_pair["draft"])
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "specd", "loadtest", "--edges", "1", "--sessions-per-edge", "1",
+         "--backend", "replay", "--max-new-tokens", "4", "--prompt", "def add(a, b):",
+         "--report", str(report), "--log-dir", str(tmp_path / "logs"), "--no-progress"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "embedded at redis://" in result.stdout and ":***@" in result.stdout, result.stdout
+    shown = result.stdout + result.stderr + report.read_text()
+    passwords = re.findall(r"redis://[^:/@\s]*:([^@\s]*)@", shown)
+    assert passwords and set(passwords) == {"***"}, shown

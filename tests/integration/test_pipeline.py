@@ -10,7 +10,7 @@ from local_pool import local_pool
 
 from common.sampling import SamplingParams
 from common.settings import Settings
-from common.wire import ErrorCode, SamplingSpec
+from common.wire import SCHEMA_VERSION, ErrorCode, SamplingSpec
 from edge_worker.client import EdgeConfig, SessionFailed
 from verifier_worker.engine import generate_target_only
 
@@ -86,8 +86,8 @@ async def test_hostile_messages_do_not_disturb_other_sessions(redis_url, tiny_pa
         broker = edge.broker
         # A session opened by a well-behaved edge, then garbage on its stream and on the open stream.
         await broker.open_session("junk", b"\xc1\xc1")
-        bad_open = msgpack.packb({"v": 1, "t": "open", "sid": "evil", "prompt": b"\xff\xff\xff\xff",
-                                  "sampling": {}}, use_bin_type=True)
+        bad_open = msgpack.packb({"v": SCHEMA_VERSION, "t": "open", "sid": "evil",
+                                  "prompt": b"\xff\xff\xff\xff", "sampling": {}}, use_bin_type=True)
         await broker.open_session("evil", bad_open)
         runs = [edge.generate(tokenizer.encode(p), SamplingSpec(max_new_tokens=20)) for p in PROMPTS[:3]]
         results = await asyncio.gather(*runs)

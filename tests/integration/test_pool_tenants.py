@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+from honest import draft_tag, signed_open
 
-from broker.streams import FIELD, Broker
+from broker.streams import Broker
 from common.sampling import SamplingParams
 from common.settings import Settings
 from common.wire import ErrorCode, ErrorMessage, SamplingSpec, SessionClose, SessionOpen, decode, encode
@@ -104,7 +105,7 @@ async def opens_at_once(broker: Broker, worker: VerifierWorker, sids: list[str],
         for sid in sids:
             message = SessionOpen(sid, ids, SamplingSpec(max_new_tokens=8), "draft", worker.fingerprint,
                                   tenant=tenant)
-            pipe.xadd(broker.keys.opens(tenant), {FIELD: encode(message)})
+            pipe.xadd(broker.keys.opens(tenant), signed_open(encode(message)))
         await pipe.execute()
 
 
@@ -147,7 +148,8 @@ async def test_session_limit_is_exact_when_opens_race_on_three_workers(redis_url
             assert all(r.finish_reason == "length" for r in b_results)
             # Closed sessions leave the tenant's set at once, and a new open is admitted.
             for sid in admitted:
-                await broker.send_draft(sid, encode(SessionClose(sid, "done")))
+                close = encode(SessionClose(sid, "done"))
+                await broker.send_draft(sid, close, draft_tag(sid, close))  # as its edge would
             for _ in range(200):
                 if not await broker.redis.zcard("sl:tenant:a:sessions"):
                     break

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from honest import honest, signed_open
 
 from broker.streams import Broker
 from common.models import load_causal_lm
@@ -51,7 +52,7 @@ def worker_on(url: str, target, worker_id: str, prefix: str, **sections) -> Veri
     return VerifierWorker(
         settings,
         TargetEngine(target.model, target.vocab_size),
-        make_broker(settings),
+        honest(make_broker(settings)),
         "tiny",
         target.fingerprint,
         worker_id=worker_id,
@@ -198,9 +199,10 @@ async def test_finding4_a_burst_of_opens_is_never_trimmed(redis_url, target) -> 
     try:
         async with w.broker.redis.pipeline(transaction=False) as pipe:
             for i in range(300):
-                pipe.xadd(w.broker.keys.opens("default"), {b"m": an_open(f"b{i}", target, max_new=2)})
+                pipe.xadd(w.broker.keys.opens("default"), signed_open(an_open(f"b{i}", target, max_new=2)))
             for i in range(20_000):  # another tenant floods its own stream
-                pipe.xadd(w.broker.keys.opens("flood"), {b"m": an_open(f"flood.{i}", target, 2, "flood")})
+                flood = an_open(f"flood.{i}", target, 2, "flood")
+                pipe.xadd(w.broker.keys.opens("flood"), signed_open(flood))
             await pipe.execute()
         await w.broker.open_session("victim", an_open("victim", target, max_new=2))  # after the flood
         for _ in range(60):  # 16 opens per tenant per read

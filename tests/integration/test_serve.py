@@ -5,6 +5,7 @@ driven by the official openai client, raw HTTP, curl (killed mid-stream) and hea
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ class Served:
     url: str
     metrics_port: int  # the verifier's /metrics
     redis_url: str
+    verifier_pid: int = 0
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -96,7 +98,7 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         env=_env(), stdout=subprocess.DEVNULL, stderr=open(logs / "serve.log", "wb"))  # noqa: SIM115
     try:
         _wait_ready(f"http://127.0.0.1:{port}", [verifier, server])
-        yield Served(f"http://127.0.0.1:{port}", metrics_port, redis_url)
+        yield Served(f"http://127.0.0.1:{port}", metrics_port, redis_url, verifier.pid)
     finally:
         _stop(server)
         _stop(verifier)
@@ -104,13 +106,19 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def target_greedy() -> Iterator[object]:
-    """The target's own greedy continuation of some prompt ids (the model loaded once)."""
+def target_model() -> object:
     from common.models import load_causal_lm
+
+    return load_causal_lm(MODEL, "float32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def target_greedy(target_model) -> Iterator[object]:
+    """The target's own greedy continuation of some prompt ids (the model loaded once)."""
     from common.sampling import SamplingParams
     from verifier_worker.engine import TargetEngine, generate_target_only
 
-    target = load_causal_lm(MODEL, "float32", "cpu")
+    target = target_model
     engine = TargetEngine(target.model, target.vocab_size)
 
     def greedy(prompt_ids: list[int], max_tokens: int) -> str:
@@ -118,7 +126,13 @@ def target_greedy() -> Iterator[object]:
                                       frozenset(target.eos_token_ids), max_tokens)
         return str(target.tokenizer.decode(tokens, skip_special_tokens=True))
 
+    def greedy_ids(prompt_ids: list[int], max_tokens: int) -> list[int]:
+        return generate_target_only(engine, prompt_ids, SamplingParams(0.0, 1.0, 0, 0),
+                                    frozenset(target.eos_token_ids), max_tokens)
+
     greedy.tokenizer = target.tokenizer  # type: ignore[attr-defined]
+    greedy.ids = greedy_ids  # type: ignore[attr-defined]
+    greedy.model = target.model  # type: ignore[attr-defined]
     yield greedy
 
 
@@ -232,6 +246,151 @@ async def test_sixteen_concurrent_streams_get_their_greedy_output_batched(served
     assert passes - singles > 0, "no forward pass verified more than one session"
 
 
+# --------------------------------------------------------------------------- logprobs
+
+
+def _ids_of(names: list[str]) -> list[int]:
+    assert all(name.startswith("token_id:") for name in names), names[:3]
+    return [int(name[len("token_id:"):]) for name in names]
+
+
+def _check_logprobs(target_greedy, prompt_ids: list[int], ids: list[int], chosen: list[float],
+                    top: list[list[tuple[int, float]]], n: int) -> None:
+    """Token ids exactly target-only greedy decoding's; each figure the target's own log-softmax
+    over the whole sequence (one plain forward here) within float32 tolerance; the top n are the n
+    most likely tokens (any order among near-ties)."""
+    import torch
+
+    assert ids == target_greedy.ids(prompt_ids, len(ids))
+    with torch.no_grad():
+        logits = target_greedy.model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1:-1]
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    expected = reference.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1)
+    assert chosen == pytest.approx(expected.tolist(), abs=1e-4)
+    nth = reference.topk(n).values[:, -1] if n else None
+    for row, alternatives in enumerate(top):
+        assert len(alternatives) == n and len({t for t, _ in alternatives}) == n
+        for token, value in alternatives:
+            assert value == pytest.approx(float(reference[row, token]), abs=1e-4)
+            assert nth is None or value >= float(nth[row]) - 1e-4
+
+
+def test_completion_logprobs_equal_target_only_decoding(served: Served, target_greedy) -> None:
+    client, prompt, n = _client(served), PROMPTS[6], 4
+    prompt_ids = target_greedy.tokenizer.encode(prompt)
+    ask = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, logprobs=n,
+               extra_body={"return_tokens_as_token_ids": True})
+    whole = client.completions.create(**ask).choices[0].logprobs
+    ids = _ids_of(whole.tokens)
+    # greedy: the chosen token is the most likely, so each map is the top n (OpenAI adds the chosen
+    # token when it is not among them)
+    tops = [list(zip(_ids_of(list(t)), t.values(), strict=True)) for t in whole.top_logprobs]
+    _check_logprobs(target_greedy, prompt_ids, ids, whole.token_logprobs, tops, n)
+    assert whole.text_offset[0] == 0 and whole.text_offset == sorted(whole.text_offset)
+    chunks = list(client.completions.create(**ask, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert len(streamed) > 1  # per round, as the text streams
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == whole.token_logprobs
+    assert [t for lp in streamed for t in lp.top_logprobs] == whole.top_logprobs
+    assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
+    named = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, logprobs=0)
+    names = named.choices[0].logprobs.tokens
+    assert names == [target_greedy.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    assert [list(t) for t in named.choices[0].logprobs.top_logprobs] == [[name] for name in names]
+    sampled = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.9, seed=3,
+                                        logprobs=2)
+    assert len(sampled.choices[0].logprobs.tokens) == sampled.usage.completion_tokens
+    assert all(value <= 0 for value in sampled.choices[0].logprobs.token_logprobs)
+
+
+def test_chat_logprobs_equal_target_only_decoding_streamed_and_not(served: Served, target_greedy) -> None:
+    client, n = _client(served), 3
+    messages = [{"role": "user", "content": "a queue class"}]
+    prompt_ids = target_greedy.tokenizer.encode('"""a queue class"""\n')  # the bundled template
+    ask = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0, logprobs=True, top_logprobs=n,
+               extra_body={"return_tokens_as_token_ids": True})
+    content = client.chat.completions.create(**ask).choices[0].logprobs.content
+    ids = _ids_of([c.token for c in content])
+    tops = [list(zip(_ids_of([t.token for t in c.top_logprobs]), [t.logprob for t in c.top_logprobs],
+                     strict=True)) for c in content]
+    _check_logprobs(target_greedy, prompt_ids, ids, [c.logprob for c in content], tops, n)
+    assert content[0].bytes == list(content[0].token.encode())
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs
+                for item in c.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    assert [[t.token for t in c.top_logprobs] for c in streamed] == [[t.token for t in c.top_logprobs]
+                                                                      for c in content]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked: none (and nothing extra on the wire)
+
+
+# --------------------------------------------------------------------------- the request queue
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _wait_for_metric(url: str, name: str, value: float) -> None:
+    """Until the server's /metrics shows ``name`` at ``value`` (an event to wait on, not a time)."""
+    deadline = time.monotonic() + 60
+    while _sum(_scrape(_port_of(url)), name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
+def test_requests_past_max_concurrent_wait_in_a_fifo_queue(served: Served, tmp_path: Path) -> None:
+    """max_concurrent 1, a queue of 2, on a key prefix no verifier serves yet (a stand-in heartbeat
+    passes the pool check): the first request holds the slot, two more queue, a fourth is refused
+    with 429; then a verifier starts on that prefix and the three all get their greedy text."""
+    import redis
+
+    env = {**_env(), "SPECD_REDIS__KEY_PREFIX": "queued", "SPECD_EDGE__VERDICT_TIMEOUT_S": "300"}
+    stand_in = redis.Redis.from_url(served.redis_url)
+    stand_in.set("queued:health:verifier:stand-in", b"1", ex=600)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "specd", "serve", "--redis-url", served.redis_url, "--port", str(port),
+         "--max-concurrent", "1", "--queue-size", "2", "--queue-timeout", "600", "--log-format", "json"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))  # noqa: SIM115
+    url, verifier = f"http://127.0.0.1:{port}", None
+    ask = dict(model=MODEL, max_tokens=8, temperature=0)
+    expected = [_client(served).completions.create(prompt=p, **ask).choices[0].text for p in PROMPTS[:3]]
+    try:
+        _wait_ready(url, [server])
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = [pool.submit(client.completions.create, prompt=PROMPTS[0], **ask)]
+            _wait_for_metric(url, "specd_serve_requests_in_flight", 1)
+            for queued, prompt in enumerate(PROMPTS[1:3], start=1):  # one after the other: FIFO
+                replies.append(pool.submit(client.completions.create, prompt=prompt, **ask))
+                _wait_for_metric(url, "specd_serve_queue_length", queued)
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.completions.create(prompt=PROMPTS[3], **ask)
+            waiting = _scrape(port)
+            verifier = subprocess.Popen([sys.executable, "-m", "specd", "verifier", "--redis-url",
+                                         served.redis_url, "--log-format", "json"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            texts = [reply.result().choices[0].text for reply in replies]
+        assert texts == expected
+        assert refused.value.status_code == 429 and "serve.queue_size" in refused.value.message
+        assert _sum(waiting, "specd_serve_queue_length") == 2
+        assert _sum(waiting, "specd_serve_requests_in_flight") == 1
+        assert _sum(waiting, "specd_serve_queue_rejected_total", reason="full") == 1
+        after = _scrape(port)
+        assert _sum(after, "specd_serve_queue_length") == 0
+        assert _sum(after, "specd_serve_queue_wait_seconds_count") == 3  # the refused one never waited
+    finally:
+        stand_in.delete("queued:health:verifier:stand-in")
+        stand_in.close()
+        _stop(server)
+        if verifier is not None:
+            _stop(verifier)
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
 # --------------------------------------------------------------------------- done means 3
 
 
@@ -337,11 +496,18 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
             page.goto(served.url + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'bundled:target'")
             page.fill("#max-tokens", "48")
+            # Earlier turns fill the view: the answer ends at the bottom edge, above the input box.
+            page.evaluate("document.getElementById('messages').insertAdjacentHTML('afterbegin', "
+                          "'<div style=\"height: 2000px\"></div>')")
             page.fill("#prompt", "a stack class")
             page.click("#send")
             page.wait_for_function("document.getElementById('fig-status').textContent === 'done'",
                                    timeout=60_000)
             answer = page.inner_text(".msg.assistant")
+            # Issue 21, item 12: the turn's figures line is scrolled into view, not under the input box.
+            hidden_px = page.evaluate(
+                "document.querySelector('.msg.assistant .figs').getBoundingClientRect().bottom"
+                " - document.getElementById('messages').getBoundingClientRect().bottom")
             draft = page.locator(".msg.assistant span.draft").count()
             target = page.locator(".msg.assistant span.target").count()
             figures = {name: page.inner_text(f"#fig-{name}") for name in ("tokens", "rounds", "acceptance")}
@@ -352,8 +518,41 @@ def test_web_page_streams_an_answer_with_figures_in_headless_chromium(served: Se
         model=MODEL, messages=[{"role": "user", "content": "a stack class"}], max_tokens=48, temperature=0)
     assert answer.startswith(expected.choices[0].message.content)
     assert target >= 1 and draft >= 1
+    assert hidden_px <= 0, f"the figures line is {hidden_px} px below the messages' visible area"
     assert figures["tokens"] == "48" and int(figures["rounds"]) >= 1 and figures["acceptance"].endswith("%")
     assert shot.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- start-up and stop
+
+
+def test_serve_on_a_busy_port_fails_at_once_with_a_usage_error() -> None:
+    """Issue 21, item 5: the port is checked before Redis and models; no URL printed as if listening."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "specd", "serve", "--port", str(port)],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr, run.stderr
+    assert "http://" not in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 2, run.stderr
+
+
+def test_serve_exits_130_on_ctrl_c(tmp_path) -> None:
+    """Issue 21, item 12: SIGINT is an interruption (130, the exit-code table); SIGTERM, a service
+    manager's orderly stop, stays 0 (the served fixture checks that)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "specd", "serve", "--port", str(port)], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", [server])
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- specd chat

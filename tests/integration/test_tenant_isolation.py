@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from honest import signed_open
 from redis.exceptions import NoPermissionError, ResponseError
 
 from broker.acl import edge_rule, ops_rule, verifier_rule
@@ -112,7 +113,7 @@ def an_open(sid: str, tenant: str, fingerprint: str) -> bytes:
             "draft",
             fingerprint,
             tenant=tenant,
-            verdict_key=b"k" * 32,
+            nonce=b"k" * 32,
         )
     )
 
@@ -158,11 +159,11 @@ async def test_finding2_the_tenant_comes_from_the_stream_not_the_message(acl_red
         stream = f"{PREFIX}:opens:{{evil}}"
         try:
             for i in range(4):  # claiming acme's name on its own stream: refused, never counted
-                await evil.xadd(stream, {FIELD: an_open(f"evil.claim{i}", "acme", verifier.fingerprint)})
+                await evil.xadd(stream, signed_open(an_open(f"evil.claim{i}", "acme", verifier.fingerprint)))
             for i in range(4):  # acme's id space on evil's stream: dropped unanswered
-                await evil.xadd(stream, {FIELD: an_open(f"acme.fake{i}", "acme", verifier.fingerprint)})
+                await evil.xadd(stream, signed_open(an_open(f"acme.fake{i}", "acme", verifier.fingerprint)))
             for i in range(4):  # honest opens over its limit of 1: one admitted, three refused
-                await evil.xadd(stream, {FIELD: an_open(f"evil.s{i}", "evil", verifier.fingerprint)})
+                await evil.xadd(stream, signed_open(an_open(f"evil.s{i}", "evil", verifier.fingerprint)))
             refusals = await wait_for_refusals(
                 evil, [f"evil.claim{i}" for i in range(4)] + [f"evil.s{i}" for i in range(4)], expected=7
             )

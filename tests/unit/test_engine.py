@@ -204,3 +204,49 @@ def test_mixed_batch_matches_the_per_session_reference_past_2048_tokens() -> Non
             accepted += outcome.accepted
     assert accepted > 0  # sampled rows accepted some drafts: the acceptance tests ran both ways
     assert engine.arena.used_tokens < 16384 and engine.arena.preemptions == 0
+
+
+def test_logprobs_of_speculative_rounds_equal_a_plain_forward(target, engine, draft) -> None:
+    """Greedy speculation with logprobs: each committed token's figures come from the pass that
+    committed it and equal the target's own log-softmax over the whole sequence."""
+    from verifier_worker.engine import VerifyOutcome
+
+    prompts = [target.tokenizer.encode(p) for p in PROMPTS[:3]]
+    opens = [SessionOpen(f"s{i}", np.asarray(p, np.uint32), SamplingSpec(max_new_tokens=20), "d", "",
+                         logprobs=top) for i, (p, top) in enumerate(zip(prompts, [3, 0, None], strict=True))]
+    sessions = [VerifierSession.from_open(o) for o in opens]
+    states = [draft.new_state() for _ in sessions]
+    seen: list[list[VerifyOutcome]] = [[] for _ in sessions]
+    while live := [i for i, s in enumerate(sessions) if not s.finished]:
+        pendings = []
+        for i in live:
+            s = sessions[i]
+            proposal = draft.propose(states[i], s.context, min(4, s.max_new_tokens - s.generated - 1),
+                                     s.params, s.next_seq, s.stop_token_ids, 64)
+            ids, sizes, sup_ids, sup_probs = proposal.wire_arrays()
+            pendings.append(PendingDraft("0-0", DraftBatch(s.session_id, s.next_seq, len(s.context),
+                                                           ids, sizes, sup_ids, sup_probs), 0.0))
+        outcomes = engine.verify([sessions[i].request(p) for i, p in zip(live, pendings, strict=True)])
+        for i, pending, outcome in zip(live, pendings, outcomes, strict=True):
+            sessions[i].commit(pending.draft, outcome)
+            seen[i].append(outcome)
+    for session, outcomes, prompt, top in zip(sessions, seen, prompts, [3, 0, None], strict=True):
+        session.kv.clear()
+        if top is None:
+            assert all(o.logprobs is None for o in outcomes)
+            continue
+        chosen = np.concatenate([o.logprobs.chosen for o in outcomes])
+        top_ids = np.concatenate([o.logprobs.top_ids for o in outcomes])
+        generated = session.context[len(prompt):]
+        with torch.no_grad():
+            logits = target.model(torch.tensor([session.context])).logits[0, len(prompt) - 1:-1]
+        reference = torch.log_softmax(logits.float(), dim=-1)
+        assert len(chosen) == len(generated) == 20 and top_ids.shape == (20, top)
+        expected = reference.gather(1, torch.tensor(generated).unsqueeze(1)).squeeze(1).numpy()
+        np.testing.assert_allclose(chosen, expected, atol=1e-4)
+        if top:
+            assert top_ids[:, 0].tolist() == generated  # greedy: the chosen token is the most likely
+            picked = reference.gather(1, torch.from_numpy(top_ids.astype(np.int64)))
+            np.testing.assert_allclose(np.concatenate([o.logprobs.top_logprobs for o in outcomes]),
+                                       picked.numpy(), atol=1e-4)
+            assert bool((picked[:, -1] >= reference.topk(top).values[:, -1] - 1e-4).all())

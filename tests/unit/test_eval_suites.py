@@ -56,7 +56,7 @@ def test_cnndm_and_humaneval_and_plain_jsonl(tmp_path: Path) -> None:
 
 
 def test_unreadable_files_and_duplicate_ids_are_suite_errors(tmp_path: Path) -> None:
-    with pytest.raises(SuiteError, match="cannot read"):
+    with pytest.raises(SuiteError, match="no such file"):
         read_suite("specbench", tmp_path / "missing.jsonl")
     dup = write_jsonl(tmp_path / "d.jsonl", [{"question_id": 1, "turns": ["a"]}] * 2)
     with pytest.raises(SuiteError, match="appears twice"):
@@ -129,3 +129,39 @@ def test_a_context_too_long_keeps_its_head_and_tail() -> None:
     conversation = Conversation(_Tokenizer(), context_limit=116, max_new_tokens=16)  # budget 100
     ids, dropped = conversation.fit(list(range(250)))
     assert len(ids) == 100 and dropped == 150 and ids[:25] == list(range(25)) and ids[-1] == 249
+
+
+def test_a_data_file_not_in_utf8_is_a_usage_error_of_one_line(tmp_path: Path, capsys) -> None:
+    """Issue 21, item 4: the clean exit-2 message edge and loadtest give, not an internal error."""
+    from specd.cli import main
+
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(SuiteError, match="not UTF-8"):
+        read_suite("jsonl", data)
+    assert main(["eval", "--suite", "jsonl", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("specd eval: data file") and "not UTF-8 text (byte 0xe9" in err, err
+    assert len(err.splitlines()) == 1 and "internal error" not in err
+
+
+def _refuse(*_args, **_kwargs):
+    raise AssertionError("ran before the inputs were checked")
+
+
+def test_eval_checks_plotting_and_model_paths_before_running(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Issue 21, item 12: `--plot` without matplotlib and `--draft-model ./nope` fail at once
+    (exit 2, one line), not after the whole suite ran or the target loaded."""
+    import sys
+
+    from specd.cli import main
+    from specd.eval import cli as eval_cli
+
+    data = write_jsonl(tmp_path / "q.jsonl", [{"text": "def f():"}])
+    monkeypatch.setattr(eval_cli, "_evaluate", _refuse)
+    argv = ["eval", "--suite", "jsonl", "--data", str(data), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--draft-model", "./nope"]) == 2
+    assert capsys.readouterr().err.strip() == "specd eval: model folder ./nope does not exist"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main([*argv, "--plot", str(tmp_path / "plots")]) == 2
+    assert "--plot needs matplotlib: pip install" in capsys.readouterr().err

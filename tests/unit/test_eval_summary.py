@@ -116,3 +116,29 @@ def test_suite_quality_per_mode() -> None:
     code = [{"question_id": "1", "target": {"passed": True}, "draft": {"passed": False},
              "speculative": [{"gamma": 4, "passed": True}]}]
     assert suite_quality(code, "humaneval")["draft"] == {"pass@1": 0.0, "passed": 0, "n": 1}
+
+
+def test_latency_and_throughput_are_named_and_do_not_contradict(tmp_path) -> None:
+    """Issue 21, item 9: at concurrency 8 every category read "slower" beside a suite throughput of
+    1.60x. Both figures stay; each says what it measures, the throughput first."""
+    import io
+
+    from specd.eval.plots import latency_label, write_charts
+    from specd.eval.summary import print_table
+
+    run = {"concurrency": 8, "throughput_speedup": {"speculative@2": 1.6, "speculative@4": 1.5}}
+    summary = summarize(_records(), "specbench", run=run)
+    basis = summary["speedup_basis"]
+    assert "per-question latency" in basis and "8 sessions at once" in basis
+    table = io.StringIO()
+    print_table(summary, table)
+    text = table.getvalue()
+    for word in ("slower", "marginal", "beneficial"):  # a label is always the latency's
+        assert text.count(word) == text.count(f"latency {word}"), text
+    lines = text.splitlines()
+    throughput = next(i for i, line in enumerate(lines) if line.startswith("suite throughput speculative@2"))
+    latency = next(i for i, line in enumerate(lines) if line.startswith("per-question latency speculative@2"))
+    assert throughput < latency and "1.60x" in lines[throughput] and "8 at once" in lines[latency]
+    assert latency_label(summary) == "per-question latency speedup (8 at once)"
+    pytest.importorskip("matplotlib")
+    assert {p.name for p in write_charts(summary, tmp_path)} >= {"speedup.png", "acceptance.png"}

@@ -16,6 +16,7 @@ from pathlib import Path
 import fakeredis
 import numpy as np
 import pytest
+from honest import HonestBroker
 
 from broker.reach import RedisUnavailable, ensure_reachable, redacted
 from broker.streams import Broker, connect
@@ -218,6 +219,20 @@ def test_a_missing_model_folder_says_so(capsys) -> None:
     assert code == 2 and err == "specd generate: model folder /nonexistent/model does not exist\n"
 
 
+def test_a_missing_draft_folder_fails_before_redis_or_the_target_start(capsys, monkeypatch) -> None:
+    """Issue 21, item 12: `generate --draft-model ./nope` used to start a Redis, load the target,
+    and only then fail; the names are checked first."""
+    from specd import generate
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("started before the model names were checked")
+
+    monkeypatch.setattr(generate, "EmbeddedRedis", refuse)
+    monkeypatch.setattr(generate, "build_verifier", refuse)
+    assert cli.main(["generate", "--prompt", "x", "--draft-model", "./nope"]) == 2
+    assert capsys.readouterr().err == "specd generate: model folder ./nope does not exist\n"
+
+
 def test_a_folder_without_a_model_says_so(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a model folder"):
         resolve_model_path(str(tmp_path))
@@ -292,7 +307,7 @@ async def test_verifier_refuses_an_over_long_prompt_with_a_typed_error(tiny_pair
     from verifier_worker.worker import VerifierWorker
 
     target = load_causal_lm(tiny_pair["target"])
-    broker = Broker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="t")
+    broker = HonestBroker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="t")
     worker = VerifierWorker(Settings(verifier={"idle_block_ms": 1}, pool={"kv_budget_tokens": 4096}),
                             TargetEngine(target.model, target.vocab_size, 4096), broker, "tiny",
                             target.fingerprint, worker_id="w1")
@@ -351,3 +366,42 @@ def test_cached_forward_uses_the_current_transformers_argument(tiny_pair) -> Non
         out, cache = forward_with_cache(model, None, input_ids=torch.tensor([[1, 2, 3]]))
         out2, cache = forward_with_cache(model, cache, input_ids=torch.tensor([[4]]))
     assert cache.get_seq_length() == 4 and out2.logits.shape[1] == 1 and out.logits.shape[1] == 3
+
+
+async def test_a_failed_edge_session_line_names_its_session_and_its_code_once(capsys) -> None:
+    """Issue 21, item 10: `[] error internal: internal: ...` became `[a1b2c3d4] error internal: ...`."""
+    from types import SimpleNamespace
+
+    from edge_worker.client import SessionFailed
+    from specd.workers import PromptJob, _printer, run_edge_jobs
+
+    class FailingClient:
+        backend = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: [1, 2]), eos_token_ids=[0])
+
+        def session_id(self) -> str:
+            return "default.a1b2c3d4e5f6"
+
+        async def generate(self, *_args: object) -> None:
+            raise SessionFailed(ErrorCode.INTERNAL, "no verdict for seq 0 within 60.0s")
+
+    results = await run_edge_jobs(Settings(), FailingClient(), [PromptJob("x")], _printer(False))  # type: ignore[arg-type]
+    assert results == [None]
+    assert capsys.readouterr().out == "[a1b2c3d4] error internal: no verdict for seq 0 within 60.0s\n"
+
+
+def test_one_thread_policy_for_every_generate_mode(monkeypatch) -> None:
+    """Issue 21, item 8: 0 (the default) is one torch thread in every mode, --torch-threads N is N."""
+    from specd import generate
+
+    applied: list[int] = []
+    monkeypatch.setattr(generate, "set_torch_threads", applied.append)
+    assert generate.thread_policy(load_settings({})) == 1
+    assert generate.thread_policy(load_settings({"models": {"torch_threads": 3}})) == 3
+    assert applied == [1, 3]
+
+
+def test_gamma_zero_is_refused_with_what_to_do_instead(capsys) -> None:
+    """Issue 21, item 12: `--gamma 0` ran a "speculative" session that never drafted."""
+    assert cli.main(["generate", "--prompt", "x", "--gamma", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "edge.gamma: must be at least 1" in err and "--mode target" in err and "(from --gamma)" in err

@@ -16,11 +16,12 @@ from typing import Any
 import fakeredis
 import numpy as np
 import pytest
+from honest import HonestBroker, entry_tag
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fuzz_wire import SCHEMAS, corrupt, draft_arrays, msgpack_values
 
-from broker.streams import Broker, Entry
+from broker.streams import Entry
 from common.models import load_causal_lm
 from common.sampling import SamplingParams
 from common.settings import Settings
@@ -81,8 +82,10 @@ class Harness:
         self.good_seq, self.good_done, self.last_verdict = 0, False, "0-0"
 
     def entry(self, stream: str, payload: bytes | None) -> Entry:
+        """Signed as the session's edge would (tests/honest.py): the hostile contents reach the decoder."""
         self.ids += 1
-        return Entry(stream, f"{self.ids}-0", payload)
+        tag = entry_tag(self.worker.broker.keys, stream, payload)
+        return Entry(stream, f"{self.ids}-0", payload, mac=tag)
 
     async def ensure_fuzz_sessions(self) -> None:
         keys = self.worker.broker.keys
@@ -136,13 +139,14 @@ class Harness:
 
 
 async def test_verifier_survives_hostile_traffic_beside_a_good_session(target) -> None:
-    broker = Broker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="fz")
+    broker = HonestBroker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="fz")
     worker = VerifierWorker(Settings(verifier={"idle_block_ms": 1}), TargetEngine(target.model,
                             target.vocab_size), broker, "tiny", target.fingerprint, worker_id="wf")
     await worker.startup()
     good_tokens = 40
     opens = broker.keys.opens("default")
-    await worker._dispatch(Entry(opens, "0-1", open_payload(GOOD, target, 0.0, good_tokens)))
+    good_open = open_payload(GOOD, target, 0.0, good_tokens)
+    await worker._dispatch(Entry(opens, "0-1", good_open, mac=entry_tag(broker.keys, opens, good_open)))
     harness = Harness(worker, target)
     await harness.ensure_fuzz_sessions()
     corpora = {schema: hostile_corpus(schema, PER_SCHEMA) for schema in sorted(SCHEMAS)}

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.wire import (
+    SCHEMA_VERSION,
     DraftBatch,
     ErrorCode,
     ErrorMessage,
@@ -232,7 +233,7 @@ def test_hostile_payloads_raise_only_wire_error(schema: str) -> None:
 
 
 def test_size_limits_are_enforced_before_any_array_work() -> None:
-    huge = {"v": 1, "t": "draft", "sid": "s", "tokens": b"\x00" * 4 * (LIMITS.max_gamma + 1)}
+    huge = {"v": SCHEMA_VERSION, "t": "draft", "sid": "s", "tokens": b"\x00" * 4 * (LIMITS.max_gamma + 1)}
     with pytest.raises(WireError) as info:
         decode(msgpack.packb(huge), LIMITS)
     assert info.value.code is ErrorCode.LIMIT_EXCEEDED

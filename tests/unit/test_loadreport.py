@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from specd.loadreport import PointData, percentiles, summarise_point
+import pytest
+
+from specd.loadreport import PointData, percentiles, summarise_point, write_plots
 from specd.loadtest import LoadTestOptions, _plan, split
 from specd.prompts import read_prompts
 
@@ -46,3 +48,12 @@ def test_prompts_from_every_format(tmp_path) -> None:
     (tmp_path / "b.json").write_text('[{"prompt": "def f():"}, {"prompt": "def g():"}]')
     assert read_prompts(tmp_path / "a.jsonl") == ["q1", "t", "plain line"]
     assert read_prompts(tmp_path / "b.json") == ["def f():", "def g():"]
+
+
+def test_no_verifier_chart_without_verifier_figures(tmp_path) -> None:
+    """Issue 21, item 12: `loadtest --no-verifiers` has no verifier figures: no empty batch chart."""
+    pytest.importorskip("matplotlib")
+    point = PointData(sessions=1, gamma=4, edges=1, verifiers=0, wall_s=1.0,
+                      results=[result("a", [10.0, 12.0])], tokens={"a": [(0.0, [1]), (0.1, [2, 3])]})
+    written = write_plots([summarise_point(point)], tmp_path)
+    assert sorted(p.name for p in written) == ["acceptance.png", "latency.png", "throughput.png"]

@@ -152,3 +152,27 @@ def test_cli_filters_files_as_json_lines(tmp_path: Path, capsys: pytest.CaptureF
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["logs", "session", "missing", "--file", str(path)]) == 1
     assert main(["logs", "--file", str(path), "--since", "whenever"]) == 2
+
+
+def test_the_short_ids_edge_and_demo_print_find_their_session(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21, item 11: `[a1b2c3d4]` (short_session_id drops `default.`) is accepted as printed."""
+    from broker.streams import short_session_id
+
+    sid = "default.a1b2c3d4e5f60718"
+    path = _write(tmp_path / "v.log", session_lines(sid, "default") + session_lines("acme.a1b2ffff", "acme"))
+    short = short_session_id(sid)
+    assert short == "a1b2c3d4"
+    assert main(["logs", "session", short, "--file", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["session_id"] == sid
+    assert main(["logs", "--file", str(path), "--session", "a1b2", "--json"]) == 0
+    assert {json.loads(line)["session_id"] for line in capsys.readouterr().out.splitlines()} == {sid}
+
+
+def test_an_empty_log_stream_says_why_and_how(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21, item 11: streaming is off by default; an empty stream is not a silent exit 0."""
+    request = LogsRequest(files=[], filters=Filters(), json_mode=True)
+    assert run_logs(request, lambda: fakeredis.aioredis.FakeRedis(), "specd:logs", out=io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert "the log stream specd:logs is empty" in err and "SPECD_LOG__REDIS_STREAM=true" in err
+    assert "--file" in err and len(err.strip().splitlines()) == 1

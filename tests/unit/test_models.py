@@ -44,3 +44,35 @@ def test_tokenizer_mismatch_names_both_models(tiny_pair, tmp_path) -> None:
     with pytest.raises(TokenizerMismatchError) as info:
         check_tokenizers_compatible(load_causal_lm(str(other)), target)
     assert str(other) in str(info.value) and tiny_pair["target"] in str(info.value)
+
+
+def test_an_unreachable_hub_fails_at_once_or_uses_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21, item 12: a hub id on an offline machine retried for ~56 s, each warning twice."""
+    import time
+
+    from huggingface_hub import constants
+
+    import common.models as models
+    from specd import cli
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")  # refused at once, network or not
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("specd.cli.configure_logging", lambda *args, **kwargs: None)
+    models._hub_unreachable.cache_clear()
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"'some-org/some-model'.*not in the local cache"):
+        models.hub_options("some-org/some-model")
+    assert cli.main(["generate", "--mode", "target", "--target-model", "some-org/some-model",
+                     "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - started < 20 and len(err.strip().splitlines()) == 1, err
+    assert "download it once with network access" in err
+    snapshot = tmp_path / "models--some-org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--some-org--cached" / "refs").mkdir()
+    (tmp_path / "models--some-org--cached" / "refs" / "main").write_text("abc123")
+    assert models.hub_options("some-org/cached") == {"local_files_only": True}
+    models._hub_unreachable.cache_clear()

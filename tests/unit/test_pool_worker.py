@@ -11,6 +11,7 @@ import asyncio
 import fakeredis
 import numpy as np
 import pytest
+from honest import HonestBroker
 
 from broker.streams import Broker
 from common.models import load_causal_lm
@@ -51,7 +52,7 @@ async def make_worker(target, server):
     brokers = []
 
     async def make(worker_id: str, **sections) -> VerifierWorker:
-        broker = Broker(fakeredis.FakeAsyncRedis(server=server), prefix="p")
+        broker = HonestBroker(fakeredis.FakeAsyncRedis(server=server), prefix="p")
         brokers.append(broker)
         settings = Settings(verifier={"idle_block_ms": 1}, **sections)
         worker = VerifierWorker(settings, TargetEngine(target.model, target.vocab_size), broker, "tiny",

@@ -3,6 +3,7 @@ stand-in runner (admission, auth, errors), plus the pool check against an unreac
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,8 +12,9 @@ import httpx2 as httpx
 import pytest
 
 from specd.serve import errors
-from specd.serve.app import ServeContext, create_app
+from specd.serve.app import create_app
 from specd.serve.auth import KeyRing
+from specd.serve.context import ServeContext
 from specd.serve.responses import ChunkWriter
 from specd.serve.runner import Finished, Round, SessionRunner
 from specd.serve.schemas import Defaults, build_generation
@@ -114,7 +116,11 @@ def test_valid_requests_take_server_defaults() -> None:
     ("completion", {"model": "m", "prompt": "a", "temperature": -1}, 400, "temperature", None),
     ("completion", {"model": "m", "prompt": "a", "seed": -3}, 400, "seed", None),
     ("completion", {"model": "m", "prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty", None),
-    ("completion", {"model": "m", "prompt": "a", "logprobs": 2}, 400, "logprobs", None),
+    ("completion", {"model": "m", "prompt": "a", "logprobs": 21}, 400, "logprobs", None),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, 400,
+     "top_logprobs", None),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "a"}], "logprobs": True,
+              "top_logprobs": 21}, 400, "top_logprobs", None),
     ("completion", {"model": "m", "prompt": "a", "stop": [""]}, 400, "stop", None),
     ("completion", {"model": "m", "prompt": ""}, 400, "prompt", None),
     ("completion", {"model": "m", "prompt": [1, -2]}, 400, "prompt", None),
@@ -165,13 +171,14 @@ def test_chat_chunks_follow_openai_and_end_with_done() -> None:
 class StubRunner(SessionRunner):
     """The real admission, a pool check and session that never touch Redis or a model."""
 
-    def __init__(self, max_concurrent: int) -> None:
+    def __init__(self, max_concurrent: int, queue_size: int = 0) -> None:
+        from specd.serve.admission import Admission
         from specd.serve.metrics import ServeMetrics
 
         self.tokenizer = CharTokenizer()
         self.max_concurrent = max_concurrent
         self.metrics = ServeMetrics()
-        self.active = 0
+        self.admission = Admission(max_concurrent, queue_size, 60.0, self.metrics)
         self.pool_error: errors.APIError | None = None
 
     async def check_pool(self) -> None:
@@ -194,7 +201,7 @@ BODY = {"model": "m", "prompt": "ab"}
 async def test_over_max_concurrent_gets_429_and_a_free_slot_serves_again() -> None:
     runner = StubRunner(max_concurrent=1)
     async with client_for(runner) as client:
-        release = runner.acquire()  # one request in flight
+        release = await runner.acquire()  # one request in flight
         busy = await client.post("/v1/completions", json=BODY)
         assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
         assert busy.headers["retry-after"] == "1"
@@ -246,3 +253,123 @@ async def test_pool_check_against_an_unreachable_redis_is_a_prompt_503() -> None
         await runner.check_pool()
     await broker.close()
     assert caught.value.status == 503 and "unreachable" in caught.value.message
+
+
+# --------------------------------------------------------------------------- the request queue
+
+
+def _admission(limit: int, queue_size: int, timeout_s: float = 60.0) -> Any:
+    from specd.serve.admission import Admission
+    from specd.serve.metrics import ServeMetrics
+
+    return Admission(limit, queue_size, timeout_s, ServeMetrics())
+
+
+async def _queued(admission: Any, count: int) -> None:
+    """Until ``count`` requests wait (each waiter enqueues itself on its first step)."""
+    while admission.waiting < count:
+        await asyncio.sleep(0)
+
+
+async def test_queue_admits_in_arrival_order_and_refuses_past_its_size() -> None:
+    admission = _admission(limit=1, queue_size=2)
+    first = await admission.acquire()
+    order: list[str] = []
+
+    async def request(name: str) -> None:
+        release = await admission.acquire()
+        order.append(name)
+        release()
+
+    waiters = [asyncio.create_task(request("b"))]
+    await _queued(admission, 1)
+    waiters.append(asyncio.create_task(request("c")))
+    await _queued(admission, 2)
+    with pytest.raises(errors.APIError) as full:
+        await admission.acquire()
+    assert full.value.status == 429 and full.value.code == "rate_limit_exceeded"
+    assert "serve.queue_size" in full.value.message
+    assert admission.metrics.queue_length._value.get() == 2
+    first()
+    first()  # idempotent: a second release frees nothing more
+    await asyncio.gather(*waiters)
+    assert order == ["b", "c"] and admission.running == 0 and admission.waiting == 0
+    assert admission.metrics.queue_rejected.labels("full")._value.get() == 1
+
+
+async def test_a_wait_past_the_queue_timeout_is_429_and_leaves_the_queue() -> None:
+    admission = _admission(limit=1, queue_size=4, timeout_s=0.01)
+    hold = await admission.acquire()  # never released while the other waits
+    with pytest.raises(errors.APIError) as late:
+        await admission.acquire()
+    assert late.value.status == 429 and "serve.queue_timeout_s" in late.value.message
+    assert admission.waiting == 0 and admission.metrics.queue_rejected.labels("timeout")._value.get() == 1
+    hold()
+    assert admission.running == 0
+
+
+async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
+    admission = _admission(limit=1, queue_size=4)
+    hold = await admission.acquire()
+    gone = asyncio.create_task(admission.acquire())
+    await _queued(admission, 1)
+    after = asyncio.create_task(admission.acquire())
+    await _queued(admission, 2)
+    hold()  # the slot goes to ``gone``, which is cancelled before it runs: it must reach ``after``
+    gone.cancel()
+    release = await after
+    assert gone.cancelled() and admission.running == 1 and admission.waiting == 0
+    release()
+    assert admission.running == 0
+
+
+async def test_app_queues_past_max_concurrent_instead_of_refusing() -> None:
+    runner = StubRunner(max_concurrent=1, queue_size=1)
+    async with client_for(runner) as client:
+        release = await runner.acquire()
+        queued = asyncio.create_task(client.post("/v1/completions", json=BODY))
+        await _queued(runner.admission, 1)
+        assert (await client.get("/health")).json()["queued"] == 1
+        refused = await client.post("/v1/completions", json=BODY)
+        assert refused.status_code == 429
+        release()
+        served = await queued
+        assert served.status_code == 200 and served.json()["choices"][0]["text"] == "ab"
+        metrics = (await client.get("/metrics")).text
+        assert "specd_serve_queue_length 0.0" in metrics
+        assert "specd_serve_queue_wait_seconds_count 2.0" in metrics
+
+
+def test_tokens_are_released_with_their_text() -> None:
+    stream = TextStream(CharTokenizer(), stops=("end",))
+    first = stream.push(ids("ab e"), accepted=3)  # "e" held back: its round's tokens wait too
+    assert (first.text, first.tokens) == ("ab ", 0)
+    second = stream.push(ids("x"), accepted=0)
+    assert (second.text, second.tokens) == ("ex", 5)
+    third = stream.push(ids("yzen"), accepted=3)  # "en" may become "end"
+    assert (third.text, third.tokens) == ("yz", 0)
+    cut = stream.push(ids("dq"), accepted=1)  # the stop: tokens that start before it are released
+    assert (cut.text, cut.tokens, stream.released) == ("", 2, 7)
+    tail = TextStream(CharTokenizer())
+    tail.push(ids("ab"), accepted=1)
+    assert tail.finish().tokens == 0 and tail.released == 2
+
+
+def test_logprobs_take_openai_shapes() -> None:
+    from edge_worker.client import TokenLogprob
+    from specd.serve.logprobs import LogprobFormat
+
+    entries = [TokenLogprob(0, -0.5, ((0, -0.5), (1, -1.5))), TokenLogprob(2, -2.0, ((1, -0.25), (0, -1.0)))]
+    completion = LogprobFormat(CharTokenizer()).completion(entries)
+    assert completion == {"tokens": ["a", "c"], "token_logprobs": [-0.5, -2.0], "text_offset": [0, 1],
+                          "top_logprobs": [{"a": -0.5, "b": -1.5}, {"b": -0.25, "a": -1.0, "c": -2.0}]}
+    chat = LogprobFormat(CharTokenizer(), as_ids=True).chat(entries[:1])
+    assert chat == {"refusal": None, "content": [{
+        "token": "token_id:0", "logprob": -0.5, "bytes": list(b"token_id:0"),
+        "top_logprobs": [{"token": "token_id:0", "logprob": -0.5, "bytes": list(b"token_id:0")},
+                         {"token": "token_id:1", "logprob": -1.5, "bytes": list(b"token_id:1")}]}]}
+    generation = build_generation("chat", {"model": "m", "messages": [{"role": "user", "content": "a"}],
+                                           "logprobs": True}, DEFAULTS, CharTokenizer())
+    assert generation.logprobs == 0
+    plain = build_generation("completion", {"model": "m", "prompt": "a"}, DEFAULTS, CharTokenizer())
+    assert plain.logprobs is None

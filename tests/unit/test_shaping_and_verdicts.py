@@ -12,6 +12,7 @@ import pytest
 
 from broker.shaping import ShapedBroker
 from broker.streams import FIELD, Broker, RoundResult, mac
+from common.integrity import ContextDigest, u32
 from common.wire import ErrorCode, ErrorMessage, SamplingSpec, Verdict, encode
 from edge_worker.client import EdgeClient, EdgeConfig, SessionFailed, _EdgeSession
 from edge_worker.verdicts import MultiplexedBroker, id_after
@@ -85,6 +86,8 @@ async def test_multiplexed_read_times_out_empty_and_buffers_late_entries(broker)
 
 
 class _NoDraft:
+    model_name = "none"  # named in the edge's per-drafter round metrics
+
     def new_state(self) -> None:
         return None
 
@@ -121,6 +124,12 @@ async def test_edge_waits_through_rate_limit_notices_and_drafts_shorter(broker) 
     assert info.value.code is ErrorCode.TENANT_LIMIT
 
 
+def _verdict(seq: int, accepted: int, token: int, context: list[int]) -> Verdict:
+    """A verdict as a verifier writes it: with the digest of the context it commits."""
+    digest = ContextDigest(u32(context)).digest()
+    return Verdict("s", seq, accepted, token, len(context), context_digest=digest)
+
+
 async def test_edge_rewinds_to_the_committed_state_and_never_repeats_emitted_tokens(broker) -> None:
     """An out_of_order notice with a shorter committed context (Redis lost rounds) rewinds the edge."""
     emitted: list[int] = []
@@ -128,17 +137,17 @@ async def test_edge_rewinds_to_the_committed_state_and_never_repeats_emitted_tok
     session = _EdgeSession(
         client, [1, 2, 3], SamplingSpec(max_new_tokens=10), lambda _s, t: emitted.extend(t), "s"
     )
-    session._accept([7, 8], Verdict("s", 0, 2, 9, 6), 0.0, 1.0)
+    session._accept([7, 8], _verdict(0, 2, 9, [1, 2, 3, 7, 8, 9]), 0.0, 1.0)
     session.seq = 1
-    session._accept([4], Verdict("s", 1, 1, 5, 8), 0.0, 1.0)
+    session._accept([4], _verdict(1, 1, 5, [1, 2, 3, 7, 8, 9, 4, 5]), 0.0, 1.0)
     session.seq = 2
     assert session.context == [1, 2, 3, 7, 8, 9, 4, 5] and emitted == [7, 8, 9, 4, 5]
     payload = encode(ErrorMessage("s", ErrorCode.OUT_OF_ORDER, "behind", seq=1, fatal=False, committed=6))
     await broker.publish_round([RoundResult("s", payload, [], mac=mac(session.key, payload))])
     assert await session._await_verdict(2) is None
     assert session.context == [1, 2, 3, 7, 8, 9] and session.seq == 1 and session.result.rewinds == 1
-    session._accept([4], Verdict("s", 1, 1, 5, 8), 0.0, 1.0)  # the redo gives the same tokens ...
+    session._accept([4], _verdict(1, 1, 5, [1, 2, 3, 7, 8, 9, 4, 5]), 0.0, 1.0)  # the same tokens ...
     assert emitted == [7, 8, 9, 4, 5]  # ... which are not handed out twice
     session.seq = 2
-    session._accept([6], Verdict("s", 2, 0, 2, 9), 0.0, 1.0)
+    session._accept([6], _verdict(2, 0, 2, [1, 2, 3, 7, 8, 9, 4, 5, 2]), 0.0, 1.0)
     assert emitted == [7, 8, 9, 4, 5, 2]

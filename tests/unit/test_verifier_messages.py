@@ -6,8 +6,8 @@ import fakeredis
 import msgpack
 import numpy as np
 import pytest
+from honest import HonestBroker
 
-from broker.streams import Broker
 from common.models import load_causal_lm
 from common.settings import Settings
 from common.wire import (
@@ -31,7 +31,7 @@ def target(tiny_pair):
 
 @pytest.fixture
 async def worker(target):
-    broker = Broker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="t")
+    broker = HonestBroker(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix="t")
     w = VerifierWorker(Settings(verifier={"idle_block_ms": 1}),
                        TargetEngine(target.model, target.vocab_size), broker, "tiny", target.fingerprint,
                        worker_id="w1")
@@ -70,7 +70,7 @@ def _draft_with(field: str, value, sid: str = "bad", start: int = 2) -> bytes:
 
 @pytest.mark.parametrize("payload, code", [
     (b"\xc1\xc1 not msgpack", ErrorCode.MALFORMED),
-    (_draft_with("v", 2), ErrorCode.UNSUPPORTED_VERSION),
+    (_draft_with("v", 1), ErrorCode.UNSUPPORTED_VERSION),  # the schema before integrity
     (_draft_with("tokens", np.array([10**6], "<u4").tobytes()), ErrorCode.INVALID_TOKEN),
     (None, ErrorCode.INVALID_DISTRIBUTION),  # NaN probabilities, built below
 ])

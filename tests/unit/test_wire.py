@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common.wire import (
+    SCHEMA_VERSION,
     DraftBatch,
     ErrorCode,
     ErrorMessage,
@@ -63,8 +64,8 @@ def test_token_ids_travel_as_uint32_bytes() -> None:
     (b"\xc1not msgpack", ErrorCode.MALFORMED),
     (msgpack.packb([1, 2, 3]), ErrorCode.MALFORMED),
     (msgpack.packb({"v": 99, "t": "draft", "sid": "s1"}), ErrorCode.UNSUPPORTED_VERSION),
-    (msgpack.packb({"v": 1, "t": "nope", "sid": "s1"}), ErrorCode.MALFORMED),
-    (msgpack.packb({"v": 1, "t": "draft", "sid": "bad}id"}), ErrorCode.MALFORMED),
+    (msgpack.packb({"v": SCHEMA_VERSION, "t": "nope", "sid": "s1"}), ErrorCode.MALFORMED),
+    (msgpack.packb({"v": SCHEMA_VERSION, "t": "draft", "sid": "bad}id"}), ErrorCode.MALFORMED),
     (b"\x00" * (Limits().max_message_bytes + 1), ErrorCode.LIMIT_EXCEEDED),
 ])
 def test_structural_errors(payload: bytes, code: ErrorCode) -> None:
@@ -119,3 +120,51 @@ def test_peek_session_id_is_best_effort() -> None:
     assert peek_session_id(msgpack.packb({"v": 7, "sid": "abc"})) == "abc"
     assert peek_session_id(b"garbage") is None
     assert peek_session_id(msgpack.packb({"sid": "a b"})) is None
+
+
+def test_logprobs_travel_only_when_asked_and_round_trip() -> None:
+    from common.wire import TokenLogprobs
+
+    plain = SessionOpen("s1", np.array([1, 2], np.uint32), SamplingSpec(), "d", "fp")
+    assert "logprobs" not in _raw(plain) and decode(encode(plain), LIMITS).logprobs is None
+    asking = SessionOpen("s1", np.array([1, 2], np.uint32), SamplingSpec(), "d", "fp", logprobs=0)
+    assert decode(encode(asking), LIMITS).logprobs == 0
+    bare = Verdict("s1", 3, 1, 9, 13)
+    assert not {"lp", "lp_ids", "lp_top"} & set(_raw(bare)) and decode(encode(bare), LIMITS).logprobs is None
+    data = TokenLogprobs(np.array([-0.5, -1.25], np.float32), np.array([[4, 7], [9, 1]], np.uint32),
+                         np.array([[-0.5, -2.0], [-1.25, -1.5]], np.float32))
+    got = decode(encode(Verdict("s1", 3, 1, 9, 13, logprobs=data)), LIMITS).logprobs
+    assert got is not None and got.chosen.tolist() == [-0.5, -1.25]
+    assert got.top_ids.tolist() == [[4, 7], [9, 1]]
+    assert got.top_logprobs.tolist() == [[-0.5, -2.0], [-1.25, -1.5]]
+    none_top = TokenLogprobs(np.array([-0.5], np.float32), np.zeros((1, 0), np.uint32),
+                             np.zeros((1, 0), np.float32))
+    got = decode(encode(Verdict("s1", 3, 0, 9, 13, logprobs=none_top)), LIMITS).logprobs
+    assert got is not None and got.top_ids.shape == (1, 0) and got.head(1).chosen.tolist() == [-0.5]
+
+
+@pytest.mark.parametrize("changes", [
+    {"lp": np.array([np.nan], "<f4").tobytes()},  # not finite
+    {"lp_ids": np.array([1, 2, 3], "<u4").tobytes()},  # ids and values of different lengths
+    {"lp_ids": np.array([1000], "<u4").tobytes(), "lp_top": np.array([-1.0], "<f4").tobytes()},  # id
+    {"lp": b"\x00\x00\x80"},  # not float32
+    {"lp": np.zeros(18, "<f4").tobytes()},  # more rows than a round can commit (gamma 16 + 1)
+])
+def test_verdict_logprobs_are_validated(changes: dict) -> None:
+    body = _raw(Verdict("s1", 3, 1, 9, 13))
+    body.update({"lp": np.array([-0.5], "<f4").tobytes(), "lp_ids": np.array([4], "<u4").tobytes(),
+                 "lp_top": np.array([-0.5], "<f4").tobytes()})
+    assert decode(msgpack.packb(body), LIMITS).logprobs is not None  # the unchanged body is valid
+    body.update(changes)
+    with pytest.raises(WireError) as caught:
+        decode(msgpack.packb(body), LIMITS)
+    assert caught.value.code in (ErrorCode.MALFORMED, ErrorCode.INVALID_TOKEN)
+
+
+@pytest.mark.parametrize("value", [21, -1, 2.5, "5"])
+def test_open_logprobs_bounded_as_openai_top_logprobs(value) -> None:
+    body = _raw(SessionOpen("s1", np.array([1, 2], np.uint32), SamplingSpec(), "d", "fp"))
+    body["logprobs"] = value
+    with pytest.raises(WireError) as caught:
+        decode(msgpack.packb(body), LIMITS)
+    assert caught.value.code is ErrorCode.MALFORMED

@@ -103,6 +103,7 @@ class Turn {
     figs.textContent = `${f.tokens} tokens, ${f.rounds} target passes, acceptance ${acceptance}, ` +
       `${Number(f.tokens_per_round).toFixed(2)} tokens/round, ${Number(f.tokens_per_s).toFixed(1)} tok/s`;
     this.div.appendChild(figs);
+    this.div.scrollIntoView({ block: "end" });  // the figures line too, not left under the input box
   }
 }
 
