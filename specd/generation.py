@@ -121,10 +121,14 @@ def target_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str
     models = settings.models
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
                             cache_dir=settings.edge.cache_dir)
-    engine = TargetEngine(target.model, target.vocab_size)
     spec = sampling_spec(settings, target.eos_token_ids)
     prompt_ids = encode_prompt(target.tokenizer, prompt, chat)
     check_local_prompt(prompt_ids, spec.max_new_tokens, context_length(target.model.config), "models.target")
+    # One session: a KV arena of its own length (not a pool's budget), warmed on a throw-away
+    # prompt of the same length before the clock starts, so a fresh process runs at warm speed.
+    engine = TargetEngine(target.model, target.vocab_size,
+                          kv_budget_tokens=max(1024, 2 * (len(prompt_ids) + spec.max_new_tokens)))
+    engine.warm_up(prompt_tokens=len(prompt_ids), gamma=0)
     started = time.perf_counter()
     stops = frozenset(spec.stop_token_ids)
     tokens = generate_target_only(engine, prompt_ids, SamplingParams(

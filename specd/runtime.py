@@ -56,6 +56,7 @@ def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> V
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
                             cache_dir=settings.edge.cache_dir)
     engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
+    engine.warm_up(gamma=settings.edge.gamma)  # the first user's rounds run at warm speed
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
@@ -137,6 +138,7 @@ def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     if not settings.redis.verdict_secret:
         log.warning("edge.no_verdict_secret", risk=NO_SECRET_RISK)
     backend = build_draft_backend(settings)
+    backend.warm_up(gamma=settings.edge.gamma)  # kernels and allocator warm before a user's tokens
     context = backend_context(backend)
     check_fits_model(settings, context, "models.draft")
     return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings, context),
