@@ -126,7 +126,7 @@ class SpecdStack:
         self.loop.run_until_complete(self._open())
 
     async def _open(self) -> None:
-        from specd.generate import local_verifier, redis_url_for
+        from specd.generation import local_verifier, redis_url_for
 
         from specd.runtime import build_edge, open_broker
 
