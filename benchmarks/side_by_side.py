@@ -127,7 +127,6 @@ class SpecdStack:
 
     async def _open(self) -> None:
         from specd.generation import local_verifier, redis_url_for
-
         from specd.runtime import build_edge, open_broker
 
         url, _ = await self.stack.enter_async_context(redis_url_for(self.settings))
