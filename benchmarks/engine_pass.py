@@ -130,16 +130,46 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     with counter:
         one_pass(cfg["passes"] + 1)
     total, forward = statistics.median(totals), statistics.median(forwards)
+    plain = plain_forward_ms(model, batch, context, gamma, cfg["passes"]) if cfg.get("plain") else None
     return {**{k: cfg[k] for k in ("vocab", "batch", "context", "gamma", "mode")},
             "verify_ms": round(total * 1e3, 1), "forward_ms": round(forward * 1e3, 1),
-            "verify_over_forward": round(total / forward, 3), "ops_per_pass": counter.ops}
+            "verify_over_forward": round(total / forward, 3), "ops_per_pass": counter.ops,
+            **({"plain_forward_ms": round(plain, 1), "forward_over_plain": round(forward * 1e3 / plain, 3)}
+               if plain else {})}
+
+
+def plain_forward_ms(model: Any, batch: int, context: int, gamma: int, passes: int) -> float:
+    """The plain model's forward of the same tokens: ``batch`` rows of ``gamma + 1`` new tokens on
+    a transformers ``DynamicCache`` of ``context - 1`` positions per row (rectangular, contiguous:
+    what one padded batch of equal sessions costs without any paging), SDPA attention."""
+    from transformers import DynamicCache
+
+    config = model.config
+    kv_heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.randn(batch, kv_heads, context - 1, dim),
+                     torch.randn(batch, kv_heads, context - 1, dim), layer)
+    ids = torch.randint(2, config.vocab_size, (batch, gamma + 1))
+    positions = torch.arange(context - 1, context + gamma)[None].expand(batch, -1)
+    times = []
+    with torch.inference_mode():
+        for _ in range(passes + 1):
+            begin = time.perf_counter()
+            model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                  logits_to_keep=gamma + 1)
+            times.append(time.perf_counter() - begin)
+            excess = cache.get_seq_length() - (context - 1)
+            cache.crop(-excess)  # negative: tokens to drop (every transformers version)
+    return statistics.median(times[1:]) * 1e3
 
 
 def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     grid = itertools.product(args.vocabs.split(","), args.contexts.split(","), args.modes.split(","),
                              args.batches.split(","))
     return [{"vocab": int(v), "context": int(c), "mode": m, "batch": int(b), "gamma": args.gamma,
-             "hidden": args.hidden, "layers": args.layers, "passes": args.passes}
+             "hidden": args.hidden, "layers": args.layers, "passes": args.passes, "plain": args.plain}
             for v, c, m, b in grid]
 
 
@@ -167,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--compare", default="", help="an older checkout to run side by side")
+    parser.add_argument("--compare", default="", help="older checkouts to run side by side (comma-separated)")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time the plain model forward of the same tokens on a DynamicCache")
     parser.add_argument("--label", default="paged")
-    parser.add_argument("--old-label", default="before (extent arena, per-session loops)")
+    parser.add_argument("--old-label", default="before (extent arena, per-session loops)",
+                        help="their labels (comma-separated, in the same order)")
     parser.add_argument("--out", default=str(RESULTS / "engine_pass.json"))
     parser.add_argument("--key", default="real_scale", help="entry of the results file to write")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)
@@ -178,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_config(json.loads(args.one))), flush=True)
         return 0
     here = str(Path(__file__).resolve().parents[1])
-    trees = [(args.label, here)] + ([(args.old_label, str(Path(args.compare).resolve()))]
-                                    if args.compare else [])
+    olds = [t for t in args.compare.split(",") if t]
+    labels = args.old_label.split(",") if len(olds) > 1 else [args.old_label]
+    trees = [(args.label, here)] + [(label, str(Path(t).resolve()))
+                                    for label, t in zip(labels, olds, strict=True)]
     rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
     shape = (f"random-weight Llama: hidden {args.hidden}, {args.layers} layers, "
              f"{max(1, args.hidden // 64)} query / {max(1, args.hidden // 128)} KV heads, fp32, "

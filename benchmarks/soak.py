@@ -76,7 +76,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                               duration_s=args.duration, prompt_texts=prompts, verifiers=args.verifiers,
                               log_dir=log_dir, progress=not args.no_progress)
     (log_dir / "prompts.json").write_text(json.dumps(prompts))
-    from specd.generate import redis_url_for
+    from specd.generation import redis_url_for
 
     async with redis_url_for(settings) as (url, _embedded):
         env = child_env(settings, url)

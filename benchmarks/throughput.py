@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    "verifier": {"max_batch_sessions": 1}})
     rows.append(specd_point(one_at_a_time, "one-session-at-a-time verifier, 32 sessions (replay)", 32, texts,
                             32 * per_slot, log_dir, 2))
-    from specd.generate import redis_url_for
+    from specd.generation import redis_url_for
 
     async def rtt() -> dict[str, Any]:
         async with redis_url_for(settings) as (url, _):

@@ -21,7 +21,7 @@ from broker.streams import Keys
 VERIFIER_COMMANDS = (
     "+@connection -@dangerous +xreadgroup +xread +xadd +xack +xdel +xautoclaim +xpending +xgroup|create "
     "+xlen +xinfo|groups +xrange +get +set +del +exists +expire +pexpire +strlen +append +hset +hget "
-    "+hgetall "
+    "+hgetall +type +ttl "
     "+hdel +hmget +hexists +hincrby +zadd +zrem +zrangebyscore +zremrangebyscore +zcard +zscore +zrange "
     "+scan +multi +exec +discard +evalsha +eval +script|load +script|exists +time +ping +info +acl|whoami"
 )

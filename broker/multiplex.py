@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from broker.streams import Broker, Entry, _entries, with_backoff
 
 WAKE_FIELD = b"w"
@@ -101,10 +103,24 @@ class MultiplexedBroker(Broker):
                 reply = await with_backoff(
                     lambda: self.redis.xread(offsets, block=self.block_ms, count=64),  # noqa: B023
                     "read_verdicts")
+            except ResponseError as exc:  # one session's verdict key replaced: it fails, the rest read on
+                await self._fail_unreadable(list(offsets), exc)
+                continue
             finally:
                 self._reading = None
             self.reads += 1
             self._dispatch(_entries(reply))
+
+    async def _fail_unreadable(self, keys: list[Any], exc: ResponseError) -> None:
+        """Hand the error to the sessions whose verdict keys are not streams; every other session
+        keeps waiting. Without one to blame (e.g. an ACL refusal) every waiter gets the error."""
+        bad = set(await self.not_streams([k for k in keys if k != self.wake_key]))
+        for sid, tail in list(self._tails.items()):
+            if bad and self.keys.verdicts(sid) not in bad:
+                continue
+            del self._tails[sid]
+            if tail.waiter is not None and not tail.waiter.done():
+                tail.waiter.set_exception(exc)
 
     def _dispatch(self, entries: list[Entry]) -> None:
         per_session: dict[str, list[Entry]] = {}

@@ -32,7 +32,10 @@ import time
 from typing import Any
 
 from broker.cluster import run_scripts, slot_groups, text
-from broker.streams import FIELD, GROUP, MAC_FIELD, Broker, Entry
+from broker.streams import FIELD, GROUP, Broker, Entry, SessionDataError
+from common.logs import get_logger
+
+log = get_logger(__name__)
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -94,8 +97,39 @@ return {taken, wait}
 """
 
 
-ACQUIRE_LEASE = """
--- KEYS: lease, state; ARGV: worker, lease ms, session ttl. Returns the new epoch, 0 if not taken.
+SESSION_TYPES = ("string", "hash", "string", "hash", "stream", "stream")
+"""The types of a session's keys in ``PoolBroker.session_keys`` order: lease, state, tokens, meta,
+drafts, verdicts. An edge may create streams under its own sessions' keys (its ACL allows XADD
+there), so the scripts that read these keys check their types first."""
+
+_BAD_KEYS = """
+-- The session's keys (KEYS[1..6], SESSION_TYPES order) that exist with another type: deleted
+-- (quarantined: no verifier command ever reads them) and returned.
+local want = {'string', 'hash', 'string', 'hash', 'stream', 'stream'}
+local function bad_keys()
+  local bad = {}
+  for i = 1, 6 do
+    local kind = redis.call('TYPE', KEYS[i])['ok']
+    if kind ~= 'none' and kind ~= want[i] then
+      redis.call('DEL', KEYS[i])
+      bad[#bad + 1] = KEYS[i]
+    end
+  end
+  return bad
+end
+"""
+
+ACQUIRE_LEASE = _BAD_KEYS + """
+-- KEYS: lease, state, tokens, meta, drafts, verdicts; ARGV: worker, lease ms, session ttl.
+-- Returns the new epoch, 0 if not taken, or the keys of a wrong type (their session is ended:
+-- the keys are deleted and the state becomes a tombstone, so no verifier serves it again).
+local bad = bad_keys()
+if #bad > 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'finished', 'invalid_state')
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  return bad
+end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[2], 'finished') == 1 then
   return 0
 end
@@ -103,6 +137,34 @@ local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1] .. '/' .. epoch, 'PX', ARGV[2])
 return epoch
+"""
+
+CONDEMN_SESSION = _BAD_KEYS + """
+-- KEYS: lease, state, tokens, meta, drafts, verdicts; ARGV: reason, ttl.
+-- Ends a session whose keys a tenant broke: wrong-typed keys deleted, the lease and the context
+-- deleted, the state a tombstone. Returns the keys of a wrong type.
+local bad = bad_keys()
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+redis.call('HSET', KEYS[2], 'finished', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return bad
+"""
+
+PASS_ON_OPEN = """
+-- KEYS: the tenant's deferred stream (verifiers only), the stream the open was read from.
+-- ARGV: payload, hops, first seen (ms), the entry id, the edge's MAC ('' none). Acks and deletes
+-- the entry only when the open was written on: an XADD refused (a stream someone else broke)
+-- leaves it pending here, and a peer claims it after 2 leases. Returns 1 passed on, or the error.
+local fields = {'m', ARGV[1], 'h', ARGV[2], 't', ARGV[3]}
+if ARGV[5] ~= '' then
+  fields[#fields + 1] = 'a'
+  fields[#fields + 1] = ARGV[5]
+end
+local ok, err = pcall(redis.call, 'XADD', KEYS[1], '*', unpack(fields))
+if not ok then return tostring(type(err) == 'table' and err.err or err) end
+redis.call('XACK', KEYS[2], 'verifiers', ARGV[4])
+redis.call('XDEL', KEYS[2], ARGV[4])
+return 1
 """
 
 RENEW_LEASES = """
@@ -167,6 +229,8 @@ class PoolBroker:
         self._acquire = self.redis.register_script(ACQUIRE_LEASE)
         self._renew_many = self.redis.register_script(RENEW_LEASES)
         self._release = self.redis.register_script(RELEASE_LEASE)
+        self._condemn = self.redis.register_script(CONDEMN_SESSION)
+        self._pass_on = self.redis.register_script(PASS_ON_OPEN)
 
     # ------------------------------------------------------------ leases
 
@@ -176,9 +240,12 @@ class PoolBroker:
         Returns the lease value (``worker/epoch``) the owner fences its writes with, or None when
         another worker holds the lease or the session finished (its tombstone).
         """
-        keys = self.broker.keys
-        epoch = int(await self._acquire(keys=[keys.lease(sid), keys.state(sid)],
-                                        args=[worker, lease_ms, self.broker.ttl]))
+        reply = await self._acquire(keys=self.session_keys(sid), args=[worker, lease_ms, self.broker.ttl])
+        if isinstance(reply, list):
+            bad = tuple(text(key) for key in reply)
+            raise SessionDataError(f"session {sid!r} had keys of the wrong type (deleted): {', '.join(bad)}",
+                                   bad)
+        epoch = int(reply)
         if not epoch:
             return None
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -186,6 +253,19 @@ class PoolBroker:
             pipe.hset(self.owners_key, sid, worker)
             await pipe.execute()
         return f"{worker}/{epoch}"
+
+    def session_keys(self, sid: str) -> list[str]:
+        """The keys the type-checking scripts take, in SESSION_TYPES order."""
+        keys = self.broker.keys
+        return [keys.lease(sid), keys.state(sid), keys.tokens(sid), keys.meta(sid), keys.drafts(sid),
+                keys.verdicts(sid)]
+
+    async def condemn(self, sid: str, reason: str, ttl_s: int) -> list[str]:
+        """End a session whose keys a tenant broke: tombstone, keys of a wrong type deleted, registry
+        entries removed. Returns the keys that had a wrong type."""
+        await self.forget(sid)  # first: a session whose keys cannot even be tombstoned is not retried
+        bad = await self._condemn(keys=self.session_keys(sid), args=[reason, ttl_s])
+        return [text(key) for key in bad or []]
 
     async def renew(self, worker: str, held: dict[str, str], lease_ms: int) -> dict[str, str | None]:
         """Extend the leases this worker holds (``held``: sid -> lease value), one script per slot group.
@@ -282,11 +362,8 @@ class PoolBroker:
         raw = await self.redis.hgetall(self.workers_key)
         now, live, stale = time.time(), {}, []
         for worker, blob in raw.items():
-            try:
-                load = json.loads(blob)
-            except ValueError:
-                load = {"at": 0}
-            age = now - float(load.get("at", 0))
+            load = _load(blob)
+            age = now - load["at"]
             if age <= fresh_s:
                 live[text(worker)] = load
             elif prune_s is not None and age > prune_s:
@@ -300,20 +377,48 @@ class PoolBroker:
 
     # ------------------------------------------------------------ opens, dead letters
 
-    async def pass_on_open(self, entry: Entry, hops: int, since_ms: int) -> None:
-        """Re-queue a session open for another verifier (acks this delivery in the same MULTI)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            fields: dict[Any, Any] = {FIELD: entry.payload or b"", b"h": hops, b"t": since_ms}
-            if entry.mac is not None:  # the edge's MAC travels with the open
-                fields[MAC_FIELD] = entry.mac
-            pipe.xadd(entry.stream, fields)
-            pipe.xack(entry.stream, GROUP, entry.entry_id)
-            pipe.xdel(entry.stream, entry.entry_id)
-            await pipe.execute()
+    async def pass_on_open(self, entry: Entry, tenant: str, hops: int, since_ms: int) -> bool:
+        """Re-queue a session open on the tenant's deferred stream (only verifiers write it), and ack
+        and delete this delivery in the same script; False (the entry stays pending) when refused.
+        The edge's MAC travels with the open."""
+        reply = await self._pass_on(keys=[self.broker.keys.deferred(tenant), entry.stream],
+                                    args=[entry.payload or b"", hops, since_ms, entry.entry_id,
+                                          entry.mac if entry.mac is not None else b""])
+        if reply == 1:
+            return True
+        log.warning("open.pass_on_refused", stream=entry.stream, entry_id=entry.entry_id, error=text(reply))
+        return False
 
-    async def queued_opens(self, stream: str) -> int:
-        """Opens waiting in a tenant's stream (consumed ones are deleted, so XLEN counts the rest)."""
-        return int(await self.redis.xlen(stream))
+    async def queued_opens(self, tenant: str) -> int:
+        """Opens waiting for a tenant, new and deferred (consumed ones are deleted: XLEN counts the rest).
+
+        A key of another type (a tenant's own opens key, without ACLs) counts as empty.
+        """
+        keys = self.broker.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.opens(tenant))
+            pipe.xlen(keys.deferred(tenant))
+            lengths = await pipe.execute(raise_on_error=False)
+        return sum(int(n) for n in lengths if not isinstance(n, Exception))
+
+    async def expire_untimed(self, pattern: str, ttl_s: int, cursor: int = 0, budget: int = 1000) -> int:
+        """Janitor: give keys matching ``pattern`` that have no TTL the session TTL (a tenant's
+        streams under its own sessions' pattern, a ghost drafts stream); at most ``budget`` keys per
+        call, resumed from ``cursor``. Returns the next cursor (0: the scan went round)."""
+        cursor, found = await self.redis.scan(cursor, match=pattern, count=budget)
+        if found:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in found:
+                    pipe.ttl(key)
+                ttls = await pipe.execute()  # a refused TTL (ACL) raises: the caller logs it
+            untimed = [key for key, ttl in zip(found, ttls, strict=True) if ttl == -1]
+            if untimed:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key in untimed:
+                        pipe.expire(key, ttl_s)
+                    await pipe.execute(raise_on_error=False)
+                log.info("janitor.expired_untimed", keys=len(untimed), ttl_s=ttl_s)
+        return int(cursor)
 
     async def dead_letter(self, entry: Entry, error: str, deliveries: int, maxlen: int) -> None:
         """Move a failing message to the dead-letter stream with its error, and ack it.
@@ -376,6 +481,29 @@ class PoolBroker:
         taken, wait_ms = await self._take(keys=[self.tenant_bucket_key(tenant)],
                                           args=[repr(float(rate)), repr(float(capacity)), *costs])
         return int(taken), int(wait_ms) / 1000
+
+
+_LOAD_NUMBERS = ("at", "sessions", "queue", "resident_tokens", "kv_budget_tokens", "kv_bytes", "load")
+
+
+def _load(blob: Any) -> dict[str, Any]:
+    """A worker's published load, its figures numbers (a malformed entry, written by anyone where
+    ACLs do not keep others out, reads as a stale one: pruned, never trusted)."""
+    try:
+        load = json.loads(blob)
+        if not isinstance(load, dict):
+            raise ValueError("not a map")
+        for name in _LOAD_NUMBERS:
+            value = load.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} is not a number")
+        tenants = load.get("tenants", {})
+        if not isinstance(tenants, dict) or not all(isinstance(n, int) for n in tenants.values()):
+            raise ValueError("tenants is not a map of counts")
+    except ValueError:
+        return {"at": 0.0}
+    load["at"] = float(load.get("at", 0))
+    return load
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

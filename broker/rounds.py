@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from broker.cluster import run_scripts, slot_groups
-from broker.streams import GROUP, Broker
+from broker.streams import GROUP, Broker, SessionDataError
 
 FENCED = -1
 DONE = -2
@@ -195,5 +195,5 @@ def _item(value: Any) -> int | Exception:
     """One session's reply inside COMMIT_ROUNDS' answer: an int, or ``E<error>``."""
     if isinstance(value, bytes | str):
         text = value.decode() if isinstance(value, bytes) else value
-        return ResponseError(text[1:]) if text.startswith("E") else int(text)
+        return SessionDataError(text[1:]) if text.startswith("E") else int(text)
     return _reply(value)

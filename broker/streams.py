@@ -86,6 +86,24 @@ class BrokerError(Exception):
     """A structural broker failure (wrong server, missing group): not retried."""
 
 
+class SessionDataError(BrokerError):
+    """A Redis reply a tenant shaped for one session's or one tenant's keys.
+
+    A key of the wrong type, a stream whose top id blocks ``XADD *``, an oversized value, or a
+    command Redis refused: the session (or the open) it belongs to fails with a typed error and
+    every other session goes on. ``keys`` names the keys found bad, where known.
+    """
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+SESSION_DATA_ERRORS = (ResponseError, SessionDataError)
+"""What a per-session boundary catches: replies shaped by a tenant's writes (WRONGTYPE, a blocked
+id, NOPERM, NOGROUP on a deleted stream), never Python errors (bugs) nor lost connections."""
+
+
 @dataclass(frozen=True)
 class Entry:
     stream: str  # key
@@ -206,6 +224,11 @@ class Keys:
         tenant = stream[len(head):-1]
         return tenant if TENANT_PATTERN.fullmatch(tenant) else None
 
+    def deferred(self, tenant: str) -> str:
+        """Opens of the tenant that verifiers passed on or that wait for room: only verifiers write
+        it (edges' ACLs name ``opens:{tenant}`` alone), so no tenant can block its ids."""
+        return f"{self.prefix}:deferred:{{{tenant}}}"
+
     def tokens(self, sid: str) -> str:
         return f"{self._session(sid)}:tokens"
 
@@ -273,8 +296,11 @@ class Broker:
         try:
             await self.redis.xgroup_create(stream, GROUP, id=start_id, mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise BrokerError(f"cannot create group on {stream}: {exc}") from exc
+            if "BUSYGROUP" in str(exc):
+                return
+            if "WRONGTYPE" in str(exc):
+                raise SessionDataError(f"{stream} is not a stream", (stream,)) from exc
+            raise BrokerError(f"cannot create group on {stream}: {exc}") from exc
 
     # ------------------------------------------------------------ edge side
 
@@ -282,8 +308,14 @@ class Broker:
         """Queue the open (and its MAC) on the session's tenant's stream (no MAXLEN: never trimmed unread)."""
         await self.redis.xadd(self.keys.opens(tenant_of(sid)), _fields(payload, tag))
 
-    async def session_known(self, sid: str) -> bool:
-        """Whether a verifier took the session (its meta key exists): an edge's open went through."""
+    async def session_known(self, sid: str, typed: bool = False) -> bool:
+        """Whether a verifier took the session (its meta key exists): an edge's open went through.
+
+        ``typed`` (verifiers): only a hash counts, the type a verifier writes; a stream an edge
+        planted there is no sign of a served session (the lease script then refuses the keys).
+        """
+        if typed:
+            return text(await self.redis.type(self.keys.meta(sid))) == "hash"
         return bool(await self.redis.exists(self.keys.meta(sid)))
 
     async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
@@ -333,6 +365,8 @@ class Broker:
             if str(exc).startswith("UNBLOCKED"):
                 log.info("broker.read_unblocked", error=str(exc), streams=len(streams))
                 return []
+            if "WRONGTYPE" in str(exc):  # a key replaced by another type: name it, read the rest next time
+                raise SessionDataError(str(exc), tuple(await self.not_streams(streams))) from exc
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("broker.groups_recreated", error=str(exc), streams=len(streams))
@@ -340,6 +374,14 @@ class Broker:
                 await self.ensure_group(stream)
             return []
         return _entries(reply)
+
+    async def not_streams(self, keys: list[str]) -> list[str]:
+        """The keys that exist with a type other than stream (one TYPE each, pipelined)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.type(key)
+            types = await pipe.execute()
+        return [key for key, kind in zip(keys, types, strict=True) if text(kind) not in ("stream", "none")]
 
     async def read_pending(self, consumer: str, stream: str) -> list[Entry]:
         """Entries delivered to this consumer earlier but never acknowledged (after a restart)."""
@@ -419,9 +461,15 @@ class Broker:
         state: dict[bytes, bytes] = await self.redis.hgetall(self.keys.state(sid))  # type: ignore[assignment]
         return state
 
-    async def load_tokens(self, sid: str) -> bytes | None:
-        """The committed context (uint32 LE) of a session, as its last commit left it."""
-        value = await self.redis.get(self.keys.tokens(sid))
+    async def load_tokens(self, sid: str, max_bytes: int = 0) -> bytes | None:
+        """The committed context (uint32 LE) of a session, as its last commit left it.
+
+        ``max_bytes`` bounds what is read (a value nobody could have committed is refused unread).
+        """
+        key = self.keys.tokens(sid)
+        if max_bytes and int(await self.redis.strlen(key)) > max_bytes:
+            raise SessionDataError(f"{key} is longer than any context ({max_bytes} bytes)", (key,))
+        value = await self.redis.get(key)
         return value if isinstance(value, bytes) else None
 
     async def delete_session(self, sid: str, verdict_ttl_s: int | None = None) -> None:

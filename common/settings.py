@@ -109,6 +109,10 @@ class RedisSettings(Section):
         if value and not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
                                            "rediss+cluster://")):
             raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster:// (or be empty)")
+        if "+cluster://" in value:
+            nodes = value.split("://", 1)[1].split("/", 1)[0].split(",")
+            if not all(_host(node) for node in nodes):
+                raise ValueError("a redis+cluster:// URL names its seed nodes: redis+cluster://host:port[,host:port]")
         return value
 
     @model_validator(mode="after")
@@ -121,11 +125,21 @@ class RedisSettings(Section):
         return self
 
 
+MODEL_PAIRS: dict[str, tuple[str, str]] = {
+    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-draft"),
+    "tiny": ("bundled:target", "bundled:draft"),
+}
+"""``--pair NAME``: (target, draft). smollm2 is the default (a real instruct model and its
+distilled draft), tiny the bundled 14M-parameter code pair that the tests run on."""
+
+
 class ModelSettings(Section):
-    target: str = "bundled:target"
-    """Target model: a Hugging Face causal-LM folder, a hub id, or bundled:target."""
-    draft: str = "bundled:draft"
-    """Draft model: a Hugging Face causal-LM folder, a hub id, or bundled:draft."""
+    target: str = MODEL_PAIRS["smollm2"][0]
+    """Target model: a named model (specd models), a .gguf file, a Hugging Face causal-LM folder,
+    a hub id, or bundled:target."""
+    draft: str = MODEL_PAIRS["smollm2"][1]
+    """Draft model: a named model (specd models), a .gguf file, a Hugging Face causal-LM folder,
+    a hub id, or bundled:draft."""
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     """Torch dtype of the models (and of the draft when edge.precision is auto)."""
     target_device: str = "cpu"
@@ -149,8 +163,14 @@ class SamplingSettings(Section):
     """Tokens to generate per session (prompt + these must fit the models' context)."""
 
 
+WORKER_ID_PATTERN = r"^[A-Za-z0-9_.:@+-]{0,128}$"
+"""Worker ids name keys, log lines and table rows: no spaces, braces (hash tags) or control characters."""
+TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""A tenant name: the part of a session id before its first dot, so never a dot itself."""
+
+
 class VerifierSettings(Section):
-    worker_id: str = ""
+    worker_id: str = Field("", pattern=WORKER_ID_PATTERN)
     """Empty: hostname-pid."""
     max_batch_sessions: int = Field(64, ge=1)
     """Most sessions verified in one forward pass."""
@@ -171,7 +191,7 @@ DEVICE_PATTERN = r"^(auto|cpu|npu|cuda(:\d+)?|gpu(\.\d+)?)$"
 class PoolSettings(Section):
     """Several verifiers on one Redis: leases, load spreading, failover, KV budget."""
 
-    lease_ms: int = Field(3000, ge=200)
+    lease_ms: int = Field(3000, ge=200, le=600_000)
     """A session's lease lifetime; the owner renews it every lease_ms / 3."""
     scan_interval_ms: int = Field(500, ge=50)
     """How often a verifier looks for sessions whose lease lapsed (and for stuck opens)."""
@@ -182,7 +202,7 @@ class PoolSettings(Section):
     max_deliveries: int = Field(5, ge=1)
     """A draft delivered more often than this (crashes, failing passes) goes to the dead letters."""
     deadletter_maxlen: int = Field(1000, ge=10)
-    kv_budget_tokens: int = Field(262144, ge=1)
+    kv_budget_tokens: int = Field(32768, ge=1)
     """KV cache budget of one verifier in tokens, preallocated at start-up; each session reserves
     prompt + max_new_tokens + limits.max_gamma."""
     admission_wait_s: float = Field(30.0, ge=0)
@@ -194,6 +214,15 @@ class PoolSettings(Section):
     max_queued_opens: int = Field(10000, ge=1)
     """Per tenant: an open that must wait for KV room while its tenant's open stream holds more
     than this many opens is refused with `busy` (the stream has no MAXLEN: nothing is trimmed)."""
+    open_expiry_s: float = Field(60.0, ge=0, le=86400)
+    """A session open that waited longer than this (queued or deferred) is refused with
+    ``session_expired`` instead of being served late; 0: never."""
+    adopted_idle_s: float = Field(30.0, ge=0, le=86400)
+    """An adopted session that gets no draft within this many seconds is ended (``expired``):
+    sessions that finished after a Redis snapshot come back from it with no edge."""
+    janitor_interval_s: float = Field(60.0, ge=0, le=86400)
+    """How often a verifier gives session-pattern keys that have no TTL (a tenant's own streams,
+    ghost drafts streams) the session TTL, a bounded SCAN step each time; 0: never."""
     opens_per_read: int = Field(16, ge=1)
     """Session opens a verifier reads per tenant per iteration: a tenant flooding its open stream
     costs each iteration at most this many, whatever the flood."""
@@ -225,6 +254,15 @@ class TenantSettings(Section):
     names: list[str] = Field(default_factory=list)
     """Tenants served from start-up (besides ``default`` and the overrides); others are found by
     the verifiers' SCAN for open streams every pool.tenant_scan_ms."""
+
+    @field_validator("names", "overrides")
+    @classmethod
+    def _tenant_names(cls, value: Any) -> Any:
+        bad = [name for name in value if not re.fullmatch(TENANT_PATTERN, name)]
+        if bad:
+            raise ValueError(f"tenant name(s) {', '.join(map(repr, bad))}: letters, digits, '_' and '-' only "
+                             "(1-64; a dot ends the tenant part of a session id)")
+        return value
 
     def limits(self, tenant: str) -> tuple[int, float, int]:
         """(max_sessions, draft_tokens_per_s, weight) of a tenant, overrides applied.
@@ -277,7 +315,7 @@ class DraftSpec(Section):
 
 
 class EdgeSettings(Section):
-    worker_id: str = ""
+    worker_id: str = Field("", pattern=WORKER_ID_PATTERN)
     """Empty: hostname-pid."""
     backend: str = Field("torch", pattern=DRAFTER_NAME)
     """Draft backend: torch, openvino (CPU/GPU/NPU), genai (ONNX Runtime GenAI), replay (no
@@ -299,7 +337,8 @@ class EdgeSettings(Section):
     precision: Literal["auto", "f32", "f16", "bf16", "int8", "int4"] = "auto"
     """Draft precision; auto follows models.dtype. f32 is the exact one."""
     cache_dir: str = ""
-    """Where converted draft models (OpenVINO IR, GenAI folders) are kept; empty: ~/.cache/specd."""
+    """Where converted models are kept (OpenVINO IR, GenAI folders, GGUF files dequantised to
+    safetensors, for the target too); empty: ~/.cache/specd."""
     gamma: int = Field(4, ge=0)
     """Draft tokens per round (fixed), or the starting point of adaptive gamma."""
     adaptive_gamma: Bool = False
@@ -541,11 +580,41 @@ def _check_toml_syntax(path: Path | None) -> None:
     if path is None:
         return
     try:
-        tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the settings file: {exc}") from None
+    quoted = _quoted_numbers(data)
+    if quoted:
+        raise ConfigError(f"{path}: {', '.join(quoted)}: a number written as a string; write it unquoted")
+
+
+def _host(node: str) -> str:
+    """The host of ``[user:password@]host[:port]``."""
+    address = node.rpartition("@")[2]
+    return address.rpartition(":")[0] if ":" in address else address
+
+
+def _quoted_numbers(data: dict[str, Any]) -> list[str]:
+    """TOML settings whose field is a number but whose value is a string ("3000"): the environment
+    has only strings, a file has types, and a quoted number there is a mistake worth naming."""
+    found = []
+    for section, values in data.items():
+        field = Settings.model_fields.get(section)
+        model = getattr(field, "annotation", None)
+        if not isinstance(values, dict) or not isinstance(model, type) or not issubclass(model, BaseModel):
+            continue
+        for key, value in values.items():
+            inner = model.model_fields.get(key)
+            if inner is not None and isinstance(value, str) and _numeric(inner.annotation):
+                found.append(f"[{section}] {key} = {value!r}")
+    return found
+
+
+def _numeric(annotation: Any) -> bool:
+    options = getattr(annotation, "__args__", None) or (annotation,)
+    return any(option in (int, float) for option in options) and str not in options
 
 
 def _describe_env_json(exc: SettingsError) -> str:

@@ -45,6 +45,8 @@ class ErrorCode(str, enum.Enum):
     DEAD_LETTER = "dead_letter"  # a message kept failing and was moved to the dead-letter stream
     BUSY = "busy"  # the tenant's queue of waiting session opens is full: open again later
     UNAVAILABLE = "unavailable"  # Redis stayed unreachable (or lost the session) past the edge's bound
+    INVALID_STATE = "invalid_state"  # a session key holds a value no verifier wrote (wrong type, bad id)
+    FORBIDDEN = "forbidden"  # Redis refused a command under this client's ACL user (NOPERM)
     INTEGRITY = "integrity"  # a message failed its MAC, or a verdict verified other tokens than drafted
     INTERNAL = "internal"
 

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from redis.exceptions import NoPermissionError, ResponseError
+
 from broker.streams import TRANSIENT_ERRORS, Broker, new_session_id, with_backoff
 from common import tracing
 from common.integrity import ContextDigest, draft_digest, mac, session_key, u32
@@ -55,6 +57,15 @@ log = get_logger("specd.edge")
 
 class PromptRejected(SessionFailed):
     """The edge refused the prompt before opening a session (empty, or longer than the context)."""
+
+
+def redis_refusal(exc: ResponseError) -> SessionFailed:
+    """A Redis error reply as a session failure: ``forbidden`` for an ACL refusal (NOPERM), else
+    ``invalid_state`` (a key of the wrong type, a stream whose ids block new entries)."""
+    if isinstance(exc, NoPermissionError):
+        return SessionFailed(ErrorCode.FORBIDDEN, f"Redis refused a command under this edge's ACL user: {exc}"
+                             " (check [redis] username and the rules `specd acl` prints)")
+    return SessionFailed(ErrorCode.INVALID_STATE, f"Redis refused the session's keys: {exc}")
 
 
 def check_prompt(prompt_ids: list[int], spec: SamplingSpec, config: EdgeConfig) -> None:
@@ -219,7 +230,10 @@ class EdgeClient:
         async with self._slots:
             session = _EdgeSession(self, prompt_ids, spec, on_tokens, session_id)
             session.want_logprobs(logprobs, on_logprobs)
-            return await session.run()
+            try:
+                return await session.run()
+            except ResponseError as exc:  # a reply its tenant's keys shaped, or an ACL refusal: typed
+                raise redis_refusal(exc) from exc
 
 
 class _EdgeSession(VerdictWaiter):

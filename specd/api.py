@@ -157,7 +157,7 @@ class Client:
             raise
 
     async def _open(self) -> tuple[Any, str, bool]:
-        from specd.generate import local_verifier, redis_url_for
+        from specd.generation import local_verifier, redis_url_for
         from specd.runtime import build_edge, open_broker
         from specd.serve.command import _verifier_heartbeat
 
@@ -186,7 +186,7 @@ class Client:
         return Stream(self, prompt, options, owns_client=False)
 
     async def _session(self, prompt: str, options: dict[str, Any], emit: Any) -> Result:
-        from specd.generate import speculative_summary
+        from specd.generation import speculative_summary
         from specd.serve.text import TextStream
         from specd.workers import sampling_spec
 
@@ -256,7 +256,7 @@ class Client:
 
     async def _shutdown(self) -> None:
         """Sessions still running are cancelled (each tells the pool), then what ``_open`` started."""
-        from specd.generate import cancel_until_done
+        from specd.generation import cancel_until_done
 
         for task in list(self._sessions):
             await cancel_until_done(task)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def chat_loop(settings: Settings, system: str, stdin: TextIO, out: TextIO) -> int:
     from broker.reach import redacted, require_verifier
-    from specd.generate import local_verifier, redis_url_for
+    from specd.generation import local_verifier, redis_url_for
     from specd.runtime import check_models, make_broker
     from specd.serve.command import build_context
 

@@ -25,7 +25,7 @@ from typing import Any
 import edge_worker.drafters  # noqa: F401 - registers the drafters, whose names the settings check
 from common import tracing
 from common.logs import LogSink, configure_logging
-from common.settings import ConfigError, Settings, load_settings
+from common.settings import MODEL_PAIRS, ConfigError, Settings, load_settings
 from specd.failures import EPILOG, USAGE, report
 from specd.flags import (
     _FLAG_OF,
@@ -85,6 +85,10 @@ def _version() -> str:
         return "unknown"
 
 
+CHAT_HELP = ("the prompt is a user message: apply the model's chat template (ignored for a "
+             "tokenizer without one, e.g. the tiny pair)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="specd", description="Distributed speculative decoding: edge drafters, cloud verifiers.",
@@ -96,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = _new_command(commands, "demo", _demo, help="verifier + edge workers on an embedded Redis",
                         description="Start one verifier and several edge workers (processes) on an "
-                        "embedded Redis with the bundled model pair, stream the text, print "
-                        "per-session and total figures.")
+                        "embedded Redis with the configured pair (default: SmolLM2-135M-Instruct and "
+                        "its draft; --pair tiny: the bundled tiny code pair), stream the text, print "
+                        "per-session and total figures. Prompts are user messages (the chat template "
+                        "is applied when the model has one).")
     demo.add_argument("--edges", type=_positive_int, default=3, help="edge worker processes")
     demo.add_argument("--sessions-per-edge", type=_positive_int, default=1, help="sessions per edge")
-    demo.add_argument("--prompt", action="append", help="a prompt (repeatable); default: built-ins")
+    demo.add_argument("--prompt", action="append", help="a prompt (repeatable); default: built-in "
+                      "questions (code prefixes for the tiny pair)")
     demo.add_argument("--log-dir", type=Path, help="where worker logs go (default: a temp folder)")
     demo.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_setting_flags(demo, "common", "target", "batching", "draft")
@@ -132,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--prompts-file", type=Path, help="JSONL with a text field, or plain text lines")
     edge.add_argument("--field", default="text", help="JSONL field holding the prompt")
     edge.add_argument("--events", action="store_true", help="print JSON events (tokens, results)")
+    edge.add_argument("--chat", action="store_true", help=CHAT_HELP)
     edge.add_argument("--check", action="store_true", help="exit 0 if an edge has a live heartbeat")
     add_setting_flags(edge, "common", "target", "draft", "operations", overrides=needs_url)
 
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="the prompt text (not empty)")
     generate.add_argument("--mode", choices=["speculative", "target", "draft"], default="speculative",
                           help="who generates")
+    generate.add_argument("--chat", action="store_true", help=CHAT_HELP)
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     add_setting_flags(generate, "common", "target", "draft")
 
@@ -169,11 +178,11 @@ def register(commands: Any) -> None:
         from specd import serve
         serve.add_parser(commands)
     """
-    from specd import acl, chat, train_draft
+    from specd import acl, chat, models, train_draft
     from specd.eval import cli as eval_cli
     from specd.serve import command as serve_command
 
-    for module in (acl, serve_command, chat, eval_cli, train_draft):
+    for module in (acl, serve_command, chat, eval_cli, train_draft, models):
         module.add_parser(commands)
 
 
@@ -252,6 +261,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "config", None):
         os.environ["SPECD_CONFIG"] = str(args.config)
     overrides: dict[str, dict[str, Any]] = {}
+    if getattr(args, "model_pair", None):
+        target, draft = MODEL_PAIRS[args.model_pair]
+        overrides["models"] = {"target": target, "draft": draft}
     for flag, (section, key) in FLAG_TO_SETTING.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -380,10 +392,10 @@ def _configure_logs(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from specd.demo import DEFAULT_PROMPTS, run_demo
+    from specd.demo import default_prompts, run_demo
 
     report_ = asyncio.run(run_demo(settings, args.edges, args.sessions_per_edge,
-                                   args.prompt or DEFAULT_PROMPTS, args.log_dir))
+                                   args.prompt or default_prompts(settings), args.log_dir))
     if args.json:
         print(json.dumps(report_))
     return 0 if len(report_["sessions"]) == args.edges * args.sessions_per_edge else 1
@@ -441,19 +453,19 @@ def _edge(args: argparse.Namespace, settings: Settings) -> int:
     prompts = _prompts(args)
     if not prompts:
         raise PromptError("no prompts: give --prompt TEXT or --prompts-file PATH")
-    return asyncio.run(run_edge(settings, [PromptJob(p) for p in prompts], args.events))
+    return asyncio.run(run_edge(settings, [PromptJob(p, chat=args.chat) for p in prompts], args.events))
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
-    from specd.generate import print_human, run_generate
+    from specd.generation import print_human, run_generate
 
     if not args.prompt:
         raise PromptError("--prompt is empty: give some text")
-    result = run_generate(settings, args.prompt, args.mode, args.json)
+    result = run_generate(settings, args.prompt, args.mode, args.json, args.chat)
     if args.json:
         print(json.dumps(result))
     else:
-        print_human(result, args.prompt)
+        print_human(result, args.prompt + ("\n" if args.chat else ""))
     return 0
 
 

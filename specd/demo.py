@@ -19,7 +19,7 @@ from broker.reach import redacted
 from broker.streams import short_session_id
 from common.procs import child_env, dies_with_parent
 from common.settings import Settings
-from specd.generate import redis_url_for
+from specd.generation import redis_url_for
 from specd.runtime import make_broker
 
 DEFAULT_PROMPTS = [
@@ -30,6 +30,22 @@ DEFAULT_PROMPTS = [
     "    for i in range(len(items)):\n",
     "def is_prime(n):\n",
 ]
+"""Code to continue: the bundled tiny pair is a Python code model without a chat template."""
+
+CHAT_PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "What is the capital of France, and what is it famous for?",
+    "Explain in two sentences why the sky is blue.",
+    "Translate to English: Der Hund läuft schnell über die Straße.",
+    "Give me three tips for writing readable code.",
+    "What is the difference between a list and a tuple in Python?",
+]
+"""Questions for an instruct model (the default SmolLM2 pair), sent through its chat template."""
+
+
+def default_prompts(settings: Settings) -> list[str]:
+    """The built-in prompts that suit the configured target: code for the tiny pair, else questions."""
+    return list(DEFAULT_PROMPTS if settings.models.target.startswith("bundled:") else CHAT_PROMPTS)
 
 
 async def _wait_healthy(url: str, settings: Settings, timeout_s: float) -> None:
@@ -103,7 +119,7 @@ async def _run_edges(env: dict[str, str], edges: int, sessions_per_edge: int,
         mine = [prompts[(index * sessions_per_edge + k) % len(prompts)] for k in range(sessions_per_edge)]
         prompt_args = [arg for prompt in mine for arg in ("--prompt", prompt)]
         process = await asyncio.create_subprocess_exec(
-            *dies_with_parent([sys.executable, "-m", "specd", "edge", *prompt_args, "--events"]),
+            *dies_with_parent([sys.executable, "-m", "specd", "edge", "--chat", *prompt_args, "--events"]),
             stdout=asyncio.subprocess.PIPE,
             stderr=files.enter_context(open(log_dir / f"edge-{index}.log", "wb")),  # noqa: SIM115
             env=env)
@@ -155,7 +171,9 @@ def _row(r: dict[str, Any], name: str) -> list[str]:
 def print_report(report: dict[str, Any], texts: dict[str, str], out: TextIO) -> None:
     print("\n=== completions ===", file=out)
     for r in report["sessions"]:
-        print(f"--- {short_session_id(r['session_id'])} ---\n{r['prompt']}{r['text']}", file=out)
+        # a question (chat template) and its answer on their own lines; code runs on from its prefix
+        joint = "" if r["prompt"].endswith("\n") else "\n"
+        print(f"--- {short_session_id(r['session_id'])} ---\n{r['prompt']}{joint}{r['text']}", file=out)
     print("\n=== figures (times summed over rounds; tok/s per session wall time) ===", file=out)
     header = "  ".join(name.rjust(width) for name, width in COLUMNS)
     print(header, file=out)

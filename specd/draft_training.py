@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from specd.draft_errors import TrainDraftError
 from specd.draft_eval import continue_greedily, evaluate, path_probs
 from specd.pair.train import ce_loss, is_validation, lr_at, make_optimizer, random_batches
 
@@ -24,10 +25,6 @@ TEXT_FIELDS = ("text", "content", "prompt", "turns", "question", "canonical_solu
 CHECKPOINT, BEST, REPORT, DATA = "checkpoint", "draft", "report.json", "data"
 KEYS_THAT_MUST_MATCH = ("target", "draft", "mode", "steps", "seed", "seq_len", "batch_size", "top_k",
                         "self_generate", "prompt_tokens", "eval_tokens", "train_on")
-
-
-class TrainDraftError(Exception):
-    """Bad input: the message names the problem and what to do (exit code 2)."""
 
 
 @dataclass

@@ -76,8 +76,11 @@ def _interrupted(exc: BaseException) -> bool:
 
 def _redis_error_code(exc: BaseException) -> int | None:
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    if isinstance(exc, NoPermissionError):  # the ACL user lacks a command or key: the user's setup
+        return FAILED
     return REDIS if isinstance(exc, RedisConnectionError | RedisTimeoutError) else None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.settings import Settings
+from common.settings import MODEL_PAIRS, Settings
 from specd.failures import USAGE
 
 
@@ -172,6 +172,11 @@ def add_setting_flags(parser: argparse.ArgumentParser, *groups: str,
         if name == "common":
             group.add_argument("--config", type=Path, help="settings TOML file (default: ./settings.toml "
                                "when it exists; or SPECD_CONFIG)")
+        if name == "target":
+            group.add_argument("--pair", dest="model_pair", choices=list(MODEL_PAIRS), help="target and "
+                               "draft in one: " + "; ".join(f"{k} = {t} + {d}" for k, (t, d) in
+                                                            MODEL_PAIRS.items())
+                               + " (--target-model/--draft-model still win)")
         for spec in SETTING_FLAGS[name]:
             add_setting_flag(group, spec, (overrides or {}).get(spec.setting))
 

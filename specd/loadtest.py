@@ -26,7 +26,7 @@ from broker.reach import redacted
 from broker.streams import make_broker
 from common.procs import child_env, dies_with_parent
 from common.settings import Settings
-from specd.generate import redis_url_for
+from specd.generation import redis_url_for
 from specd.loadreport import PointData, print_table, read_verifier_rounds, summarise_point, write_plots
 
 LINE_LIMIT = 1 << 22  # bytes of one event line on an edge's stdout

@@ -80,6 +80,12 @@ async def redis_nodes(redis: Any) -> list[dict[str, Any]]:
     return sorted(out, key=lambda n: (n["role"] != "master", n["node"]))
 
 
+def printable(value: Any) -> str:
+    """Text for a terminal: control characters (escape sequences another writer of the workers hash
+    could have planted) shown escaped, never sent raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def print_status(status: dict[str, Any]) -> None:
     print(f"{len(status['workers'])} live verifier(s), {status['sessions']} session(s), "
           f"{status['opens_waiting']} open(s) waiting, {status['queued_drafts']} draft(s) queued, "
@@ -89,16 +95,16 @@ def print_status(status: dict[str, Any]) -> None:
     for worker, load in status["workers"].items():
         kv = f"{load.get('resident_tokens', 0)}/{load.get('kv_budget_tokens', 0)}"
         flag = "" if load.get("accepting", True) else " (draining)"
-        print(f"{worker + flag:<32} {load.get('sessions', 0):>8} {load.get('queue', 0):>6} "
+        print(f"{printable(worker) + flag:<32} {load.get('sessions', 0):>8} {load.get('queue', 0):>6} "
               f"{load.get('load', 0):>6.2f} {kv:>16} {load.get('kv_bytes', 0) / 2**20:>8.2f}  "
               f"{json.dumps(load.get('tenants', {}))}")
     if len(status.get("redis_nodes", [])) > 1:
         print(f"{'redis node':<24} {'role':<7} {'keys':>8} {'ops/s':>8} {'MiB':>8}")
         for node in status["redis_nodes"]:
-            print(f"{node['node']:<24} {node['role']:<7} {node['keys']:>8} {node['ops_per_s']:>8} "
-                  f"{node['used_memory'] / 2**20:>8.1f}")
+            print(f"{printable(node['node']):<24} {printable(node['role']):<7} {node['keys']:>8} "
+                  f"{node['ops_per_s']:>8} {node['used_memory'] / 2**20:>8.1f}")
     if status["tenants"]:
-        print("tenants: " + ", ".join(f"{t}={n}" for t, n in sorted(status["tenants"].items())))
+        print("tenants: " + ", ".join(f"{printable(t)}={n}" for t, n in sorted(status["tenants"].items())))
 
 
 def run_workers(count: int, argv: list[str], base_id: str) -> int:

@@ -46,7 +46,8 @@ def make_replay(settings: Settings, prompts: list[str], path: Path) -> ReplayFil
     """Run the target greedily on ``prompts`` and write the replay file to ``path``."""
     models = settings.models
     set_torch_threads(models.torch_threads)
-    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
+                            cache_dir=settings.edge.cache_dir)
     engine = TargetEngine(target.model, target.vocab_size)
     unique = list(dict.fromkeys(tuple(target.tokenizer.encode(p)) for p in prompts))
     max_new = settings.sampling.max_new_tokens

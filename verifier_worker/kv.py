@@ -198,6 +198,13 @@ class KVArena:
         torch.index_select(self.values[layer], 0, blocks, out=v)
         return k, v
 
+    def extent(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (not copies) of ``length`` consecutive slots from flat slot ``start``:
+        ``[length, kv_heads, head_dim]`` keys and values (a session whose blocks are consecutive)."""
+        keys, values = self.keys[layer], self.values[layer]
+        return (keys.view(-1, *keys.shape[2:])[start:start + length],
+                values.view(-1, *values.shape[2:])[start:start + length])
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the keys/values at flat ``slots`` ``[n]``: ``[n, kv_heads, head_dim]`` each."""
         keys, values = self.keys[layer], self.values[layer]

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.streams import Entry, mac_ok
+from broker.streams import SESSION_DATA_ERRORS, Entry, mac_ok
 from common.wire import ErrorCode, SessionOpen, Verdict, WireError, decode
 from verifier_worker.admission import Admission
 from verifier_worker.capacity import should_pass_on
@@ -97,6 +97,8 @@ class Maintenance:
         self.admission = admission
         self.dispatch = dispatch
         self.next_scan = 0.0
+        self.next_janitor = 0.0
+        self.janitor_cursor = 0
 
     async def maintain(self) -> None:
         state, now = self.state, time.monotonic()
@@ -109,6 +111,7 @@ class Maintenance:
             await self.admission.claim_stuck_opens()
         await self._claim_stray_drafts(now)
         await self._expire_abandoned(now)
+        await self._janitor(now)
 
     async def _adopt_lapsed(self) -> None:
         state = self.state
@@ -118,9 +121,21 @@ class Maintenance:
                 continue
             if should_pass_on(len(state.sessions), state.peers, 0, 1, cfg.spread_slack):
                 return  # clearly more loaded than a live peer: leave the rest to it
-            lease = await state.pool.acquire(sid, state.worker_id, cfg.lease_ms)
-            if lease is not None:
-                await self._adopt(sid, lease)
+            try:
+                lease = await state.pool.acquire(sid, state.worker_id, cfg.lease_ms)
+                if lease is not None:
+                    await self._adopt(sid, lease)
+            except SESSION_DATA_ERRORS as exc:  # its keys hold what no verifier wrote: it ends here
+                state.sessions.pop(sid, None)
+                await self.writes.session_data_failed(sid, exc, await self._adoptee_key(sid))
+
+    async def _adoptee_key(self, sid: str) -> bytes:
+        """The verdict key of a session from its saved open (empty when that is unreadable)."""
+        try:
+            raw, _ = await self.state.pool.load_open(sid)
+            return self.admission.open_key(raw or b"")
+        except SESSION_DATA_ERRORS:
+            return b""
 
     async def _trusted_open(self, sid: str) -> tuple[SessionOpen, bytes, bytes, bytes] | None:
         """The session's saved open (decoded, raw), its MAC and the session's key, if the MAC verifies."""
@@ -150,8 +165,10 @@ class Maintenance:
             await state.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
             return
         message, raw, tag, key = opened
-        tokens = await state.broker.load_tokens(sid)
+        longest = message.prompt_ids.size + message.sampling.max_new_tokens + state.limits.max_gamma + 1
+        tokens = await state.broker.load_tokens(sid, max_bytes=4 * int(longest))
         session = VerifierSession.restore(message, stored, tokens, key, state.limits.max_gamma)
+        session.adopted_idle = True  # until its first draft (RDB: a finished session may come back)
         if tokens and not session.stored:
             state.count_error(ErrorCode.INTEGRITY)
             log.warning("session.state_untrusted", session_id=sid, error="the committed context in Redis is "
@@ -187,16 +204,36 @@ class Maintenance:
         lease_s = lease_ms / 1000
         for session in list(self.state.sessions.values()):
             if not session.queue and lease_s <= now - session.last_active <= 4 * lease_s:
-                await self._claim_pending(session, min_idle_ms=lease_ms)
+                try:
+                    await self._claim_pending(session, min_idle_ms=lease_ms)
+                except SESSION_DATA_ERRORS as exc:
+                    await self.writes.session_data_failed(session.session_id, exc, session.key, session)
 
     async def _expire_abandoned(self, now: float) -> None:
-        ttl = self.state.settings.redis.session_ttl_s
+        settings = self.state.settings
+        ttl, adopted = settings.redis.session_ttl_s, settings.pool.adopted_idle_s
         for session in list(self.state.sessions.values()):
-            if not session.queue and now - session.last_active > ttl:
-                # Its edge is gone (no draft for the session TTL): free the KV memory it holds.
+            # Its edge is gone (no draft for the session TTL, or none since adoption): free its KV
+            # memory and tenant slot. A live edge re-sends its draft within its resend budget.
+            idle = adopted if adopted and session.adopted_idle else ttl
+            if not session.queue and now - session.last_active > idle:
                 log.warning("session.expired", session_id=session.session_id, tenant=session.tenant,
-                            idle_s=ttl)
+                            idle_s=idle, adopted=session.adopted_idle)
                 await self.writes.finish(session, "expired")
+
+    async def _janitor(self, now: float) -> None:
+        """A bounded SCAN step giving session-pattern keys without a TTL the session TTL."""
+        state = self.state
+        every = state.settings.pool.janitor_interval_s
+        if not every or now < self.next_janitor or state.broker.cluster:
+            return
+        self.next_janitor = now + every
+        pattern = f"{state.broker.keys.prefix}:{{*"
+        try:
+            cursor = self.janitor_cursor
+            self.janitor_cursor = await state.pool.expire_untimed(pattern, state.broker.ttl, cursor)
+        except SESSION_DATA_ERRORS as exc:  # e.g. SCAN refused by a narrower ACL: skip it
+            log.warning("janitor.failed", error=str(exc)[:300])
 
 
 def _finished(state: dict[bytes, bytes]) -> bool:

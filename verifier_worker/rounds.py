@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from broker.rounds import DONE, FENCED, Commit
-from broker.streams import Entry, mac, with_backoff
+from broker.streams import Entry, SessionDataError, mac, with_backoff
 from common import tracing
 from common.integrity import draft_digest, u32
 from common.wire import DraftBatch, ErrorCode, ErrorMessage, Verdict, WireError, encode
@@ -61,7 +61,7 @@ class Rounds:
             return
         session.queue.append(PendingDraft(entry_id, draft, time.time()))
         session.last_active = time.monotonic()
-        session.evicted = False
+        session.evicted = session.adopted_idle = False
 
     async def _duplicate(self, session: VerifierSession, entry_id: str, draft: DraftBatch) -> None:
         """A copy of a draft already queued or verified: answer the last verdict again, or drop it."""
@@ -294,6 +294,9 @@ class Rounds:
         """Apply one commit's reply; True when it should be tried again (repaired or re-fenced)."""
         if reply == DONE:
             session.stored, session.repair = len(session.context), False
+            return False
+        if isinstance(reply, SessionDataError):  # one of its keys replaced by its tenant
+            await self.writes.session_data_failed(session.session_id, reply, session.key, session)
             return False
         if isinstance(reply, Exception):
             log.error("commit.failed", session_id=session.session_id, error=str(reply))

@@ -49,6 +49,7 @@ class VerifierSession:
     accepted: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+    adopted_idle: bool = False  # adopted and no draft since: ended after pool.adopted_idle_s
     failures: int = 0  # failed forward passes holding this session's head draft
     evicted: bool = False  # KV freed to make room; recomputed from the context if it returns
     solo: bool = False  # after a failed pass: verify alone, so a poison draft cannot sink others

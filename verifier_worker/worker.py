@@ -23,7 +23,15 @@ import os
 import time
 from typing import Any
 
-from broker.streams import TRANSIENT_ERRORS, Broker, Entry, mac_ok, with_backoff
+from broker.streams import (
+    SESSION_DATA_ERRORS,
+    TRANSIENT_ERRORS,
+    Broker,
+    Entry,
+    SessionDataError,
+    mac_ok,
+    with_backoff,
+)
 from common.integrity import NO_SECRET_RISK
 from common.logs import bind
 from common.settings import Settings
@@ -132,7 +140,7 @@ class VerifierWorker:
         arena = state.engine.arena
         log.info("verifier.started", model=state.model_name, vocab=state.engine.vocab_size,
                  peers=sorted(state.peers), kv_budget_tokens=arena.budget_tokens,
-                 tenants=sorted(state.tenant_streams.values()),
+                 tenants=sorted(set(state.tenant_streams.values())),
                  kv_arena_mib=round(arena.budget_tokens * arena.bytes_per_token / 2**20, 1))
 
     async def shutdown(self) -> None:
@@ -188,22 +196,40 @@ class VerifierWorker:
         state = self.state
         per_tenant = state.settings.pool.opens_per_read
         entries: list[Entry] = []
-        if opens:
-            opens_block = None if drafts else block
-            entries += await with_backoff(lambda: state.broker.read_work(
-                state.worker_id, opens, opens_block, count=per_tenant), "read_opens", state.stopping)
-        if drafts:
-            count = self._read_count
-            entries += await with_backoff(lambda: state.broker.read_work(
-                state.worker_id, drafts, block, count=count), "read_drafts", state.stopping)
+        try:
+            if opens:
+                opens_block = None if drafts else block
+                entries += await with_backoff(lambda: state.broker.read_work(
+                    state.worker_id, opens, opens_block, count=per_tenant), "read_opens", state.stopping)
+            if drafts:
+                count = self._read_count
+                entries += await with_backoff(lambda: state.broker.read_work(
+                    state.worker_id, drafts, block, count=count), "read_drafts", state.stopping)
+        except SessionDataError as exc:  # a key replaced by another type: its owner fails, the rest read next
+            await self._unreadable(exc)
         return entries
+
+    async def _unreadable(self, exc: SessionDataError) -> None:
+        """Keys a read found of the wrong type: their sessions fail typed, a tenant's stream is left."""
+        state = self.state
+        log.error("verifier.unreadable_keys", keys=list(exc.keys), error=str(exc)[:300])
+        for key in exc.keys:
+            tenant = state.tenant_streams.pop(key, None)
+            if tenant is not None:
+                log.error("tenant.stream_invalid", tenant=tenant, stream=key)
+                continue
+            session = state.sessions.get(state.broker.keys.session_of(key))
+            if session is not None:
+                await self.writes.session_data_failed(session.session_id, exc, session.key, session)
+        if not exc.keys:
+            await asyncio.sleep(self.rounds.idle_block_ms() / 1000)  # nothing to blame: do not spin
 
     async def dispatch(self, entry: Entry) -> None:
         """Hand one read entry to its part: an open to admission, a draft to the rounds."""
         state = self.state
         tenant = state.tenant_streams.get(entry.stream)
         if tenant is not None:
-            await self.admission.on_open(entry, tenant)
+            await self.admission.open_guarded(entry, tenant)
             return
         session = state.sessions.get(state.broker.keys.session_of(entry.stream))
         if session is None:
@@ -215,6 +241,9 @@ class VerifierWorker:
             return
         try:
             message = decode(entry.payload or b"", state.limits)
+            if message.session_id != session.session_id:
+                raise WireError(ErrorCode.MALFORMED, f"a {message.type_} naming session "
+                                f"{message.session_id!r} on the draft stream of {session.session_id!r}")
             if isinstance(message, SessionClose):
                 await state.broker.ack(entry.stream, entry.entry_id)
                 await self.writes.finish(session, message.reason)
@@ -224,6 +253,8 @@ class VerifierWorker:
                 raise WireError(ErrorCode.MALFORMED, f"unexpected {message.type_} on a draft stream")
         except WireError as exc:
             await self.writes.reject(session, entry.entry_id, exc)
+        except SESSION_DATA_ERRORS as exc:  # this session's keys only: it fails, the others go on
+            await self.writes.session_data_failed(session.session_id, exc, session.key, session)
 
     async def _forged_draft(self, session: VerifierSession, entry: Entry) -> None:
         """Drop a draft-stream entry whose MAC does not verify; tell the edge (at most once a second)."""

@@ -75,6 +75,10 @@ class DraftBackend(ABC):
     def release(self, state: DraftState) -> None:  # noqa: B027 - optional hook
         """Free what a finished session held."""
 
+    def warm_up(self, prompt_tokens: int = 32, gamma: int = 4) -> None:  # noqa: B027 - optional
+        """Rehearse a session's first rounds on a throw-away context before any user's tokens
+        (kernels and allocator warm); backends without a model to warm keep this no-op."""
+
 
 class IncrementalState(DraftState):
     """The tokens a backend's cache covers, in order; subclasses add the cache itself."""
@@ -108,6 +112,16 @@ class IncrementalBackend(DraftBackend):
                 break
             logits = self._feed(state, [token])
         return proposal
+
+    def warm_up(self, prompt_tokens: int = 32, gamma: int = 4) -> None:
+        state = self.new_state()
+        context = [3 + i % max(1, self.vocab_size - 3) for i in range(prompt_tokens)]
+        try:
+            for seq in range(3):
+                proposal = self.propose(state, context, max(1, gamma), GREEDY, seq, frozenset(), 1)
+                context = context + proposal.token_ids[:1]  # a verdict that keeps one token
+        finally:
+            self.release(state)
 
     def _rollback(self, state: IncrementalState, context: list[int]) -> None:
         """Keep the longest cached prefix of ``context``, leaving at least one token to feed."""

@@ -21,7 +21,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from common.logs import get_logger
-from common.models import ModelLoadError, eos_token_ids, load_tokenizer, resolve_model_path, vocab_fingerprint
+from common.models import (  # noqa: F401 - default_cache_dir: the backends' import
+    ModelLoadError,
+    default_cache_dir,
+    eos_token_ids,
+    load_tokenizer,
+    resolve_model_path,
+    vocab_fingerprint,
+)
 
 log = get_logger("specd.edge.convert")
 
@@ -29,14 +36,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 DONE_MARKER = "specd-converted.json"
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "specd"
-
-
-def model_folder(name: str) -> Path:
-    """A local folder for ``name``: bundled, a path, or a hub id (from the local hub cache)."""
-    path = Path(resolve_model_path(name))
+def model_folder(name: str, cache_dir: str | Path = "") -> Path:
+    """A local folder for ``name``: bundled, named, a path, a GGUF file's dequantised copy in
+    ``cache_dir``, or a hub id (from the local hub cache)."""
+    path = Path(resolve_model_path(name, cache_dir))
     if path.is_dir():
         return path
     try:

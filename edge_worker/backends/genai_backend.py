@@ -61,7 +61,7 @@ class GenAIDraftBackend(IncrementalBackend):
         import onnxruntime_genai as og
 
         check_precision("genai", precision, PRECISIONS)
-        folder = model_folder(model)
+        folder = model_folder(model, cache_dir or "")
         meta = adopt_identity(self, model, folder, trust_remote_code)
         target = BUILDER_TARGET[provider]
         key = cache_key(folder, PRECISIONS[precision], target, og.__version__)

@@ -61,7 +61,7 @@ class OpenVINODraftBackend(IncrementalBackend):
         import openvino as ov
 
         check_precision("openvino", precision, PRECISIONS)
-        folder = model_folder(model)
+        folder = model_folder(model, cache_dir or "")
         meta = adopt_identity(self, model, folder, trust_remote_code)
         text = meta.config.get_text_config()
         self._layers, self._kv_heads = int(text.num_hidden_layers), int(text.num_key_value_heads)

@@ -26,7 +26,7 @@ def candidates(kind: str, index: str) -> list[str]:
 
 
 def build(ctx: DraftContext) -> DraftBackend:
-    """Reads models.dtype, models.trust_remote_code, edge.device, edge.precision."""
+    """Reads models.dtype, models.trust_remote_code, edge.device, edge.precision, edge.cache_dir."""
     from common.models import load_causal_lm
     from edge_worker.backends.torch_backend import TorchDraftBackend
     from edge_worker.drafters.placement import PRECISION_DTYPE, place, ready
@@ -36,7 +36,8 @@ def build(ctx: DraftContext) -> DraftBackend:
         raise ValueError(f"the torch backend supports precision f32, f16, bf16, not {placement.precision!r}")
     models = ctx.settings.models
     dtype = models.dtype if ctx.settings.edge.precision == "auto" else PRECISION_DTYPE[placement.precision]
-    model = load_causal_lm(ctx.model, dtype, placement.device.used, models.trust_remote_code)
+    model = load_causal_lm(ctx.model, dtype, placement.device.used, models.trust_remote_code,
+                           cache_dir=ctx.settings.edge.cache_dir)
     return ready("torch", TorchDraftBackend(model), ctx, placement)
 
 

@@ -28,7 +28,7 @@ from specd.eval.modes import draft_generate, speculative_generate, target_genera
 from specd.eval.progress import Progress
 from specd.eval.records import MODES, RecordFile, mode_block, speculative_block
 from specd.eval.suites import Question
-from specd.generate import local_verifier, redis_url_for
+from specd.generation import local_verifier, redis_url_for
 from specd.runtime import build_draft_backend, edge_broker, edge_config, make_broker
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine
@@ -83,7 +83,7 @@ def context_limit(settings: Settings) -> int:
     limits = []
     for name in (settings.models.target, settings.models.draft):
         try:
-            config = AutoConfig.from_pretrained(resolve_model_path(name),
+            config = AutoConfig.from_pretrained(resolve_model_path(name, settings.edge.cache_dir),
                                                 trust_remote_code=settings.models.trust_remote_code)
             limits.append(int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0))
         except (OSError, ValueError):
@@ -100,7 +100,7 @@ async def open_models(settings: Settings, options: EvalOptions) -> AsyncIterator
         if "target" in options.modes:
             models = settings.models
             target = load_causal_lm(models.target, models.dtype, models.target_device,
-                                    models.trust_remote_code)
+                                    models.trust_remote_code, cache_dir=settings.edge.cache_dir)
             engine = TargetEngine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
             tokenizer, stops = target.tokenizer, target.eos_token_ids
         if backend is not None:  # the edge encodes the prompts and sets the stop ids

@@ -63,7 +63,7 @@ async def serve_forever(settings: Settings, sock: socket.socket) -> int:
     import uvicorn
 
     from broker.reach import redacted
-    from specd.generate import local_verifier, redis_url_for
+    from specd.generation import local_verifier, redis_url_for
     from specd.runtime import make_broker
 
     signal.signal(signal.SIGTERM, _exit_during_startup)  # until uvicorn runs: clean up, then exit

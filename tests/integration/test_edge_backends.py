@@ -77,3 +77,40 @@ async def test_drafting_ahead_keeps_seeded_sampling_identical(redis_url, tiny_pa
         ahead = await edge.generate(ids, spec)
         assert ahead.token_ids == plain.token_ids
         assert ahead.ahead_hits + ahead.ahead_misses > 0
+
+
+@pytest.fixture(scope="module")
+def smol_vocab_pair(real_target: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny random target and a perturbed draft over SmolLM2's real tokenizer (49,152 tokens,
+    taken from the GGUF file's dequantised copy): the real vocabulary and chat template at a size
+    that converts in seconds."""
+    import tiny_models
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("smol-vocab")
+    tokenizer = AutoTokenizer.from_pretrained(real_target)
+    target = tiny_models.random_model(tokenizer, seed=1)
+    draft = tiny_models.perturbed_copy(target, 2, 0.35)
+    return {"target": str(tiny_models.save(target, tokenizer, root / "target")),
+            "draft": str(tiny_models.save(draft, tokenizer, root / "draft"))}
+
+
+@pytest.mark.parametrize("backend", ["openvino", "genai"])
+async def test_converted_backends_on_the_real_vocabulary(backend, redis_url, smol_vocab_pair,
+                                                        edge_cache) -> None:
+    """OpenVINO and GenAI convert a draft with the real model's vocabulary (49,152 tokens) and
+    stay exact on chat-templated questions."""
+    from common.models import encode_prompt
+
+    pytest.importorskip(PACKAGES[backend], reason=f"{backend} backend not installed")
+    settings = settings_for(redis_url, smol_vocab_pair, edge_cache, f"eb-smol-{backend}", backend=backend,
+                            gamma=3)
+    async with pool(settings) as (verifier, edge):
+        assert edge.backend.vocab_size == 49152
+        prompts = [encode_prompt(edge.backend.tokenizer, q, chat=True)
+                   for q in ("What is the capital of France?", "Write a haiku about autumn.")]
+        results = await asyncio.gather(*(edge.generate(p, SamplingSpec(max_new_tokens=16)) for p in prompts))
+        for prompt, result in zip(prompts, results, strict=True):
+            assert result.token_ids == generate_target_only(verifier.engine, prompt, SamplingParams(),
+                                                            frozenset(), 16)
+        assert sum(r.accepted for r in results) > 0  # the converted draft agrees with its target

@@ -33,7 +33,8 @@ def specd_command(*args: str) -> list[str]:
 def marked_env(mark: str, tmp: Path, **extra: str) -> dict[str, str]:
     """The environment of a command under test; ``mark`` lets us find every process it started."""
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
+    kept = ("SPECD_MODELS__TARGET", "SPECD_MODELS__DRAFT")  # the tiny pair (tests/conftest.py)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_") or k in kept}
     return {**env, **ENV, "LEAK_TEST_MARK": mark, "TMPDIR": str(tmp), **extra}
 
 

@@ -35,7 +35,7 @@ from common.integrity import ContextDigest, draft_digest, mac, session_key, u32
 from common.sampling import SamplingParams
 from common.settings import Settings
 from common.wire import DraftBatch, SamplingSpec, SessionOpen, Verdict, WireError, decode, encode
-from specd.generate import local_verifier, redis_url_for
+from specd.generation import local_verifier, redis_url_for
 from specd.runtime import build_edge, make_broker, open_broker
 from verifier_worker.engine import generate_target_only
 

@@ -41,7 +41,8 @@ PROMPTS = [
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SPECD_MODELS__TORCH_THREADS="1",
                PYTHONUNBUFFERED="1")
-    return {k: v for k, v in env.items() if not k.startswith("SPECD_") or k == "SPECD_MODELS__TORCH_THREADS"}
+    kept = ("SPECD_MODELS__TORCH_THREADS", "SPECD_MODELS__TARGET", "SPECD_MODELS__DRAFT")  # the tiny pair
+    return {k: v for k, v in env.items() if not k.startswith("SPECD_") or k in kept}
 
 
 @dataclass

@@ -36,6 +36,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("SPECD_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("SPECD_MODELS__TARGET", "bundled:target")  # the tiny pair, as everywhere in tests
+    monkeypatch.setenv("SPECD_MODELS__DRAFT", "bundled:draft")
     monkeypatch.setattr("specd.cli.configure_logging", lambda *a, **k: None)  # keep pytest's streams
 
 
@@ -152,7 +154,7 @@ def test_every_settings_flag_shows_its_key_and_default(capsys) -> None:
     for group in ("common", "target", "draft"):
         for flag in flags.SETTING_FLAGS[group]:
             section, key = flag.setting.split(".")
-            default = getattr(getattr(Settings(), section), key)
+            default = Settings.model_fields[section].annotation.model_fields[key].default
             shown = flags._default_text(default)
             assert f"[{flag.setting}; default: {shown}]" in text, flag.setting
 
@@ -222,7 +224,7 @@ def test_a_missing_model_folder_says_so(capsys) -> None:
 def test_a_missing_draft_folder_fails_before_redis_or_the_target_start(capsys, monkeypatch) -> None:
     """Issue 21, item 12: `generate --draft-model ./nope` used to start a Redis, load the target,
     and only then fail; the names are checked first."""
-    from specd import generate
+    from specd import generation as generate
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("started before the model names were checked")
@@ -391,7 +393,7 @@ async def test_a_failed_edge_session_line_names_its_session_and_its_code_once(ca
 
 def test_one_thread_policy_for_every_generate_mode(monkeypatch) -> None:
     """Issue 21, item 8: 0 (the default) is one torch thread in every mode, --torch-threads N is N."""
-    from specd import generate
+    from specd import generation as generate
 
     applied: list[int] = []
     monkeypatch.setattr(generate, "set_torch_threads", applied.append)

@@ -293,3 +293,41 @@ def test_sparse_distribution_probabilities_are_float32() -> None:
 ])
 def test_apply_stop_rules(tokens, so_far, stops, limit, expected) -> None:
     assert apply_stop_rules(tokens, so_far, stops, limit) == expected
+
+
+def test_output_follows_the_real_targets_distribution(real_target: str) -> None:
+    """The law on SmolLM2-135M-Instruct's own next-token logits (vocabulary 49,152, a real
+    spread: a few likely tokens and a long tail) at temperature 0.8 / top-p 0.9, against a draft
+    distribution shaped like an edge's: the top 64 of a flatter view of the same logits."""
+    from common.models import encode_prompt, load_causal_lm
+
+    target = load_causal_lm(real_target)
+    prompt = encode_prompt(target.tokenizer, "Name a colour.", chat=True)
+    with torch.no_grad():
+        raw = target.model(torch.tensor([prompt])).logits[0, -1].float()
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    p_values = filtered(raw, params)
+    top = torch.topk(torch.softmax(raw / 2.0, -1), 64)  # q: flatter, and truncated as edges send it
+    support = top.indices.tolist()
+    q = torch.zeros_like(raw)
+    q[top.indices] = top.values / top.values.sum()
+    assert int((p_values > 0).sum()) > 2 and float(p_values.max()) < 0.9  # a spread, not a point mass
+    counts = torch.zeros(raw.numel(), dtype=torch.float64)
+    trials, chunk = 2000, 250  # chunks: 2 rows x 49,152 logits per trial
+    generator = torch.Generator().manual_seed(17)
+    for start in range(0, trials, chunk):
+        drafts = torch.multinomial(q.expand(chunk, -1), 1, replacement=True, generator=generator)[:, 0]
+        batch = [SamplingParams(temperature=0.8, top_p=0.9, seed=start + i) for i in range(chunk)]
+        supports = [[(support, q[support].tolist())] for _ in range(chunk)]
+        logits = raw.expand(chunk, 2, -1).reshape(2 * chunk, -1)
+        result = verify_round(logits, flat([[int(d)] for d in drafts], batch, supports))
+        tokens = torch.where(result.num_accepted > 0, drafts, result.next_token)
+        counts += torch.bincount(tokens, minlength=raw.numel()).double()
+    empirical = counts / trials
+    assert empirical[p_values == 0].sum() == 0  # nothing outside the nucleus, whatever q drafts
+    likely = p_values > 0.02
+    sigma = torch.sqrt(p_values[likely] * (1 - p_values[likely]) / trials)
+    assert torch.all((empirical[likely] - p_values[likely]).abs() <= 5 * sigma), (
+        empirical[likely], p_values[likely])
+    rest = float(p_values[~likely].sum())  # the tail, pooled
+    assert abs(float(empirical[~likely].sum()) - rest) <= 5 * (rest * (1 - rest) / trials) ** 0.5 + 1e-9

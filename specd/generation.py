@@ -13,7 +13,7 @@ from typing import Any
 from broker.embedded import EmbeddedRedis
 from broker.reach import redacted, require_verifier
 from common.logs import get_logger
-from common.models import load_causal_lm, set_torch_threads
+from common.models import encode_prompt, load_causal_lm, set_torch_threads
 from common.prompt_limits import prompt_problem
 from common.sampling import SamplingParams, apply_stop_rules
 from common.settings import Settings, context_length
@@ -30,7 +30,7 @@ from specd.runtime import (
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
 
-log = get_logger("specd.generate")
+log = get_logger("specd.generation")
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +83,7 @@ async def cancel_until_done(task: asyncio.Task[Any], every_s: float = 0.5) -> No
         log.warning("verifier.stopped_with_error", error=repr(task.exception()))
 
 
-async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str, Any]:
+async def speculative(settings: Settings, prompt: str, stream: bool, chat: bool = False) -> dict[str, Any]:
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as stack:
         if embedded:  # nobody else can reach an embedded Redis: serve it ourselves
             await stack.enter_async_context(local_verifier(settings, url))
@@ -100,8 +100,8 @@ async def speculative(settings: Settings, prompt: str, stream: bool) -> dict[str
                 print(tokenizer.decode(tokens, skip_special_tokens=True), end="", flush=True)
 
         if stream:
-            print(prompt, end="", flush=True)
-        result = await client.generate(tokenizer.encode(prompt), spec, on_tokens)
+            print(prompt, end="\n" if chat else "", flush=True)
+        result = await client.generate(encode_prompt(tokenizer, prompt, chat), spec, on_tokens)
         if stream:
             print(flush=True)
         return speculative_summary(settings, result, tokenizer, url, embedded)
@@ -117,13 +117,18 @@ def speculative_summary(settings: Settings, result: SessionResult, tokenizer: An
     return summary
 
 
-def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
+def target_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str, Any]:
     models = settings.models
-    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code)
-    engine = TargetEngine(target.model, target.vocab_size)
+    target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
+                            cache_dir=settings.edge.cache_dir)
     spec = sampling_spec(settings, target.eos_token_ids)
-    prompt_ids = target.tokenizer.encode(prompt)
+    prompt_ids = encode_prompt(target.tokenizer, prompt, chat)
     check_local_prompt(prompt_ids, spec.max_new_tokens, context_length(target.model.config), "models.target")
+    # One session: a KV arena of its own length (not a pool's budget), warmed on a throw-away
+    # prompt of the same length before the clock starts, so a fresh process runs at warm speed.
+    engine = TargetEngine(target.model, target.vocab_size,
+                          kv_budget_tokens=max(1024, 2 * (len(prompt_ids) + spec.max_new_tokens)))
+    engine.warm_up(prompt_tokens=len(prompt_ids), gamma=0)
     started = time.perf_counter()
     stops = frozenset(spec.stop_token_ids)
     tokens = generate_target_only(engine, prompt_ids, SamplingParams(
@@ -132,11 +137,11 @@ def target_only(settings: Settings, prompt: str) -> dict[str, Any]:
                           engine.forward_passes, spec.seed, _finish(tokens, stops, spec.max_new_tokens))
 
 
-def draft_only(settings: Settings, prompt: str) -> dict[str, Any]:
+def draft_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str, Any]:
     backend = build_draft_backend(settings)
     spec = sampling_spec(settings, backend.eos_token_ids)
     params = SamplingParams.of(spec)
-    prompt_ids = backend.tokenizer.encode(prompt)
+    prompt_ids = encode_prompt(backend.tokenizer, prompt, chat)
     check_local_prompt(prompt_ids, spec.max_new_tokens, backend_context(backend), "models.draft")
     state, context = backend.new_state(), list(prompt_ids)
     tokens: list[int] = []
@@ -181,16 +186,18 @@ def _plain_summary(mode: str, tokenizer: Any, prompt_ids: list[int], tokens: lis
     }
 
 
-def run_generate(settings: Settings, prompt: str, mode: str, as_json: bool) -> dict[str, Any]:
+def run_generate(settings: Settings, prompt: str, mode: str, as_json: bool,
+                 chat: bool = False) -> dict[str, Any]:
+    """``chat``: the prompt is one user message, sent through the model's chat template."""
     check_models(settings, target=mode == "target" or (mode == "speculative" and not settings.redis.url),
                  draft=mode != "target")
     threads = thread_policy(settings)
     if mode == "speculative":
-        result = asyncio.run(speculative(settings, prompt, stream=not as_json))
+        result = asyncio.run(speculative(settings, prompt, stream=not as_json, chat=chat))
     elif mode == "target":
-        result = target_only(settings, prompt)
+        result = target_only(settings, prompt, chat)
     elif mode == "draft":
-        result = draft_only(settings, prompt)
+        result = draft_only(settings, prompt, chat)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return {**result, "torch_threads": threads}

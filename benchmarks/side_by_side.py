@@ -1,0 +1,347 @@
+"""specd beside Hugging Face transformers on one user's prompts, same pair, same tokens.
+
+Systems, each greedy, each with one torch thread, each on the same prompts (the first
+``--prompts`` HumanEval prompts) with the same stop rule (the target's end-of-sequence ids) and
+the same ``--max-new-tokens``:
+
+  * ``hf_generate``: transformers' plain ``generate`` on the target (its own KV cache);
+  * ``hf_assisted``: transformers' assisted generation with the draft, ``num_assistant_tokens``
+    fixed at ``--gamma`` (constant schedule);
+  * ``specd_target``: ``specd generate --mode target``'s path (``generate_target_only`` on the
+    verifier's engine);
+  * ``specd_speculative``: ``specd generate``'s path: an embedded Redis, the verifier running in
+    this process, the edge drafting with the torch backend, gamma ``--gamma``;
+  * ``specd_speculative_ahead``: the same with ``edge.draft_ahead`` on (``--ahead``).
+
+Two settings, both reported run by run:
+
+  * **warm**: one process holds every system (each its own copy of the models), runs each once as
+    a warm-up, then ``--reps`` repetitions in rotating order; a system's rate in a repetition is
+    its tokens over its wall time across all prompts;
+  * **fresh** (``--fresh-reps`` > 0): one new process per prompt and system, as a user runs it:
+    ``specd generate --json`` (its ``tokens_per_s``: the time from the first pass to the last
+    token, model loading excluded) and, for transformers, a child process of this script timing
+    its one ``generate`` call the same way.
+
+Token ids are compared across systems (greedy: they must be identical). Ratios are what to quote
+on a shared machine; every run is in the JSON. Results: ``benchmarks/results/side_by_side*.json``
+and ``.md``. Examples:
+
+    PYTHONPATH=. python benchmarks/side_by_side.py                      # bundled pair
+    PYTHONPATH=. python benchmarks/side_by_side.py --target smollm2-135m-instruct \\
+        --draft smollm2-135m-draft --tag real
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.json"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_prompts(path: Path, count: int) -> list[str]:
+    rows = json.loads(path.read_text()) if path.suffix == ".json" else [
+        json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row.get("prompt") or row.get("text") or row["turns"][0] for row in rows[:count]]
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def hf_model(name: str) -> Any:
+    from common.models import load_causal_lm
+
+    return load_causal_lm(name)
+
+
+def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int) -> Callable[[list[int]], list[int]]:
+    """One prompt through ``generate`` (plain, or assisted when ``draft`` is given)."""
+    kwargs: dict[str, Any] = {}
+    if draft is not None:
+        draft.model.generation_config.num_assistant_tokens = gamma
+        draft.model.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.model.generation_config.assistant_confidence_threshold = 0.0
+        kwargs["assistant_model"] = draft.model
+    eos = sorted(target.eos_token_ids)
+
+    @torch.inference_mode()
+    def run(ids: list[int]) -> list[int]:
+        x = torch.tensor([ids])
+        out = target.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                    max_new_tokens=max_new, eos_token_id=eos,
+                                    pad_token_id=target.tokenizer.pad_token_id or eos[0], **kwargs)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+# ---------------------------------------------------------------- specd
+
+
+def settings_for(args: argparse.Namespace, ahead: bool = False) -> Any:
+    from common.settings import Settings
+
+    return Settings(models={"target": args.target, "draft": args.draft, "torch_threads": 1},
+                    edge={"gamma": args.gamma, "draft_ahead": ahead},
+                    sampling={"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": 0},
+                    log={"level": "warning"})
+
+
+def specd_target_runner(args: argparse.Namespace) -> Callable[[list[int]], list[int]]:
+    from common.models import load_causal_lm
+    from common.sampling import SamplingParams
+    from verifier_worker.engine import TargetEngine, generate_target_only
+
+    target = load_causal_lm(args.target)
+    engine = TargetEngine(target.model, target.vocab_size)
+    engine.warm_up(gamma=0)
+    return lambda ids: generate_target_only(engine, ids, SamplingParams(), target.eos_token_ids,
+                                            args.max_new_tokens)
+
+
+class SpecdStack:
+    """``specd generate``'s speculative path kept open: embedded Redis, in-process verifier, edge."""
+
+    def __init__(self, args: argparse.Namespace, ahead: bool) -> None:
+        self.settings = settings_for(args, ahead)
+        self.loop = asyncio.new_event_loop()
+        self.stack = contextlib.AsyncExitStack()
+        self.client: Any = None
+        self.loop.run_until_complete(self._open())
+
+    async def _open(self) -> None:
+        from specd.generation import local_verifier, redis_url_for
+        from specd.runtime import build_edge, open_broker
+
+        url, _ = await self.stack.enter_async_context(redis_url_for(self.settings))
+        await self.stack.enter_async_context(local_verifier(self.settings, url))
+        broker = await open_broker(self.settings, url)
+        self.stack.push_async_callback(broker.close)
+        self.client = build_edge(self.settings, broker)
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        from specd.workers import sampling_spec
+
+        spec = sampling_spec(self.settings, self.client.backend.eos_token_ids)
+        return self.loop.run_until_complete(self.client.generate(ids, spec)).token_ids
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.stack.aclose())
+        left = asyncio.all_tasks(self.loop)  # background loops still winding down
+        for task in left:
+            task.cancel()
+
+        async def finished() -> None:
+            await asyncio.gather(*left, return_exceptions=True)
+
+        self.loop.run_until_complete(finished())
+        self.loop.close()
+
+
+# ---------------------------------------------------------------- warm: one process
+
+
+def timed(run: Callable[[list[int]], list[int]], prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+    outputs, started = [], time.perf_counter()
+    for ids in prompts:
+        outputs.append(run(ids))
+    wall = time.perf_counter() - started
+    return sum(len(o) for o in outputs) / wall, outputs
+
+
+def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    from common.models import load_tokenizer
+
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(args.target)
+    prompts = [tokenizer.encode(t) for t in texts]
+    target, draft = hf_model(args.target), hf_model(args.draft)
+    runners: dict[str, Callable[[list[int]], list[int]]] = {
+        "hf_generate": hf_runner(target, None, args.gamma, args.max_new_tokens),
+        "hf_assisted": hf_runner(hf_model(args.target), draft, args.gamma, args.max_new_tokens),
+        "specd_target": specd_target_runner(args),
+    }
+    stacks = [SpecdStack(args, ahead=False)]
+    runners["specd_speculative"] = stacks[0]
+    if args.ahead:
+        stacks.append(SpecdStack(args, ahead=True))
+        runners["specd_speculative_ahead"] = stacks[1]
+    try:
+        names = list(runners)
+        first = {name: round(timed(runners[name], prompts)[0], 2) for name in names}  # warm-up
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        outputs: dict[str, list[list[int]]] = {}
+        for rep in range(args.reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            if rep % 2:
+                order.reverse()
+            for name in order:
+                rate, outputs[name] = timed(runners[name], prompts)
+                runs[name].append(round(rate, 2))
+                print(f"warm rep {rep} {name}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
+    finally:
+        for stack in stacks:
+            stack.close()
+    reference = outputs["hf_generate"]
+    return {"first_pass_tok_s": first, "runs": runs,
+            "median": {n: round(statistics.median(v), 2) for n, v in runs.items()},
+            "tokens": sum(len(o) for o in reference),
+            "identical_to_hf_generate": {n: o == reference for n, o in outputs.items()}}
+
+
+# ---------------------------------------------------------------- fresh: one process per prompt
+
+
+def hf_child(args: argparse.Namespace) -> None:
+    """One prompt, plain or assisted, in this fresh process: prints its tokens and rate."""
+    torch.set_num_threads(1)
+    target = hf_model(args.target)
+    draft = hf_model(args.draft) if args.child == "hf_assisted" else None
+    ids = target.tokenizer.encode(args.child_prompt)
+    started = time.perf_counter()
+    tokens = hf_runner(target, draft, args.gamma, args.max_new_tokens)(ids)
+    wall = time.perf_counter() - started
+    print(json.dumps({"token_ids": tokens, "tokens": len(tokens), "wall_ms": wall * 1000,
+                      "tokens_per_s": len(tokens) / wall}))
+
+
+def fresh_command(args: argparse.Namespace, system: str, prompt: str) -> list[str]:
+    if system.startswith("hf_"):
+        return [sys.executable, __file__, "--child", system, "--child-prompt", prompt,
+                "--target", args.target, "--draft", args.draft, "--gamma", str(args.gamma),
+                "--max-new-tokens", str(args.max_new_tokens)]
+    mode = "target" if system == "specd_target" else "speculative"
+    command = [sys.executable, "-m", "specd", "generate", "--json", "--prompt", prompt, "--mode", mode,
+               "--target-model", args.target, "--draft-model", args.draft, "--torch-threads", "1",
+               "--gamma", str(args.gamma), "--max-new-tokens", str(args.max_new_tokens),
+               "--temperature", "0", "--seed", "0", "--log-level", "error"]
+    if system == "specd_speculative_ahead":
+        command.append("--draft-ahead")
+    elif mode == "speculative":
+        command.append("--no-draft-ahead")
+    return command
+
+
+def fresh(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    systems = ["hf_generate", "hf_assisted", "specd_target", "specd_speculative"]
+    if args.ahead:
+        systems.append("specd_speculative_ahead")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for rep in range(args.fresh_reps):
+        for index, prompt in enumerate(texts[:args.fresh_prompts]):
+            order = systems[(rep + index) % len(systems):] + systems[:(rep + index) % len(systems)]
+            for system in order:
+                done = subprocess.run(fresh_command(args, system, prompt), env=env, cwd=ROOT,
+                                      capture_output=True, text=True, timeout=900, check=False)
+                if done.returncode:
+                    raise RuntimeError(f"{system} failed: {done.stderr[-2000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[system].append({"rep": rep, "prompt": index, "tokens": result["tokens"],
+                                     "wall_ms": round(float(result["wall_ms"]), 2),
+                                     "token_ids": result["token_ids"]})
+                print(f"fresh rep {rep} prompt {index} {system}: {result['tokens_per_s']:.1f} tok/s",
+                      file=sys.stderr, flush=True)
+    rates: dict[str, list[float]] = {}
+    for system, rows in runs.items():  # per repetition: tokens over wall time across prompts
+        rates[system] = [round(sum(r["tokens"] for r in rows if r["rep"] == rep) / sum(
+            r["wall_ms"] for r in rows if r["rep"] == rep) * 1000, 2) for rep in range(args.fresh_reps)]
+    reference = [r["token_ids"] for r in runs["hf_generate"]]
+    return {"runs": {s: [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]
+                     for s, rows in runs.items()},
+            "rates": rates, "median": {s: round(statistics.median(v), 2) for s, v in rates.items()},
+            "identical_to_hf_generate": {s: [r["token_ids"] for r in rows] == reference
+                                         for s, rows in runs.items()}}
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratios(median: dict[str, float]) -> dict[str, float]:
+    out = {"specd_target / hf_generate": median["specd_target"] / median["hf_generate"],
+           "specd_speculative / hf_assisted": median["specd_speculative"] / median["hf_assisted"]}
+    if "specd_speculative_ahead" in median:
+        ahead = median["specd_speculative_ahead"]
+        out["specd_speculative_ahead / hf_assisted"] = ahead / median["hf_assisted"]
+        out["ahead / no ahead"] = median["specd_speculative_ahead"] / median["specd_speculative"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# side by side: {report['config']['target']} / {report['config']['draft']}", "",
+             f"{report['config']}", ""]
+    for setting in ("warm", "fresh"):
+        part = report.get(setting)
+        if not part:
+            continue
+        runs = part.get("runs") if setting == "warm" else part["rates"]
+        lines += [f"## {setting}", "", "| system | median tok/s | runs | identical to hf_generate |",
+                  "|---|---:|---|---|"]
+        for name, median in part["median"].items():
+            lines.append(f"| {name} | {median} | {runs[name]} | {part['identical_to_hf_generate'][name]} |")
+        lines += ["", f"ratios: {part['ratios']}", ""]
+    if "fresh_over_warm" in report:
+        lines += [f"fresh / warm (specd): {report['fresh_over_warm']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="bundled:target")
+    parser.add_argument("--draft", default="bundled:draft")
+    parser.add_argument("--prompts-file", type=Path, default=PROMPTS)
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--fresh-reps", type=int, default=1)
+    parser.add_argument("--fresh-prompts", type=int, default=6)
+    parser.add_argument("--ahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run speculative with edge.draft_ahead on")
+    parser.add_argument("--tag", default="tiny")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-prompt", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        hf_child(args)
+        return
+    from common.logs import configure_logging
+
+    configure_logging("warning")
+    texts = load_prompts(args.prompts_file, args.prompts)
+    config = {k: v for k, v in vars(args).items() if not k.startswith("child")}
+    config.update(prompts_file=str(args.prompts_file), machine=platform.machine(),
+                  cpus=os.cpu_count(), torch=torch.__version__)
+    report: dict[str, Any] = {"config": config, "warm": warm(args, texts)}
+    report["warm"]["ratios"] = ratios(report["warm"]["median"])
+    if args.fresh_reps:
+        report["fresh"] = fresh(args, texts)
+        report["fresh"]["ratios"] = ratios(report["fresh"]["median"])
+        report["fresh_over_warm"] = {s: round(report["fresh"]["median"][s] / report["warm"]["median"][s], 3)
+                                     for s in report["fresh"]["median"] if s.startswith("specd")}
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"side_by_side_{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
