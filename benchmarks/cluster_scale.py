@@ -112,7 +112,7 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
     verifier_broker, edge_broker = make_broker(settings), make_broker(settings)
     counter = Counter(verifier_broker.redis)
     verifier = build_verifier(settings, verifier_broker, worker_id="v-cs")
-    for owner in (verifier.writer, verifier.pool):
+    for owner in (verifier.state.writer, verifier.state.pool):
         for attr, script in vars(owner).items():
             if hasattr(script, "sha") and hasattr(script, "script"):
                 counter.scripts[script.sha] = attr.strip("_")
@@ -135,7 +135,7 @@ async def point(url: str, node_urls: list[str], target: str, replay: str, sessio
     tokenizer = edge.backend.tokenizer
     spec = SamplingSpec(max_new_tokens=max_new_tokens)
     try:
-        while verifier.stats.rounds == 0 and not verifier.tenant_streams:
+        while verifier.stats.rounds == 0 and not verifier.state.tenant_streams:
             await asyncio.sleep(0.05)
         calls_before = await node_calls(node_urls)
         started = time.perf_counter()

@@ -89,7 +89,7 @@ def pick_models(args: argparse.Namespace, scratch: Path) -> tuple[str, str, str]
 def draft_speed(kind: str, draft: str, cache_dir: str, gamma: int, rounds: int) -> dict[str, Any]:
     """Greedy draft tokens/s of one backend: ``rounds`` proposals of ``gamma`` after a prompt."""
     started = time.perf_counter()
-    backend = create_backend(kind, draft, cache_dir=cache_dir, threads=1)
+    backend = create_backend(kind, draft, Settings(models={"torch_threads": 1}), cache_dir=cache_dir)
     load_s = time.perf_counter() - started
     ids = backend.tokenizer.encode(PROMPTS[0])
     state, context, times = backend.new_state(), list(ids), []
@@ -113,7 +113,7 @@ async def session_runs(args: argparse.Namespace, target: str, draft: str, cache_
                             edge={"backend": args.session_backend, "cache_dir": cache_dir,
                                   "gamma_min": 1, "gamma_max": max(args.gammas)})
         verifier = await start_verifier(redis.url, target)
-        backend = create_backend(args.session_backend, draft, cache_dir=cache_dir, threads=1)
+        backend = create_backend(args.session_backend, draft, settings)
         try:
             for delay_ms in args.delays:
                 broker = DelayedBroker(connect(redis.url), prefix="bench", one_way_s=delay_ms / 2000)

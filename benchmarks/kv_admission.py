@@ -3,15 +3,18 @@
 Sessions ask for ``max_new_tokens`` 1,024 but stop after 50-300 tokens (uniform), as chat
 sessions do. Opens queue without end (a saturated verifier); each round every resident session
 feeds its last token plus a gamma-4 draft and keeps 1-5 tokens. Two admission rules on the same
-budget, same session stream:
+budget, same session stream, both decided by the worker's own rule
+(``verifier_worker.capacity.decide_admission``: admit on Take or Evict, stop on anything else)
+over two accountings of what a session reserves:
 
-  * reserve (the extent arena): admit while the sum of ``prompt + max_new_tokens + draft room``
-    over resident sessions fits the budget (``verifier_worker.capacity.plan_admission``);
-  * blocks (the paged arena, ``KVArena.admits``): admit while the blocks sessions hold, plus
-    the first pass of sessions not yet run and of the new one, fit the budget less a growth
-    headroom; a pass that finds no free block drops the least recently used cache outside it
-    (recomputed later: counted as ``preemptions``). Passes take ``max_batch_sessions`` resident
-    sessions round-robin, as the worker's scheduler does under load.
+  * reserve (the former extent arena): ``prompt + max_new_tokens + draft room`` per resident
+    session, against the whole budget;
+  * blocks (the paged arena, what the worker counts: ``VerifierSession.reserve``): the blocks a
+    session holds, or its first pass while it holds none, against the budget less the growth
+    headroom (``KVArena.admission_budget``); a pass that finds no free block drops the least
+    recently used cache outside it (``capacity.lru_victims``; recomputed later: counted as
+    ``preemptions``). Passes take ``max_batch_sessions`` resident sessions round-robin, as the
+    worker's scheduler does under load.
 
 Both run the real ``KVArena`` block accounting (a 1-element-per-token shape, so no memory is
 spent on keys). Reported: mean (after the first quarter) and peak resident sessions, and
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from verifier_worker.capacity import AdmissionRules, Evict, OpenRequest, Take, decide_admission
 from verifier_worker.kv import ArenaShape, KVArena, SessionKV
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,34 +46,44 @@ class Sim:
     prompt: int
     stop_after: int
     max_new: int
+    by_blocks: bool  # the paged accounting, or the extent arena's reserve for max_new_tokens
     kv: SessionKV = field(default_factory=SessionKV)
     generated: int = 0
+    evicted: bool = False  # what decide_admission reads besides ``reserve`` (never idle here)
+    queue: tuple[int, ...] = ()
+    last_active: float = 0.0
 
     @property
     def context(self) -> int:
         return self.prompt + self.generated
 
+    @property
     def reserve(self) -> int:
+        if self.by_blocks:
+            return self.kv.size or self.context + DRAFT_ROOM
         return self.prompt + self.max_new + DRAFT_ROOM
+
+
+def admits(resident: list[Sim], waiting: Sim, rules: AdmissionRules) -> bool:
+    decision = decide_admission(resident, OpenRequest("t", waiting.reserve), rules, {}, now=0.0)
+    return isinstance(decision, Take | Evict)
 
 
 def simulate(rule: str, budget: int, rounds: int, seed: int, max_new: int, gamma: int,
              batch: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     arena = KVArena(ArenaShape(1, 1, 1), budget, torch.float32, torch.device("cpu"))
+    by_blocks = rule == "blocks"
+    rules = AdmissionRules(budget=arena.admission_budget if by_blocks else budget, idle_evict_s=float("inf"))
     turn = 0
     resident: list[Sim] = []
     waiting = None
     counts, finished = [], 0
     for _ in range(rounds):
         while True:  # admit from the endless queue while the rule allows
-            waiting = waiting or Sim(int(rng.integers(32, 257)), int(rng.integers(50, 301)), max_new)
-            if rule == "reserve":
-                fits = sum(s.reserve() for s in resident) + waiting.reserve() <= budget
-            else:
-                fits = arena.admits(waiting.prompt + DRAFT_ROOM,
-                                    sum(s.context + DRAFT_ROOM for s in resident if not s.kv.blocks))
-            if not fits:
+            waiting = waiting or Sim(int(rng.integers(32, 257)), int(rng.integers(50, 301)), max_new,
+                                     by_blocks)
+            if not admits(resident, waiting, rules):
                 break
             resident.append(waiting)
             waiting = None

@@ -92,7 +92,7 @@ class _Cluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
-        if args and _text(args[0]).upper() == "ACL" and "target_nodes" not in kwargs:
+        if args and text(args[0]).upper() == "ACL" and "target_nodes" not in kwargs:
             kwargs["target_nodes"] = self.get_default_node()  # keyless: any node answers for itself
         try:
             return await super().execute_command(*args, **kwargs)
@@ -120,8 +120,9 @@ def _reset(exc: AttributeError) -> RedisConnectionError:
     return RedisConnectionError(f"connection reset while the cluster's slot map changed ({exc})")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def text(value: Any) -> str:
+    """A Redis reply value as text (bytes decoded; None: empty): the one decoder of replies."""
+    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
 
 
 def slot_of(key: str) -> int:

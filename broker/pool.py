@@ -31,7 +31,7 @@ import json
 import time
 from typing import Any
 
-from broker.cluster import run_scripts, slot_groups
+from broker.cluster import run_scripts, slot_groups, text
 from broker.streams import FIELD, GROUP, Broker, Entry, SessionDataError
 from common.logs import get_logger
 
@@ -219,12 +219,10 @@ class PoolBroker:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.redis = broker.redis
-        prefix = broker.keys.prefix
-        self.leases_key = f"{prefix}:leases"
-        self.owners_key = f"{prefix}:owners"
-        self.workers_key = f"{prefix}:workers"
-        self.deadletter_key = f"{prefix}:deadletter"
-        self.prefix = prefix
+        keys = broker.keys
+        self.leases_key, self.owners_key = keys.leases, keys.owners
+        self.workers_key, self.deadletter_key = keys.workers, keys.deadletter
+        self.prefix = keys.prefix
         self._admit = self.redis.register_script(ADMIT_SESSION)
         self._refresh = self.redis.register_script(REFRESH_SESSIONS)
         self._take = self.redis.register_script(TAKE_TOKENS)
@@ -244,7 +242,7 @@ class PoolBroker:
         """
         reply = await self._acquire(keys=self.session_keys(sid), args=[worker, lease_ms, self.broker.ttl])
         if isinstance(reply, list):
-            bad = tuple(_text(key) for key in reply)
+            bad = tuple(text(key) for key in reply)
             raise SessionDataError(f"session {sid!r} had keys of the wrong type (deleted): {', '.join(bad)}",
                                    bad)
         epoch = int(reply)
@@ -267,7 +265,7 @@ class PoolBroker:
         entries removed. Returns the keys that had a wrong type."""
         await self.forget(sid)  # first: a session whose keys cannot even be tombstoned is not retried
         bad = await self._condemn(keys=self.session_keys(sid), args=[reason, ttl_s])
-        return [_text(key) for key in bad or []]
+        return [text(key) for key in bad or []]
 
     async def renew(self, worker: str, held: dict[str, str], lease_ms: int) -> dict[str, str | None]:
         """Extend the leases this worker holds (``held``: sid -> lease value), one script per slot group.
@@ -329,7 +327,7 @@ class PoolBroker:
     async def lapsed(self, limit: int = 100) -> list[str]:
         """Sessions whose registered lease deadline has passed."""
         found = await self.redis.zrangebyscore(self.leases_key, "-inf", now_ms(), start=0, num=limit)
-        return [_text(sid) for sid in found]
+        return [text(sid) for sid in found]
 
     async def forget(self, sid: str) -> None:
         """Remove a finished (or vanished) session from the registry (its lease goes with FINISH)."""
@@ -367,7 +365,7 @@ class PoolBroker:
             load = _load(blob)
             age = now - load["at"]
             if age <= fresh_s:
-                live[_text(worker)] = load
+                live[text(worker)] = load
             elif prune_s is not None and age > prune_s:
                 stale.append(worker)
         if stale:
@@ -388,7 +386,7 @@ class PoolBroker:
                                           entry.mac if entry.mac is not None else b""])
         if reply == 1:
             return True
-        log.warning("open.pass_on_refused", stream=entry.stream, entry_id=entry.entry_id, error=_text(reply))
+        log.warning("open.pass_on_refused", stream=entry.stream, entry_id=entry.entry_id, error=text(reply))
         return False
 
     async def queued_opens(self, tenant: str) -> int:
@@ -442,15 +440,15 @@ class PoolBroker:
             return {}
         rows = await self.redis.xpending_range(stream, GROUP, min=min(entry_ids, key=_id_key),
                                                max=max(entry_ids, key=_id_key), count=len(entry_ids) + 100)
-        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     # ------------------------------------------------------------ tenants
 
     def tenant_sessions_key(self, tenant: str) -> str:
-        return f"{self.prefix}:tenant:{tenant}:sessions"
+        return self.broker.keys.tenant_sessions(tenant)
 
     def tenant_bucket_key(self, tenant: str) -> str:
-        return f"{self.prefix}:tenant:{tenant}:bucket"
+        return self.broker.keys.tenant_bucket(tenant)
 
     async def admit_session(self, tenant: str, sid: str, limit: int, lifetime_ms: int) -> tuple[bool, int]:
         """Count the session against the tenant's pool-wide limit, atomically; (admitted, count).
@@ -513,5 +511,3 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -52,10 +53,18 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.cluster import DEFAULT_SHARDS, SlotReader, connect_cluster, is_cluster, is_cluster_url, slot_of
+from broker.cluster import (
+    DEFAULT_SHARDS,
+    SlotReader,
+    connect_cluster,
+    is_cluster,
+    is_cluster_url,
+    slot_of,
+    text,
+)
 from common.integrity import mac, mac_ok, session_key
 from common.logs import get_logger
-from common.settings import RedisSettings
+from common.settings import RedisSettings, Settings
 
 __all__ = ["mac", "mac_ok", "session_key"]  # re-exported: the session keys of every stream entry
 
@@ -111,6 +120,11 @@ def tenant_of(sid: str) -> str:
     return head if dot else DEFAULT_TENANT
 
 
+def new_session_id(tenant: str = DEFAULT_TENANT) -> str:
+    """A fresh session id: ``{tenant}.{32 hex digits}``, in the tenant's key space (its ACL)."""
+    return f"{tenant}.{uuid.uuid4().hex}"
+
+
 def short_session_id(sid: str) -> str:
     """A session id for tables and terminals: 8 characters of its random part, and its tenant
     unless that is the default one."""
@@ -126,7 +140,8 @@ def shard_of(sid: str, shards: int) -> int:
 
 
 def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", password: str = "",
-            tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "") -> aioredis.Redis:
+            tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "",
+            max_connections: int = 0) -> aioredis.Redis:
     """A redis.asyncio client (hiredis parser when installed); bytes in, bytes out.
 
     A ``redis+cluster://host:port,host:port`` URL (``rediss+cluster://`` with TLS) gives a
@@ -135,6 +150,9 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
     ``username``/``password`` log in as a Redis ACL user (they override credentials in the URL).
     A ``rediss://`` URL speaks TLS and verifies the server certificate against ``tls_ca_file``
     (system CAs when empty); ``tls_cert_file``/``tls_key_file`` present a client certificate.
+    ``max_connections``: a pool of that many connections that waits for a free one instead of
+    failing (redis-py's default pool raises past 100; a load-test edge sends from hundreds of
+    sessions at once). A cluster client keeps its own pool per node.
     """
     if is_cluster_url(url):
         return connect_cluster(url, socket_timeout_s, username=username, password=password,  # type: ignore[return-value]
@@ -150,6 +168,12 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
                        ssl_certfile=tls_cert_file or None, ssl_keyfile=tls_key_file or None)
     elif tls_ca_file or tls_cert_file or tls_key_file:
         raise BrokerError("TLS files are set but the Redis URL is not rediss://")
+    if max_connections:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout_s, decode_responses=False,
+            socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+            health_check_interval=30, retry_on_timeout=False, **options)
+        return aioredis.Redis(connection_pool=pool)
     return aioredis.Redis.from_url(
         url, decode_responses=False, socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s, health_check_interval=30,
@@ -157,11 +181,11 @@ def connect(url: str, socket_timeout_s: float = 30.0, *, username: str = "", pas
     )
 
 
-def connect_settings(redis: RedisSettings) -> aioredis.Redis:
+def connect_settings(redis: RedisSettings, max_connections: int = 0) -> aioredis.Redis:
     """``connect`` with the URL, credentials and TLS files of the ``[redis]`` settings."""
     return connect(redis.url, redis.socket_timeout_s, username=redis.username, password=redis.password,
                    tls_ca_file=redis.tls_ca_file, tls_cert_file=redis.tls_cert_file,
-                   tls_key_file=redis.tls_key_file)
+                   tls_key_file=redis.tls_key_file, max_connections=max_connections)
 
 
 class Keys:
@@ -170,6 +194,23 @@ class Keys:
         self.shards = shards  # 0: one hash tag per session (one node); n: n slot groups per tenant
         self.opens_pattern = f"{prefix}:opens:*"
         self.logs = f"{prefix}:logs"
+        # The pool's registries (broker.pool, docs/pool.md).
+        self.leases = f"{prefix}:leases"
+        self.owners = f"{prefix}:owners"
+        self.workers = f"{prefix}:workers"
+        self.deadletter = f"{prefix}:deadletter"
+
+    def tenant_sessions(self, tenant: str) -> str:
+        """The tenant's admitted sessions (for ``max_sessions``)."""
+        return f"{self.prefix}:tenant:{tenant}:sessions"
+
+    def tenant_bucket(self, tenant: str) -> str:
+        """The tenant's draft-token bucket (for ``draft_tokens_per_s``)."""
+        return f"{self.prefix}:tenant:{tenant}:bucket"
+
+    def wake(self, tenant: str, token: str) -> str:
+        """A multiplexed verdict reader's wake-up stream, in the tenant's key space (its ACL)."""
+        return f"{self.prefix}:{{{tenant}.mux-{token}}}:wake"
 
     def opens(self, tenant: str) -> str:
         """The tenant's session-open stream (``{tenant}`` hash tag: one slot per tenant)."""
@@ -274,7 +315,7 @@ class Broker:
         planted there is no sign of a served session (the lease script then refuses the keys).
         """
         if typed:
-            return _text(await self.redis.type(self.keys.meta(sid))) == "hash"
+            return text(await self.redis.type(self.keys.meta(sid))) == "hash"
         return bool(await self.redis.exists(self.keys.meta(sid)))
 
     async def send_draft(self, sid: str, payload: bytes, tag: bytes | None = None) -> str:
@@ -284,7 +325,7 @@ class Broker:
             pipe.xadd(key, _fields(payload, tag), maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.ttl)
             entry_id, _ = await pipe.execute()
-        return _text(entry_id)
+        return text(entry_id)
 
     async def read_verdicts(self, sid: str, last_id: str, block_ms: int) -> list[Entry]:
         """Verdicts after ``last_id``; blocks up to ``block_ms`` when there are none."""
@@ -340,7 +381,7 @@ class Broker:
             for key in keys:
                 pipe.type(key)
             types = await pipe.execute()
-        return [key for key, kind in zip(keys, types, strict=True) if _text(kind) not in ("stream", "none")]
+        return [key for key, kind in zip(keys, types, strict=True) if text(kind) not in ("stream", "none")]
 
     async def read_pending(self, consumer: str, stream: str) -> list[Entry]:
         """Entries delivered to this consumer earlier but never acknowledged (after a restart)."""
@@ -371,7 +412,7 @@ class Broker:
         """Tenants with an open stream (a SCAN: run every few seconds, never per iteration)."""
         found: set[str] = set()
         async for key in self.redis.scan_iter(match=self.keys.opens_pattern, count=1000, _type="stream"):
-            tenant = self.keys.tenant_of_opens(_text(key))
+            tenant = self.keys.tenant_of_opens(text(key))
             if tenant is not None:
                 found.add(tenant)
             if len(found) >= limit:
@@ -503,15 +544,11 @@ def _fields(payload: bytes, tag: bytes | None) -> dict[Any, Any]:
     return {FIELD: payload} if tag is None else {FIELD: payload, MAC_FIELD: tag}
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _entries(reply: Any) -> list[Entry]:
     """Flatten an XREAD/XREADGROUP reply (RESP2: ``[[stream, [(id, fields)]]]``) into entries."""
     entries = []
     for stream, messages in reply or []:
-        name = _text(stream)
+        name = text(stream)
         for entry_id, fields in messages:
             entries.append(_entry(name, entry_id, fields))
     return entries
@@ -519,9 +556,27 @@ def _entries(reply: Any) -> list[Entry]:
 
 def _entry(stream: str, entry_id: Any, fields: Any) -> Entry:
     if not isinstance(fields, dict):
-        return Entry(stream, _text(entry_id), None)
+        return Entry(stream, text(entry_id), None)
     try:
         hops, since = int(fields.get(b"h", 0)), int(fields.get(b"t", 0))
     except ValueError:
         hops, since = 0, 0
-    return Entry(stream, _text(entry_id), fields.get(FIELD), hops, since, fields.get(MAC_FIELD))
+    return Entry(stream, text(entry_id), fields.get(FIELD), hops, since, fields.get(MAC_FIELD))
+
+
+def make_broker(settings: Settings | RedisSettings, url: str | None = None, *,
+                max_connections: int = 0) -> Broker:
+    """The one place a Broker is built from settings: the configured Redis with its ACL user,
+    password and TLS files, key prefix, stream MAXLEN and session TTL.
+
+    ``url``: another server (an embedded one, whose URL carries its own password) instead of
+    ``redis.url``; the configured credentials and TLS files then do not apply. ``max_connections``:
+    see ``connect``.
+    """
+    redis = settings.redis if isinstance(settings, Settings) else settings
+    if url and url != redis.url:
+        client = connect(url, redis.socket_timeout_s, max_connections=max_connections)
+    else:
+        client = connect_settings(redis, max_connections)
+    return Broker(client, prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
+                  session_ttl_s=redis.session_ttl_s)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+
+    @classmethod
+    def of(cls, spec: Any) -> SamplingParams:
+        """The parameters of a session's ``SamplingSpec`` (common.wire): the one place they are read."""
+        return cls(spec.temperature, spec.top_p, spec.top_k, spec.seed)
 
     @property
     def greedy(self) -> bool:
@@ -76,8 +82,19 @@ class SparseDistribution:
 
     def normalised(self) -> np.ndarray:  # [K] float64
         """The probabilities both sides use: float32 wire values renormalised in float64."""
-        p = self.probs.astype(np.float64)
-        return p / p.sum()
+        return normalised_supports(self.probs, np.array([self.probs.size]))
+
+
+def normalised_supports(probs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Sparse supports' float32 wire probabilities (concatenated, ``sizes`` entries each)
+    renormalised in float64, each support to sum 1: the one normalisation of ``q``, used by the
+    edge that samples from it and the verifier that tests it (the same sums in the same order,
+    so the same bits on both sides)."""
+    raw = probs.astype(np.float64)
+    if not raw.size:
+        return raw
+    starts = np.concatenate(([0], np.cumsum(sizes)))[:-1]
+    return raw / np.repeat(np.add.reduceat(raw, starts), sizes)
 
 
 def sparse_draft_distribution(

@@ -278,11 +278,29 @@ class TenantSettings(Section):
                 self.weight if own.weight is None else own.weight)
 
 
+DRAFTERS: dict[str, bool] = {}
+"""The draft backends by name (value: whether the router may pick it), filled by the drafter
+registry (``edge_worker.drafters``) as it registers them: common imports nothing of ours, so the
+settings check ``edge.backend`` and ``edge.drafts[].backend`` against it once it is filled (the
+CLI fills it before it reads settings; ``create_backend`` checks the name again in any case)."""
+
+DRAFTER_NAME = r"^[a-z][a-z0-9_]{0,31}$"
+
+
+def _known_drafter(name: str, routable: bool = False) -> str:
+    known = sorted(n for n, can_route in DRAFTERS.items() if can_route or not routable)
+    if DRAFTERS and name not in known:
+        raise ValueError(f"unknown draft backend {name!r}; choose one of {', '.join(known)}")
+    return name
+
+
 class DraftSpec(Section):
     """One named drafter the router may pick (``edge.drafts``); all share the target's vocabulary."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]{1,32}$")
-    backend: Literal["torch", "openvino", "genai", "prompt_lookup"] = "torch"
+    backend: str = Field("torch", pattern=DRAFTER_NAME)
+    """A drafter the router may pick (``specd devices`` lists them): torch, openvino, genai,
+    prompt_lookup, or one registered beside them."""
     model: str = ""
     """Model (folder, hub id, bundled:NAME); empty: models.draft. prompt_lookup: only its tokenizer."""
     fallback: str = ""
@@ -290,14 +308,20 @@ class DraftSpec(Section):
     domains: list[Literal["code", "prose", "long", "short"]] = []
     """Prompts this drafter is meant for: the router's first pick before it has history."""
 
+    @field_validator("backend")
+    @classmethod
+    def _routable(cls, name: str) -> str:
+        return _known_drafter(name, routable=True)
+
 
 class EdgeSettings(Section):
     worker_id: str = Field("", pattern=WORKER_ID_PATTERN)
     """Empty: hostname-pid."""
-    backend: Literal["torch", "openvino", "genai", "replay", "prompt_lookup", "router"] = "torch"
+    backend: str = Field("torch", pattern=DRAFTER_NAME)
     """Draft backend: torch, openvino (CPU/GPU/NPU), genai (ONNX Runtime GenAI), replay (no
     model: proposes a precomputed target continuation, for load tests), prompt_lookup (no model:
-    n-gram copies from the context), or router (picks one of ``edge.drafts`` per session)."""
+    n-gram copies from the context), router (picks one of ``edge.drafts`` per session), or any
+    drafter registered beside them (``specd devices`` lists them all)."""
     drafts: list[DraftSpec] = []
     """The router's drafters; empty: models.draft, prompt lookup, and prompt lookup beside it."""
     lookup_max_ngram: int = Field(3, ge=1)
@@ -345,6 +369,11 @@ class EdgeSettings(Section):
     """Spread of the added round trip: each direction varies uniformly by +- half of it."""
     multiplex_verdicts: Bool = False
     """Read every session's verdicts with one XREAD per edge process instead of one per session."""
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return _known_drafter(name)
 
     @field_validator("gamma")
     @classmethod

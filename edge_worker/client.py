@@ -25,14 +25,13 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import NoPermissionError, ResponseError
 
-from broker.streams import TRANSIENT_ERRORS, Broker, with_backoff
+from broker.streams import TRANSIENT_ERRORS, Broker, new_session_id, with_backoff
 from common import tracing
 from common.integrity import ContextDigest, draft_digest, mac, session_key, u32
 from common.logs import get_logger
@@ -219,7 +218,7 @@ class EdgeClient:
 
     def session_id(self) -> str:
         """A new session id: the tenant prefix puts the session in its tenant's key space."""
-        return f"{self.config.tenant}.{uuid.uuid4().hex}"
+        return new_session_id(self.config.tenant)
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec,
                        on_tokens: TokenCallback | None = None, session_id: str = "",
@@ -252,7 +251,7 @@ class _EdgeSession(VerdictWaiter):
         self.open_payload = b""
         self.open_tag = b""
         self.spec = spec
-        self.params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
+        self.params = SamplingParams.of(spec)
         self.stops = frozenset(spec.stop_token_ids)
         self.context = list(prompt_ids)
         self.digest = ContextDigest(u32(prompt_ids))  # of the committed context: verdicts carry it too

@@ -22,38 +22,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import edge_worker.drafters  # noqa: F401 - registers the drafters, whose names the settings check
 from common import tracing
 from common.logs import LogSink, configure_logging
 from common.settings import MODEL_PAIRS, ConfigError, Settings, load_settings
 from specd.failures import EPILOG, USAGE, report
-from specd.flags import (  # noqa: F401 - _add_*: the earlier cli.py's names, for commands elsewhere
+from specd.flags import (
     _FLAG_OF,
     FLAG_TO_SETTING,
-    SETTING_FLAGS,
     URL_HELP,
     HelpFormatter,
     Parser,
     SettingFlag,
-    _add_batching,
-    _add_common,
-    _add_draft,
-    _add_operations,
-    _add_target,
-    _default_text,
     _positive_int,
     add_setting_flag,
     add_setting_flags,
 )
 from specd.prompts import PromptError, read_prompts
 
+Handler = Callable[[argparse.Namespace, Settings], int]
 
-def _new_command(commands: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    return commands.add_parser(name, formatter_class=HelpFormatter, epilog=EPILOG, **kwargs)
+
+def _new_command(commands: Any, name: str, handler: Handler, **kwargs: Any) -> argparse.ArgumentParser:
+    """A command of this module; like every command, it carries its handler (``set_defaults``)."""
+    parser = commands.add_parser(name, formatter_class=HelpFormatter, epilog=EPILOG, **kwargs)
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def _add_logs(commands: Any) -> argparse.ArgumentParser:
     logs = _new_command(
-        commands, "logs", help="read worker logs (Redis log stream or JSON log files)",
+        commands, "logs", _logs, help="read worker logs (Redis log stream or JSON log files)",
         description="Filter, follow or summarise worker log lines. `specd logs session ID` prints one "
         "session's timeline across its edge and verifiers, then a summary. Reads the Redis stream "
         "<prefix>:logs unless --file is given. A terminal gets a table, a pipe JSON lines.")
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     needs_url = {"redis.url": URL_HELP["needs-url"]}
 
-    demo = _new_command(commands, "demo", help="verifier + edge workers on an embedded Redis",
+    demo = _new_command(commands, "demo", _demo, help="verifier + edge workers on an embedded Redis",
                         description="Start one verifier and several edge workers (processes) on an "
                         "embedded Redis with the configured pair (default: SmolLM2-135M-Instruct and "
                         "its draft; --pair tiny: the bundled tiny code pair), stream the text, print "
@@ -113,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_setting_flags(demo, "common", "target", "batching", "draft")
 
-    verifier = _new_command(commands, "verifier", help="run a verifier worker",
+    verifier = _new_command(commands, "verifier", _verifier, help="run a verifier worker",
                             description="Run a verifier worker against a Redis server. SIGTERM or "
                             "SIGINT: drain (up to verifier.drain_timeout_s), hand sessions over, exit; "
                             "a second signal exits at once.")
@@ -125,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "and the children die with this process")
     add_setting_flags(verifier, "common", "target", "batching", "operations", overrides=needs_url)
 
-    pool = _new_command(commands, "pool", help="inspect the verifier pool",
+    pool = _new_command(commands, "pool", _pool, help="inspect the verifier pool",
                         description="Inspect the verifier pool in Redis: workers, sessions per "
                         "worker, KV memory use, queue depths, per-tenant load.")
     pool.add_argument("action", choices=["status"])
     pool.add_argument("--json", action="store_true", help="print one JSON object")
     add_setting_flags(pool, "common", overrides=needs_url)
 
-    edge = _new_command(commands, "edge", help="run an edge worker for some prompts",
+    edge = _new_command(commands, "edge", _edge, help="run an edge worker for some prompts",
                         description="Run an edge worker: draft for its prompts and have them "
                         "verified by the pool. Exit 1 if any session failed.")
     add_setting_flags(edge, "edge-id")
@@ -144,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--check", action="store_true", help="exit 0 if an edge has a live heartbeat")
     add_setting_flags(edge, "common", "target", "draft", "operations", overrides=needs_url)
 
-    generate = _new_command(commands, "generate", help="generate for one prompt",
+    generate = _new_command(commands, "generate", _generate, help="generate for one prompt",
                             description="Generate for one prompt: speculative (through Redis; an "
                             "embedded one when redis.url is empty), target-only or draft-only. The "
                             "text goes to stdout, figures and logs to stderr.")
@@ -155,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     add_setting_flags(generate, "common", "target", "draft")
 
-    devices = _new_command(commands, "devices", help="list the draft devices of each backend",
+    devices = _new_command(commands, "devices", _devices, help="list the draft devices of each backend",
                            description="List, per draft backend, whether it is installed, the "
                            "devices it can use on this machine and what --device auto picks.")
     devices.add_argument("--json", action="store_true", help="print one JSON object")
@@ -203,9 +202,9 @@ def _add_pair_tools(commands: Any) -> None:
              ("pair-report", "report", "measure a draft/target pair", options.REPORT_DESCRIPTION,
               options.add_report_arguments))
     for name, module, summary, description, add_arguments in tools:
-        sub = _new_command(commands, name, help=summary, description=description)
+        sub = _new_command(commands, name, _pair_handler(module), help=summary, description=description)
         add_arguments(sub)
-        sub.set_defaults(handler=_pair_handler(module), needs_settings=False)
+        sub.set_defaults(needs_settings=False)
 
 
 def _pair_handler(module: str) -> Callable[[argparse.Namespace, Settings | None], int]:
@@ -226,7 +225,7 @@ def _int_list(text: str) -> list[int]:
 
 def _add_loadtest(commands: Any) -> argparse.ArgumentParser:
     loadtest = _new_command(
-        commands, "loadtest", help="load-test a verifier pool with N edge processes x M sessions",
+        commands, "loadtest", _loadtest, help="load-test a verifier pool with N edge processes x M sessions",
         description="Start (or use, with --redis-url and --no-verifiers) a verifier pool, run edge "
         "worker processes against it and report throughput, latency percentiles, acceptance, "
         "verifier batching and broker overhead. See docs/loadtest.md.")
@@ -362,8 +361,7 @@ def _main(argv: list[str] | None) -> int:
         tracing.configure(f"specd-{args.command}", settings.tracing.otlp_endpoint, settings.tracing.file)
         if args.command == "verifier" and args.workers > 1 and not args.check:
             return _verifier_processes(args, settings, list(sys.argv[1:] if argv is None else argv))
-        handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        code = int(handler(args, settings))
+        code = int(args.handler(args, settings))
         sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
         return code
     except BrokenPipeError:
@@ -550,8 +548,6 @@ def _logs(args: argparse.Namespace, settings: Settings) -> int:
     return run_logs(request, lambda: connect_settings(settings.redis), key)
 
 
-COMMANDS = {"demo": _demo, "verifier": _verifier, "edge": _edge, "generate": _generate,
-            "pool": _pool, "devices": _devices, "loadtest": _loadtest, "logs": _logs}
 
 
 if __name__ == "__main__":

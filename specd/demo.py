@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from typing import Any, TextIO
 
 from broker.reach import redacted
 from broker.streams import short_session_id
-from common.procs import dies_with_parent
+from common.procs import child_env, dies_with_parent
 from common.settings import Settings
 from specd.generation import redis_url_for
 from specd.runtime import make_broker
@@ -47,32 +46,6 @@ CHAT_PROMPTS = [
 def default_prompts(settings: Settings) -> list[str]:
     """The built-in prompts that suit the configured target: code for the tiny pair, else questions."""
     return list(DEFAULT_PROMPTS if settings.models.target.startswith("bundled:") else CHAT_PROMPTS)
-
-
-def _worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    # Several processes share the CPU: one torch thread each unless configured otherwise.
-    if not settings.models.torch_threads:
-        env["SPECD_MODELS__TORCH_THREADS"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _worker_args(settings: Settings, url: str) -> tuple[list[str], list[str]]:
-    """The demo's effective settings as explicit flags: (verifier flags, edge flags)."""
-    m, e, s, v = settings.models, settings.edge, settings.sampling, settings.verifier
-    shared = ["--dtype", m.dtype, "--target-model", m.target, "--log-format", "json"]
-    verifier = [*shared, "--target-device", m.target_device,
-                "--max-batch-sessions", str(v.max_batch_sessions),
-                "--max-batch-tokens", str(v.max_batch_tokens)]
-    edge = [*shared, "--chat", "--draft-model", m.draft, "--backend", e.backend, "--device", e.device,
-            "--gamma", str(e.gamma), "--max-support", str(e.max_support), "--tenant", e.tenant,
-            "--temperature", str(s.temperature), "--top-p", str(s.top_p), "--top-k", str(s.top_k),
-            "--max-new-tokens", str(s.max_new_tokens)]
-    if s.seed is not None:
-        edge += ["--seed", str(s.seed)]
-    return verifier, edge
 
 
 async def _wait_healthy(url: str, settings: Settings, timeout_s: float) -> None:
@@ -111,23 +84,20 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
                    log_dir: Path | None, out: TextIO = sys.stdout) -> dict[str, Any]:
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="specd-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = _worker_env(settings)
     async with redis_url_for(settings) as (url, embedded), contextlib.AsyncExitStack() as files:
         print(f"specd demo: Redis {'embedded at ' + redacted(url) if embedded else redacted(url)}; "
               f"1 verifier, {edges} edge workers x {sessions_per_edge} sessions; logs in {log_dir}",
               file=out, flush=True)
-        verifier_args, edge_args = _worker_args(settings, url)
-        env["SPECD_REDIS__URL"] = url  # not on the command line: the embedded URL has a password
-        env["SPECD_REDIS__VERDICT_SECRET"] = settings.redis.verdict_secret  # nor the run's secret
+        env = child_env(settings, url)  # every setting (the run's verdict secret too), no flags
         verifier = await asyncio.create_subprocess_exec(
-            *dies_with_parent([sys.executable, "-m", "specd", "verifier", *verifier_args]),
+            *dies_with_parent([sys.executable, "-m", "specd", "verifier"]),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=files.enter_context(open(log_dir / "verifier.log", "wb")),  # noqa: SIM115
             env=env)
         try:
             await _wait_healthy(url, settings, timeout_s=180)
             started = time.perf_counter()
-            results, texts = await _run_edges(edge_args, env, edges, sessions_per_edge, prompts,
+            results, texts = await _run_edges(env, edges, sessions_per_edge, prompts,
                                               log_dir, out, files)
             wall_s = time.perf_counter() - started
         finally:
@@ -139,7 +109,7 @@ async def run_demo(settings: Settings, edges: int, sessions_per_edge: int, promp
     return report
 
 
-async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sessions_per_edge: int,
+async def _run_edges(env: dict[str, str], edges: int, sessions_per_edge: int,
                      prompts: list[str], log_dir: Path, out: TextIO,
                      files: contextlib.AsyncExitStack) -> tuple[list[dict[str, Any]], dict[str, str]]:
     results: list[dict[str, Any]] = []
@@ -149,7 +119,7 @@ async def _run_edges(edge_args: list[str], env: dict[str, str], edges: int, sess
         mine = [prompts[(index * sessions_per_edge + k) % len(prompts)] for k in range(sessions_per_edge)]
         prompt_args = [arg for prompt in mine for arg in ("--prompt", prompt)]
         process = await asyncio.create_subprocess_exec(
-            *dies_with_parent([sys.executable, "-m", "specd", "edge", *edge_args, *prompt_args, "--events"]),
+            *dies_with_parent([sys.executable, "-m", "specd", "edge", "--chat", *prompt_args, "--events"]),
             stdout=asyncio.subprocess.PIPE,
             stderr=files.enter_context(open(log_dir / f"edge-{index}.log", "wb")),  # noqa: SIM115
             env=env)

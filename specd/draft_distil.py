@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from common.reduced_draft import ReducedHead, export_shipped, file_sha256, save_full_folder
+from specd.draft_errors import TrainDraftError
 from specd.draft_eval import rounds_for
 from specd.draft_teacher import (
     TeacherData,
@@ -46,7 +47,6 @@ from specd.draft_teacher import (
     teacher_state,
 )
 from specd.draft_training import load_state, save_state
-from specd.train_draft import TrainDraftError
 
 TEACHER, BEST, SHIPPED, CHECKPOINT, REPORT = "teacher", "draft", "shipped", "checkpoint", "report.json"
 LABELS = "held_out_labels.json"

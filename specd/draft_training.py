@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from specd.draft_errors import TrainDraftError
 from specd.draft_eval import continue_greedily, evaluate, path_probs
 from specd.pair.train import ce_loss, is_validation, lr_at, make_optimizer, random_batches
-from specd.train_draft import TrainDraftError
 
 TEXT_FIELDS = ("text", "content", "prompt", "turns", "question", "canonical_solution", "label",
                "completion", "response", "answer")

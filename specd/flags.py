@@ -181,27 +181,6 @@ def add_setting_flags(parser: argparse.ArgumentParser, *groups: str,
             add_setting_flag(group, spec, (overrides or {}).get(spec.setting))
 
 
-# Kept for commands written against the earlier cli.py: same names, same groups.
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, "common")
-
-
-def _add_target(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, "target")
-
-
-def _add_batching(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, "batching")
-
-
-def _add_draft(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, "draft")
-
-
-def _add_operations(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, "operations")
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -140,7 +140,7 @@ def target_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str
 def draft_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str, Any]:
     backend = build_draft_backend(settings)
     spec = sampling_spec(settings, backend.eos_token_ids)
-    params = SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
+    params = SamplingParams.of(spec)
     prompt_ids = encode_prompt(backend.tokenizer, prompt, chat)
     check_local_prompt(prompt_ids, spec.max_new_tokens, backend_context(backend), "models.draft")
     state, context = backend.new_state(), list(prompt_ids)

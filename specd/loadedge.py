@@ -17,15 +17,12 @@ import sys
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from broker.cluster import is_cluster_url
-from broker.streams import Broker, connect_settings
+from broker.multiplex import MultiplexedBroker
+from broker.streams import make_broker
 from common import tracing
 from common.logs import bind, configure_logging
 from common.settings import Settings, load_settings
 from edge_worker.client import EdgeClient, SessionFailed
-from edge_worker.verdicts import MultiplexedBroker
 from specd.runtime import build_edge
 from specd.workers import sampling_spec
 
@@ -70,26 +67,9 @@ async def _slot(settings: Settings, client: EdgeClient, plan: _Plan, encoded: di
               "round_ms": [round(x, 3) for x in result.round_ms], **result.summary()})
 
 
-def pooled_broker(settings: Settings, slots: int) -> Broker:
-    """A Broker whose connection pool waits for a free connection instead of failing.
-
-    redis-py's default pool holds at most 100 connections and raises beyond that; an edge
-    process with hundreds of sessions sending at once needs more, and waiting is harmless.
-    """
-    redis = settings.redis
-    if is_cluster_url(redis.url):  # the cluster client keeps its own pool per node
-        return Broker(connect_settings(redis), prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
-                      session_ttl_s=redis.session_ttl_s)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        redis.url, max_connections=max(100, slots + 16), timeout=redis.socket_timeout_s,
-        socket_timeout=redis.socket_timeout_s, socket_connect_timeout=redis.socket_timeout_s,
-        health_check_interval=30)
-    return Broker(aioredis.Redis(connection_pool=pool), prefix=redis.key_prefix,
-                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
-
-
 async def run(settings: Settings, plan: _Plan, slots: int) -> int:
-    broker = pooled_broker(settings, slots)
+    # A pool that waits for a free connection: hundreds of sessions send at once (see connect).
+    broker = make_broker(settings, max_connections=max(100, slots + 16))
     try:
         client = build_edge(settings, broker)
         emit({"event": "ready", "backend": client.backend.name})

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.reach import redacted
-from broker.streams import Broker, connect
-from common.procs import dies_with_parent
+from broker.streams import make_broker
+from common.procs import child_env, dies_with_parent
 from common.settings import Settings
 from specd.generation import redis_url_for
 from specd.loadreport import PointData, print_table, read_verifier_rounds, summarise_point, write_plots
@@ -59,27 +59,6 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _env_value(value: Any) -> str:
-    """A setting as pydantic-settings parses it from the environment (lists and maps as JSON)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def child_env(settings: Settings, url: str) -> dict[str, str]:
-    """This run's effective settings as SPECD_* variables (they win over any settings file)."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SPECD_")}
-    for section, values in settings.model_dump().items():
-        for key, value in values.items():
-            if value is not None:
-                env[f"SPECD_{section.upper()}__{key.upper()}"] = _env_value(value)
-    env.update(SPECD_REDIS__URL=url, SPECD_LOG__FORMAT="json", PYTHONUNBUFFERED="1")
-    if not settings.models.torch_threads:  # processes share the CPU: one torch thread each
-        env["SPECD_MODELS__TORCH_THREADS"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 class VerifierPool:
     """``count`` verifier processes, logs in ``log_dir/verifier-<i>.log``."""
 
@@ -99,7 +78,7 @@ class VerifierPool:
         await self._wait_healthy(settings, url, timeout_s)
 
     async def _wait_healthy(self, settings: Settings, url: str, timeout_s: float) -> None:
-        broker = Broker(connect(url), prefix=settings.redis.key_prefix)
+        broker = make_broker(settings, url)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -193,8 +172,8 @@ async def _await_ready(edges: list[_Edge], timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _ping_loop(url: str, prefix: str, pings: list[float], every_s: float = 0.25) -> None:
-    broker = Broker(connect(url), prefix=prefix)
+async def _ping_loop(settings: Settings, url: str, pings: list[float], every_s: float = 0.25) -> None:
+    broker = make_broker(settings, url)
     try:
         while True:
             with contextlib.suppress(Exception):
@@ -245,7 +224,7 @@ async def run_point(settings: Settings, options: LoadTestOptions, url: str, env:
             assert edge.process.stdin is not None
             edge.process.stdin.write(f"go {options.duration_s}\n".encode())
             await edge.process.stdin.drain()
-        background.append(asyncio.create_task(_ping_loop(url, settings.redis.key_prefix, point.pings_ms)))
+        background.append(asyncio.create_task(_ping_loop(settings, url, point.pings_ms)))
         if options.progress:
             background.append(asyncio.create_task(
                 _progress_loop(collector, sum(counts), started, sys.stderr)))

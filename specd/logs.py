@@ -21,6 +21,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from broker.streams import Keys
+
 LOG_FIELD = b"j"
 """The field of a log stream entry that holds one JSON line."""
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -41,7 +43,7 @@ def names_session(sid: str, wanted: str) -> bool:
 
 
 def log_stream_key(prefix: str) -> str:
-    return f"{prefix}:logs"
+    return Keys(prefix).logs
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:

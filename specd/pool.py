@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from typing import Any
 
+from broker.cluster import text
 from broker.pool import PoolBroker
 from broker.reach import ensure_reachable
-from broker.streams import GROUP, Broker, connect_settings
+from broker.streams import GROUP, make_broker
 from common.procs import dies_with_parent
 from common.settings import Settings
-
-
-def make_broker(settings: Settings) -> Broker:
-    """Like specd.runtime.make_broker, without importing torch (status must start fast)."""
-    redis = settings.redis
-    return Broker(connect_settings(redis), prefix=redis.key_prefix,
-                  maxlen=redis.stream_maxlen, session_ttl_s=redis.session_ttl_s)
+from specd.signals import forward_stop_signals
 
 
 async def pool_status(settings: Settings) -> dict[str, Any]:
@@ -42,10 +36,10 @@ async def pool_status(settings: Settings) -> dict[str, Any]:
         async for key in redis.scan_iter(match=broker.keys.opens_pattern, count=1000, _type="stream"):
             opens_length += int(await redis.xlen(key))
             for group in await redis.xinfo_groups(key):
-                if _text(group.get("name")) == GROUP:
+                if text(group.get("name")) == GROUP:
                     opens_waiting += int(group.get("lag") or 0)
                     opens_pending += int(group.get("pending") or 0)
-        owners = {_text(k): _text(v) for k, v in (await redis.hgetall(pool.owners_key)).items()}
+        owners = {text(k): text(v) for k, v in (await redis.hgetall(pool.owners_key)).items()}
         tenants: Counter[str] = Counter()
         for load in workers.values():
             tenants.update(load.get("tenants", {}))
@@ -125,13 +119,12 @@ def run_workers(count: int, argv: list[str], base_id: str) -> int:
                                                    "--worker-id", f"{base}-{i}"]))
                 for i in range(count)]
 
-    def forward(signum: int, _frame: Any) -> None:
+    def forward(signum: int) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    forward_stop_signals(forward)
     codes = []
     for child in children:
         while True:
@@ -159,5 +152,3 @@ def strip_workers_flag(argv: list[str]) -> list[str]:
     return out
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -30,8 +30,7 @@ def greedy_continuations(engine: TargetEngine, prompts: list[list[int]], stops: 
         seq = 0
         while active:
             order = list(active)
-            outcomes = engine.verify([VerifyRequest(active[i][0], active[i][1], Draft.empty(), greedy, seq,
-                                                    reserve=len(prompts[i]) + max_new_tokens)
+            outcomes = engine.verify([VerifyRequest(active[i][0], active[i][1], Draft.empty(), greedy, seq)
                                       for i in order])
             for i, outcome in zip(order, outcomes, strict=True):
                 kept, finish = apply_stop_rules([outcome.token], len(outputs[i]), stops, max_new_tokens)

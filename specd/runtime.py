@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.multiplex import MultiplexedBroker
 from broker.reach import ensure_reachable
-from broker.shaping import ShapedBroker
-from broker.streams import Broker, connect, connect_settings
+from broker.streams import Broker, make_broker
 from common.integrity import NO_SECRET_RISK
 from common.logs import get_logger
 from common.models import hub_options, load_causal_lm, resolve_model_path, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
-from edge_worker.backends import DraftBackend, create_backend
+from edge_worker.backends import DraftBackend, build_drafter
 from edge_worker.client import EdgeClient, EdgeConfig
-from edge_worker.verdicts import MultiplexedBroker
+from edge_worker.shaping import ShapedBroker
 from verifier_worker.engine import TargetEngine
 from verifier_worker.worker import VerifierWorker
 
@@ -29,14 +29,6 @@ def check_models(settings: Settings, target: bool, draft: bool) -> None:
         hub_options(resolve_model_path(settings.models.target, cache))
     if draft and settings.edge.backend != "router":  # the router's drafts name their own models
         hub_options(resolve_model_path(settings.models.draft, cache))
-
-
-def make_broker(settings: Settings, url: str | None = None) -> Broker:
-    """A broker on the configured Redis (credentials and TLS included), or on ``url`` (embedded)."""
-    redis = settings.redis
-    client = connect(url, redis.socket_timeout_s) if url and url != redis.url else connect_settings(redis)
-    return Broker(client, prefix=redis.key_prefix, maxlen=redis.stream_maxlen,
-                  session_ttl_s=redis.session_ttl_s)
 
 
 async def open_broker(settings: Settings, url: str | None = None) -> Broker:
@@ -97,16 +89,8 @@ def available_memory(device: Any) -> int | None:
 
 def build_draft_backend(settings: Settings) -> DraftBackend:
     """The configured draft backend on the configured device (or its fallback: see devices)."""
-    models, edge = settings.models, settings.edge
-    set_torch_threads(models.torch_threads)
-    return create_backend(edge.backend, models.draft, models.dtype, edge.device,
-                          fallback=edge.device_fallback, precision=edge.precision,
-                          cache_dir=edge.cache_dir, trust_remote_code=models.trust_remote_code,
-                          threads=models.torch_threads, replay_file=edge.replay_file,
-                          replay_acceptance=edge.replay_acceptance,
-                          lookup_ngram=(edge.lookup_min_ngram, edge.lookup_max_ngram),
-                          lookup_with_model=edge.lookup_with_model,
-                          drafts=[d.model_dump() for d in edge.drafts])
+    set_torch_threads(settings.models.torch_threads)
+    return build_drafter(settings)
 
 
 def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:

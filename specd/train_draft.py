@@ -35,9 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-class TrainDraftError(Exception):
-    """Bad input: the message names the problem and what to do (exit code 2)."""
+from specd.draft_errors import TrainDraftError
 
 
 def add_parser(subcommands: Any) -> argparse.ArgumentParser:
@@ -107,6 +105,7 @@ def _add_from_target(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: torch and the training loop load only when a run starts (--help stays fast).
     from specd.draft_training import train
 
     try:

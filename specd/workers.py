@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -24,45 +21,10 @@ from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, new_seed
 from specd.logs import LOG_FIELD, log_stream_key
 from specd.runtime import build_edge, build_verifier, open_broker
+from specd.signals import drain_then_exit, stopped_exit_code
 from verifier_worker.worker import default_worker_id
 
 log = get_logger("specd.workers")
-
-
-def install_stop_signals(stop: asyncio.Event, grace_s: float = 30.0) -> list[int]:
-    """SIGINT/SIGTERM set ``stop``: workers finish their batch and drain.
-
-    Whatever state the worker is in (draining, reconnecting to Redis), it is gone ``grace_s`` after
-    the first signal, and at once on a second one (exit 130; children die with it, common.procs).
-    Returns the signals received, for the exit code (``stopped_exit_code``).
-    """
-    loop = asyncio.get_running_loop()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        if stop.is_set():
-            log.warning("worker.stop_forced", signal=signum)
-            os._exit(130)
-        stop.set()
-        watchdog = threading.Timer(grace_s, _forced_exit, args=(grace_s,))
-        watchdog.daemon = True
-        watchdog.start()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    return received
-
-
-def stopped_exit_code(received: list[int]) -> int:
-    """Ctrl-C is an interruption (130, the exit-code table); SIGTERM, a service manager's orderly
-    stop after a drain, is a success (0)."""
-    return 130 if signal.SIGINT in received else 0
-
-
-def _forced_exit(grace_s: float) -> None:
-    log.warning("worker.stop_timeout", grace_s=grace_s)
-    os._exit(130)
 
 
 async def run_verifier(settings: Settings) -> int:
@@ -70,7 +32,7 @@ async def run_verifier(settings: Settings) -> int:
     try:
         worker = build_verifier(settings, broker)
         stop = asyncio.Event()
-        received = install_stop_signals(stop, settings.verifier.drain_timeout_s + 5)
+        received = drain_then_exit(stop, settings.verifier.drain_timeout_s + 5)
         async with worker_services(settings, broker, worker.metrics.registry):
             await worker.run(stop)
     finally:

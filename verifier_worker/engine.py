@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common.rejection import FlatRound, row_argmax, verify_round
-from common.sampling import SamplingParams, round_uniforms
+from common.sampling import SamplingParams, normalised_supports, round_uniforms
 from common.wire import LOGPROB_FLOOR, TokenLogprobs
 from verifier_worker.kv import ArenaShape, KVArena, KVCapacityError, SessionKV
 
@@ -65,7 +65,6 @@ class VerifyRequest:
     draft: Draft
     params: SamplingParams
     seq: int  # round sequence number, keys the round's random draws
-    reserve: int = 0  # unused by the paged arena (blocks follow use); kept for callers
     logprobs: int | None = None  # None: none; n: the committed tokens' logprobs and top n each
 
 
@@ -250,10 +249,8 @@ def _sparse_rows(draft: Draft, start: int, draft_q: np.ndarray) -> tuple[np.ndar
     sizes = draft.support_sizes.astype(np.int64)
     rows = np.repeat(start + np.arange(draft.gamma), sizes)
     ids = draft.support_ids.astype(np.int64)
-    raw = draft.support_probs.astype(np.float64)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
-    sums = np.add.reduceat(raw, offsets[:-1]) if raw.size else raw
-    probs = raw / np.repeat(sums, sizes)  # exactly the edge's normalisation (common.sampling)
+    probs = normalised_supports(draft.support_probs, sizes)  # exactly the edge's normalisation
     token_of_entry = np.repeat(draft.token_ids.astype(np.int64), sizes)
     hit = np.flatnonzero(ids == token_of_entry)
     first_hit = hit[np.searchsorted(hit, offsets[:-1])]  # the drafted token's own entry
@@ -512,9 +509,8 @@ def generate_target_only(engine: TargetEngine, prompt_ids: list[int], params: Sa
 
     kv, context = SessionKV(), list(prompt_ids)
     generated: list[int] = []
-    reserve = len(prompt_ids) + max_new_tokens
     for seq in range(max_new_tokens):
-        outcome = engine.verify([VerifyRequest(kv, context, Draft.empty(), params, seq, reserve)])[0]
+        outcome = engine.verify([VerifyRequest(kv, context, Draft.empty(), params, seq)])[0]
         kept, finish = apply_stop_rules([outcome.token], len(generated), stop_token_ids,
                                         max_new_tokens)
         generated.extend(kept)

@@ -7,10 +7,12 @@ slot ``blocks[i // block_tokens] * block_tokens + i % block_tokens``. A session 
 a time as its context does, so it holds what it uses (at most one partly filled block more), not
 a reserve for ``max_new_tokens``; nothing is ever moved or compacted. Rolling back is moving
 ``length``; freeing returns the blocks. When a pass needs more blocks than are free, the caches
-of the least recently used sessions outside the pass are dropped (``preemptions``) and rebuilt
-from their context when they return, as vLLM's recompute preemption does; only a pass that cannot
-fit even then raises ``KVCapacityError``. A ``SessionKV`` dropped without ``clear()`` gives its
-blocks back when it is garbage-collected.
+of sessions outside the pass are dropped (``preemptions``) and rebuilt from their context when
+they return, as vLLM's recompute preemption does; which ones is a policy given to the arena
+(``capacity.lru_victims``: least recently used first). Only a pass that cannot fit even then
+raises ``KVCapacityError``. What a new session may take is not the arena's to decide
+(``capacity.decide_admission``): the arena only reports ``admission_budget``. A ``SessionKV``
+dropped without ``clear()`` gives its blocks back when it is garbage-collected.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from verifier_worker.capacity import lru_victims
 
 DEFAULT_BLOCK_TOKENS = 16
 GROWTH_HEADROOM = 0.3
@@ -74,12 +79,18 @@ class ArenaShape:
     head_dim: int
 
 
+Preemption = Callable[[list[SessionKV], int], list[SessionKV]]
+"""Given the caches outside a pass and the blocks missing, the caches to drop."""
+
+
 class KVArena:
     """Fixed KV budget of one worker, handed out block by block."""
 
     def __init__(self, shape: ArenaShape, budget_tokens: int, dtype: torch.dtype,
-                 device: torch.device, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+                 device: torch.device, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                 preemption: Preemption = lru_victims) -> None:
         self.shape = shape
+        self.preemption = preemption
         self.block_tokens = block_tokens
         self.num_blocks = max(1, budget_tokens // block_tokens)
         self.budget_tokens = self.num_blocks * block_tokens
@@ -94,7 +105,6 @@ class KVArena:
         self._gathered_v = self._gathered_k
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack
         self._owners: dict[int, weakref.ref[SessionKV]] = {}  # SessionKV.key -> holder
-        self.compactions = 0  # kept for status readers: paged memory never compacts
         self.preemptions = 0
         self.passes = 0
         # Passes run in a worker thread while the event loop may free blocks (lost or evicted
@@ -112,13 +122,6 @@ class KVArena:
     @property
     def free_tokens(self) -> int:
         return len(self._free) * self.block_tokens
-
-    def admits(self, tokens: int, pending_tokens: int = 0) -> bool:
-        """Admission by use: a new session whose first pass feeds ``tokens`` fits beside what the
-        resident sessions hold, the first passes of admitted sessions that hold nothing yet
-        (``pending_tokens``) and the growth headroom."""
-        held = self.used_tokens + self.blocks_for(pending_tokens) * self.block_tokens
-        return held + self.blocks_for(tokens) * self.block_tokens <= self.admission_budget
 
     @property
     def admission_budget(self) -> int:
@@ -148,8 +151,8 @@ class KVArena:
             kv.blocks.extend(self._free.pop() for _ in range(missing))
 
     def allocate_pass(self, needs: list[tuple[SessionKV, int]]) -> None:
-        """Blocks for every session of a pass, dropping idle caches (least recently used first)
-        of sessions outside it if the free blocks do not suffice."""
+        """Blocks for every session of a pass, dropping caches of sessions outside it (chosen by
+        the arena's preemption policy) if the free blocks do not suffice."""
         with self._lock:
             self.passes += 1
             missing = sum(max(0, self.blocks_for(tokens) - (len(kv.blocks) if kv.arena is self
@@ -208,9 +211,6 @@ class KVArena:
         return (keys.view(-1, *keys.shape[2:]).index_select(0, slots),
                 values.view(-1, *values.shape[2:]).index_select(0, slots))
 
-    def compact(self) -> None:
-        """Nothing to do: blocks need no contiguity (kept for callers of the extent arena)."""
-
     # ------------------------------------------------------------------ internals
 
     def _own(self, kv: SessionKV) -> None:
@@ -225,12 +225,9 @@ class KVArena:
         self._owners[key] = weakref.ref(kv, collected)
 
     def _preempt(self, blocks: int, protected: set[int]) -> None:
-        """Drop the caches of least recently used sessions outside ``protected``."""
+        """Drop the caches the preemption policy picks among those outside ``protected``."""
         holders = [kv for ref in list(self._owners.values()) if (kv := ref()) is not None
                    and kv.key not in protected and kv.blocks]
-        for kv in sorted(holders, key=lambda h: h.last_used):
-            if blocks <= 0:
-                return
-            blocks -= len(kv.blocks)
+        for kv in self.preemption(holders, blocks):
             self.free(kv)
             self.preemptions += 1

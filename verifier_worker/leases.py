@@ -13,140 +13,143 @@ and the committed context, vouched for by the last verdict (else it restarts fro
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.streams import SESSION_DATA_ERRORS, Entry, mac_ok
-from common.wire import ErrorCode, ErrorMessage, SessionOpen, Verdict, WireError, decode
-from verifier_worker.admission import AdmissionMixin
-from verifier_worker.capacity import load_figure, resident_tokens, should_pass_on, tenant_sessions
-from verifier_worker.core import log
+from common.wire import ErrorCode, SessionOpen, Verdict, WireError, decode
+from verifier_worker.admission import Admission
+from verifier_worker.capacity import should_pass_on
+from verifier_worker.core import SessionWrites, WorkerState, log
 from verifier_worker.session import VerifierSession
 
 
-class LeaseMixin(AdmissionMixin):
-    _next_janitor = 0.0
-    _janitor_cursor = 0
+class Leases:
+    """Renews the leases of the sessions held, and their entries in their tenants' sets."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
 
     @property
     def tick_s(self) -> float:
         """Lease renewal and load publishing period: a third of the shorter lifetime."""
-        return min(self.settings.verifier.heartbeat_ttl_s, self.settings.pool.lease_ms / 1000) / 3
+        settings = self.state.settings
+        return min(settings.verifier.heartbeat_ttl_s, settings.pool.lease_ms / 1000) / 3
 
-    async def _tick_loop(self) -> None:
-        while True:
-            try:
-                await self.tick()
-                self.metrics.redis_reachable(True)
-            except Exception as exc:  # noqa: BLE001 - the main loop reports broker trouble
-                self.metrics.redis_reachable(False)
-                log.warning("verifier.tick_failed", error=str(exc))
-            await asyncio.sleep(self.tick_s)
-
-    async def tick(self) -> None:
+    async def tick(self, load: dict[str, Any]) -> None:
         """Renew leases (dropping sessions another worker took), publish load, read peers' loads."""
-        await self.renew_leases()
-        await self._refresh_tenant_sessions()
-        load = self.load()
-        await self.pool.publish_load(self.worker_id, load)
+        state = self.state
+        await self.renew()
+        await self.refresh_tenant_sessions()
+        await state.pool.publish_load(state.worker_id, load)
         fresh = 3 * self.tick_s + 1
-        loads = await self.pool.loads(fresh_s=fresh, prune_s=max(60.0, 10 * fresh))
-        self.peers = {w: v for w, v in loads.items() if w != self.worker_id}
-        await self.broker.heartbeat("verifier", self.worker_id, self.settings.verifier.heartbeat_ttl_s,
-                                    json.dumps(load).encode())
+        loads = await state.pool.loads(fresh_s=fresh, prune_s=max(60.0, 10 * fresh))
+        state.peers = {w: v for w, v in loads.items() if w != state.worker_id}
+        await state.broker.heartbeat("verifier", state.worker_id, state.settings.verifier.heartbeat_ttl_s,
+                                     json.dumps(load).encode())
 
-    async def renew_leases(self, sessions: list[VerifierSession] | None = None) -> None:
-        held = {s.session_id: s.lease for s in (sessions or list(self.sessions.values()))}
-        changes = await self.pool.renew(self.worker_id, held, self.settings.pool.lease_ms)
+    async def renew(self, sessions: list[VerifierSession] | None = None) -> None:
+        state = self.state
+        held = {s.session_id: s.lease for s in (sessions or list(state.sessions.values()))}
+        changes = await state.pool.renew(state.worker_id, held, state.settings.pool.lease_ms)
         for sid, value in changes.items():
-            session = self.sessions.get(sid)
+            session = state.sessions.get(sid)
             if session is None or session.lease != held[sid]:
                 continue  # finished meanwhile, or changed by a concurrent renewal
             if value is None:
-                self._drop(session, "lease held by another worker")
+                state.drop(session, "lease held by another worker")
                 continue
             await self._retaken(session, value)
 
     async def _retaken(self, session: VerifierSession, lease: str) -> None:
         """The lease vanished and this worker took it again: rewrite what Redis may have lost."""
+        state = self.state
         session.lease, session.repair = lease, True
-        self.stats.leases_retaken += 1
-        await self.pool.save_open(session.session_id, session.open_raw, session.open_tag)
-        await self.broker.ensure_group(self.broker.keys.drafts(session.session_id))
+        state.stats.leases_retaken += 1
+        await state.pool.save_open(session.session_id, session.open_raw, session.open_tag)
+        await state.broker.ensure_group(state.broker.keys.drafts(session.session_id))
         log.warning("session.lease_retaken", session_id=session.session_id, lease=lease)
 
-    def load(self) -> dict[str, Any]:
-        sessions = list(self.sessions.values())
-        return {
-            "sessions": len(sessions), "queue": sum(len(s.queue) for s in sessions),
-            "resident_tokens": resident_tokens(sessions),
-            "kv_budget_tokens": self.settings.pool.kv_budget_tokens,
-            "kv_bytes": sum(s.kv.nbytes() for s in sessions), "tenants": tenant_sessions(sessions),
-            "load": self.pool_load, "rounds": self.stats.rounds, "model": self.model_name,
-            "accepting": self.accepting, "max_sessions_held": self.stats.max_sessions_held,
-            "pid": os.getpid(),
-        }
+    async def refresh_tenant_sessions(self) -> None:
+        """Renew the tenant-set entries of the sessions this worker still owns."""
+        state = self.state
+        held: dict[str, list[str]] = {}
+        for session in list(state.sessions.values()):
+            if state.session_limit(session.tenant):
+                held.setdefault(session.tenant, []).append(session.session_id)
+        for tenant, sids in held.items():
+            await state.pool.refresh_sessions(tenant, sids, state.tenant_entry_ms)
 
-    def _load_figure(self, ready_tokens: int, ready_sessions: int) -> float:
-        budget = self.settings.verifier
-        return load_figure(ready_tokens, ready_sessions, resident_tokens(self.sessions.values()),
-                           budget.max_batch_tokens, budget.max_batch_sessions,
-                           self.settings.pool.kv_budget_tokens)
 
-    # ------------------------------------------------------------------ pool maintenance
+Dispatch = Callable[[Entry], Awaitable[None]]
+"""Handle one read entry as the worker loop does (``VerifierWorker.dispatch``)."""
 
-    async def _maintain(self) -> None:
-        """Every scan interval: adopt lapsed sessions, reclaim stuck messages, expire abandoned."""
-        now = time.monotonic()
-        if now < self._next_scan:
+
+class Maintenance:
+    """Every scan interval: adopt lapsed sessions, reclaim stuck messages, expire abandoned ones."""
+
+    def __init__(self, state: WorkerState, writes: SessionWrites, admission: Admission,
+                 dispatch: Dispatch) -> None:
+        self.state = state
+        self.writes = writes
+        self.admission = admission
+        self.dispatch = dispatch
+        self.next_scan = 0.0
+        self.next_janitor = 0.0
+        self.janitor_cursor = 0
+
+    async def maintain(self) -> None:
+        state, now = self.state, time.monotonic()
+        if now < self.next_scan:
             return
-        self._next_scan = now + self.settings.pool.scan_interval_ms / 1000
-        await self._refresh_tenants()
-        if self.accepting:
+        self.next_scan = now + state.settings.pool.scan_interval_ms / 1000
+        await self.admission.refresh_tenants()
+        if state.accepting:
             await self._adopt_lapsed()
-            await self._claim_stuck_opens()
+            await self.admission.claim_stuck_opens()
         await self._claim_stray_drafts(now)
         await self._expire_abandoned(now)
         await self._janitor(now)
 
     async def _adopt_lapsed(self) -> None:
-        cfg = self.settings.pool
-        for sid in await self.pool.lapsed():
-            if sid in self.sessions:
+        state = self.state
+        cfg = state.settings.pool
+        for sid in await state.pool.lapsed():
+            if sid in state.sessions:
                 continue
-            if should_pass_on(len(self.sessions), self.peers, 0, 1, cfg.spread_slack):
+            if should_pass_on(len(state.sessions), state.peers, 0, 1, cfg.spread_slack):
                 return  # clearly more loaded than a live peer: leave the rest to it
             try:
-                lease = await self.pool.acquire(sid, self.worker_id, cfg.lease_ms)
+                lease = await state.pool.acquire(sid, state.worker_id, cfg.lease_ms)
                 if lease is not None:
                     await self._adopt(sid, lease)
             except SESSION_DATA_ERRORS as exc:  # its keys hold what no verifier wrote: it ends here
-                self.sessions.pop(sid, None)
-                await self._session_data_failed(sid, exc, await self._adoptee_key(sid))
+                state.sessions.pop(sid, None)
+                await self.writes.session_data_failed(sid, exc, await self._adoptee_key(sid))
 
     async def _adoptee_key(self, sid: str) -> bytes:
         """The verdict key of a session from its saved open (empty when that is unreadable)."""
         try:
-            raw, _ = await self.pool.load_open(sid)
-            return self._open_key(raw or b"")
+            raw, _ = await self.state.pool.load_open(sid)
+            return self.admission.open_key(raw or b"")
         except SESSION_DATA_ERRORS:
             return b""
 
     async def _trusted_open(self, sid: str) -> tuple[SessionOpen, bytes, bytes, bytes] | None:
         """The session's saved open (decoded, raw), its MAC and the session's key, if the MAC verifies."""
-        raw, tag = await self.pool.load_open(sid)
+        state = self.state
+        raw, tag = await state.pool.load_open(sid)
         try:
-            message = decode(raw or b"", self.limits)
+            message = decode(raw or b"", state.limits)
         except WireError:
             return None
         if not isinstance(message, SessionOpen) or message.session_id != sid:
             return None
-        key = self._key_of(sid, message.nonce)
+        key = state.key_of(sid, message.nonce)
         if not mac_ok(key, raw or b"", tag):
-            self._count_error(ErrorCode.INTEGRITY)
+            state.count_error(ErrorCode.INTEGRITY)
             log.warning("session.open_unauthenticated", session_id=sid,
                         error="the saved open's MAC does not verify: not adopted")
             return None
@@ -154,83 +157,81 @@ class LeaseMixin(AdmissionMixin):
 
     async def _adopt(self, sid: str, lease: str) -> None:
         """Rebuild a session from its open message and committed tokens, then claim its drafts."""
+        state = self.state
         opened = await self._trusted_open(sid)
-        state = await self.broker.load_state(sid)
-        if opened is None or _finished(state):
-            await self.pool.release({sid: lease})
-            await self.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
+        stored = await state.broker.load_state(sid)
+        if opened is None or _finished(stored):
+            await state.pool.release({sid: lease})
+            await state.pool.forget(sid)  # finished or expired meanwhile: nothing to adopt
             return
         message, raw, tag, key = opened
-        longest = message.prompt_ids.size + message.sampling.max_new_tokens + self.limits.max_gamma + 1
-        tokens = await self.broker.load_tokens(sid, max_bytes=4 * int(longest))
-        session = VerifierSession.restore(message, state, tokens, key, self.limits.max_gamma)
+        longest = message.prompt_ids.size + message.sampling.max_new_tokens + state.limits.max_gamma + 1
+        tokens = await state.broker.load_tokens(sid, max_bytes=4 * int(longest))
+        session = VerifierSession.restore(message, stored, tokens, key, state.limits.max_gamma)
         session.adopted_idle = True  # until its first draft (RDB: a finished session may come back)
         if tokens and not session.stored:
-            self._count_error(ErrorCode.INTEGRITY)
+            state.count_error(ErrorCode.INTEGRITY)
             log.warning("session.state_untrusted", session_id=sid, error="the committed context in Redis is "
                         "not vouched for by a verdict under the session's key: restarting from the prompt")
         session.lease, session.open_raw, session.open_tag = lease, raw, tag
-        await self.broker.ensure_group(self.broker.keys.drafts(sid))
-        if self._session_limit(session.tenant):  # admitted once: count it, never refuse it
-            await self.pool.admit_session(session.tenant, sid, 0, self._tenant_entry_ms)
-        self._hold(session)
-        self.stats.sessions_adopted += 1
+        await state.broker.ensure_group(state.broker.keys.drafts(sid))
+        if state.session_limit(session.tenant):  # admitted once: count it, never refuse it
+            await state.pool.admit_session(session.tenant, sid, 0, state.tenant_entry_ms)
+        state.hold(session)
+        state.stats.sessions_adopted += 1
         log.info("session.adopted", session_id=sid, tenant=session.tenant, context=len(session.context),
                  next_seq=session.next_seq, lease=lease)
         await self._claim_pending(session, min_idle_ms=0)
 
     async def _claim_pending(self, session: VerifierSession, min_idle_ms: int) -> None:
         """Take over the session's drafts pending at other consumers; dead-letter repeat failures."""
-        stream = self.broker.keys.drafts(session.session_id)
-        entries = await self.broker.claim_idle(self.worker_id, stream, min_idle_ms)
-        counts = await self.pool.delivery_counts(stream, [e.entry_id for e in entries])
+        state = self.state
+        stream = state.broker.keys.drafts(session.session_id)
+        entries = await state.broker.claim_idle(state.worker_id, stream, min_idle_ms)
+        counts = await state.pool.delivery_counts(stream, [e.entry_id for e in entries])
         for entry in entries:
             deliveries = counts.get(entry.entry_id, 1)
-            if deliveries > self.settings.pool.max_deliveries:
-                await self._dead_letter(session, entry, f"delivered {deliveries} times without a verdict "
-                                        "(verifiers failed or died while verifying it)", deliveries)
+            if deliveries > state.settings.pool.max_deliveries:
+                error = (f"delivered {deliveries} times without a verdict (verifiers failed or died "
+                         "while verifying it)")
+                await self.writes.dead_letter(session, entry, error, deliveries)
                 return
-            await self._dispatch(entry)
-
-    async def _dead_letter(self, session: VerifierSession, entry: Entry, error: str, deliveries: int) -> None:
-        self.stats.dead_letters += 1
-        await self.pool.dead_letter(entry, error, deliveries, self.settings.pool.deadletter_maxlen)
-        log.error("draft.dead_letter", session_id=session.session_id, entry_id=entry.entry_id, error=error)
-        notice = ErrorMessage(session.session_id, ErrorCode.DEAD_LETTER, error, fatal=True)
-        if await self._notify(session, notice):
-            await self._finish(session, ErrorCode.DEAD_LETTER.value)
+            await self.dispatch(entry)
 
     async def _claim_stray_drafts(self, now: float) -> None:
         """Drafts a former owner read after it lost the lease stay pending at it: claim them."""
-        lease_s = self.settings.pool.lease_ms / 1000
-        for session in list(self.sessions.values()):
+        lease_ms = self.state.settings.pool.lease_ms
+        lease_s = lease_ms / 1000
+        for session in list(self.state.sessions.values()):
             if not session.queue and lease_s <= now - session.last_active <= 4 * lease_s:
                 try:
-                    await self._claim_pending(session, min_idle_ms=self.settings.pool.lease_ms)
+                    await self._claim_pending(session, min_idle_ms=lease_ms)
                 except SESSION_DATA_ERRORS as exc:
-                    await self._session_data_failed(session.session_id, exc, session.key, session)
+                    await self.writes.session_data_failed(session.session_id, exc, session.key, session)
 
     async def _expire_abandoned(self, now: float) -> None:
-        ttl, adopted = self.settings.redis.session_ttl_s, self.settings.pool.adopted_idle_s
-        for session in list(self.sessions.values()):
+        settings = self.state.settings
+        ttl, adopted = settings.redis.session_ttl_s, settings.pool.adopted_idle_s
+        for session in list(self.state.sessions.values()):
             # Its edge is gone (no draft for the session TTL, or none since adoption): free its KV
             # memory and tenant slot. A live edge re-sends its draft within its resend budget.
             idle = adopted if adopted and session.adopted_idle else ttl
             if not session.queue and now - session.last_active > idle:
                 log.warning("session.expired", session_id=session.session_id, tenant=session.tenant,
                             idle_s=idle, adopted=session.adopted_idle)
-                await self._finish(session, "expired")
+                await self.writes.finish(session, "expired")
 
     async def _janitor(self, now: float) -> None:
         """A bounded SCAN step giving session-pattern keys without a TTL the session TTL."""
-        every = self.settings.pool.janitor_interval_s
-        if not every or now < self._next_janitor or self.broker.cluster:
+        state = self.state
+        every = state.settings.pool.janitor_interval_s
+        if not every or now < self.next_janitor or state.broker.cluster:
             return
-        self._next_janitor = now + every
-        pattern = f"{self.broker.keys.prefix}:{{*"
+        self.next_janitor = now + every
+        pattern = f"{state.broker.keys.prefix}:{{*"
         try:
-            cursor = self._janitor_cursor
-            self._janitor_cursor = await self.pool.expire_untimed(pattern, self.broker.ttl, cursor)
+            cursor = self.janitor_cursor
+            self.janitor_cursor = await state.pool.expire_untimed(pattern, state.broker.ttl, cursor)
         except SESSION_DATA_ERRORS as exc:  # e.g. SCAN refused by a narrower ACL: skip it
             log.warning("janitor.failed", error=str(exc)[:300])
 

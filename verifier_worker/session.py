@@ -72,7 +72,7 @@ class VerifierSession:
         return cls(
             draft_room=draft_room or DEFAULT_DRAFT_ROOM,
             session_id=message.session_id, tenant=message.tenant,
-            params=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed),
+            params=SamplingParams.of(spec),
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
             digest=ContextDigest(u32(message.prompt_ids)), repair=True, logprobs=message.logprobs,
@@ -130,7 +130,7 @@ class VerifierSession:
         draft = pending.draft
         sizes = draft.support_sizes if not self.params.greedy else np.zeros(0, np.uint16)
         return VerifyRequest(
-            kv=self.kv, context=self.context, seq=draft.seq, params=self.params, reserve=self.reserve,
+            kv=self.kv, context=self.context, seq=draft.seq, params=self.params,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
             logprobs=self.logprobs,
         )

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from common.settings import Settings
+from specd.signals import on_stop_signals
 
 DESCRIPTION = (
     "Run an evaluation suite through target-only, draft-only and speculative generation (the "
@@ -216,11 +216,9 @@ async def _run_async(settings: Settings, options: Any, pending: list[Any], recor
 
     if not pending:  # a resumed run that is already complete: only the summary is rebuilt
         return {"resumed_skipping": len(records.done_ids())}, False
-    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+    remove_handlers = on_stop_signals(lambda _signum: task.cancel())
     run = None
     try:
         async with open_models(settings, options) as models:
@@ -229,6 +227,5 @@ async def _run_async(settings: Settings, options: Any, pending: list[Any], recor
     except asyncio.CancelledError:
         return {}, True
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        remove_handlers()
     return run.run_info(0.0, len(records.done_ids()) - progress.done), False

@@ -23,7 +23,7 @@ SPEC_STATS = ("rounds", "drafted", "accepted", "target_forward_passes", "draft_m
 
 
 def _params(spec: SamplingSpec) -> SamplingParams:
-    return SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.seed)
+    return SamplingParams.of(spec)
 
 
 def _elapsed_ms(started: float) -> float:

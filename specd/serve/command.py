@@ -19,6 +19,7 @@ from typing import Any
 from common.settings import ConfigError, Settings
 from specd.failures import EPILOG, INTERRUPTED
 from specd.flags import HelpFormatter, add_setting_flags
+from specd.signals import on_stop_signals
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -162,7 +163,6 @@ def _stop_on_signals(server: Any) -> list[int]:
 
     Returns the signals received: Ctrl-C ends in exit 130 (interrupted), SIGTERM (a service
     manager's orderly stop, after the streams finished) in 0."""
-    loop = asyncio.get_running_loop()
     received: list[int] = []
 
     def stop(sig: int) -> None:
@@ -171,6 +171,5 @@ def _stop_on_signals(server: Any) -> list[int]:
             server.force_exit = True
         server.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop, sig)
+    on_stop_signals(stop)
     return received

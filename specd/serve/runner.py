@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.streams import Broker
+from broker.streams import Broker, new_session_id
 from common.logs import get_logger
 from common.wire import SamplingSpec
 from edge_worker.client import EdgeClient, SessionFailed, SessionResult, TokenLogprob, new_seed
@@ -108,7 +107,7 @@ class SessionRunner:
                             max_new_tokens=generation.max_tokens, stop_token_ids=tuple(sorted(stops)))
 
     def session_id(self, tenant: str) -> str:
-        return f"{tenant}.{uuid.uuid4().hex}"  # as the edge names them: the tenant's key space (ACLs)
+        return new_session_id(tenant)  # as the edge names them: the tenant's key space (ACLs)
 
     async def rounds(self, generation: Generation, tenant: str,
                      sid: str) -> AsyncGenerator[Round | Finished, None]:

@@ -62,8 +62,7 @@ def worker_on(url: str, target, worker_id: str, prefix: str, **sections) -> Veri
 async def settle(*workers: VerifierWorker, iterations: int = 3) -> None:
     for _ in range(iterations):
         for worker in workers:
-            worker._next_scan = worker._next_tenant_scan = 0.0
-            worker._opens_paused_until = 0.0
+            worker.scan_now()  # scan every iteration in these tests
             await worker.iterate()
 
 

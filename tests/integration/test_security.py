@@ -183,3 +183,39 @@ def test_tls_client_options_reach_the_connection_pool() -> None:
     assert kwargs["ssl_keyfile"] == "/c.key" and kwargs["ssl_cert_reqs"] == "required"
     plain = connect("redis://localhost:6379/0").connection_pool.connection_kwargs
     assert "ssl_ca_certs" not in plain and "username" not in plain
+
+
+@pytest.mark.integration
+async def test_loadtest_against_a_pool_with_acl_users_and_tls(secure_redis, tiny_pair, tmp_path) -> None:
+    """`specd loadtest` edges log in as the tenant's ACL user over TLS with a client certificate
+    (they used to connect with the URL alone, and a secured pool refused them)."""
+    import json
+    import os
+    import sys
+
+    url, certs = secure_redis
+    verifier_settings = secure_settings(url, certs, tiny_pair, "verifier", "verifier-pw")
+    verifier_broker = make_broker(verifier_settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(build_verifier(verifier_settings, verifier_broker).run(stop))
+    edge = secure_settings(url, certs, tiny_pair, "edge-acme", "acme-pw", tenant="acme").redis
+    env = {**os.environ, "SPECD_MODELS__TORCH_THREADS": "1", "SPECD_MODELS__TARGET": tiny_pair["target"],
+           "SPECD_MODELS__DRAFT": tiny_pair["draft"], "SPECD_REDIS__KEY_PREFIX": PREFIX,
+           "SPECD_REDIS__USERNAME": edge.username, "SPECD_REDIS__PASSWORD": edge.password,
+           "SPECD_REDIS__TLS_CA_FILE": edge.tls_ca_file, "SPECD_REDIS__TLS_CERT_FILE": edge.tls_cert_file,
+           "SPECD_REDIS__TLS_KEY_FILE": edge.tls_key_file, "SPECD_EDGE__TENANT": "acme"}
+    report = tmp_path / "report.json"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "specd", "loadtest", "--redis-url", url, "--no-verifiers", "--edges", "1",
+            "--sessions-per-edge", "2", "--backend", "replay", "--max-new-tokens", "8",
+            "--prompt", "def add(a, b):", "--report", str(report), "--log-dir", str(tmp_path / "logs"),
+            "--no-progress", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=240)
+        assert process.returncode == 0, output.decode()[-3000:]
+        summary = json.loads(report.read_text())["summary"]
+        assert summary["completed_sessions"] == 2 and summary["error_count"] == 0
+    finally:
+        stop.set()
+        await task
+        await verifier_broker.close()

@@ -7,6 +7,7 @@ backend's package is not installed. Converted models live in one folder per test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from common.sampling import SamplingParams
-from edge_worker import devices
+from edge_worker import devices, drafters
 from edge_worker.backends import create_backend
 from edge_worker.devices import (
     BackendUnavailableError,
@@ -41,7 +42,7 @@ def edge_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def needs(kind: str) -> None:
     if kind in PACKAGES:
         pytest.importorskip(PACKAGES[kind], reason=f"{kind} backend not installed "
-                            f"({devices.INSTALL_HINTS[kind]})")
+                            f"({drafters.get(kind).install_hint})")
 
 
 @pytest.fixture(scope="session")
@@ -136,13 +137,13 @@ def test_changed_weights_or_precision_change_the_key(tiny_pair, tmp_path) -> Non
 
 def test_openvino_npu_falls_back_to_cpu_and_reports_it(tiny_pair, edge_cache) -> None:
     needs("openvino")
-    if "NPU" in devices.openvino_devices():
+    if "NPU" in devices.available_devices("openvino"):
         pytest.skip("this machine has an NPU")
-    backend = create_backend("openvino", tiny_pair["draft"], device="npu", fallback="fallback",
+    backend = create_backend("openvino", tiny_pair["draft"], device="npu", device_fallback="fallback",
                              cache_dir=str(edge_cache))
     assert backend.device == "CPU"
     with pytest.raises(DeviceUnavailableError, match=r"npu.*fallback"):
-        create_backend("openvino", tiny_pair["draft"], device="npu", fallback="fail",
+        create_backend("openvino", tiny_pair["draft"], device="npu", device_fallback="fail",
                        cache_dir=str(edge_cache))
 
 
@@ -180,7 +181,7 @@ def test_specd_devices_lists_every_backend(capsys, monkeypatch, tmp_path) -> Non
     monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     assert main(["devices", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"torch", "openvino", "genai", "prompt_lookup", "router"}
+    assert set(report) == {"torch", "openvino", "genai", "replay", "prompt_lookup", "router"}
     assert "n-gram" in report["prompt_lookup"]["drafter"] and "edge.drafts" in report["router"]["drafter"]
     assert report["torch"]["auto"] in report["torch"]["devices"]
     if report["openvino"]["installed"]:
@@ -198,7 +199,8 @@ def test_cli_fails_clearly_when_the_device_is_missing(capsys, monkeypatch, tmp_p
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
-    monkeypatch.setattr(devices, "openvino_devices", lambda: ["CPU"])  # as on a machine without NPU
+    without_npu = dataclasses.replace(drafters.get("openvino"), devices=lambda: ["CPU"])
+    monkeypatch.setitem(drafters.REGISTRY, "openvino", without_npu)  # as on a machine without NPU
     code = cli.main(["generate", "--mode", "draft", "--prompt", "x", "--draft-model", tiny_pair["draft"],
                      "--backend", "openvino", "--device", "npu", "--device-fallback", "fail"])
     assert code == 2

@@ -25,7 +25,7 @@ from common.models import ModelLoadError, forward_with_cache, load_causal_lm, re
 from common.prompt_limits import prompt_problem
 from common.settings import ConfigError, Settings, check_kv_budget, load_settings
 from common.wire import ErrorCode, ErrorMessage, SamplingSpec, SessionOpen, decode, encode
-from specd import cli
+from specd import cli, flags
 from specd.failures import EXIT_CODES, report
 from specd.prompts import PromptError, read_prompts
 
@@ -152,10 +152,10 @@ def test_every_command_help_shows_defaults_and_exit_codes(capsys, command) -> No
 def test_every_settings_flag_shows_its_key_and_default(capsys) -> None:
     text = " ".join(help_of(capsys, "generate").split())
     for group in ("common", "target", "draft"):
-        for flag in cli.SETTING_FLAGS[group]:
+        for flag in flags.SETTING_FLAGS[group]:
             section, key = flag.setting.split(".")
             default = Settings.model_fields[section].annotation.model_fields[key].default
-            shown = cli._default_text(default)
+            shown = flags._default_text(default)
             assert f"[{flag.setting}; default: {shown}]" in text, flag.setting
 
 

@@ -93,15 +93,15 @@ class Harness:
             if sid not in self.worker.sessions:
                 # A closed session leaves a tombstone that refuses its id: this harness reuses ids.
                 await self.worker.broker.redis.delete(keys.state(sid))
-                await self.worker._dispatch(self.entry(keys.opens("default"), open_payload(sid, self.target,
+                await self.worker.dispatch(self.entry(keys.opens("default"), open_payload(sid, self.target,
                                                                                    temperature, 200)))
         for sid in set(self.worker.sessions) - {GOOD, FUZZ, FUZZ_SAMPLED}:  # sessions fuzz opened
-            await self.worker._finish(self.worker.sessions[sid], "test-cleanup")
+            await self.worker.writes.finish(self.worker.sessions[sid], "test-cleanup")
 
     async def hostile(self, schema: str, payload: bytes | None, rnd: random.Random) -> None:
         keys = self.worker.broker.keys
         stream = keys.opens("default") if schema == "open" else keys.drafts(rnd.choice([FUZZ, FUZZ_SAMPLED]))
-        await self.worker._dispatch(self.entry(stream, payload))
+        await self.worker.dispatch(self.entry(stream, payload))
         if schema != "open":
             await self.ensure_fuzz_sessions()  # a valid close ends a fuzz session: open it again
 
@@ -113,7 +113,7 @@ class Harness:
             if session.queue:
                 continue
             draft = DraftBatch(sid, session.next_seq, len(session.context), tokens, sizes, support_ids, probs)
-            await self.worker._dispatch(self.entry(self.worker.broker.keys.drafts(sid), encode(draft)))
+            await self.worker.dispatch(self.entry(self.worker.broker.keys.drafts(sid), encode(draft)))
 
     async def good_round(self) -> None:
         """One round of the well-behaved edge: an arbitrary draft, then apply the verdict."""
@@ -146,7 +146,7 @@ async def test_verifier_survives_hostile_traffic_beside_a_good_session(target) -
     good_tokens = 40
     opens = broker.keys.opens("default")
     good_open = open_payload(GOOD, target, 0.0, good_tokens)
-    await worker._dispatch(Entry(opens, "0-1", good_open, mac=entry_tag(broker.keys, opens, good_open)))
+    await worker.dispatch(Entry(opens, "0-1", good_open, mac=entry_tag(broker.keys, opens, good_open)))
     harness = Harness(worker, target)
     await harness.ensure_fuzz_sessions()
     corpora = {schema: hostile_corpus(schema, PER_SCHEMA) for schema in sorted(SCHEMAS)}

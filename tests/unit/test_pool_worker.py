@@ -80,8 +80,7 @@ def draft(sid: str, seq: int, start: int, tokens: list[int]) -> bytes:
 async def settle(*workers: VerifierWorker, iterations: int = 3) -> None:
     for _ in range(iterations):
         for worker in workers:
-            worker._next_scan = worker._next_tenant_scan = 0.0  # scan every iteration in these tests
-            worker._opens_paused_until = 0.0
+            worker.scan_now()  # scan every iteration in these tests
             await worker.iterate()
 
 
@@ -361,7 +360,7 @@ async def test_loaded_worker_passes_opens_on_and_leaving_worker_hands_over(make_
     w1, w2 = await make_worker("w1", pool={"spread_slack": 0}), await make_worker("w2")
     await w1.broker.open_session("a", open_payload("a", target))
     await settle(w1, iterations=1)
-    w1.peers = {"w2": {"sessions": 0}}
+    w1.state.peers = {"w2": {"sessions": 0}}
     await w1.broker.open_session("b", open_payload("b", target))
     await settle(w1, iterations=1)
     assert set(w1.sessions) == {"a"} and w1.stats.opens_passed_on == 1

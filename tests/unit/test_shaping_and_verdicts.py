@@ -10,12 +10,12 @@ import time
 import fakeredis
 import pytest
 
-from broker.shaping import ShapedBroker
+from broker.multiplex import MultiplexedBroker, id_after
 from broker.streams import FIELD, Broker, RoundResult, mac
 from common.integrity import ContextDigest, u32
 from common.wire import ErrorCode, ErrorMessage, SamplingSpec, Verdict, encode
 from edge_worker.client import EdgeClient, EdgeConfig, SessionFailed, _EdgeSession
-from edge_worker.verdicts import MultiplexedBroker, id_after
+from edge_worker.shaping import ShapedBroker
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ class MultiplexedBroker(Broker):
         self.block_ms = block_ms
         self.idle_forget_s = idle_forget_s
         # In the tenant's key space (its ACL covers it): ``{prefix}:{<tenant>.mux-<uuid>}:wake``.
-        self.wake_key = f"{inner.keys.prefix}:{{{tenant}.mux-{uuid.uuid4().hex}}}:wake"
+        self.wake_key = inner.keys.wake(tenant, uuid.uuid4().hex)
         self._wake_last = "0-0"
         self._tails: dict[str, _Tail] = {}
         self._reader: asyncio.Task[None] | None = None
