@@ -95,7 +95,7 @@ def test_the_summary_is_the_records_recomputed_and_charts_are_written(ablation: 
     summary = json.loads((folder / "out" / "summary.json").read_text())
     assert json.loads(ablation["result"].stdout) == summary
     records = read_records(folder / "out" / "records.jsonl")
-    recomputed = summarize(records, "specbench", selected=7)
+    recomputed = summarize(records, "specbench", selected=7, run=summary["run"])
     del summary["run"], recomputed["run"]
     assert summary == recomputed
     assert summary["counts"] == {"total": 7, "processed": 7, "succeeded": 6, "failed": 1}
@@ -164,7 +164,7 @@ def test_humaneval_completions_are_executed_for_pass_at_1(tiny_pair: dict, tmp_p
 
 def test_bad_input_is_a_one_line_error(tiny_pair: dict, tmp_path: Path) -> None:
     missing = run_eval(tiny_pair, "--suite", "wmt", "--data", str(tmp_path / "nope.json"))
-    assert missing.returncode == 2 and missing.stderr.strip().startswith("specd eval: cannot read")
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("specd eval: data file")
     data = questions_file(tmp_path / "q.jsonl", 2)
     unknown = run_eval(tiny_pair, "--suite", "specbench", "--data", str(data), "--categories", "zzz")
     assert unknown.returncode == 2 and "no question has category zzz" in unknown.stderr
