@@ -70,22 +70,6 @@ def save(model: Any, tokenizer: Any, folder: Path) -> Path:
     return folder
 
 
-def early_exit_draft(target_folder: str | Path, layers: int, out: Path) -> Path:
-    """A draft made of the target's first ``layers`` layers (its embeddings, norm and head):
-    untrained, so it agrees with the target sometimes, not always. Saved with the target's
-    tokenizer; used where a real target needs a related draft."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(target_folder, dtype=torch.float32)
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:layers]
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(target_folder).save_pretrained(out)
-    return out
-
-
 def random_model_with_tokenizer(tokenizer_folder: str | Path, out: Path, seed: int = 1,
                                 hidden: int = 64, layers: int = 2) -> Path:
     """A tiny random Llama over another model's tokenizer (e.g. SmolLM2's 49,152 tokens)."""

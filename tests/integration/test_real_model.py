@@ -1,5 +1,5 @@
-"""The real pair end to end: SmolLM2-135M-Instruct (named, from its GGUF file) as the target and a
-related draft (its first 4 layers, untrained: some drafts accepted, many not), on Spec-Bench
+"""The real pair end to end: SmolLM2-135M-Instruct (named, from its GGUF file) as the target and its
+shipped draft (some drafts accepted, most not), on Spec-Bench
 questions through the chat template. Greedy speculative output equals the target's own greedy
 output through Redis (`specd edge`, several sessions batched) and through `specd serve` with the
 official openai client. Short outputs: the point is exactness on a real vocabulary, not speed."""
