@@ -147,7 +147,7 @@ def _shipped_model(name: str, cache_dir: str | Path) -> str | None:
     """The folder of a model specd ships or knows by name; None for any other name."""
     if name in SHIPPED_DRAFTS:  # the real target's draft: its embedding comes from the target's GGUF
         try:
-            return str(assembled_folder(name))
+            return str(assembled_folder(name, cache_root(cache_dir) / "drafts"))
         except (OSError, ValueError, KeyError, ImportError) as exc:  # ImportError: no `gguf` package
             raise ModelLoadError(f"cannot assemble the draft {name!r}: {_first_line(exc)}") from exc
     if name.startswith(BUNDLED_PREFIX):

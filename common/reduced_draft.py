@@ -93,12 +93,6 @@ def output_vocab_size(model: Any) -> int:
     return int(getattr(head, "vocab_size", 0) or head.weight.shape[0])
 
 
-def cache_root() -> Path:
-    base = os.environ.get("SPECD_CACHE_DIR") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specd")
-    return Path(base) / "drafts"
-
-
 def target_gguf(meta: dict[str, Any]) -> Path:
     """The target's GGUF file inside its installed package (``meta['target_package']``)."""
     spec = importlib.util.find_spec(meta["target_package"])
@@ -129,13 +123,14 @@ def gguf_tensor(path: Path, name: str) -> torch.Tensor:
     raise KeyError(f"{path.name} has no tensor {name!r}")
 
 
-def assembled_folder(name: str) -> Path:
-    """The complete Hugging Face folder of a shipped draft, assembled into the cache once."""
+def assembled_folder(name: str, cache: Path) -> Path:
+    """The complete Hugging Face folder of a shipped draft, assembled once into ``cache``
+    (``<edge.cache_dir>/drafts``, given by ``common.models``)."""
     source = SHIPPED_DRAFTS[name]
     meta = json.loads((source / SHIPPED_META).read_text())
     key = hashlib.sha256(ASSEMBLY_FORMAT + (source / SHIPPED_META).read_bytes()
                          + file_sha256(source / SHIPPED_WEIGHTS).encode()).hexdigest()[:16]
-    folder = cache_root() / f"{name}-{key}"
+    folder = cache / f"{name}-{key}"
     if (folder / SUBSET_FILE).is_file():
         return folder
     gguf_path = target_gguf(meta)
