@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from common.reduced_draft import SHIPPED_DRAFTS, apply_folder_subset, assembled_folder, output_vocab_size
+from common.reduced_draft import file_sha256 as plain_sha256
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "tiny_pair"
@@ -182,13 +183,10 @@ def file_sha256(path: Path, cache_dir: str | Path = "") -> str:
     known = records.get(str(path.resolve()), {})
     if known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
         return str(known["sha256"])
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    records[str(path.resolve())] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    digest = plain_sha256(path)
+    records[str(path.resolve())] = {"stamp": stamp, "sha256": digest}
     _write_atomically(record_file, json.dumps(records, indent=1))  # a lost race only costs a re-hash
-    return digest.hexdigest()
+    return digest
 
 
 def _write_atomically(path: Path, text: str) -> None:
