@@ -217,9 +217,15 @@ class PoolSettings(Section):
     open_expiry_s: float = Field(60.0, ge=0, le=86400)
     """A session open that waited longer than this (queued or deferred) is refused with
     ``session_expired`` instead of being served late; 0: never."""
+    open_grace_s: float = Field(10.0, ge=0, le=86400)
+    """Edges write a session's first draft before its open: an open whose session has no draft
+    stream is dropped unanswered once it is this old, and at once while its tenant has a backlog
+    (more than ``opens_per_read`` opens waiting), so that idle opens never hold a tenant's live
+    sessions back. A slow edge re-sends its open after its first draft."""
     adopted_idle_s: float = Field(30.0, ge=0, le=86400)
-    """An adopted session that gets no draft within this many seconds is ended (``expired``):
-    sessions that finished after a Redis snapshot come back from it with no edge."""
+    """An adopted session, or one taken before its edge drafted, that gets no draft within this many
+    seconds is ended (``expired``): sessions that finished after a Redis snapshot come back from it
+    with no edge, and an open's edge may be gone."""
     janitor_interval_s: float = Field(60.0, ge=0, le=86400)
     """How often a verifier gives session-pattern keys that have no TTL (a tenant's own streams,
     ghost drafts streams) the session TTL, a bounded SCAN step each time; 0: never."""

@@ -15,6 +15,11 @@ Each session's key is derived from the pool's secret, its id and a random nonce 
 (common.integrity); the open, every draft and the close carry a MAC under it. Waiting for a
 verdict (authentication, binding to the drafted tokens, notices, re-sends, resuming after Redis
 lost rounds) lives in ``edge_worker.waiting``.
+
+A session's first draft is written before its open: a verifier that reads the open finds the
+session's draft stream, its sign that an edge is there (``verifier_worker.capacity.triage_open``);
+opens without one are dropped while their tenant has a backlog, so idle opens never hold live
+sessions back.
 """
 
 from __future__ import annotations
@@ -250,6 +255,7 @@ class _EdgeSession(VerdictWaiter):
         self.bound: bytes = b""  # its draft_digest: the verdict must name the same
         self.open_payload = b""
         self.open_tag = b""
+        self.opened = False  # the open is queued (after the first draft: verifiers drop opens without one)
         self.spec = spec
         self.params = SamplingParams.of(spec)
         self.stops = frozenset(spec.stop_token_ids)
@@ -286,8 +292,6 @@ class _EdgeSession(VerdictWaiter):
         tenant, metrics = self.client.config.tenant, self.client.metrics
         metrics.session_started(tenant)
         try:
-            await self._redis(lambda: broker.open_session(self.sid, self.open_payload, self.open_tag),
-                              "open_session")
             while self.result.finish_reason is None:
                 await self._round(self.seq)
                 if self.result.rounds == 1:
@@ -337,6 +341,10 @@ class _EdgeSession(VerdictWaiter):
         self.sent_tag, self.bound = mac(self.key, self.sent), draft_digest(message.start, u32(ids))
         await self._redis(lambda: self.client.broker.send_draft(self.sid, self.sent, self.sent_tag),
                           "send_draft")
+        if not self.opened:  # the first draft goes first: a verifier that reads the open finds it
+            await self._redis(lambda: self.client.broker.open_session(self.sid, self.open_payload,
+                                                                      self.open_tag), "open_session")
+            self.opened = True
         self._start_ahead(seq, proposal.token_ids)
         verdict = await self._await_verdict(seq)
         if verdict is None:  # the verifier committed fewer tokens than this edge holds: resumed

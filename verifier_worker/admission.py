@@ -23,19 +23,25 @@ from broker.streams import DEFAULT_TENANT, SESSION_DATA_ERRORS, Entry, SessionDa
 from common import tracing
 from common.wire import ErrorCode, SessionOpen, WireError, decode, peek_session_id
 from verifier_worker.capacity import (
+    DROP,
+    LIVE,
     AdmissionRules,
     Evict,
     OpenRequest,
+    OpenSeen,
     PassOn,
     Reject,
+    TriageRules,
     Wait,
     decide_admission,
+    triage_open,
 )
 from verifier_worker.core import SessionWrites, WorkerState, log
 from verifier_worker.prompt_check import check_prompt_fits
 from verifier_worker.session import VerifierSession, kv_reserve
 
 PLAUSIBLE_ID_AGE_MS = 86_400_000
+DRAIN_READS = 8  # extra reads per iteration of a tenant stream whose last read held only idle opens
 
 
 def open_age_ms(entry: Entry, now: int) -> int:
@@ -60,6 +66,7 @@ class Admission:
         self.next_tenant_scan = 0.0  # when to look for new tenants' open streams again
         self.opens_paused_until = 0.0  # an open waits for KV room: read no opens until then
         self.queue_lengths: dict[str, tuple[float, int]] = {}  # tenant -> (read at, opens waiting)
+        self.backlog_seen: dict[str, tuple[float, int]] = {}  # tenant -> (remembered until, backlog)
 
     def reading_opens(self, now: float) -> bool:
         """Whether this iteration reads open streams (accepting, and no open waits for KV room)."""
@@ -96,23 +103,125 @@ class Admission:
         """Opens a dead worker read but never acknowledged."""
         state = self.state
         idle = 2 * state.settings.pool.lease_ms
-        for stream, tenant in list(state.tenant_streams.items()):
-            for entry in await state.broker.claim_idle(state.worker_id, stream, idle):
-                await self.open_guarded(entry, tenant)
+        for stream in list(state.tenant_streams):
+            await self.on_opens(await state.broker.claim_idle(state.worker_id, stream, idle))
 
     async def read_pending(self) -> None:
         """Session opens this consumer read before a restart but never acknowledged."""
         state = self.state
-        for stream, tenant in list(state.tenant_streams.items()):
-            for entry in await state.broker.read_pending(state.worker_id, stream):
-                await self.open_guarded(entry, tenant)
+        for stream in list(state.tenant_streams):
+            await self.on_opens(await state.broker.read_pending(state.worker_id, stream))
 
-    async def open_guarded(self, entry: Entry, tenant: str) -> None:
+    # ------------------------------------------------------------------ a read's opens, triaged
+
+    async def on_opens(self, entries: list[Entry], count: int = 0) -> None:
+        """A read's opens: triaged together (``capacity.triage_open``: one pipelined check of their
+        sessions' draft streams), idle ones dropped in one write, live ones admitted first. A stream
+        whose read of ``count`` opens held only idle ones is read again (up to ``DRAIN_READS`` times
+        per iteration): a tenant's backlog of idle opens drains at the cost of a read and a check
+        per ``count`` opens, and its live sessions behind it are reached in seconds."""
+        state = self.state
+        for drain in range(DRAIN_READS + 1):
+            dropped = await self._triage(entries)
+            full = [stream for stream, n in dropped.items() if count and n >= count
+                    and stream in state.tenant_streams]
+            if not full or drain == DRAIN_READS or state.broker.cluster or not state.accepting:
+                return
+            try:
+                entries = await state.broker.read_work(state.worker_id, full, None, count=count)
+            except SESSION_DATA_ERRORS as exc:
+                log.error("open.drain_failed", streams=full, error=str(exc)[:300])
+                return
+
+    async def _triage(self, entries: list[Entry]) -> dict[str, int]:
+        """Triage and serve ``entries``; returns how many were dropped per stream."""
+        state = self.state
+        tenants = state.tenant_streams
+        entries = [e for e in entries if e.stream in tenants]
+        if not entries:
+            return {}
+        keys = state.broker.keys
+        sids = [peek_session_id(e.payload or b"") for e in entries]
+        sids = [sid if sid is not None and tenant_of(sid) == tenants[e.stream] else None
+                for sid, e in zip(sids, entries, strict=True)]
+        try:
+            drafted = await state.broker.existing([keys.drafts(sid) for sid in sids if sid is not None])
+        except SESSION_DATA_ERRORS as exc:  # cannot tell: every open takes the per-open path
+            log.error("open.triage_failed", error=str(exc)[:300])
+            drafted = {keys.drafts(sid) for sid in sids if sid is not None}
+        cfg, now = state.settings.pool, now_ms()
+        rules = TriageRules(grace_ms=cfg.open_grace_s * 1000, backlog_at=cfg.opens_per_read)
+        live: list[Entry] = []
+        unseen: list[Entry] = []
+        dropped: dict[str, list[str]] = {}
+        for entry, sid in zip(entries, sids, strict=True):
+            if sid is None:  # undecodable, or another tenant's id: the per-open path refuses or ignores it
+                unseen.append(entry)
+                continue
+            seen = OpenSeen(age_ms=open_age_ms(entry, now), edge_seen=keys.drafts(sid) in drafted,
+                            backlog=await self.recent_backlog(tenants[entry.stream]))
+            where = triage_open(seen, rules)
+            if where == DROP:
+                dropped.setdefault(entry.stream, []).append(entry.entry_id)
+            else:
+                (live if where == LIVE else unseen).append(entry)
+        for stream, ids in dropped.items():
+            await self._drop(stream, tenants[stream], ids)
+        for entry in live:
+            await self.open_guarded(entry, tenants[entry.stream], live=True)
+        for entry in unseen:
+            await self.open_guarded(entry, tenants[entry.stream])
+        return {stream: len(ids) for stream, ids in dropped.items()}
+
+    async def _drop(self, stream: str, tenant: str, ids: list[str]) -> None:
+        """Opens nobody drafted for: acknowledged and deleted in one write, no reply (nobody listens)."""
+        state = self.state
+        try:
+            await state.broker.ack(stream, *ids)
+        except SESSION_DATA_ERRORS as exc:
+            log.error("open.unacked", stream=stream, entries=len(ids), error=str(exc)[:300])
+            return
+        state.stats.opens_dropped += len(ids)
+        for _ in ids:
+            state.metrics.admission_outcome("dropped_no_edge")
+        read_at, waiting = self.queue_lengths.get(tenant, (0.0, 0))
+        self.queue_lengths[tenant] = (read_at, max(0, waiting - len(ids)))
+        log.info("opens.dropped", tenant=tenant, stream=stream, count=len(ids),
+                 reason="no draft from an edge (its tenant has a backlog, or the grace passed)")
+
+    async def backlog(self, tenant: str) -> int:
+        """Opens waiting in the tenant's queue (new and deferred), re-read once per scan interval."""
+        state, now = self.state, time.monotonic()
+        seen = self.queue_lengths.get(tenant)
+        if seen is None or now - seen[0] > state.settings.pool.scan_interval_ms / 1000:
+            try:
+                seen = (now, await state.pool.queued_opens(tenant))
+            except SESSION_DATA_ERRORS:
+                seen = (now, 0)
+            self.queue_lengths[tenant] = seen
+        return seen[1]
+
+    async def recent_backlog(self, tenant: str) -> int:
+        """The tenant's backlog, or the last one over ``pool.opens_per_read`` seen within
+        ``pool.open_grace_s``: a tenant that floods in bursts is treated as flooding between them
+        (the tail of each burst is not served as if the queue were quiet)."""
+        cfg, now = self.state.settings.pool, time.monotonic()
+        waiting = await self.backlog(tenant)
+        if waiting > cfg.opens_per_read:
+            self.backlog_seen[tenant] = (now + cfg.open_grace_s, waiting)
+            return waiting
+        until, remembered = self.backlog_seen.get(tenant, (0.0, 0))
+        if now >= until:
+            self.backlog_seen.pop(tenant, None)
+            return waiting
+        return max(waiting, remembered)
+
+    async def open_guarded(self, entry: Entry, tenant: str, live: bool = False) -> None:
         """One open, its Redis replies shaped by its tenant (keys of the wrong type, blocked ids,
         refusals) kept to its own session: that session fails typed, the open is acked, all else goes on."""
         state = self.state
         try:
-            await self.on_open(entry, tenant)
+            await self.on_open(entry, tenant, live)
         except SESSION_DATA_ERRORS as exc:
             raw = entry.payload or b""
             sid = peek_session_id(raw)
@@ -139,7 +248,9 @@ class Admission:
 
     # ------------------------------------------------------------------ one open
 
-    async def on_open(self, entry: Entry, tenant: str) -> None:
+    async def on_open(self, entry: Entry, tenant: str, live: bool = False) -> None:
+        """One open; ``live``: its edge has drafted (triage saw its draft stream), so its tenant's
+        queue length never refuses it: a backlog of idle opens must not fail a live session."""
         state = self.state
         raw, key = entry.payload or b"", b""
         try:
@@ -165,7 +276,8 @@ class Admission:
                 await state.broker.ack(entry.stream, entry.entry_id)
                 return
             self._check_fresh(entry, message)
-            await self._check_queue(entry, message)
+            if not live:
+                await self._check_queue(entry, message)
         except WireError as exc:
             await self._refuse_open(entry, tenant, exc, key)
             return
@@ -193,6 +305,7 @@ class Admission:
             await state.broker.ensure_group(state.broker.keys.drafts(sid))
             session = VerifierSession.from_open(message, state.limits.max_gamma)
             session.lease, session.key, session.open_raw, session.open_tag = lease, key, raw, tag
+            session.adopted_idle = True  # until its first draft: ended after pool.adopted_idle_s without one
             state.hold(session)
             state.stats.sessions_opened += 1
             state.metrics.admission_outcome("admitted")
@@ -222,14 +335,12 @@ class Admission:
         per scan interval per tenant (not per open)."""
         if entry.hops:
             return  # passed on or deferred already: counted when it was first read
-        state, now = self.state, time.monotonic()
-        seen = self.queue_lengths.get(message.tenant)
-        if seen is None or now - seen[0] > state.settings.pool.scan_interval_ms / 1000:
-            seen = (now, await state.pool.queued_opens(message.tenant))
-        self.queue_lengths[message.tenant] = (seen[0], seen[1] - 1)  # this one leaves the queue
+        state = self.state
+        waiting = await self.backlog(message.tenant)
+        self.queue_lengths[message.tenant] = (self.queue_lengths[message.tenant][0], waiting - 1)  # it leaves
         limit = state.settings.pool.max_queued_opens
-        if seen[1] > limit:
-            raise WireError(ErrorCode.BUSY, f"tenant {message.tenant!r} has {seen[1]} session opens waiting "
+        if waiting > limit:
+            raise WireError(ErrorCode.BUSY, f"tenant {message.tenant!r} has {waiting} session opens waiting "
                             f"(limit {limit}): open again later", message.session_id)
 
     def check_compatible(self, message: SessionOpen) -> None:

@@ -135,6 +135,43 @@ def decide_admission(sessions: list[R], request: OpenRequest, rules: AdmissionRu
     return Wait()
 
 
+# ---------------------------------------------------------------------- triage of a read's opens
+
+@dataclass(frozen=True)
+class OpenSeen:
+    """One open as triage sees it, before any per-open work (decode, MAC, lease)."""
+
+    age_ms: float  # since it was queued (or first seen), ``admission.open_age_ms``
+    edge_seen: bool  # its session's draft stream exists: an edge drafted for it (edges draft first)
+    backlog: int  # opens waiting in its tenant's queue (new and deferred; read once per scan interval)
+
+
+@dataclass(frozen=True)
+class TriageRules:
+    grace_ms: float  # pool.open_grace_s: how long an open may wait for its edge's first draft
+    backlog_at: int  # pool.opens_per_read: a longer tenant queue is a backlog
+
+
+LIVE, UNSEEN, DROP = "live", "unseen", "drop"
+
+
+def triage_open(seen: OpenSeen, rules: TriageRules) -> str:
+    """Where one read open goes: ``live`` (its edge drafted: admitted first), ``unseen`` (no draft
+    yet, young, no backlog: admitted after the live ones) or ``drop`` (acknowledged and deleted,
+    no reply: nobody drafted for it, so nobody listens).
+
+    An edge writes its session's first draft before its open, so a live session's open always
+    finds its draft stream. An open without one is an idle open (a flood, an edge long gone):
+    while its tenant has a backlog it is dropped at once, one pipelined check per read, instead of
+    being admitted one at a time ahead of the tenant's live sessions; past the grace it is dropped
+    even without a backlog. An edge that was merely slow re-sends its open after its first draft."""
+    if seen.edge_seen:
+        return LIVE
+    if seen.backlog > rules.backlog_at or seen.age_ms > rules.grace_ms:
+        return DROP
+    return UNSEEN
+
+
 # ---------------------------------------------------------------------- preemption in a pass
 
 class Holder(Protocol):

@@ -51,6 +51,7 @@ class VerifierStats:
     sessions_lost: int = 0
     sessions_finished: int = 0
     opens_passed_on: int = 0
+    opens_dropped: int = 0  # opens nobody drafted for, dropped at triage (capacity.triage_open)
     evictions: int = 0
     dead_letters: int = 0
     drafts_throttled: int = 0  # rate-limit notices: a held draft's first, then one per RETELL_S

@@ -176,8 +176,13 @@ class VerifierWorker:
         opens = list(state.tenant_streams) if self.admission.reading_opens(time.monotonic()) else []
         drafts = [state.broker.keys.drafts(sid) for sid in state.sessions]
         if opens or drafts:
-            for entry in await self._read(opens, drafts, block):
-                await self.dispatch(entry)
+            entries = await self._read(opens, drafts, block)
+            tenants = state.tenant_streams
+            await self.admission.on_opens([e for e in entries if e.stream in tenants],
+                                          state.settings.pool.opens_per_read)
+            for entry in entries:
+                if entry.stream not in tenants:
+                    await self.dispatch(entry)
         elif not ready:
             await asyncio.sleep(self.rounds.idle_block_ms() / 1000)
         await self.rounds.verify_ready()

@@ -8,15 +8,21 @@ import pytest
 
 from common.wire import ErrorCode
 from verifier_worker.capacity import (
+    DROP,
+    LIVE,
+    UNSEEN,
     AdmissionRules,
     Evict,
     OpenRequest,
+    OpenSeen,
     PassOn,
     Reject,
     Take,
+    TriageRules,
     Wait,
     decide_admission,
     lru_victims,
+    triage_open,
 )
 
 
@@ -79,3 +85,22 @@ def test_preemption_drops_least_recently_used_until_enough_blocks() -> None:
     assert lru_victims([a, b, c], 1) == [b]
     assert lru_victims([a, b, c], 2) == [b, c]
     assert lru_victims([a, b, c], 9) == [b, c, a]
+
+
+TRIAGE = TriageRules(grace_ms=10_000, backlog_at=16)
+TRIAGE_CASES = [
+    # (why, seen, where)
+    ("its edge drafted", OpenSeen(age_ms=0, edge_seen=True, backlog=0), LIVE),
+    ("its edge drafted, however long the backlog", OpenSeen(age_ms=0, edge_seen=True, backlog=50_000), LIVE),
+    ("its edge drafted, however old", OpenSeen(age_ms=3_600_000, edge_seen=True, backlog=0), LIVE),
+    ("no draft yet, young, no backlog", OpenSeen(age_ms=500, edge_seen=False, backlog=3), UNSEEN),
+    ("no draft, the queue is one read long", OpenSeen(age_ms=0, edge_seen=False, backlog=16), UNSEEN),
+    ("no draft while the tenant has a backlog", OpenSeen(age_ms=0, edge_seen=False, backlog=17), DROP),
+    ("no draft past the grace", OpenSeen(age_ms=10_001, edge_seen=False, backlog=0), DROP),
+    ("no draft at the grace", OpenSeen(age_ms=10_000, edge_seen=False, backlog=0), UNSEEN),
+]
+
+
+@pytest.mark.parametrize(("why", "seen", "where"), TRIAGE_CASES, ids=[case[0] for case in TRIAGE_CASES])
+def test_open_triage(why, seen, where) -> None:
+    assert triage_open(seen, TRIAGE) == where
