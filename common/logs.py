@@ -24,6 +24,67 @@ import structlog
 
 _configured = False
 _sink: LogSink | None = None
+_write_lock = threading.Lock()
+
+
+def _current_stderr() -> Any:
+    return sys.stderr
+
+
+def _fallback_streams() -> list[Any]:
+    """Where a line goes when its stream is closed: the current stderr, then the process's own."""
+    return [s for s in (sys.stderr, sys.__stderr__) if s is not None]
+
+
+class StreamLogger:
+    """A structlog logger that looks its stream up at each write (``resolve``).
+
+    A logger bound to one stream object for good breaks the process once that object is closed
+    (pytest's capture, a redirected stderr replaced and closed): every later line would raise
+    "I/O operation on closed file". Resolving at write time follows ``sys.stderr`` wherever it
+    points now, and a closed stream falls back to the current stderr, then the process's own.
+    """
+
+    def __init__(self, resolve: Any) -> None:
+        self._resolve = resolve
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        with _write_lock:
+            for stream in [self._resolve(), *_fallback_streams()]:
+                try:
+                    stream.write(line)
+                    stream.flush()
+                    return
+                except (ValueError, OSError):  # closed, or gone (EPIPE): try the next one
+                    continue
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+class _StreamLoggerFactory:
+    def __init__(self, resolve: Any) -> None:
+        self._resolve = resolve
+
+    def __call__(self, *args: Any) -> StreamLogger:
+        return StreamLogger(self._resolve)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stdlib root handler, writing to ``sys.stderr`` as it is at each record."""
+
+    def __init__(self, resolve: Any) -> None:
+        super().__init__()
+        self._resolve = resolve
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        current = self._resolve()
+        return current if not getattr(current, "closed", False) else (sys.__stderr__ or current)
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:  # StreamHandler.__init__ sets it: the property decides
+        pass
 
 
 class LogSink:
@@ -77,13 +138,16 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
                       sink: LogSink | None = None, interactive: bool = False) -> None:
     """Configure structlog and the stdlib root logger; later calls are no-ops.
 
-    Logs go to stderr. ``interactive``: generated text streams to the same terminal, so lines
-    below warning and libraries' deprecation warnings stay out of it.
+    Logs go to stderr as it is at each write (or to ``stream``; a closed one falls back to the
+    current stderr): a stream closed after configuration never breaks the process.
+    ``interactive``: generated text streams to the same terminal, so lines below warning and
+    libraries' deprecation warnings stay out of it.
     """
     global _configured, _sink
     if _configured:
         return
-    stream = stream or sys.stderr
+    resolve = _current_stderr if stream is None else (lambda: stream)
+    stream = resolve()
     if interactive:
         level = level if level in ("warning", "error") else "warning"
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -107,10 +171,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=_StreamLoggerFactory(resolve),  # the stream is looked up at each write
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream)
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[_CurrentStderrHandler(resolve)])
     _sink = sink
     _configured = True
 
