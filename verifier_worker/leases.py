@@ -13,6 +13,7 @@ and the committed context, vouched for by the last verdict (else it restarts fro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,10 @@ class Leases:
 
     def __init__(self, state: WorkerState) -> None:
         self.state = state
+        # One renewal at a time: after a pause (SIGSTOP, a long GC) the tick's renewal and a fenced
+        # commit's ran at once; one took the lapsed lease again, the other found it held (by this
+        # very worker, under the new epoch) and dropped the session as lost to another worker.
+        self._renewing = asyncio.Lock()
 
     @property
     def tick_s(self) -> float:
@@ -51,17 +56,21 @@ class Leases:
                                      json.dumps(load).encode())
 
     async def renew(self, sessions: list[VerifierSession] | None = None) -> None:
+        """Renew (or take again) the leases of ``sessions`` (all held ones by default), one renewal at
+        a time: a renewal that waited reads the lease values the one before it left."""
         state = self.state
-        held = {s.session_id: s.lease for s in (sessions or list(state.sessions.values()))}
-        changes = await state.pool.renew(state.worker_id, held, state.settings.pool.lease_ms)
-        for sid, value in changes.items():
-            session = state.sessions.get(sid)
-            if session is None or session.lease != held[sid]:
-                continue  # finished meanwhile, or changed by a concurrent renewal
-            if value is None:
-                state.drop(session, "lease held by another worker")
-                continue
-            await self._retaken(session, value)
+        async with self._renewing:
+            held = {s.session_id: s.lease for s in (sessions or list(state.sessions.values()))
+                    if state.holds(s)}
+            changes = await state.pool.renew(state.worker_id, held, state.settings.pool.lease_ms)
+            for sid, value in changes.items():
+                session = state.sessions.get(sid)
+                if session is None or session.lease != held[sid]:
+                    continue  # finished meanwhile
+                if value is None:
+                    state.drop(session, "lease held by another worker")
+                    continue
+                await self._retaken(session, value)
 
     async def _retaken(self, session: VerifierSession, lease: str) -> None:
         """The lease vanished and this worker took it again: rewrite what Redis may have lost."""

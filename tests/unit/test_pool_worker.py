@@ -7,6 +7,7 @@ dev extra's ``fakeredis[lua]``); without it they fail with "unknown command 'eva
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import fakeredis
 import numpy as np
@@ -370,3 +371,39 @@ async def test_loaded_worker_passes_opens_on_and_leaving_worker_hands_over(make_
     await w1.shutdown()
     await settle(w2, iterations=1)
     assert {"a", "b"} <= set(w2.sessions)
+
+
+async def test_a_renewal_racing_another_after_a_pause_keeps_the_session(make_worker, target) -> None:
+    """Before: after a process pause (the verifier SIGSTOPped for longer than its lease) the tick's
+    renewal and a fenced commit's renewal ran at once. One took the lapsed lease again under a new
+    epoch; the other found the lease held (by this very worker, under that epoch) and dropped the
+    session as lost to another worker. Nobody served it until its lease lapsed again and (its open's
+    meta key expired meanwhile) its edge re-sent the open: a session at seq 0 could get no verdict
+    within the edge's timeout (tests/integration/test_faults.py, slow verifier, under load)."""
+    w = await make_worker("w1")
+    await w.broker.open_session("s", open_payload("s", target))
+    await settle(w, iterations=1)
+    session = w.sessions["s"]
+    old = session.lease
+    await w.broker.redis.delete(w.broker.keys.lease("s"))  # the lease lapsed while the process was stopped
+    real = w.state.pool.renew
+    second_done = asyncio.Event()
+    calls = 0
+
+    async def renew(worker: str, held: dict[str, str], lease_ms: int) -> dict[str, str | None]:
+        nonlocal calls
+        calls += 1
+        first = calls == 1
+        changes = await real(worker, held, lease_ms)
+        if first:  # hold the first renewal's reply back while a concurrent one (if any) completes
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(second_done.wait(), 1.0)
+        else:
+            second_done.set()
+        return changes
+
+    w.state.pool.renew = renew
+    await asyncio.gather(w.leases.renew(), w.leases.renew([session]))
+    assert w.sessions.get("s") is session and session.lease != old  # taken again, still served
+    assert w.stats.sessions_lost == 0 and w.stats.leases_retaken == 1
+    assert await w.broker.redis.get(w.broker.keys.lease("s")) == session.lease.encode()
