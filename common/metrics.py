@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ADMISSION_OUTCOMES = ("admitted", "passed_on", "deferred", "refused_capacity", "refused_busy")
+ADMISSION_OUTCOMES = ("admitted", "passed_on", "deferred", "refused_capacity", "refused_busy",
+                      "dropped_no_edge")
 
 
 class VerifierMetrics:
@@ -62,7 +63,7 @@ class VerifierMetrics:
                                  registry=r)
         self.admission = Counter("specd_verifier_admission_total",
                                  "Session opens by admission outcome (admitted, passed_on, deferred, "
-                                 "refused_capacity, refused_busy).", ["outcome"], registry=r)
+                                 "refused_capacity, refused_busy, dropped_no_edge).", ["outcome"], registry=r)
         for outcome in ADMISSION_OUTCOMES:  # present at 0 from the start: alerts see "none", not "no data"
             self.admission.labels(outcome)
         self.max_batch_sessions = Gauge("specd_verifier_max_batch_sessions",
@@ -106,8 +107,8 @@ class VerifierMetrics:
         self.max_batch_sessions.set(max_batch_sessions)
         self.kv_budget_tokens.set(kv_budget_tokens)
 
-    def admission_outcome(self, outcome: str) -> None:
-        self.admission.labels(outcome).inc()
+    def admission_outcome(self, outcome: str, count: int = 1) -> None:
+        self.admission.labels(outcome).inc(count)
 
     def redis_reachable(self, up: bool) -> None:
         self.redis_up.set(1 if up else 0)

@@ -182,8 +182,7 @@ class Admission:
             log.error("open.unacked", stream=stream, entries=len(ids), error=str(exc)[:300])
             return
         state.stats.opens_dropped += len(ids)
-        for _ in ids:
-            state.metrics.admission_outcome("dropped_no_edge")
+        state.metrics.admission_outcome("dropped_no_edge", len(ids))
         read_at, waiting = self.queue_lengths.get(tenant, (0.0, 0))
         self.queue_lengths[tenant] = (read_at, max(0, waiting - len(ids)))
         log.info("opens.dropped", tenant=tenant, stream=stream, count=len(ids),
