@@ -29,6 +29,7 @@ class FeatureDraftState(DraftState):
 class FeatureDraftBackend(DraftBackend):
     name = "torch"
     wants_features = True
+    standalone = False
 
     def __init__(self, draft: FeatureDraft, tokenizer: Any, fingerprint: str, model_name: str,
                  eos_token_ids: frozenset[int]) -> None:
