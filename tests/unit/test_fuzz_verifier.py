@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from test_fuzz_wire import SCHEMAS, corrupt, draft_arrays, msgpack_values
 
 from broker.streams import Entry
+from common.integrity import mac, session_key
 from common.models import load_causal_lm
 from common.sampling import SamplingParams
 from common.settings import Settings
@@ -80,6 +81,7 @@ class Harness:
         self.worker, self.target, self.ids = worker, target, 0
         self.good_context = list(target.tokenizer.encode(PROMPT))
         self.good_seq, self.good_done, self.last_verdict = 0, False, "0-0"
+        self.good_nonce = b""  # the nonce of GOOD's open
 
     def entry(self, stream: str, payload: bytes | None) -> Entry:
         """Signed as the session's edge would (tests/honest.py): the hostile contents reach the decoder."""
@@ -122,7 +124,10 @@ class Harness:
         broker = self.worker.broker
         draft = DraftBatch(GOOD, self.good_seq, len(self.good_context), np.asarray([5, 6, 7], np.uint32),
                            np.zeros(0, np.uint16), np.zeros(0, np.uint32), np.zeros(0, np.float32))
-        await broker.send_draft(GOOD, encode(draft))
+        payload = encode(draft)
+        # Signed under the good open's own nonce: a hostile open naming GOOD, signed as an honest
+        # edge would (``entry``), records its own nonce for GOOD in tests/honest.py's table.
+        await broker.send_draft(GOOD, payload, mac(session_key("", GOOD, self.good_nonce), payload))
         for _ in range(20):
             await self.worker.iterate()
             entries = await broker.read_verdicts(GOOD, self.last_verdict, block_ms=1)
@@ -148,6 +153,9 @@ async def test_verifier_survives_hostile_traffic_beside_a_good_session(target) -
     good_open = open_payload(GOOD, target, 0.0, good_tokens)
     await worker.dispatch(Entry(opens, "0-1", good_open, mac=entry_tag(broker.keys, opens, good_open)))
     harness = Harness(worker, target)
+    opened = decode(good_open)
+    assert isinstance(opened, SessionOpen)
+    harness.good_nonce = opened.nonce
     await harness.ensure_fuzz_sessions()
     corpora = {schema: hostile_corpus(schema, PER_SCHEMA) for schema in sorted(SCHEMAS)}
     adversarial = valid_draws(60)
