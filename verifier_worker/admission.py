@@ -5,11 +5,15 @@ an open whose session id or ``tenant`` field names another tenant is refused (th
 silently, as its id lies in another tenant's key space, which its sender cannot read anyway).
 Consumed opens are acknowledged and deleted; an open passed on to a peer or waiting for KV room
 goes to the tenant's deferred stream, which only verifiers write (a tenant cannot block its ids),
-acknowledged only once that write landed. Opens older than ``pool.open_expiry_s`` are refused
-with ``session_expired``, and while a tenant's queue holds more than ``pool.max_queued_opens``
-its opens are refused with ``busy`` as they are read: one tenant's flood fills only its own
-queue, and drains at the cost of one rejection per open. Redis replies a tenant shaped (keys of
-the wrong type, blocked ids, refusals) fail only the open's session (``open_guarded``). Whether
+acknowledged only once that write landed. A read's opens are triaged together first
+(``capacity.triage_open``): edges write a session's first draft before its open, so an open whose
+session has no draft stream is idle (nobody listens) and is dropped unanswered while its tenant
+has a backlog or once older than ``pool.open_grace_s``; live opens are served first and never
+refused for the length of their tenant's queue. An open that passed triage but is older than
+``pool.open_expiry_s`` is refused with ``session_expired``; one without a draft stream read while
+its tenant's queue holds more than ``pool.max_queued_opens`` gets ``busy``. Redis replies a
+tenant shaped (keys of the wrong type, blocked ids, refusals) fail only the open's session
+(``open_guarded``). Whether
 an open is taken, passed on, waits or is refused for KV room is one pure decision
 (``capacity.decide_admission``); this part reads what it needs and executes the decision.
 """
