@@ -60,8 +60,12 @@ def hf_child(args: argparse.Namespace) -> None:
     prompts = [target.tokenizer.encode(t) for t in load_prompts(Path(args.prompts_file), args.prompt_limit)]
     run = hf_runner(target, draft, args.gamma, args.max_new_tokens)
     timed(run, prompts)  # warm-up
+    cpu = time.process_time()
     rate, outputs = timed(run, prompts)
-    print(json.dumps({"tokens_per_s": round(rate, 2), "tokens": sum(len(o) for o in outputs)}))
+    cpu = time.process_time() - cpu
+    tokens = sum(len(o) for o in outputs)
+    print(json.dumps({"tokens_per_s": round(rate, 2), "tokens": tokens, "cpu_s": round(cpu, 3),
+                      "cpu_ms_per_token": round(1000 * cpu / tokens, 3)}))
 
 
 def hf_assisted(args: argparse.Namespace) -> dict[str, Any]:
