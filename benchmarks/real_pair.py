@@ -4,16 +4,21 @@ For each held-out Spec-Bench question (``question_id % 4 == 0``: never trained o
 draft), chat-templated, greedy, ``--max-new-tokens``:
 
 * ``target``: the target's own ``generate`` (HF, greedy, KV cache);
-* ``hf_assisted``: ``target.generate(assistant_model=draft)`` with the same draft (its reduced head
-  returns full-vocabulary logits with -inf outside its subset, so it is a valid HF assistant);
-* ``specd``: ``specd generate``'s speculative path (an edge with the torch draft backend and a
-  verifier worker in this process, through an embedded Redis), fixed gamma.
+* ``hf_assisted``: ``target.generate(assistant_model=draft)`` with ``--hf-draft`` (default the
+  shipped standalone draft smollm2-135m-draft; its reduced head returns full-vocabulary logits with
+  -inf outside its subset, so it is a valid HF assistant). transformers' assisted generation takes
+  a standalone draft model only: it has no way to hand a draft the target's hidden state;
+* ``specd``: ``specd generate``'s speculative path (an edge with ``--draft``, default the shipped
+  feature draft smollm2-135m-feature, and a verifier worker in this process, through an embedded
+  Redis), fixed gamma;
+* ``specd_plain`` (with ``--specd-plain``): the same with ``--hf-draft`` as specd's draft, so
+  both systems run the very same pair.
 
 One torch thread for everything; the three run in rotating order per question and repetition so
 machine noise hits them alike; every run is reported, and every specd/assisted output is checked
 equal to the target's. Tokens/s counts generated tokens over wall time of the generation alone.
 
-    PYTHONPATH=. python benchmarks/real_pair.py --target smollm2-135m-instruct --draft smollm2-135m-draft
+    PYTHONPATH=. python benchmarks/real_pair.py --target smollm2-135m-instruct --draft smollm2-135m-feature
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("target", "hf_assisted", "specd")
+MODES: tuple[str, ...] = ("target", "hf_assisted", "specd")
 
 
 def held_out_questions(path: Path, per_category: int) -> list[dict[str, Any]]:
@@ -86,32 +91,37 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     settings.edge.gamma, settings.edge.adaptive_gamma = args.gamma, False
     settings.sampling.temperature, settings.sampling.max_new_tokens = 0.0, args.max_new_tokens
     target = load_causal_lm(args.target)
-    draft = load_causal_lm(args.draft)
+    assistant = load_causal_lm(args.hf_draft)
     eos = sorted(target.eos_token_ids)
     questions = held_out_questions(args.data / "specbench_questions.jsonl", args.per_category)
+    modes = MODES + (("specd_plain",) if args.specd_plain else ())
     runs: list[dict[str, Any]] = []
     async with redis_url_for(settings) as (url, _embedded), local_verifier(settings, url):
         broker = await open_broker(settings, url)
-        client = build_edge(settings, broker)
-        spec = sampling_spec(settings, client.backend.eos_token_ids)
+        clients = {"specd": build_edge(settings, broker)}
+        if args.specd_plain:
+            plain = settings.model_copy(deep=True)
+            plain.models.draft = args.hf_draft
+            clients["specd_plain"] = build_edge(plain, broker)
+        spec = sampling_spec(settings, clients["specd"].backend.eos_token_ids)
         try:
             for rep in range(args.reps):
                 for qi, q in enumerate(questions):
                     ids = prompt_ids(target.tokenizer, q["text"], args.prompt_limit)
-                    reference: list[int] | None = None
-                    order = MODES[(qi + rep) % 3:] + MODES[:(qi + rep) % 3]
-                    for mode in order:
-                        if mode == "specd":
+                    shift = (qi + rep) % len(modes)
+                    for mode in modes[shift:] + modes[:shift]:
+                        if mode in clients:
                             started = time.perf_counter()
-                            result = await client.generate(ids, spec, None)
+                            result = await clients[mode].generate(ids, spec, None)
                             elapsed = time.perf_counter() - started
                             tokens, extra = result.token_ids, {
                                 "acceptance_rate": round(result.acceptance_rate, 4),
                                 "mean_accepted_length": round(result.mean_accepted_length, 3),
-                                "rounds": result.rounds}
+                                "rounds": result.rounds, "drafted": result.drafted,
+                                "accepted": result.accepted}
                         else:
                             tokens, elapsed = hf_generate(target.model, ids, args.max_new_tokens, eos,
-                                                          draft.model if mode == "hf_assisted" else None,
+                                                          assistant.model if mode == "hf_assisted" else None,
                                                           args.gamma)
                             extra = {}
                         runs.append({"rep": rep, "question": q["id"], "category": q["category"], "mode": mode,
@@ -120,39 +130,47 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                      **extra})
                         shown = {k: v for k, v in runs[-1].items() if k != "tokens_ids"}
                         print(json.dumps(shown), flush=True)
-                    by_mode = {r["mode"]: r["tokens_ids"] for r in runs[-3:]}
-                    reference = by_mode["target"]
-                    for r in runs[-3:]:
+                    group = runs[-len(modes):]
+                    reference = next(r["tokens_ids"] for r in group if r["mode"] == "target")
+                    for r in group:
                         r["equal_to_target"] = r["tokens_ids"] == reference
         finally:
             await broker.close()
-    return summarise(args, runs)
+    return summarise(args, runs, modes)
 
 
-def summarise(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(args: argparse.Namespace, runs: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, Any]:
     totals: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
         tokens, seconds = sum(r["tokens"] for r in mine), sum(r["seconds"] for r in mine)
         totals[mode] = {"runs": len(mine), "tokens": tokens, "seconds": round(seconds, 2),
                         "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
                         "all_equal_to_target": all(r["equal_to_target"] for r in mine)}
     base = totals["target"]["tokens_per_s"]
-    for mode in MODES:
+    for mode in modes:
         totals[mode]["speedup_vs_target"] = round(totals[mode]["tokens_per_s"] / base, 3) if base else 0.0
-    ratios = {mode: [] for mode in MODES[1:]}
+    ratios: dict[str, list[float]] = {mode: [] for mode in modes[1:]}
     for rep in range(args.reps):
         for q in {r["question"] for r in runs}:
             group = {r["mode"]: r for r in runs if r["rep"] == rep and r["question"] == q}
-            for mode in MODES[1:]:
+            for mode in modes[1:]:
                 ratios[mode].append(group["target"]["seconds"] / group[mode]["seconds"] *
                                     group[mode]["tokens"] / max(1, group["target"]["tokens"]))
     spec = [r for r in runs if r["mode"] == "specd"]
     drafted_rates = [r["acceptance_rate"] for r in spec]
+    categories: dict[str, dict[str, float]] = {}
+    for category in sorted({r["category"] for r in spec}):
+        mine = [r for r in spec if r["category"] == category]
+        drafted, accepted = sum(r["drafted"] for r in mine), sum(r["accepted"] for r in mine)
+        categories[category] = {"acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+                                "tokens_per_round": round(sum(r["tokens"] for r in mine)
+                                                          / max(1, sum(r["rounds"] for r in mine)), 3)}
     return {"settings": {k: str(v) for k, v in vars(args).items()}, "totals": totals,
             "median_per_question_speedup": {m: round(statistics.median(v), 3)
                                             for m, v in ratios.items() if v},
             "specd_mean_acceptance_rate": round(statistics.fmean(drafted_rates), 4) if drafted_rates else 0.0,
+            "specd_by_category": categories,
             "runs": [{k: v for k, v in r.items() if k != "tokens_ids"} for r in runs]}
 
 
@@ -177,7 +195,10 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m-instruct")
-    parser.add_argument("--draft", default="smollm2-135m-draft")
+    parser.add_argument("--draft", default="smollm2-135m-feature", help="specd's draft")
+    parser.add_argument("--hf-draft", default="smollm2-135m-draft",
+                        help="HF assisted generation's draft (a standalone model)")
+    parser.add_argument("--specd-plain", action="store_true", help="also run specd with --hf-draft")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--per-category", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from common.feature_draft import feature_draft_folder
 from common.reduced_draft import SHIPPED_DRAFTS, apply_folder_subset, assembled_folder, output_vocab_size
 from common.reduced_draft import file_sha256 as plain_sha256
 
@@ -146,6 +147,9 @@ def resolve_model_path(name: str, cache_dir: str | Path = "") -> str:
 
 def _shipped_model(name: str, cache_dir: str | Path) -> str | None:
     """The folder of a model specd ships or knows by name; None for any other name."""
+    feature = feature_draft_folder(name)
+    if feature is not None:  # its tokenizer's folder; the draft itself loads on the edge only
+        return str(feature)
     if name in SHIPPED_DRAFTS:  # the real target's draft: its embedding comes from the target's GGUF
         try:
             return str(assembled_folder(name, cache_root(cache_dir) / "drafts"))
@@ -330,6 +334,10 @@ def load_causal_lm(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # workers log JSON lines; no progress bars on stderr
+    if feature_draft_folder(name) is not None:
+        raise ModelLoadError(f"{name!r} is a feature draft: it drafts from the target's hidden states, "
+                             "so it runs only as a speculative session's draft (edge), not on its own; "
+                             "for a standalone draft use --draft-model smollm2-135m-draft")
     path = resolve_model_path(name, cache_dir)
     tokenizer = load_tokenizer(name, trust_remote_code, cache_dir)
     try:

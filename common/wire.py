@@ -137,6 +137,7 @@ class SessionOpen:
     nonce: bytes = b""  # random per session: mixed with the secret and the id into the session's key
     logprobs: int | None = None  # None: none; n: each committed token's logprob and its top n
     trace: str = ""  # W3C traceparent of the edge's session span when tracing is on (else absent)
+    features: bool = False  # verdicts carry the target's feature for the edge's feature draft
     type_: str = field(default="open", init=False)
 
 
@@ -199,6 +200,8 @@ class Verdict:
     drafted: bytes = b""  # common.integrity.draft_digest of the draft this verdict verified
     context_digest: bytes = b""  # digest of the committed context after this verdict
     logprobs: TokenLogprobs | None = None  # only for sessions that asked (SessionOpen.logprobs)
+    feature: bytes = b""  # float16 [H]: the target's final hidden state at the position that produced
+    # ``token`` (common.feature_draft), only for sessions that asked (SessionOpen.features)
     type_: str = field(default="verdict", init=False)
 
 
@@ -230,41 +233,58 @@ Message = SessionOpen | DraftBatch | Verdict | ErrorMessage | SessionClose
 def encode(message: Message) -> bytes:
     """Encode any message as a msgpack map with ``v`` and ``t``."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "t": message.type_, "sid": message.session_id}
-    if isinstance(message, SessionOpen):
-        body.update(
-            prompt=_ids_to_bytes(message.prompt_ids), sampling=message.sampling.to_wire(),
-            draft_model=message.draft_model, target_model=message.target_model,
-            vocab=message.vocab_fingerprint, tenant=message.tenant, nonce=message.nonce,
-        )
-        if message.logprobs is not None:  # absent by default: no cost for sessions that do not ask
-            body["logprobs"] = message.logprobs
-        if message.trace:
-            body["trace"] = message.trace
-    elif isinstance(message, DraftBatch):
-        body.update(
-            seq=message.seq, start=message.start, tokens=_ids_to_bytes(message.token_ids),
-            sizes=np.asarray(message.support_sizes, dtype="<u2").tobytes(),
-            sup_ids=_ids_to_bytes(message.support_ids),
-            sup_probs=np.asarray(message.support_probs, dtype="<f4").tobytes(),
-            sent_at=message.sent_at, draft_ms=message.draft_ms,
-        )
-    elif isinstance(message, Verdict):
-        body.update(
-            seq=message.seq, accepted=message.accepted, token=message.token,
-            committed=message.committed, finish=message.finish_reason, queue_ms=message.queue_ms,
-            verify_ms=message.verify_ms, batch=message.batch_size, worker=message.worker_id,
-            load=message.pool_load, dh=message.drafted, ch=message.context_digest,
-        )
-        if message.logprobs is not None:
-            body.update(_logprobs_to_wire(message.logprobs))
-    elif isinstance(message, ErrorMessage):
-        body.update(seq=message.seq, code=message.code.value, message=message.message,
-                    fatal=message.fatal, retry=message.retry_after_s, committed=message.committed)
-    elif isinstance(message, SessionClose):
-        body.update(reason=message.reason)
-    else:  # pragma: no cover - exhaustive over Message
-        raise TypeError(f"not a wire message: {type(message).__name__}")
+    body.update(_BODIES[message.type_](message))
     return msgpack.packb(body, use_bin_type=True)
+
+
+def _open_body(message: Any) -> dict[str, Any]:
+    body: dict[str, Any] = dict(
+        prompt=_ids_to_bytes(message.prompt_ids), sampling=message.sampling.to_wire(),
+        draft_model=message.draft_model, target_model=message.target_model,
+        vocab=message.vocab_fingerprint, tenant=message.tenant, nonce=message.nonce,
+    )
+    if message.logprobs is not None:  # absent by default: no cost for sessions that do not ask
+        body["logprobs"] = message.logprobs
+    if message.trace:
+        body["trace"] = message.trace
+    if message.features:
+        body["feat"] = True
+    return body
+
+
+def _draft_body(message: Any) -> dict[str, Any]:
+    return dict(
+        seq=message.seq, start=message.start, tokens=_ids_to_bytes(message.token_ids),
+        sizes=np.asarray(message.support_sizes, dtype="<u2").tobytes(),
+        sup_ids=_ids_to_bytes(message.support_ids),
+        sup_probs=np.asarray(message.support_probs, dtype="<f4").tobytes(),
+        sent_at=message.sent_at, draft_ms=message.draft_ms,
+    )
+
+
+def _verdict_body(message: Any) -> dict[str, Any]:
+    body: dict[str, Any] = dict(
+        seq=message.seq, accepted=message.accepted, token=message.token,
+        committed=message.committed, finish=message.finish_reason, queue_ms=message.queue_ms,
+        verify_ms=message.verify_ms, batch=message.batch_size, worker=message.worker_id,
+        load=message.pool_load, dh=message.drafted, ch=message.context_digest,
+    )
+    if message.logprobs is not None:
+        body.update(_logprobs_to_wire(message.logprobs))
+    if message.feature:
+        body["f"] = message.feature
+    return body
+
+
+def _error_body(message: Any) -> dict[str, Any]:
+    return dict(seq=message.seq, code=message.code.value, message=message.message,
+                fatal=message.fatal, retry=message.retry_after_s, committed=message.committed)
+
+
+_BODIES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "open": _open_body, "draft": _draft_body, "verdict": _verdict_body, "error": _error_body,
+    "close": lambda message: {"reason": message.reason},
+}
 
 
 # ---------------------------------------------------------------- decoding
@@ -317,6 +337,7 @@ def _decode_open(body: dict[str, Any], sid: str, limits: Limits) -> SessionOpen:
         draft_model=_string(body, "draft_model", 512), target_model=_string(body, "target_model", 512),
         vocab_fingerprint=_string(body, "vocab", 128), tenant=_string(body, "tenant", limits.max_id_length),
         nonce=_short_bytes(body, "nonce", 64), logprobs=_top_count(body), trace=_trace(body),
+        features=body.get("feat") is True,
     )
 
 
@@ -424,8 +445,19 @@ def _decode_verdict(body: dict[str, Any], sid: str, limits: Limits) -> Verdict:
         batch_size=_integer(body, "batch", 0, 1 << 20), worker_id=_string(body, "worker", 128),
         pool_load=_number(body, "load", 0.0),  # absent in verdicts of older verifiers
         drafted=_short_bytes(body, "dh", 32), context_digest=_short_bytes(body, "ch", 32),
-        logprobs=_logprobs_from_wire(body, limits),
+        logprobs=_logprobs_from_wire(body, limits), feature=_feature(body),
     )
+
+
+MAX_FEATURE_BYTES = 2 * 16384  # float16, hidden sizes up to 16,384
+
+
+def _feature(body: dict[str, Any]) -> bytes:
+    """A verdict's feature (absent: none): an even number of bytes, at most MAX_FEATURE_BYTES."""
+    value = _short_bytes(body, "f", MAX_FEATURE_BYTES)
+    if len(value) % 2:
+        raise WireError(ErrorCode.MALFORMED, "f must be a float16 byte array")
+    return value
 
 
 def _decode_error(body: dict[str, Any], sid: str, limits: Limits) -> ErrorMessage:

@@ -280,6 +280,7 @@ class _EdgeSession(VerdictWaiter):
             draft_model=backend.model_name, vocab_fingerprint=backend.fingerprint,
             tenant=self.client.config.tenant, target_model=self.client.config.target_model,
             nonce=self.nonce, logprobs=self.logprobs, trace=tracing.traceparent(self.span),
+            features=backend.wants_features,
         )
         self.open_payload = encode(opened)
         self.open_tag = mac(self.key, self.open_payload)
@@ -395,8 +396,9 @@ class _EdgeSession(VerdictWaiter):
         """Draft round ``seq + 1`` now, assuming ``drafted`` all accepted (see the module doc)."""
         ahead = _Ahead([*self.context, *drafted])
         if (not self.client.config.draft_ahead or not drafted or self.stops.intersection(drafted)
-                or self._room(len(ahead.assumed) + 1) < 1):
-            return  # nothing drafted, or a full acceptance would end the session anyway
+                or self._room(len(ahead.assumed) + 1) < 1 or self.client.backend.wants_features):
+            return  # nothing drafted, a full acceptance would end the session, or the next
+            # round's drafting needs this verdict's feature
         backend = self.client.backend
 
         def work() -> _Draft | None:
@@ -440,6 +442,8 @@ class _EdgeSession(VerdictWaiter):
         self.digest.extend(u32(kept))
         if verdict.context_digest != self.digest.digest():
             self._integrity_failure("the verifier's committed context differs from this edge's")
+        if verdict.feature:
+            self.client.backend.observe(self.state, verdict.feature, len(self.context))
         r = self.result
         r.token_ids.extend(kept)
         fresh = self._fresh_tokens(kept)

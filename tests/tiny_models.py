@@ -79,3 +79,27 @@ def random_model_with_tokenizer(tokenizer_folder: str | Path, out: Path, seed: i
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return save(random_model(tokenizer, seed, hidden, layers), tokenizer, out)
+
+
+def feature_draft_for(target_folder: str | Path, out: Path, seed: int = 5, layers: int = 1) -> Path:
+    """A feature draft (common.feature_draft) over a saved target: random layers, the target's
+    embedding (read by name from the target's folder at load), a head over every id. Its drafts
+    are mostly wrong, which is what exactness tests want: rounds that accept and reject."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from common.feature_draft import FeatureDraft, FeatureDraftConfig, save_feature_draft
+
+    config = AutoConfig.from_pretrained(target_folder)
+    with safe_open(str(Path(target_folder) / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight").float()
+        norm = f.get_tensor("model.norm.weight").float()
+    torch.manual_seed(seed)
+    shape = FeatureDraftConfig(hidden_size=config.hidden_size, intermediate_size=2 * config.hidden_size,
+                               layers=layers, vocab_size=embedding.shape[0])
+    draft = FeatureDraft(shape, embedding, norm, torch.arange(embedding.shape[0]))
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    save_feature_draft(draft, out, {"embedding_model": str(target_folder),
+                                    "eos_token_ids": [int(t) for t in eos if t is not None]})
+    AutoTokenizer.from_pretrained(target_folder).save_pretrained(out)
+    return out

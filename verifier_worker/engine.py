@@ -23,7 +23,7 @@ Verification (``common.sampling.verify_round``) then runs on the logits' device 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,7 @@ class VerifyRequest:
     params: SamplingParams
     seq: int  # round sequence number, keys the round's random draws
     logprobs: int | None = None  # None: none; n: the committed tokens' logprobs and top n each
+    feature: bool = False  # return the feature that produced the new token (common.feature_draft)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class VerifyOutcome:
     accepted: int
     token: int
     logprobs: TokenLogprobs | None = None  # of the accepted + 1 new tokens, when asked for
+    feature: bytes = b""  # float16 [H]: the output layer's input at the row that produced ``token``
 
 
 class TargetEngine:
@@ -96,6 +98,12 @@ class TargetEngine:
         # A 4D mask counts as "already prepared": transformers then skips building its own causal
         # mask every pass (packed-sequence detection and all), which slot attention never reads.
         self._prepared_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        self._head_input: torch.Tensor | None = None  # [1, sum(gamma + 1), H] of the last pass
+        model.get_output_embeddings().register_forward_pre_hook(self._keep_head_input)
+
+    def _keep_head_input(self, _module: Any, args: tuple[Any, ...]) -> None:
+        """The output layer's input (a reference, no copy): what a feature draft drafts from."""
+        self._head_input = args[0]
 
     def warm_up(self, prompt_tokens: int = 64, gamma: int = 4, rounds: int = 4) -> None:
         """Run a throw-away session through the pass shapes a user's first rounds will have (a
@@ -139,6 +147,8 @@ class TargetEngine:
                         zip(result.num_accepted.tolist(), result.next_token.tolist(), strict=True)]
         if any(r.logprobs is not None for r in requests):
             outcomes = with_logprobs(logits, requests, outcomes)
+        if any(r.feature for r in requests) and self._head_input is not None:
+            outcomes = with_features(self._head_input[0], requests, outcomes)
         for request, outcome in zip(requests, outcomes, strict=True):
             # The cache must cover the new context minus its last token (the recovered/bonus
             # token is fed at the start of the next round).
@@ -171,6 +181,20 @@ class TargetEngine:
         if 2 * rows * logits.shape[-1] > self._workspace.numel():  # e and a same-sized scratch
             self._workspace = torch.empty(2 * rows * logits.shape[-1], dtype=torch.float32)
         return self._workspace
+
+
+def with_features(hidden: torch.Tensor, requests: list[VerifyRequest],
+                  outcomes: list[VerifyOutcome]) -> list[VerifyOutcome]:
+    """Each asking request's feature: the row of ``hidden`` [sum(gamma + 1), H] whose logits
+    produced its new token (row ``accepted`` of its own gamma + 1 rows), as float16 bytes."""
+    starts = np.cumsum([0] + [r.draft.gamma + 1 for r in requests])[:-1]
+    pairs = enumerate(zip(requests, outcomes, strict=True))
+    wanted = [(i, int(starts[i]) + o.accepted) for i, (r, o) in pairs if r.feature]
+    rows = hidden.index_select(0, torch.tensor([row for _, row in wanted], device=hidden.device))
+    values = rows.to(torch.float16).cpu().numpy()
+    found = dict(zip((i for i, _ in wanted), values, strict=True))
+    return [replace(o, feature=found[i].astype("<f2").tobytes()) if i in found else o
+            for i, o in enumerate(outcomes)]
 
 
 def greedy_outcomes(logits: torch.Tensor, requests: list[VerifyRequest]) -> list[VerifyOutcome]:

@@ -251,6 +251,7 @@ class Rounds:
             worker_id=self.state.worker_id, pool_load=self.pool_load,
             drafted=draft_digest(draft.start, u32(draft.token_ids)), context_digest=session.digest.digest(),
             logprobs=outcome.logprobs.head(kept) if outcome.logprobs is not None else None,
+            feature=outcome.feature if finish is None else b"",
         )
         payload = encode(verdict)
         session.last_verdict = payload

@@ -65,6 +65,7 @@ class VerifierSession:
     repair: bool = False  # the next commit rewrites the whole context (Redis lost some of it)
     logprobs: int | None = None  # the open's: verdicts carry the committed tokens' logprobs
     trace: str = ""  # the edge's session span (W3C traceparent) when it traces; rounds join it
+    features: bool = False  # the open's: verdicts carry the target's feature (common.feature_draft)
 
     @classmethod
     def from_open(cls, message: SessionOpen, draft_room: int = 0) -> VerifierSession:
@@ -76,7 +77,7 @@ class VerifierSession:
             stop_token_ids=frozenset(spec.stop_token_ids), max_new_tokens=spec.max_new_tokens,
             context=[int(t) for t in message.prompt_ids], prompt_len=int(message.prompt_ids.size),
             digest=ContextDigest(u32(message.prompt_ids)), repair=True, logprobs=message.logprobs,
-            trace=message.trace,
+            trace=message.trace, features=message.features,
         )
 
     @classmethod
@@ -132,7 +133,7 @@ class VerifierSession:
         return VerifyRequest(
             kv=self.kv, context=self.context, seq=draft.seq, params=self.params,
             draft=Draft(draft.token_ids, sizes, draft.support_ids, draft.support_probs),
-            logprobs=self.logprobs,
+            logprobs=self.logprobs, feature=self.features,
         )
 
     def input_tokens(self, pending: PendingDraft) -> int:

@@ -53,6 +53,12 @@ class DraftBackend(ABC):
     model_name: str
     tokenizer: Any  # a transformers tokenizer: prompts are encoded on the edge, ids travel
     eos_token_ids: frozenset[int]
+    wants_features = False  # drafts from the target's features: verdicts must carry them
+    standalone = True  # can draft without a target (draft-only generation); feature drafts cannot
+
+    def observe(self, state: DraftState, feature: bytes, committed: int) -> None:  # noqa: B027
+        """A verdict's target feature (float16 bytes) for the first ``committed`` context tokens;
+        only feature drafts (``wants_features``) use it."""
 
     @abstractmethod
     def new_state(self) -> DraftState: ...

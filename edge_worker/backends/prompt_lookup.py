@@ -78,6 +78,7 @@ class PromptLookupBackend(DraftBackend):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.fallback = fallback
         self.device = fallback.device if fallback is not None else "none"
+        self.wants_features = fallback is not None and fallback.wants_features
         self.model_name = (f"prompt_lookup+{fallback.model_name}" if fallback is not None
                            else f"prompt_lookup:{model_name}")
 
@@ -116,6 +117,11 @@ class PromptLookupBackend(DraftBackend):
         else:
             state.empty_rounds += 1
         return one_hot_proposal(_until_stop(tokens, stop_token_ids), params)
+
+    def observe(self, state: DraftState, feature: bytes, committed: int) -> None:
+        assert isinstance(state, LookupState)
+        if self.fallback is not None and state.fallback is not None:
+            self.fallback.observe(state.fallback, feature, committed)
 
     def guess_next(self, state: DraftState, context: list[int]) -> int:
         assert isinstance(state, LookupState)

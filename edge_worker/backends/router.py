@@ -97,6 +97,7 @@ class RouterBackend(DraftBackend):
         self.eos_token_ids = frozenset().union(*(c.eos_token_ids for c in children.values()))
         self.device = ",".join(sorted({c.device for c in children.values()}))
         self.model_name = "router(" + ",".join(f"{n}={c.model_name}" for n, c in children.items()) + ")"
+        self.wants_features = any(c.wants_features for c in children.values())
         self.clock = clock
         self.reports: deque[dict[str, Any]] = deque(maxlen=REPORTS_KEPT)
         self._ids = itertools.count(1)
@@ -124,6 +125,13 @@ class RouterBackend(DraftBackend):
         state.records.append(_Record(len(context), list(proposal.token_ids), arm, now, ahead,
                                      self.clock() - began))
         return proposal
+
+    def observe(self, state: DraftState, feature: bytes, committed: int) -> None:
+        """Every feature draft of the session sees each feature (a switch finds it current)."""
+        assert isinstance(state, RouterState)
+        for name, child in self.children.items():
+            if child.wants_features:
+                child.observe(self._child_state(state, name), feature, committed)
 
     def guess_next(self, state: DraftState, context: list[int]) -> int:
         """The current pick's guess; observing waits for the proposal that follows."""

@@ -12,6 +12,7 @@ from edge_worker.drafters.registry import REGISTRY, DraftContext, Drafter, get, 
 
 BUILTIN = (
     "torch_model",
+    "feature_model",
     "openvino_model",
     "genai_model",
     "replay",

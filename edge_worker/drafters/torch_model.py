@@ -27,10 +27,13 @@ def candidates(kind: str, index: str) -> list[str]:
 
 def build(ctx: DraftContext) -> DraftBackend:
     """Reads models.dtype, models.trust_remote_code, edge.device, edge.precision, edge.cache_dir."""
+    from common.feature_draft import feature_draft_folder
     from common.models import load_causal_lm
     from edge_worker.backends.torch_backend import TorchDraftBackend
     from edge_worker.drafters.placement import PRECISION_DTYPE, place, ready
 
+    if feature_draft_folder(ctx.model) is not None:  # drafts from the target's features
+        return ctx.load("feature", ctx.model)
     placement = place(ctx, "torch")
     if placement.precision not in PRECISION_DTYPE:
         raise ValueError(f"the torch backend supports precision f32, f16, bf16, not {placement.precision!r}")

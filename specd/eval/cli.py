@@ -47,6 +47,19 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def default_modes(settings: Any) -> tuple[str, ...]:
+    """Every mode, less draft-only for a feature draft (it drafts only from the target's features;
+    the standalone draft's figures: ``--modes draft --draft-model smollm2-135m-draft``)."""
+    from common.feature_draft import feature_draft_folder
+    from specd.eval.records import MODES
+
+    if feature_draft_folder(settings.models.draft) is None:
+        return MODES
+    print(f"specd eval: {settings.models.draft} is a feature draft: no draft-only mode "
+          "(--modes draft --draft-model smollm2-135m-draft gives the standalone draft's)", file=sys.stderr)
+    return tuple(m for m in MODES if m != "draft")
+
+
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     from specd.eval.suites import SUITES
     from specd.failures import EPILOG
@@ -106,7 +119,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     selected = select(questions, categories, args.sample, settings.sampling.seed or 0, args.max_examples)
     options = EvalOptions(
         suite=args.suite, out_dir=args.out or Path("specd-eval") / args.suite,
-        modes=tuple(m for m in MODES if m in (args.modes or MODES)),
+        modes=tuple(m for m in MODES if m in (args.modes or default_modes(settings))),
         gammas=tuple(args.gammas or [settings.edge.gamma]), concurrency=max(1, args.concurrency),
         resume=args.resume, progress=args.progress, exec_timeout_s=args.exec_timeout)
     records = RecordFile(options.records_path)

@@ -29,7 +29,7 @@ from specd.eval.progress import Progress
 from specd.eval.records import MODES, RecordFile, mode_block, speculative_block
 from specd.eval.suites import Question
 from specd.generation import local_verifier, redis_url_for
-from specd.runtime import build_draft_backend, edge_broker, edge_config, make_broker
+from specd.runtime import build_draft_backend, edge_broker, edge_config, make_broker, require_standalone
 from specd.workers import sampling_spec
 from verifier_worker.engine import TargetEngine
 
@@ -96,6 +96,8 @@ async def open_models(settings: Settings, options: EvalOptions) -> AsyncIterator
     """The models and sessions a run needs, closed (embedded Redis and verifier too) on exit."""
     async with contextlib.AsyncExitStack() as stack:
         backend = build_draft_backend(settings) if {"draft", "speculative"} & set(options.modes) else None
+        if backend is not None and "draft" in options.modes:
+            require_standalone(backend, settings.models.draft)
         engine, tokenizer, stops, redis = None, None, frozenset[int](), "none"
         if "target" in options.modes:
             models = settings.models
