@@ -16,7 +16,16 @@ engine tree, alternating trees, so an older checkout is measured side by side in
     git archive <old-commit> | tar -x -C /tmp/old_engine
     PYTHONPATH=. python benchmarks/engine_pass.py --compare /tmp/old_engine
 
-The bundled pair's rows of earlier runs came from ``--target-model bundled:target``.
+The bundled pair's rows of earlier runs came from ``--target-model bundled:target``; any model
+specd loads can be timed instead of the random one (``--target-model smollm2-135m-instruct``:
+the real pair's target; its folder is resolved by this tree and loaded by path in every tree).
+
+``--layout`` says where each session's blocks lie in a paged arena: ``consecutive`` (each
+session allocated at once, so its blocks are consecutive), or ``grown`` (as a serving pool grows
+them: every session prefilled with a ``--prompt``-token prompt, then all of them grown block by
+block in turn up to the context, in an arena with admission's 30% growth headroom), so attention
+meets the arena's real fragmentation. Trees with the older extent arena reserve each session's
+extent at once either way. Each row reports the runs of consecutive blocks per session.
 """
 
 from __future__ import annotations
@@ -82,14 +91,47 @@ def make_draft(engine_mod: Any, rng: np.random.Generator, vocab: int, gamma: int
                             np.concatenate(support).astype(np.uint32), np.concatenate(probs))
 
 
-def fill_caches(engine: Any, kvs: list[Any], context: int) -> None:
+def fill_caches(engine: Any, kvs: list[Any], context: int, layout: str = "consecutive",
+                prompt: int = 128) -> None:
     """Give each session ``context - 1`` cached positions of random keys (any engine version)."""
     arena = engine.arena
     for tensor in [*arena.keys, *arena.values]:
         tensor.normal_()
+    block = getattr(arena, "block_tokens", 0)
+    if layout == "grown" and block:  # a paged arena, grown as a pool grows it
+        for kv in kvs:
+            arena.allocate(kv, prompt)
+        for end in range(prompt + block, context + 64 + 1, block):
+            for kv in kvs:
+                arena.allocate(kv, end)
     for kv in kvs:
         arena.allocate(kv, context + 64)  # blocks (paged arena) or an extent (earlier versions)
         kv.length = context - 1
+    if layout.startswith("runs") and block:  # deal the blocks out again: N runs per session
+        deal_runs(kvs, int(layout[4:]))
+
+
+def deal_runs(kvs: list[Any], runs: int) -> None:
+    """Re-deal the sessions' blocks round by round so each holds ``runs`` runs (timing only)."""
+    per, pool = len(kvs[0].blocks), iter(sorted(b for kv in kvs for b in kv.blocks))
+    tables: list[list[int]] = [[] for _ in kvs]
+    for part in np.array_split(np.arange(per), runs):
+        for table in tables:
+            table.extend(next(pool) for _ in range(part.size))
+    for kv, table in zip(kvs, tables, strict=True):
+        kv.blocks[:] = table
+
+
+def runs_per_session(kvs: list[Any]) -> list[int]:
+    """Runs of consecutive blocks in each session's block table (1 each for an extent arena)."""
+    return [1 + int(np.count_nonzero(np.diff(np.asarray(kv.blocks)) != 1))
+            if getattr(kv, "blocks", None) else 1 for kv in kvs]
+
+
+def load_model(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +140,27 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from common.sampling import SamplingParams
     from verifier_worker.kv import SessionKV
 
+    for name, value in cfg.get("engine_set", {}).items():  # e.g. MAX_RUNS=0: gather every row
+        setattr(engine_mod, name, value)
+
     torch.set_num_threads(1)
-    model = random_target(cfg["vocab"], cfg["hidden"], cfg["layers"])
+    if cfg.get("model_path"):
+        model = load_model(cfg["model_path"])
+        cfg = {**cfg, "vocab": int(model.get_output_embeddings().weight.shape[0])}
+    else:
+        model = random_target(cfg["vocab"], cfg["hidden"], cfg["layers"])
     batch, context, gamma = cfg["batch"], cfg["context"], cfg["gamma"]
-    engine = engine_mod.TargetEngine(model, cfg["vocab"], kv_budget_tokens=batch * (context + 64) + 64)
+    layout = cfg.get("layout", "consecutive")
+    budget = batch * (context + 64) + 64
+    if layout == "grown":
+        budget = int(budget / 0.7)  # the growth headroom admission leaves
+    engine = engine_mod.TargetEngine(model, cfg["vocab"], kv_budget_tokens=budget)
     sampled = cfg["mode"] == "sampled"
     params = [SamplingParams(0.8, 0.95, 0, seed) if sampled else SamplingParams() for seed in range(batch)]
     rng = np.random.default_rng(0)
     kvs = [SessionKV() for _ in range(batch)]
-    fill_caches(engine, kvs, context)
+    fill_caches(engine, kvs, context, layout, cfg.get("prompt", 128))
+    runs = runs_per_session(kvs)
     contexts = [rng.integers(2, cfg["vocab"], context).tolist() for _ in range(batch)]
     spans: list[float] = []
     started: list[float] = []
@@ -119,12 +173,15 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
         drafts = [make_draft(engine_mod, rng, cfg["vocab"], gamma, sampled) for _ in kvs]
         requests = [engine_mod.VerifyRequest(kv, ctx, draft, p, seq)
                     for kv, ctx, draft, p in zip(kvs, contexts, drafts, params, strict=True)]
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.thread_time()
         engine.verify(requests)
+        cpus.append(time.thread_time() - cpu)  # this thread's CPU time: robust to a shared machine
         return time.perf_counter() - begin
 
+    cpus: list[float] = []
     one_pass(0)  # warm-up
     totals = [one_pass(seq) for seq in range(1, cfg["passes"] + 1)]
+    cpu_ms = [round(t * 1e3, 1) for t in cpus[1:]]
     forwards = spans[1:]
     counter = OpCounter()
     with counter:
@@ -132,7 +189,12 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     total, forward = statistics.median(totals), statistics.median(forwards)
     plain = plain_forward_ms(model, batch, context, gamma, cfg["passes"]) if cfg.get("plain") else None
     return {**{k: cfg[k] for k in ("vocab", "batch", "context", "gamma", "mode")},
+            "layout": layout, "runs_per_session_max": max(runs),
+            "runs_per_session_mean": round(statistics.mean(runs), 2),
             "verify_ms": round(total * 1e3, 1), "forward_ms": round(forward * 1e3, 1),
+            "verify_ms_all": [round(t * 1e3, 1) for t in totals],
+            "verify_cpu_ms": statistics.median(cpu_ms), "verify_cpu_ms_all": cpu_ms,
+            "forward_ms_all": [round(t * 1e3, 1) for t in forwards],
             "verify_over_forward": round(total / forward, 3), "ops_per_pass": counter.ops,
             **({"plain_forward_ms": round(plain, 1), "forward_over_plain": round(forward * 1e3 / plain, 3)}
                if plain else {})}
@@ -145,7 +207,8 @@ def plain_forward_ms(model: Any, batch: int, context: int, gamma: int, passes: i
     from transformers import DynamicCache
 
     config = model.config
-    kv_heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    kv_heads = config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     model.set_attn_implementation("sdpa")
     cache = DynamicCache(config=config)
     for layer in range(config.num_hidden_layers):
@@ -167,13 +230,26 @@ def plain_forward_ms(model: Any, batch: int, context: int, gamma: int, passes: i
 
 def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     grid = itertools.product(args.vocabs.split(","), args.contexts.split(","), args.modes.split(","),
-                             args.batches.split(","))
+                             args.batches.split(","), args.layouts.split(","))
+    path = ""
+    if args.target_model:
+        from common.models import resolve_model_path
+
+        path = str(resolve_model_path(args.target_model))
     return [{"vocab": int(v), "context": int(c), "mode": m, "batch": int(b), "gamma": args.gamma,
-             "hidden": args.hidden, "layers": args.layers, "passes": args.passes, "plain": args.plain}
-            for v, c, m, b in grid]
+             "hidden": args.hidden, "layers": args.layers, "passes": args.passes, "plain": args.plain,
+             "layout": layout, "prompt": args.prompt, "model_path": path}
+            for v, c, m, b, layout in grid]
+
+
+def engine_settings(pairs: list[str]) -> dict[str, int]:
+    return {name: int(value) for name, value in (pair.split("=") for pair in pairs if pair)}
 
 
 def run_in(tree: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` may end in ``@NAME=INT[@NAME=INT...]``: engine constants set in that run."""
+    tree, *pairs = tree.split("@")
+    cfg = {**cfg, "engine_set": engine_settings(pairs)}
     env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], env=env, check=True,
                          capture_output=True, text=True, cwd=tree)
@@ -200,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="", help="older checkouts to run side by side (comma-separated)")
     parser.add_argument("--plain", action="store_true",
                         help="also time the plain model forward of the same tokens on a DynamicCache")
+    parser.add_argument("--target-model", default="",
+                        help="time this model (any name specd loads) instead of a random one")
+    parser.add_argument("--layouts", default="consecutive",
+                        help="consecutive and/or grown (comma-separated; see the module docstring)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens of the grown layout")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="repetitions of the whole grid, trees alternating (order reversed "
+                             "every other repetition)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                        help="set a verifier_worker.engine constant in this tree's runs "
+                             "(e.g. MAX_RUNS=0); a --compare entry 'path@NAME=INT' sets its own")
     parser.add_argument("--label", default="paged")
     parser.add_argument("--old-label", default="before (extent arena, per-session loops)",
                         help="their labels (comma-separated, in the same order)")
@@ -210,23 +297,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_config(json.loads(args.one))), flush=True)
         return 0
-    here = str(Path(__file__).resolve().parents[1])
+    here = "@".join([str(Path(__file__).resolve().parents[1]), *args.set])
     olds = [t for t in args.compare.split(",") if t]
     labels = args.old_label.split(",") if len(olds) > 1 else [args.old_label]
-    trees = [(args.label, here)] + [(label, str(Path(t).resolve()))
+    trees = [(args.label, here)] + [(label, "@".join([str(Path(t.split("@")[0]).resolve()),
+                                                      *t.split("@")[1:]]))
                                     for label, t in zip(labels, olds, strict=True)]
     rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
     shape = (f"random-weight Llama: hidden {args.hidden}, {args.layers} layers, "
              f"{max(1, args.hidden // 64)} query / {max(1, args.hidden // 128)} KV heads, fp32, "
-             f"logit std {LOGIT_STD}")
-    for cfg in configs(args):
-        for label, tree in trees:
-            rows[label].append(run_in(tree, cfg))
-            print(json.dumps({"engine": label, **rows[label][-1]}), flush=True)
-        save(Path(args.out), args.key, {  # after every configuration: a cut-short run keeps its rows
-            "model": shape, "gamma": args.gamma,
-            "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), 1 torch thread, "
-                       f"torch {torch.__version__}", "engines": rows})
+             f"logit std {LOGIT_STD}") if not args.target_model else f"{args.target_model}, fp32"
+    for rep in range(args.reps):
+        for cfg in configs(args):
+            for label, tree in (trees if rep % 2 == 0 else trees[::-1]):
+                rows[label].append({"rep": rep, **run_in(tree, cfg)})
+                print(json.dumps({"engine": label, **rows[label][-1]}), flush=True)
+            save(Path(args.out), args.key, {  # after every configuration: a cut-short run keeps its rows
+                "model": shape, "gamma": args.gamma,
+                "command": " ".join(sys.argv[1:] if argv is None else argv),
+                "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), 1 torch thread, "
+                           f"torch {torch.__version__}", "engines": rows})
     return 0
 
 

@@ -13,7 +13,10 @@ one index and runs one ``scaled_dot_product_attention`` call for the whole pass 
 the pass's widest row, a per-row causal mask built once per pass and shared by every layer).
 Rows whose blocks are consecutive in the arena can skip the gather (``_Extent``): a pass of one
 session always does (slice write, attention over a view, no index at all), and on a CPU so does
-any row whose context reaches ``IN_PLACE_CONTEXT``.
+any row whose context reaches ``IN_PLACE_CONTEXT``. On a CPU a long row whose blocks lie in a few
+consecutive runs (``MAX_RUNS``) skips it too (``_Runs``): attention over a view of each run and
+over the pass's own new keys, merged by their log-sum-exp (the arena's allocator keeps a
+session's blocks in few runs).
 Verification (``common.sampling.verify_round``) then runs on the logits' device over the flat
 ``[sum(gamma + 1), V]`` rows.
 """
@@ -354,6 +357,7 @@ class PackedPass:
     group: int  # query heads per key/value head
     solo: _Extent | None = None  # batch 1 with consecutive blocks: attention in place, no index
     extents: list[_Extent] = field(default_factory=list)  # long rows attended in place
+    runs: list[_Runs] = field(default_factory=list)  # long rows in a few runs, attended in place
     layers_seen: int = 0
 
     @classmethod
@@ -382,7 +386,12 @@ class PackedPass:
             empty = torch.zeros(0, dtype=torch.long)
             return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
                        empty, [], empty, group, extents[0])
-        gathered = np.array([e is None for e in extents], dtype=bool)
+        runs = [_Runs.build(r.kv.blocks, first, int(p), int(c), block)
+                if e is None and p + c >= long_row else None
+                for r, e, first, p, c in zip(requests, extents, starts.tolist(), past, counts,
+                                             strict=True)]
+        gathered = np.array([e is None and r is None for e, r in zip(extents, runs, strict=True)],
+                            dtype=bool)
         buckets, back = [], np.zeros(positions.size, dtype=np.int64)
         done = 0
         for members in (np.flatnonzero(gathered & (counts <= SHORT_ROW)),
@@ -393,11 +402,13 @@ class PackedPass:
                 done += bucket.rows * bucket.width
                 buckets.append(bucket)
         in_place = [e for e in extents if e is not None]
-        for extent in in_place:  # their outputs follow the buckets' in the concatenation
-            back[extent.first:extent.first + extent.count] = done + np.arange(extent.count)
-            done += extent.count
+        in_runs = [r for r in runs if r is not None]
+        spans = [(e.first, e.count) for e in in_place] + [(r.first, r.count) for r in in_runs]
+        for first, count in spans:  # their outputs follow the buckets' in the concatenation
+            back[first:first + count] = done + np.arange(count)
+            done += count
         return cls(arena, as_tensor(ids[None]), as_tensor(positions[None]), as_tensor(keep),
-                   as_tensor(slots), buckets, as_tensor(back), group, None, in_place)
+                   as_tensor(slots), buckets, as_tensor(back), group, None, in_place, in_runs)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None) -> torch.Tensor:
@@ -432,6 +443,8 @@ class PackedPass:
             outputs.append(o.reshape(rows * width, q_heads, dim))
         for extent in self.extents:  # one call per long row, over a view of its blocks
             outputs.append(extent.attend(query, *extent.view(self.arena, layer), scaling))
+        for row in self.runs:  # a call per run of its blocks and one over its new keys
+            outputs.append(row.attend(self.arena, layer, query, key, value, scaling))
         flat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return flat.index_select(0, self.back).unsqueeze(0)
 
@@ -488,6 +501,86 @@ class _Extent:
                                            values.transpose(0, 1).unsqueeze(0),
                                            attn_mask=self.mask, scale=scaling)
         return o.reshape(q_heads, self.count, dim).transpose(0, 1)
+
+
+MAX_RUNS = 8
+"""A long row whose cached positions lie in at most this many runs of consecutive blocks is
+attended in place run by run (``_Runs``); one more fragmented is gathered. A call per run costs
+about what gathering a few blocks does, so a row of context 2,048 (128 blocks of 16) in 8 runs
+still reads far less than its gathered copy; ``benchmarks/engine_pass.py --layout grown``."""
+
+
+@dataclass
+class _Runs:
+    """A row whose cached positions ``0 .. past - 1`` lie in a few runs of consecutive blocks:
+    attention reads a view of each run (no mask: every query sees every cached position) and the
+    pass's own new keys/values (causal among themselves), each call giving its log-sum-exp, and
+    the partial outputs are merged exactly by their weights (what split-KV kernels do). Nothing
+    is gathered or copied, and no mask is built; CPU only (``IN_PLACE_CONTEXT``)."""
+
+    first: int  # offset of the row's tokens in the packed pass
+    past: int  # cached positions before this pass
+    count: int  # new tokens in this pass
+    spans: list[tuple[int, int]]  # (flat arena slot, positions) of each run, in position order
+
+    @classmethod
+    def build(cls, blocks: list[int], first: int, past: int, count: int, block: int,
+              max_runs: int | None = None) -> _Runs | None:
+        used = np.asarray(blocks[:-(-past // block)], dtype=np.int64)  # blocks holding the past
+        cuts = np.flatnonzero(np.diff(used) != 1) + 1
+        if cuts.size + 1 > (MAX_RUNS if max_runs is None else max_runs):
+            return None
+        spans, position = [], 0
+        for run in np.split(used, cuts) if used.size else []:
+            length = min(int(run.size) * block, past - position)
+            spans.append((int(run[0]) * block, length))
+            position += length
+        return cls(first, past, count, spans)
+
+    def attend(self, arena: KVArena, layer: int, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, scaling: float | None) -> torch.Tensor:  # [count, Hq, D]
+        _, q_heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        group, count = q_heads // kv_heads, self.count
+        q = query[0, :, self.first:self.first + count]  # [Hq, C, D]
+        outputs, lses = [], []
+        # the new tokens among themselves: head h's queries over its own key/value head, causal
+        new_k = key[0, :, None, self.first:self.first + count].expand(kv_heads, group, count, dim)
+        new_v = value[0, :, None, self.first:self.first + count].expand(kv_heads, group, count, dim)
+        o, lse = _attention_with_lse(q.reshape(kv_heads, group, count, dim), new_k, new_v, True,
+                                     scaling)
+        outputs.append(o.reshape(1, kv_heads, group * count, dim))
+        lses.append(lse.reshape(1, kv_heads, group * count))
+        grouped = q.reshape(1, kv_heads, group * count, dim)
+        for start, length in self.spans:  # every cached position is visible to every query
+            keys, values = arena.extent(layer, start, length)  # [length, Hkv, D] views
+            o, lse = _attention_with_lse(grouped, keys.transpose(0, 1).unsqueeze(0),
+                                         values.transpose(0, 1).unsqueeze(0), False, scaling)
+            outputs.append(o)
+            lses.append(lse)
+        if len(outputs) == 1:
+            merged = outputs[0]
+        else:
+            weights = torch.softmax(torch.stack(lses), dim=0)  # [parts, 1, Hkv, group * C]
+            merged = (torch.stack(outputs) * weights.unsqueeze(-1)).sum(dim=0)
+        return merged.reshape(q_heads, count, dim).transpose(0, 1)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scaling: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and each query's log-sum-exp of its scores (CPU flash kernel; the same
+    computed by matrix products where a torch build lacks it)."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is not None and q.device.type == "cpu":
+        out, lse = flash(q, k, v, 0.0, causal, scale=scaling)
+        return out, lse
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if causal:
+        rows, cols = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(rows, cols, dtype=torch.bool, device=q.device)
+                                    .triu(cols - rows + 1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse
 
 
 def _block_table(tables: list[list[int]]) -> np.ndarray:  # [B, max blocks] int64, padded with 0

@@ -6,7 +6,15 @@ block table: the blocks it has filled so far, in order, so position ``i`` of its
 slot ``blocks[i // block_tokens] * block_tokens + i % block_tokens``. A session grows one block at
 a time as its context does, so it holds what it uses (at most one partly filled block more), not
 a reserve for ``max_new_tokens``; nothing is ever moved or compacted. Rolling back is moving
-``length``; freeing returns the blocks. When a pass needs more blocks than are free, the caches
+``length``; freeing returns the blocks.
+
+Where a session's new blocks go (``KVArena._place``) keeps its blocks consecutive where it can, so
+attention can read its cache in place (a few views) instead of gathering a copy of it every layer
+(``verifier_worker.engine``): a growing session takes the block right after its last one when that
+is free; otherwise a new run of blocks goes in the middle of the largest free run (the room on
+either side left to the session before it and to this one to grow into), or first fit while the
+session holds at most ``SMALL_SESSION_BLOCKS`` (a request that short may never grow: it fills
+holes instead of splitting a large free run). When a pass needs more blocks than are free, the caches
 of sessions outside the pass are dropped (``preemptions``) and rebuilt from their context when
 they return, as vLLM's recompute preemption does; which ones is a policy given to the arena
 (``capacity.lru_victims``: least recently used first). Only a pass that cannot fit even then
@@ -23,11 +31,14 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from verifier_worker.capacity import lru_victims
 
 DEFAULT_BLOCK_TOKENS = 16
+SMALL_SESSION_BLOCKS = 2
+"""Up to this many blocks a session's blocks are placed first fit (see ``KVArena._place``)."""
 GROWTH_HEADROOM = 0.3
 """Share of the budget admission leaves free for resident sessions to grow into."""
 
@@ -103,7 +114,8 @@ class KVArena:
         self.bytes_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * element
         self._gathered_k = torch.empty((0, *dims[1:]), dtype=dtype, device=device)  # see gather()
         self._gathered_v = self._gathered_k
-        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack
+        self._is_free = np.ones(self.num_blocks, dtype=bool)  # the free map (see _place)
+        self._free_count = self.num_blocks
         self._owners: dict[int, weakref.ref[SessionKV]] = {}  # SessionKV.key -> holder
         self.preemptions = 0
         self.passes = 0
@@ -113,7 +125,7 @@ class KVArena:
 
     @property
     def used_tokens(self) -> int:
-        return (self.num_blocks - len(self._free)) * self.block_tokens
+        return (self.num_blocks - self._free_count) * self.block_tokens
 
     @property
     def sessions(self) -> int:
@@ -121,7 +133,7 @@ class KVArena:
 
     @property
     def free_tokens(self) -> int:
-        return len(self._free) * self.block_tokens
+        return self._free_count * self.block_tokens
 
     @property
     def admission_budget(self) -> int:
@@ -142,13 +154,13 @@ class KVArena:
             missing = self.blocks_for(tokens) - len(kv.blocks)
             if missing <= 0:
                 return
-            if missing > len(self._free):
+            if missing > self._free_count:
                 raise KVCapacityError(f"no KV room for {tokens} tokens ({self.free_tokens} of "
                                       f"{self.budget_tokens} free)")
             if kv.arena is None:
                 kv.arena = self
                 self._own(kv)
-            kv.blocks.extend(self._free.pop() for _ in range(missing))
+            kv.blocks.extend(self._place(kv.blocks, missing))
 
     def allocate_pass(self, needs: list[tuple[SessionKV, int]]) -> None:
         """Blocks for every session of a pass, dropping caches of sessions outside it (chosen by
@@ -157,8 +169,8 @@ class KVArena:
             self.passes += 1
             missing = sum(max(0, self.blocks_for(tokens) - (len(kv.blocks) if kv.arena is self
                                                              else 0)) for kv, tokens in needs)
-            if missing > len(self._free):
-                self._preempt(missing - len(self._free), {kv.key for kv, _ in needs})
+            if missing > self._free_count:
+                self._preempt(missing - self._free_count, {kv.key for kv, _ in needs})
             for kv, tokens in needs:
                 self.allocate(kv, tokens)
                 kv.last_used = self.passes
@@ -168,7 +180,7 @@ class KVArena:
             ref = self._owners.get(kv.key)
             if ref is not None and ref() is kv:
                 del self._owners[kv.key]
-                self._free.extend(reversed(kv.blocks))
+                self._release(kv.blocks)
             kv.arena, kv.blocks, kv.length = None, [], 0
 
     def slots(self, kv: SessionKV, start: int, end: int) -> torch.Tensor:
@@ -213,6 +225,38 @@ class KVArena:
 
     # ------------------------------------------------------------------ internals
 
+    def _place(self, held: list[int], count: int) -> list[int]:
+        """``count`` free blocks for a session holding ``held``, marked taken (caller checked
+        that enough are free): consecutive after its last block where free, then new runs."""
+        taken: list[int] = []
+        is_free = self._is_free
+        if held:
+            after = held[-1] + 1
+            while len(taken) < count and after < self.num_blocks and is_free[after]:
+                taken.append(after)
+                after += 1
+        if len(held) + count <= SMALL_SESSION_BLOCKS:  # first fit: the lowest free blocks
+            while len(taken) < count:
+                is_free[taken] = False
+                taken.append(int(np.argmax(is_free)))
+        while len(taken) < count:
+            is_free[taken] = False  # so the free runs below exclude what this call took
+            edges = np.flatnonzero(np.diff(np.concatenate(([False], is_free, [False])).astype(np.int8)))
+            starts, ends = edges[0::2], edges[1::2]  # free runs [start, end)
+            widest = int(np.argmax(ends - starts))
+            start, length = int(starts[widest]), int(ends[widest] - starts[widest])
+            need = count - len(taken)
+            if length > need and start > 0:  # halve the spare room with the run's left owner
+                start += (length - need) // 2
+            taken.extend(range(start, start + min(need, length)))
+        is_free[taken] = False
+        self._free_count -= len(taken)
+        return taken
+
+    def _release(self, blocks: list[int]) -> None:
+        self._is_free[blocks] = True
+        self._free_count += len(blocks)
+
     def _own(self, kv: SessionKV) -> None:
         key, blocks = kv.key, kv.blocks
 
@@ -220,7 +264,7 @@ class KVArena:
             with self._lock:
                 if self._owners.get(key) is ref:
                     del self._owners[key]
-                    self._free.extend(reversed(blocks))
+                    self._release(blocks)
 
         self._owners[key] = weakref.ref(kv, collected)
 
