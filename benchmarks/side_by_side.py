@@ -5,13 +5,18 @@ Systems, each greedy, each with one torch thread, each on the same prompts (the 
 the same ``--max-new-tokens``:
 
   * ``hf_generate``: transformers' plain ``generate`` on the target (its own KV cache);
-  * ``hf_assisted``: transformers' assisted generation with the draft, ``num_assistant_tokens``
-    fixed at ``--gamma`` (constant schedule);
+  * ``hf_assisted``: transformers' assisted generation with ``--hf-draft`` (default ``--draft``),
+    ``num_assistant_tokens`` fixed at ``--gamma`` (constant schedule). transformers takes only a
+    standalone draft model: with a feature draft as ``--draft``, give the standalone one here;
   * ``specd_target``: ``specd generate --mode target``'s path (``generate_target_only`` on the
     verifier's engine);
   * ``specd_speculative``: ``specd generate``'s path: an embedded Redis, the verifier running in
     this process, the edge drafting with the torch backend, gamma ``--gamma``;
-  * ``specd_speculative_ahead``: the same with ``edge.draft_ahead`` on (``--ahead``).
+  * ``specd_speculative_ahead``: the same with ``edge.draft_ahead`` on (``--ahead``);
+  * ``specd_speculative_same``: when ``--hf-draft`` differs, specd drafting with it too (the
+    very pair transformers runs).
+
+``--chat`` wraps each prompt in the target's chat template (an instruct model's use).
 
 Two settings, both reported run by run:
 
@@ -29,7 +34,7 @@ and ``.md``. Examples:
 
     PYTHONPATH=. python benchmarks/side_by_side.py                      # bundled pair
     PYTHONPATH=. python benchmarks/side_by_side.py --target smollm2-135m-instruct \\
-        --draft smollm2-135m-draft --tag real
+        --draft smollm2-135m-feature --hf-draft smollm2-135m-draft --chat --no-ahead --tag real
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.json"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    from common.models import encode_prompt as encode
+
+    return encode(tokenizer, text, chat)
 
 
 def load_prompts(path: Path, count: int) -> list[str]:
@@ -94,10 +105,10 @@ def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int) -> Calla
 # ---------------------------------------------------------------- specd
 
 
-def settings_for(args: argparse.Namespace, ahead: bool = False) -> Any:
+def settings_for(args: argparse.Namespace, ahead: bool = False, draft: str = "") -> Any:
     from common.settings import Settings
 
-    return Settings(models={"target": args.target, "draft": args.draft, "torch_threads": 1},
+    return Settings(models={"target": args.target, "draft": draft or args.draft, "torch_threads": 1},
                     edge={"gamma": args.gamma, "draft_ahead": ahead},
                     sampling={"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": 0},
                     log={"level": "warning"})
@@ -118,8 +129,8 @@ def specd_target_runner(args: argparse.Namespace) -> Callable[[list[int]], list[
 class SpecdStack:
     """``specd generate``'s speculative path kept open: embedded Redis, in-process verifier, edge."""
 
-    def __init__(self, args: argparse.Namespace, ahead: bool) -> None:
-        self.settings = settings_for(args, ahead)
+    def __init__(self, args: argparse.Namespace, ahead: bool, draft: str = "") -> None:
+        self.settings = settings_for(args, ahead, draft)
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
         self.client: Any = None
@@ -170,8 +181,8 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.target)
-    prompts = [tokenizer.encode(t) for t in texts]
-    target, draft = hf_model(args.target), hf_model(args.draft)
+    prompts = [encode_prompt(tokenizer, t, args.chat) for t in texts]
+    target, draft = hf_model(args.target), hf_model(args.hf_draft)
     runners: dict[str, Callable[[list[int]], list[int]]] = {
         "hf_generate": hf_runner(target, None, args.gamma, args.max_new_tokens),
         "hf_assisted": hf_runner(hf_model(args.target), draft, args.gamma, args.max_new_tokens),
@@ -181,7 +192,10 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     runners["specd_speculative"] = stacks[0]
     if args.ahead:
         stacks.append(SpecdStack(args, ahead=True))
-        runners["specd_speculative_ahead"] = stacks[1]
+        runners["specd_speculative_ahead"] = stacks[-1]
+    if args.hf_draft != args.draft:
+        stacks.append(SpecdStack(args, ahead=False, draft=args.hf_draft))
+        runners["specd_speculative_same"] = stacks[-1]
     try:
         names = list(runners)
         first = {name: round(timed(runners[name], prompts)[0], 2) for name in names}  # warm-up
@@ -212,8 +226,8 @@ def hf_child(args: argparse.Namespace) -> None:
     """One prompt, plain or assisted, in this fresh process: prints its tokens and rate."""
     torch.set_num_threads(1)
     target = hf_model(args.target)
-    draft = hf_model(args.draft) if args.child == "hf_assisted" else None
-    ids = target.tokenizer.encode(args.child_prompt)
+    draft = hf_model(args.hf_draft) if args.child == "hf_assisted" else None
+    ids = encode_prompt(target.tokenizer, args.child_prompt, args.chat)
     started = time.perf_counter()
     tokens = hf_runner(target, draft, args.gamma, args.max_new_tokens)(ids)
     wall = time.perf_counter() - started
@@ -224,13 +238,15 @@ def hf_child(args: argparse.Namespace) -> None:
 def fresh_command(args: argparse.Namespace, system: str, prompt: str) -> list[str]:
     if system.startswith("hf_"):
         return [sys.executable, __file__, "--child", system, "--child-prompt", prompt,
-                "--target", args.target, "--draft", args.draft, "--gamma", str(args.gamma),
-                "--max-new-tokens", str(args.max_new_tokens)]
+                "--target", args.target, "--draft", args.draft, "--hf-draft", args.hf_draft,
+                "--gamma", str(args.gamma), "--max-new-tokens", str(args.max_new_tokens),
+                *(["--chat"] if args.chat else [])]
     mode = "target" if system == "specd_target" else "speculative"
     command = [sys.executable, "-m", "specd", "generate", "--json", "--prompt", prompt, "--mode", mode,
                "--target-model", args.target, "--draft-model", args.draft, "--torch-threads", "1",
                "--gamma", str(args.gamma), "--max-new-tokens", str(args.max_new_tokens),
-               "--temperature", "0", "--seed", "0", "--log-level", "error"]
+               "--temperature", "0", "--seed", "0", "--log-level", "error",
+               *(["--chat"] if args.chat else [])]
     if system == "specd_speculative_ahead":
         command.append("--draft-ahead")
     elif mode == "speculative":
@@ -276,6 +292,8 @@ def fresh(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
 def ratios(median: dict[str, float]) -> dict[str, float]:
     out = {"specd_target / hf_generate": median["specd_target"] / median["hf_generate"],
            "specd_speculative / hf_assisted": median["specd_speculative"] / median["hf_assisted"]}
+    if "specd_speculative_same" in median:
+        out["specd_speculative_same / hf_assisted"] = median["specd_speculative_same"] / median["hf_assisted"]
     if "specd_speculative_ahead" in median:
         ahead = median["specd_speculative_ahead"]
         out["specd_speculative_ahead / hf_assisted"] = ahead / median["hf_assisted"]
@@ -306,6 +324,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="bundled:target")
     parser.add_argument("--draft", default="bundled:draft")
+    parser.add_argument("--hf-draft", default="", help="transformers' assistant (default --draft)")
+    parser.add_argument("--chat", action="store_true", help="prompts through the chat template")
     parser.add_argument("--prompts-file", type=Path, default=PROMPTS)
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -319,6 +339,7 @@ def main() -> None:
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-prompt", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.hf_draft = args.hf_draft or args.draft
     if args.child:
         hf_child(args)
         return

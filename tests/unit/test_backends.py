@@ -181,7 +181,7 @@ def test_specd_devices_lists_every_backend(capsys, monkeypatch, tmp_path) -> Non
     monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     assert main(["devices", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"torch", "openvino", "genai", "replay", "prompt_lookup", "router"}
+    assert set(report) == {"torch", "feature", "openvino", "genai", "replay", "prompt_lookup", "router"}
     assert "n-gram" in report["prompt_lookup"]["drafter"] and "edge.drafts" in report["router"]["drafter"]
     assert report["torch"]["auto"] in report["torch"]["devices"]
     if report["openvino"]["installed"]:
