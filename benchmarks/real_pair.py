@@ -9,7 +9,8 @@ draft), chat-templated, greedy, ``--max-new-tokens``:
   -inf outside its subset, so it is a valid HF assistant). transformers' assisted generation takes
   a standalone draft model only: it has no way to hand a draft the target's hidden state;
 * ``specd``: ``specd generate``'s speculative path (an edge with ``--draft``, default the shipped
-  feature draft smollm2-135m-feature, and a verifier worker in this process, through an embedded
+  standalone draft; a feature draft's folder works too, see docs/drafters.md, and a verifier
+  worker in this process, through an embedded
   Redis), fixed gamma;
 * ``specd_plain`` (with ``--specd-plain``): the same with ``--hf-draft`` as specd's draft, so
   both systems run the very same pair.
@@ -18,7 +19,7 @@ One torch thread for everything; the three run in rotating order per question an
 machine noise hits them alike; every run is reported, and every specd/assisted output is checked
 equal to the target's. Tokens/s counts generated tokens over wall time of the generation alone.
 
-    PYTHONPATH=. python benchmarks/real_pair.py --target smollm2-135m-instruct --draft smollm2-135m-feature
+    PYTHONPATH=. python benchmarks/real_pair.py --target smollm2-135m-instruct --draft smollm2-135m-draft
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m-instruct")
-    parser.add_argument("--draft", default="smollm2-135m-feature", help="specd's draft")
+    parser.add_argument("--draft", default="smollm2-135m-draft",
+                        help="specd's draft (a feature draft's folder too)")
     parser.add_argument("--hf-draft", default="smollm2-135m-draft",
                         help="HF assisted generation's draft (a standalone model)")
     parser.add_argument("--specd-plain", action="store_true", help="also run specd with --hf-draft")

@@ -34,7 +34,7 @@ and ``.md``. Examples:
 
     PYTHONPATH=. python benchmarks/side_by_side.py                      # bundled pair
     PYTHONPATH=. python benchmarks/side_by_side.py --target smollm2-135m-instruct \\
-        --draft smollm2-135m-feature --hf-draft smollm2-135m-draft --chat --no-ahead --tag real
+        --draft runs/feature/draft --hf-draft smollm2-135m-draft --chat --no-ahead --tag real
 """
 
 from __future__ import annotations

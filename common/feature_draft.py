@@ -35,8 +35,8 @@ from common.reduced_draft import ReducedHead
 
 FEATURE_META = "specd_feature_draft.json"
 FEATURE_WEIGHTS = "feature_draft.safetensors"
-SHIPPED_FEATURE_DRAFTS = {
-    "smollm2-135m-feature": Path(__file__).resolve().parent / "assets" / "smollm2_feature_draft"}
+SHIPPED_FEATURE_DRAFTS: dict[str, Path] = {}
+"""Feature drafts shipped in common/assets, by name: none yet (see docs/drafters.md, "Feature drafts")."""
 
 
 @dataclass(frozen=True)

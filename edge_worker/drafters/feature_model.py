@@ -1,6 +1,6 @@
 """feature: drafts from the target's own hidden state (common.feature_draft), on the CPU.
 
-The torch drafter hands a feature-draft model (``models.draft = "smollm2-135m-feature"``, or a
+The torch drafter hands a feature-draft model (``models.draft`` naming a
 folder holding ``specd_feature_draft.json``) to this one, so either backend name works.
 """
 
@@ -31,7 +31,7 @@ def build(ctx: DraftContext) -> DraftBackend:
     folder = feature_draft_folder(ctx.model)
     if folder is None:
         raise ModelLoadError(f"{ctx.model!r} is not a feature draft (no {FEATURE_META}); the feature "
-                             "backend drafts with smollm2-135m-feature or a folder made by "
+                             "backend drafts with a folder made by "
                              "`specd train-draft --feature`")
     cache = ctx.settings.edge.cache_dir
     try:
@@ -53,5 +53,5 @@ def candidates(kind: str, index: str) -> list[str]:
 
 
 register(Drafter("feature", "drafts from the target's own hidden state, which each verdict carries "
-                 "(models.draft: a feature draft, e.g. smollm2-135m-feature)", build, package="torch",
+                 "(models.draft: a folder made by specd train-draft --feature)", build, package="torch",
                  devices=lambda: ["cpu"], candidates=candidates))
