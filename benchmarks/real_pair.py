@@ -95,7 +95,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     assistant = load_causal_lm(args.hf_draft)
     eos = sorted(target.eos_token_ids)
     questions = held_out_questions(args.data / "specbench_questions.jsonl", args.per_category)
-    modes = MODES + (("specd_plain",) if args.specd_plain else ())
+    variants = {f"specd_c{c:g}": c for c in args.confidence}
+    modes = MODES + (("specd_plain",) if args.specd_plain else ()) + tuple(variants)
     runs: list[dict[str, Any]] = []
     async with redis_url_for(settings) as (url, _embedded), local_verifier(settings, url):
         broker = await open_broker(settings, url)
@@ -104,6 +105,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             plain = settings.model_copy(deep=True)
             plain.models.draft = args.hf_draft
             clients["specd_plain"] = build_edge(plain, broker)
+        for mode, confidence in variants.items():  # the same draft, ending rounds on low confidence
+            variant = settings.model_copy(deep=True)
+            variant.edge.draft_confidence = confidence
+            clients[mode] = build_edge(variant, broker)
         spec = sampling_spec(settings, clients["specd"].backend.eos_token_ids)
         try:
             for rep in range(args.reps):
@@ -201,6 +206,8 @@ def main() -> int:
     parser.add_argument("--hf-draft", default="smollm2-135m-draft",
                         help="HF assisted generation's draft (a standalone model)")
     parser.add_argument("--specd-plain", action="store_true", help="also run specd with --hf-draft")
+    parser.add_argument("--confidence", type=float, nargs="*", default=[],
+                        help="also run specd with edge.draft_confidence at each of these values")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--per-category", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)

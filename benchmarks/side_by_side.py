@@ -6,7 +6,8 @@ the same ``--max-new-tokens``:
 
   * ``hf_generate``: transformers' plain ``generate`` on the target (its own KV cache);
   * ``hf_assisted``: transformers' assisted generation with ``--hf-draft`` (default ``--draft``),
-    ``num_assistant_tokens`` fixed at ``--gamma`` (constant schedule). transformers takes only a
+    ``num_assistant_tokens`` fixed at ``--gamma`` (constant schedule) and its confidence cut at
+    ``--confidence`` (specd's ``edge.draft_confidence`` gets the same). transformers takes only a
     standalone draft model: with a feature draft as ``--draft``, give the standalone one here;
   * ``specd_target``: ``specd generate --mode target``'s path (``generate_target_only`` on the
     verifier's engine);
@@ -81,13 +82,14 @@ def hf_model(name: str) -> Any:
     return load_causal_lm(name)
 
 
-def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int) -> Callable[[list[int]], list[int]]:
+def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int,
+              confidence: float = 0.0) -> Callable[[list[int]], list[int]]:
     """One prompt through ``generate`` (plain, or assisted when ``draft`` is given)."""
     kwargs: dict[str, Any] = {}
     if draft is not None:
         draft.model.generation_config.num_assistant_tokens = gamma
         draft.model.generation_config.num_assistant_tokens_schedule = "constant"
-        draft.model.generation_config.assistant_confidence_threshold = 0.0
+        draft.model.generation_config.assistant_confidence_threshold = confidence
         kwargs["assistant_model"] = draft.model
     eos = sorted(target.eos_token_ids)
 
@@ -105,11 +107,13 @@ def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int) -> Calla
 # ---------------------------------------------------------------- specd
 
 
-def settings_for(args: argparse.Namespace, ahead: bool = False, draft: str = "") -> Any:
+def settings_for(args: argparse.Namespace, ahead: bool = False, draft: str = "",
+                 confidence: float | None = None) -> Any:
     from common.settings import Settings
 
+    cut = args.confidence if confidence is None else confidence
     return Settings(models={"target": args.target, "draft": draft or args.draft, "torch_threads": 1},
-                    edge={"gamma": args.gamma, "draft_ahead": ahead},
+                    edge={"gamma": args.gamma, "draft_ahead": ahead, "draft_confidence": cut},
                     sampling={"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": 0},
                     log={"level": "warning"})
 
@@ -129,8 +133,9 @@ def specd_target_runner(args: argparse.Namespace) -> Callable[[list[int]], list[
 class SpecdStack:
     """``specd generate``'s speculative path kept open: embedded Redis, in-process verifier, edge."""
 
-    def __init__(self, args: argparse.Namespace, ahead: bool, draft: str = "") -> None:
-        self.settings = settings_for(args, ahead, draft)
+    def __init__(self, args: argparse.Namespace, ahead: bool, draft: str = "",
+                 confidence: float | None = None) -> None:
+        self.settings = settings_for(args, ahead, draft, confidence)
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
         self.client: Any = None
@@ -185,7 +190,8 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     target, draft = hf_model(args.target), hf_model(args.hf_draft)
     runners: dict[str, Callable[[list[int]], list[int]]] = {
         "hf_generate": hf_runner(target, None, args.gamma, args.max_new_tokens),
-        "hf_assisted": hf_runner(hf_model(args.target), draft, args.gamma, args.max_new_tokens),
+        "hf_assisted": hf_runner(hf_model(args.target), draft, args.gamma, args.max_new_tokens,
+                                 args.confidence),
         "specd_target": specd_target_runner(args),
     }
     stacks = [SpecdStack(args, ahead=False)]
@@ -196,6 +202,9 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     if args.hf_draft != args.draft:
         stacks.append(SpecdStack(args, ahead=False, draft=args.hf_draft))
         runners["specd_speculative_same"] = stacks[-1]
+    for cut in args.also_confidence:  # the same specd with another confidence cut
+        stacks.append(SpecdStack(args, ahead=False, confidence=cut))
+        runners[f"specd_speculative_c{cut:g}"] = stacks[-1]
     try:
         names = list(runners)
         first = {name: round(timed(runners[name], prompts)[0], 2) for name in names}  # warm-up
@@ -229,7 +238,7 @@ def hf_child(args: argparse.Namespace) -> None:
     draft = hf_model(args.hf_draft) if args.child == "hf_assisted" else None
     ids = encode_prompt(target.tokenizer, args.child_prompt, args.chat)
     started = time.perf_counter()
-    tokens = hf_runner(target, draft, args.gamma, args.max_new_tokens)(ids)
+    tokens = hf_runner(target, draft, args.gamma, args.max_new_tokens, args.confidence)(ids)
     wall = time.perf_counter() - started
     print(json.dumps({"token_ids": tokens, "tokens": len(tokens), "wall_ms": wall * 1000,
                       "tokens_per_s": len(tokens) / wall}))
@@ -240,12 +249,13 @@ def fresh_command(args: argparse.Namespace, system: str, prompt: str) -> list[st
         return [sys.executable, __file__, "--child", system, "--child-prompt", prompt,
                 "--target", args.target, "--draft", args.draft, "--hf-draft", args.hf_draft,
                 "--gamma", str(args.gamma), "--max-new-tokens", str(args.max_new_tokens),
-                *(["--chat"] if args.chat else [])]
+                "--confidence", str(args.confidence), *(["--chat"] if args.chat else [])]
     mode = "target" if system == "specd_target" else "speculative"
     command = [sys.executable, "-m", "specd", "generate", "--json", "--prompt", prompt, "--mode", mode,
                "--target-model", args.target, "--draft-model", args.draft, "--torch-threads", "1",
                "--gamma", str(args.gamma), "--max-new-tokens", str(args.max_new_tokens),
                "--temperature", "0", "--seed", "0", "--log-level", "error",
+               "--draft-confidence", str(args.confidence),
                *(["--chat"] if args.chat else [])]
     if system == "specd_speculative_ahead":
         command.append("--draft-ahead")
@@ -292,6 +302,9 @@ def fresh(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
 def ratios(median: dict[str, float]) -> dict[str, float]:
     out = {"specd_target / hf_generate": median["specd_target"] / median["hf_generate"],
            "specd_speculative / hf_assisted": median["specd_speculative"] / median["hf_assisted"]}
+    for name in median:
+        if name.startswith("specd_speculative_c"):
+            out[f"{name} / hf_assisted"] = median[name] / median["hf_assisted"]
     if "specd_speculative_same" in median:
         out["specd_speculative_same / hf_assisted"] = median["specd_speculative_same"] / median["hf_assisted"]
     if "specd_speculative_ahead" in median:
@@ -330,6 +343,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--confidence", type=float, default=0.0,
+                        help="end drafting below this draft probability: specd's edge.draft_confidence "
+                             "and transformers' assistant_confidence_threshold alike (0: off)")
+    parser.add_argument("--also-confidence", type=float, nargs="*", default=[],
+                        help="warm only: also run specd speculative with each of these cuts")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--fresh-reps", type=int, default=1)
     parser.add_argument("--fresh-prompts", type=int, default=6)

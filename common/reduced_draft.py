@@ -128,7 +128,9 @@ def assembled_folder(name: str, cache: Path) -> Path:
     (``<edge.cache_dir>/drafts``, given by ``common.models``)."""
     source = SHIPPED_DRAFTS[name]
     meta = json.loads((source / SHIPPED_META).read_text())
+    generation = source / "generation_config.json"  # its recommended settings travel with it
     key = hashlib.sha256(ASSEMBLY_FORMAT + (source / SHIPPED_META).read_bytes()
+                         + (generation.read_bytes() if generation.is_file() else b"")
                          + file_sha256(source / SHIPPED_WEIGHTS).encode()).hexdigest()[:16]
     folder = cache / f"{name}-{key}"
     if (folder / SUBSET_FILE).is_file():

@@ -355,6 +355,11 @@ class EdgeSettings(Section):
     """Adaptive gamma's upper bound (at most limits.max_gamma)."""
     draft_ahead: Bool = False
     """Draft the next batch while the current one is verified (used iff fully accepted)."""
+    draft_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    """End a round's drafting after a token the draft itself gives less than this probability
+    (model drafts; 0: always draft gamma tokens). Unset: what the draft's generation_config.json
+    recommends (transformers' ``assistant_confidence_threshold``; the shipped SmolLM2 draft: 0.6),
+    else 0. Output is unchanged; a weak draft wastes fewer drafted tokens and verifier rows."""
     max_support: int = Field(64, ge=1)
     """Largest sparse support of a sampled draft distribution sent per position."""
     max_concurrent_sessions: int = Field(8, ge=1)

@@ -162,6 +162,7 @@ class EdgeConfig:
     gamma_min: int = 1
     gamma_max: int = 8
     draft_ahead: bool = False
+    draft_confidence: float = 0.0  # stop a round's drafting below this draft probability
     max_context: int = 0  # positions of the draft model (0: unknown); prompts are checked against it
     resend_after_s: float = 0.0  # 0: a quarter of verdict_timeout_s, at most 5 s
     verdict_secret: str = ""
@@ -393,8 +394,10 @@ class _EdgeSession(VerdictWaiter):
     async def _draft(self, context: list[int], gamma: int, seq: int) -> tuple[Proposal, float]:
         def work() -> tuple[Proposal, float]:
             started = time.perf_counter()
+            config = self.client.config
             proposal = self.client.backend.propose(self.state, context, gamma, self.params, seq,
-                                                   self.stops, self.client.config.max_support)
+                                                   self.stops, config.max_support,
+                                                   min_confidence=config.draft_confidence)
             return proposal, (time.perf_counter() - started) * 1000
 
         async with self.client._draft_lock:
@@ -416,8 +419,10 @@ class _EdgeSession(VerdictWaiter):
                 return None
             context = [*ahead.assumed, ahead.guess]
             gamma = self.gammas.choose(self._room(len(context)))
+            config = self.client.config
             proposal = backend.propose(self.state, context, gamma, self.params, seq + 1, self.stops,
-                                       self.client.config.max_support, ahead.cancel)
+                                       config.max_support, ahead.cancel,
+                                       min_confidence=config.draft_confidence)
             return _Draft(proposal, (time.perf_counter() - started) * 1000, 0.0)
 
         async def run() -> _Draft | None:

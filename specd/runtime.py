@@ -9,7 +9,14 @@ from broker.reach import ensure_reachable
 from broker.streams import Broker, make_broker
 from common.integrity import NO_SECRET_RISK
 from common.logs import get_logger
-from common.models import ModelLoadError, hub_options, load_causal_lm, resolve_model_path, set_torch_threads
+from common.models import (
+    ModelLoadError,
+    hub_options,
+    load_causal_lm,
+    recommended_draft_confidence,
+    resolve_model_path,
+    set_torch_threads,
+)
 from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
 from edge_worker.backends import DraftBackend, build_drafter
 from edge_worker.client import EdgeClient, EdgeConfig
@@ -108,8 +115,19 @@ def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:
                       verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
                       target_model=settings.models.target, adaptive_gamma=edge.adaptive_gamma,
                       gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead,
+                      draft_confidence=draft_confidence(settings),
                       resend_after_s=edge.resend_after_s, verdict_secret=settings.redis.verdict_secret,
                       max_context=max_context)
+
+
+def draft_confidence(settings: Settings) -> float:
+    """``edge.draft_confidence``, or when unset what models.draft recommends (0 without a model)."""
+    if settings.edge.draft_confidence is not None:
+        return settings.edge.draft_confidence
+    try:
+        return recommended_draft_confidence(settings.models.draft, settings.edge.cache_dir)
+    except ModelLoadError:  # a draft that cannot load fails where it is loaded, with its own error
+        return 0.0
 
 
 def backend_context(backend: DraftBackend) -> int:

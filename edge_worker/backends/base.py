@@ -66,12 +66,15 @@ class DraftBackend(ABC):
     @abstractmethod
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
         """Draft up to ``gamma`` tokens after ``context`` (stopping early at a stop token).
 
         Rolls the state back to the longest prefix it shares with ``context`` first, so a
         rejected suffix from the previous round is discarded. When ``cancel`` is set, drafting
         stops after the current token (the caller drops the result): drafting ahead uses this.
+        A model backend also stops after a token its own distribution gives less than
+        ``min_confidence`` (see ``confident``): the draft's own numbers decide how long a round
+        is, so the target's distribution is still followed exactly.
         """
 
     def guess_next(self, state: DraftState, context: list[int]) -> int:
@@ -103,7 +106,7 @@ class IncrementalBackend(DraftBackend):
 
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
         assert isinstance(state, IncrementalState)
         proposal = Proposal(token_ids=[])
         if gamma == 0:
@@ -114,7 +117,8 @@ class IncrementalBackend(DraftBackend):
         for step in range(gamma):
             token = _choose(logits, params, generator, max_support, proposal)
             proposal.token_ids.append(token)
-            if token in stop_token_ids or step == gamma - 1 or (cancel is not None and cancel.is_set()):
+            if (token in stop_token_ids or step == gamma - 1 or (cancel is not None and cancel.is_set())
+                    or not confident(logits, token, proposal, min_confidence)):
                 break
             logits = self._feed(state, [token])
         return proposal
@@ -146,6 +150,23 @@ class IncrementalBackend(DraftBackend):
     @abstractmethod
     def _feed(self, state: Any, tokens: list[int]) -> torch.Tensor:  # [V] float32 on the CPU
         """Run ``tokens`` through the model on top of the cache; extend ``state.tokens``."""
+
+
+def confident(logits: torch.Tensor, token: int, proposal: Proposal, min_confidence: float) -> bool:
+    """Whether the draft gave its just-drafted ``token`` at least ``min_confidence``.
+
+    The draft's own probability of that token: from the sparse distribution it sends when
+    sampling, else the softmax of its logits. Below the threshold the next token is unlikely to
+    be accepted either, so drafting on would cost draft time and verifier rows for nothing
+    (transformers' assisted generation stops the same way: ``assistant_confidence_threshold``).
+    """
+    if min_confidence <= 0.0:
+        return True
+    if proposal.support_ids:  # sampled: the probability the draft sends for the token
+        ids, probs = proposal.support_ids[-1], proposal.support_probs[-1]
+        hit = np.flatnonzero(ids == token)
+        return bool(hit.size) and float(probs[hit[0]]) >= min_confidence
+    return float(torch.softmax(logits.float(), dim=-1)[token]) >= min_confidence
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,

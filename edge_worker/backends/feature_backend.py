@@ -17,7 +17,7 @@ import torch
 
 from common.feature_draft import FeatureDraft
 from common.sampling import SamplingParams, round_generator
-from edge_worker.backends.base import GREEDY, DraftBackend, DraftState, Proposal, _choose
+from edge_worker.backends.base import GREEDY, DraftBackend, DraftState, Proposal, _choose, confident
 
 
 class FeatureDraftState(DraftState):
@@ -57,7 +57,7 @@ class FeatureDraftBackend(DraftBackend):
     @torch.inference_mode()
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
         assert isinstance(state, FeatureDraftState)
         proposal = Proposal(token_ids=[])
         if gamma == 0 or state.feature is None or state.length != len(context):
@@ -66,17 +66,23 @@ class FeatureDraftBackend(DraftBackend):
         feature, token = state.feature, context[-1]
         for step in range(gamma):
             feature = self.draft.step(feature, torch.tensor([token]))
-            token = self._choose(feature, params, generator, max_support, proposal)
+            token, sure = self._choose(feature, params, generator, max_support, proposal, min_confidence)
             proposal.token_ids.append(token)
-            if token in stop_token_ids or step == gamma - 1 or (cancel is not None and cancel.is_set()):
+            if (token in stop_token_ids or step == gamma - 1 or (cancel is not None and cancel.is_set())
+                    or not sure):
                 break
         return proposal
 
     def _choose(self, feature: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                max_support: int, proposal: Proposal) -> int:
+                max_support: int, proposal: Proposal, min_confidence: float) -> tuple[int, bool]:
+        """The next token, and whether the draft is at least ``min_confidence`` sure of it."""
         if generator is None:  # greedy: the best subset id, no full-vocabulary row
-            return int(self.subset[int(self.draft.head.subset_logits(feature)[0].argmax())])
-        return _choose(self.draft.head(feature)[0].float(), params, generator, max_support, proposal)
+            logits = self.draft.head.subset_logits(feature)[0].float()
+            best = int(logits.argmax())
+            return int(self.subset[best]), confident(logits, best, Proposal([]), min_confidence)
+        logits = self.draft.head(feature)[0].float()
+        token = _choose(logits, params, generator, max_support, proposal)
+        return token, confident(logits, token, proposal, min_confidence)
 
     def guess_next(self, state: DraftState, context: list[int]) -> int:
         raise NotImplementedError("a feature draft cannot draft ahead: it needs the verdict's feature")

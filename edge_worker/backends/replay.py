@@ -115,8 +115,8 @@ class ReplayDraftBackend(DraftBackend):
 
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None) -> Proposal:
-        """Replay needs no cancellation: a proposal costs microseconds."""
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
+        """Replay needs no cancellation (a proposal costs microseconds) and has no confidence."""
         assert isinstance(state, ReplayState)
         proposal = Proposal(token_ids=[])
         if not state.resolved:

@@ -109,7 +109,7 @@ class RouterBackend(DraftBackend):
 
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
         assert isinstance(state, RouterState)
         now = self.clock()
         ahead = cancel is not None
@@ -121,7 +121,8 @@ class RouterBackend(DraftBackend):
         arm = state.arm
         began = self.clock()
         proposal = self.children[arm].propose(self._child_state(state, arm), context, gamma, params,
-                                              seq, stop_token_ids, max_support, cancel)
+                                              seq, stop_token_ids, max_support, cancel,
+                                              min_confidence=min_confidence)
         state.records.append(_Record(len(context), list(proposal.token_ids), arm, now, ahead,
                                      self.clock() - began))
         return proposal

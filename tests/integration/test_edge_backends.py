@@ -53,7 +53,9 @@ async def test_each_backend_greedy_equals_target_greedy(backend, redis_url, tiny
         tokenizer = edge.backend.tokenizer
         assert edge.backend.name == backend and edge.backend.device.lower() == "cpu"
         variants = [dict(gamma=3), dict(gamma=4, adaptive_gamma=True, gamma_min=1, gamma_max=6),
-                    dict(gamma=3, draft_ahead=True), dict(gamma=2, adaptive_gamma=True, draft_ahead=True)]
+                    dict(gamma=3, draft_ahead=True), dict(gamma=2, adaptive_gamma=True, draft_ahead=True),
+                    dict(gamma=4, draft_confidence=0.5),
+                    dict(gamma=3, draft_ahead=True, draft_confidence=0.3)]
         base = edge.config
         for variant in variants:
             edge.config = dataclasses.replace(base, **variant)

@@ -41,7 +41,8 @@ def test_target_only_matches_transformers_generate(target, engine) -> None:
 
 
 def run_local(engine: TargetEngine, backend: TorchDraftBackend, prompts: list[list[int]],
-              spec: SamplingSpec | list[SamplingSpec], gamma: int) -> list[VerifierSession]:
+              spec: SamplingSpec | list[SamplingSpec], gamma: int,
+              min_confidence: float = 0.0) -> list[VerifierSession]:
     """Drive sessions in lock-step, all verified in one batch per round (the worker, minus I/O)."""
     specs = spec if isinstance(spec, list) else [spec] * len(prompts)
     sessions = [VerifierSession.from_open(SessionOpen(f"s{i}", np.asarray(p, np.uint32), sp, "d", ""))
@@ -53,7 +54,7 @@ def run_local(engine: TargetEngine, backend: TorchDraftBackend, prompts: list[li
             s = sessions[i]
             room = s.max_new_tokens - s.generated
             proposal = backend.propose(states[i], s.context, min(gamma, room - 1), s.params,
-                                       s.next_seq, s.stop_token_ids, 64)
+                                       s.next_seq, s.stop_token_ids, 64, min_confidence=min_confidence)
             ids, sizes, sup_ids, sup_probs = proposal.wire_arrays()
             pendings.append(PendingDraft("0-0", DraftBatch(s.session_id, s.next_seq, len(s.context),
                                                            ids, sizes, sup_ids, sup_probs), 0.0))
@@ -110,8 +111,10 @@ def _exact_two_token_distribution(model, prompt: list[int], params: SamplingPara
     return joint
 
 
-def test_sampled_speculation_follows_target_distribution(target, engine, draft) -> None:
-    """The joint law of the first two generated tokens equals the filtered target's."""
+@pytest.mark.parametrize("cut", [0.0, 0.5])
+def test_sampled_speculation_follows_target_distribution(target, engine, draft, cut) -> None:
+    """The joint law of the first two generated tokens equals the filtered target's, also when
+    rounds end early on the draft's low confidence (``edge.draft_confidence``)."""
     prompt = target.tokenizer.encode("def add(a, b):")
     params = SamplingParams(temperature=1.5, top_k=4, top_p=1.0)
     exact = _exact_two_token_distribution(target.model, prompt, params)
@@ -120,7 +123,7 @@ def test_sampled_speculation_follows_target_distribution(target, engine, draft) 
     batch = 250
     for start in range(0, trials, batch):
         specs = [SamplingSpec(1.5, 1.0, 4, seed, 2) for seed in range(start, start + batch)]
-        for s in run_local(engine, draft, [prompt] * batch, specs, 3):
+        for s in run_local(engine, draft, [prompt] * batch, specs, 3, cut):
             key = tuple(s.context[len(prompt):len(prompt) + 2])
             counts[key] = counts.get(key, 0) + 1
     assert set(counts) <= set(exact)
