@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
 from common.logs import configure_logging  # noqa: E402
+from common.models import encode_prompt  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.wire import SamplingSpec  # noqa: E402
 from edge_worker.backends import DraftBackend, create_backend  # noqa: E402
@@ -76,7 +77,18 @@ def clip(ids: list[int], limit: int) -> list[int]:
 
 def drafter_specs(draft: str, draft_en: str,
                   target_only: bool) -> dict[str, list[dict[str, Any]] | dict[str, Any]]:
-    """Each configuration: a single backend (dict) or the router's ``edge.drafts`` (list)."""
+    """Each configuration: a single backend (dict) or the router's ``edge.drafts`` (list).
+
+    An empty ``draft_en`` (one model draft, as the real pair has) drops its configurations."""
+    if not draft_en:
+        return {**({"target_only": {"kind": "torch", "model": draft, "gamma": 0}} if target_only else {}),
+                "draft": {"kind": "torch", "model": draft},
+                "lookup": {"kind": "prompt_lookup", "model": draft},
+                "lookup+draft": {"kind": "prompt_lookup", "model": draft, "with_model": True},
+                "router": [{"name": "draft", "model": draft},
+                           {"name": "lookup", "backend": "prompt_lookup", "model": draft},
+                           {"name": "lookup+draft", "backend": "prompt_lookup", "model": draft,
+                            "fallback": "draft", "domains": ["long"]}]}
     router = [{"name": "draft", "model": draft, "domains": ["code"]},
               {"name": "draft_en", "model": draft_en, "domains": ["prose"]},
               {"name": "lookup", "backend": "prompt_lookup", "model": draft},
@@ -142,7 +154,7 @@ async def _sessions(clients: dict[str, EdgeClient], prompts: list[tuple[str, str
     rows = []
     tokenizer = clients["draft"].backend.tokenizer  # every drafter shares it (the router checks)
     for index, (category, text) in enumerate(prompts):
-        ids = clip(tokenizer.encode(text), args.max_prompt_tokens)
+        ids = clip(encode_prompt(tokenizer, text, args.chat), args.max_prompt_tokens)
         outputs = {}
         for name, client in clients.items():
             started = time.perf_counter()
@@ -236,7 +248,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=default_data())
     parser.add_argument("--target", default="bundled:target")
     parser.add_argument("--draft", default="bundled:draft")
-    parser.add_argument("--draft-en", default="bundled:draft_en")
+    parser.add_argument("--draft-en", default="bundled:draft_en",
+                        help="a second model draft for prose; empty: only --draft (the real pair)")
+    parser.add_argument("--chat", action="store_true", help="prompts through the target's chat template")
     parser.add_argument("--per-category", type=int, default=6)
     parser.add_argument("--target-only", action="store_true",
                         help="also time the target alone (gamma 0); else its output is only the reference")
