@@ -53,7 +53,7 @@ from common.wire import (
     encode,
 )
 from edge_worker.adaptive import GammaController
-from edge_worker.backends.base import DraftBackend, Proposal
+from edge_worker.backends.base import DraftBackend, Proposal, cut_options
 from edge_worker.backpressure import Backpressure
 from edge_worker.waiting import SessionFailed, VerdictWaiter
 
@@ -395,9 +395,10 @@ class _EdgeSession(VerdictWaiter):
         def work() -> tuple[Proposal, float]:
             started = time.perf_counter()
             config = self.client.config
-            proposal = self.client.backend.propose(self.state, context, gamma, self.params, seq,
-                                                   self.stops, config.max_support,
-                                                   min_confidence=config.draft_confidence)
+            backend = self.client.backend
+            proposal = backend.propose(self.state, context, gamma, self.params, seq, self.stops,
+                                       config.max_support, None,
+                                       **cut_options(backend, config.draft_confidence))
             return proposal, (time.perf_counter() - started) * 1000
 
         async with self.client._draft_lock:
@@ -422,7 +423,7 @@ class _EdgeSession(VerdictWaiter):
             config = self.client.config
             proposal = backend.propose(self.state, context, gamma, self.params, seq + 1, self.stops,
                                        config.max_support, ahead.cancel,
-                                       min_confidence=config.draft_confidence)
+                                       **cut_options(backend, config.draft_confidence))
             return _Draft(proposal, (time.perf_counter() - started) * 1000, 0.0)
 
         async def run() -> _Draft | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -150,6 +152,22 @@ class IncrementalBackend(DraftBackend):
     @abstractmethod
     def _feed(self, state: Any, tokens: list[int]) -> torch.Tensor:  # [V] float32 on the CPU
         """Run ``tokens`` through the model on top of the cache; extend ``state.tokens``."""
+
+
+def cut_options(backend: DraftBackend, min_confidence: float) -> dict[str, float]:
+    """``propose``'s keyword for the confidence cut, when ``backend`` takes one.
+
+    A drafter written before the cut existed (a registered plugin whose ``propose`` has no
+    ``min_confidence`` parameter) keeps working: it drafts full rounds, as it always did.
+    """
+    if min_confidence <= 0.0 or not _takes_cut(type(backend)):
+        return {}
+    return {"min_confidence": min_confidence}
+
+
+@functools.cache
+def _takes_cut(kind: type[DraftBackend]) -> bool:
+    return "min_confidence" in inspect.signature(kind.propose).parameters
 
 
 def confident(logits: torch.Tensor, token: int, proposal: Proposal, min_confidence: float) -> bool:

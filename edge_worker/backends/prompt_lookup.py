@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.sampling import SamplingParams
-from edge_worker.backends.base import DraftBackend, DraftState, Proposal
+from edge_worker.backends.base import DraftBackend, DraftState, Proposal, cut_options
 
 NO_GUESS = -1
 """``guess_next`` without a match and without a fallback: never equals a real token."""
@@ -112,7 +112,7 @@ class PromptLookupBackend(DraftBackend):
         if not tokens and self.fallback is not None and state.fallback is not None:
             state.model_rounds += 1
             return self.fallback.propose(state.fallback, context, gamma, params, seq, stop_token_ids,
-                                         max_support, cancel, min_confidence=min_confidence)
+                                         max_support, cancel, **cut_options(self.fallback, min_confidence))
         if tokens:
             state.lookup_rounds += 1
         else:

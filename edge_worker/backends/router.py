@@ -41,7 +41,7 @@ from typing import Any
 from common.logs import get_logger
 from common.models import ModelLoadError
 from common.sampling import SamplingParams
-from edge_worker.backends.base import DraftBackend, DraftState, Proposal
+from edge_worker.backends.base import DraftBackend, DraftState, Proposal, cut_options
 from edge_worker.backends.policy import ArmStats, Decision, RoutePolicy, prompt_class
 
 log = get_logger("specd.edge.router")
@@ -120,9 +120,9 @@ class RouterBackend(DraftBackend):
             self._repick(state)
         arm = state.arm
         began = self.clock()
-        proposal = self.children[arm].propose(self._child_state(state, arm), context, gamma, params,
-                                              seq, stop_token_ids, max_support, cancel,
-                                              min_confidence=min_confidence)
+        child = self.children[arm]
+        proposal = child.propose(self._child_state(state, arm), context, gamma, params, seq,
+                                 stop_token_ids, max_support, cancel, **cut_options(child, min_confidence))
         state.records.append(_Record(len(context), list(proposal.token_ids), arm, now, ahead,
                                      self.clock() - began))
         return proposal

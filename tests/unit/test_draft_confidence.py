@@ -119,3 +119,21 @@ def test_the_cut_defaults_to_what_the_draft_recommends(tmp_path, tiny_pair) -> N
     assert draft_confidence(Settings(models={"draft": str(folder)})) == 0.6
     assert draft_confidence(Settings(models={"draft": str(folder)}, edge={"draft_confidence": 0})) == 0.0
     assert draft_confidence(Settings(models={"draft": "bundled:draft"})) == 0.0
+
+
+def test_a_drafter_written_before_the_cut_still_drafts() -> None:
+    """A registered drafter whose ``propose`` has no ``min_confidence`` (the interface before the
+    cut) is called without it, whatever the cut; model backends get it."""
+    from edge_worker.backends.base import DraftBackend, cut_options
+
+    class Legacy(DraftBackend):
+        def new_state(self):  # type: ignore[no-untyped-def]
+            return IncrementalState()
+
+        def propose(self, state, context, gamma, params, seq, stop_token_ids, max_support,  # type: ignore[no-untyped-def]
+                    cancel=None):
+            return Proposal([context[-1]] * gamma)
+
+    assert cut_options(Legacy(), 0.6) == {}
+    assert cut_options(Scripted(SCRIPT, 3), 0.6) == {"min_confidence": 0.6}
+    assert cut_options(Scripted(SCRIPT, 3), 0.0) == {}
