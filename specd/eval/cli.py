@@ -82,6 +82,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="skip questions already recorded; failed ones (error records) run again")
     parser.add_argument("--overwrite", action="store_true", help="start the records file again")
+    parser.add_argument("--rescore", action="store_true",
+                        help="HumanEval: run the recorded completions' tests again (after a harness "
+                             "change) and rebuild the summary; nothing is generated")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
     parser.add_argument("--exec-timeout", type=float, default=5.0,
                         help="HumanEval: seconds each completion's tests may run (default 5)")
@@ -123,6 +126,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         gammas=tuple(args.gammas or [settings.edge.gamma]), concurrency=max(1, args.concurrency),
         resume=args.resume, progress=args.progress, exec_timeout_s=args.exec_timeout)
     records = RecordFile(options.records_path)
+    if args.rescore:
+        return _rescore(options, selected, records, args)
     if records.path.exists() and records.path.stat().st_size and not (args.resume or args.overwrite):
         return _fail(f"{records.path} already holds records: --resume to continue that run, "
                      "--overwrite to start again, or another --out")
@@ -131,6 +136,36 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         return _fail(problem)
     return _evaluate(settings, options, selected, records, args)
+
+
+def _rescore(options: Any, selected: list[Any], records: Any, args: argparse.Namespace) -> int:
+    """--rescore: the recorded completions checked again by today's harness; the earlier run's
+    timings are kept in the summary."""
+    from specd.eval.runner import check_blocks
+    from specd.eval.summary import print_table, summarize
+
+    if options.suite != "humaneval":
+        return _fail("--rescore re-runs HumanEval's tests; the other suites' scores are computed "
+                     "from the records whenever a summary is built (--resume rebuilds it)")
+    saved = records.read()
+    if not saved:
+        return _fail(f"{records.path} holds no records to rescore: run the suite first")
+    by_id = {str(q.question_id): q for q in selected}
+    answers = [(by_id[str(r["question_id"])], r) for r in saved
+               if "error" not in r and str(r["question_id"]) in by_id]
+    check_blocks(answers, options.exec_timeout_s, options.exec_workers)
+    records.rewrite(saved)
+    run_info: dict[str, Any] = {}
+    if options.summary_path.exists():
+        run_info = json.loads(options.summary_path.read_text()).get("run") or {}
+    summary = summarize(saved, options.suite, len(selected), {**run_info, "rescored": len(answers)})
+    options.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_table(summary, sys.stdout)
+        print(f"records: {records.path} ({len(answers)} rescored)\nsummary: {options.summary_path}")
+    return 0
 
 
 def _unmet_needs(settings: Settings, options: Any, args: argparse.Namespace) -> str:

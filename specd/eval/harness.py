@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,10 +55,51 @@ class ExecResult:
         return self.status == "passed"
 
 
+FENCE = "```"
+KEPT_TOP_LEVEL = ("def ", "async def ", "class ", "import ", "from ", "@")
+"""A whole solution keeps only these top-level statements (and what is indented under them):
+its example calls, prints and asserts are dropped, as EvalPlus' sanitizer does."""
+
+
 def truncate_completion(text: str) -> str:
     """The completion up to the first stop sequence (what HumanEval scores)."""
     cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def fenced_code(text: str) -> str:
+    """The first fenced code block's body (to the end when its fence is never closed), else the text.
+
+    An instruct model answers in Markdown: the code sits between ``` fences, prose around it."""
+    start = text.find(FENCE)
+    if start < 0:
+        return text
+    body = text[start + len(FENCE):]
+    body = body[body.find("\n") + 1:] if "\n" in body else ""  # drop the info string (python)
+    end = body.find(FENCE)
+    return body if end < 0 else body[:end]
+
+
+def top_level_definitions(code: str) -> str:
+    """Only the imports, functions and classes of ``code`` (see ``KEPT_TOP_LEVEL``)."""
+    kept, keeping = [], False
+    for line in code.splitlines():
+        if line and not line[0].isspace():  # a new top-level statement
+            keeping = line.startswith(KEPT_TOP_LEVEL)
+        if keeping:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def completion_source(completion: str, entry_point: str) -> str:
+    """What follows the prompt in the program: a base model's continuation of the prompt, cut at
+    the first stop sequence; or, when the completion (its fenced code block, if any) defines
+    ``entry_point`` itself (an instruct model's whole answer), that code's definitions, which
+    replace the prompt's stub."""
+    code = fenced_code(completion)
+    if entry_point and re.search(rf"^(async )?def {re.escape(entry_point)}\(", code, re.MULTILINE):
+        return "\n" + top_level_definitions(code)
+    return truncate_completion(code)
 
 
 def program(prompt: str, completion: str, test: str, entry_point: str) -> str:
@@ -129,7 +171,8 @@ def _kill_group(child: subprocess.Popen[bytes]) -> None:
 
 def check_completion(prompt: str, completion: str, test: str, entry_point: str,
                      timeout_s: float = 5.0) -> ExecResult:
-    return run_program(program(prompt, truncate_completion(completion), test, entry_point), timeout_s)
+    return run_program(program(prompt, completion_source(completion, entry_point), test, entry_point),
+                       timeout_s)
 
 
 def check_many(jobs: list[tuple[str, str, str, str]], timeout_s: float = 5.0,

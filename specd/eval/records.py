@@ -96,11 +96,15 @@ class RecordFile:
         records = self.read()
         kept = [r for r in records if "error" not in r]
         if len(kept) != len(records):
-            scratch = self.path.with_name(self.path.name + ".tmp")
-            scratch.write_text("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
-                                       for r in kept), encoding="utf-8")
-            os.replace(scratch, self.path)
+            self.rewrite(kept)
         return len(records) - len(kept)
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file's records with ``records`` (atomically)."""
+        scratch = self.path.with_name(self.path.name + ".tmp")
+        scratch.write_text("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
+                                   for r in records), encoding="utf-8")
+        os.replace(scratch, self.path)
 
     def start(self, resume: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

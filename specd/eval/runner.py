@@ -210,17 +210,8 @@ class EvalRun:
 
     def _execute(self, wave: list[_Pending]) -> None:
         """HumanEval: run every mode's completion against the question's tests (see harness)."""
-        jobs, blocks = [], []
-        for pending in wave:
-            q = pending.question
-            for block in _all_blocks(pending.blocks):
-                jobs.append((q.turns[0], block["text"], q.test or "", q.entry_point or ""))
-                blocks.append(block)
-        results = harness.check_many(jobs, self.options.exec_timeout_s, self.options.exec_workers)
-        for block, result in zip(blocks, results, strict=True):
-            block.update(passed=result.passed, exec_status=result.status)
-            if result.detail:
-                block["exec_detail"] = result.detail
+        check_blocks([(p.question, p.blocks) for p in wave], self.options.exec_timeout_s,
+                     self.options.exec_workers)
 
     def _record(self, pending: _Pending) -> dict[str, Any]:
         q = pending.question
@@ -258,6 +249,21 @@ class EvalRun:
         base = target.tokens / target.wall_s if target and target.wall_s else 0.0
         return {name: round(phase.tokens / phase.wall_s / base, 4) for name, phase in self.phases.items()
                 if name.startswith("speculative") and phase.wall_s and base}
+
+
+def check_blocks(answers: list[tuple[Question, dict[str, Any]]], timeout_s: float, workers: int) -> None:
+    """Run every mode's recorded completion of each question against its tests (HumanEval) and
+    store ``passed``, ``exec_status`` and ``exec_detail`` in its block."""
+    jobs, blocks = [], []
+    for question, modes in answers:
+        for block in _all_blocks(modes):
+            jobs.append((question.turns[0], block["text"], question.test or "", question.entry_point or ""))
+            blocks.append(block)
+    for block, result in zip(blocks, harness.check_many(jobs, timeout_s, workers), strict=True):
+        block.update(passed=result.passed, exec_status=result.status)
+        block.pop("exec_detail", None)
+        if result.detail:
+            block["exec_detail"] = result.detail
 
 
 def _all_blocks(blocks: dict[str, Any]) -> list[dict[str, Any]]:

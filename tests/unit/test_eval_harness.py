@@ -61,3 +61,46 @@ def test_every_canonical_humaneval_solution_passes_and_a_broken_one_fails() -> N
     assert [p["question_id"] for p, r in zip(problems, results, strict=True) if not r.passed] == []
     broken = [(prompt, "    return None\n", test, entry) for prompt, _, test, entry in jobs[:20]]
     assert not any(r.passed for r in check_many(broken, timeout_s=10.0))
+
+
+FENCED = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\n\nThis adds `a` and `b`."
+RAMBLING = ("from typing import List\n\ndef add(a, b):\n    return a + b\n\n# Example usage:\n"
+            "print(add(1, 2))\nassert add(1, 1) == 3\nadd([1, 2")  # cut off mid-call at max tokens
+
+
+@pytest.mark.parametrize(("answer", "status"), [
+    (FENCED, "passed"),  # an instruct model's Markdown answer: the fenced code is the solution
+    (RAMBLING, "passed"),  # its examples, prints and asserts, and a cut-off tail, are dropped
+    ("```python\ndef add(a, b):\n    return a - b\n```", "failed"),
+    ("```python\ndef add(a, b):\n    return a +", "failed"),  # a fence never closed: all of it
+    ("The answer is to add them.", "failed"),  # prose only: the prompt's stub returns None
+])
+def test_a_whole_answer_that_defines_the_function_is_scored_as_its_code(answer: str, status: str) -> None:
+    assert check_completion(PROMPT, answer, TEST, "add", timeout_s=2.0).status == status
+
+
+def test_rescore_checks_recorded_answers_again_and_rebuilds_the_summary(tmp_path: Path) -> None:
+    from specd.cli import main
+    from specd.eval.records import RecordFile
+
+    data = tmp_path / "humaneval.json"
+    data.write_text(json.dumps([{"task_id": "T/0", "prompt": PROMPT, "test": TEST, "entry_point": "add"}]))
+    out = tmp_path / "out"
+    out.mkdir()
+    block = {"text": FENCED, "token_ids": [1], "new_tokens": 1, "time_s": 1.0, "tokens_per_s": 1.0,
+             "passed": False, "exec_status": "failed", "exec_detail": "SyntaxError: invalid syntax"}
+    rounds = {"gamma": 4, "matches_target": True, "rounds": 1, "drafted": 1, "accepted": 0,
+              "acceptance_rate": 0.0, "mean_accepted_length": 1.0, "draft_ms": 1.0, "queue_ms": 0.0,
+              "verify_ms": 1.0, "transport_ms": 0.0, "first_token_ms": 1.0}
+    record = {"question_id": "T/0", "category": "coding", "suite": "humaneval", "prompt": PROMPT,
+              "target": {**block, "target_forward_passes": 1},
+              "speculative": [{**block, "target_forward_passes": 1, **rounds}]}
+    (out / "records.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["eval", "--suite", "humaneval", "--data", str(data), "--out", str(out), "--rescore", "--json"]
+    assert main(argv) == 0
+    [again] = RecordFile(out / "records.jsonl").read()
+    assert again["target"]["passed"] and again["speculative"][0]["passed"]
+    assert "exec_detail" not in again["target"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quality"]["target"]["pass@1"] == 1.0
+    assert main(["eval", "--suite", "wmt", "--data", str(data), "--out", str(out), "--rescore"]) == 2
