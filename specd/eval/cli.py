@@ -142,7 +142,7 @@ def _rescore(options: Any, selected: list[Any], records: Any, args: argparse.Nam
     """--rescore: the recorded completions checked again by today's harness; the earlier run's
     timings are kept in the summary."""
     from specd.eval.runner import check_blocks
-    from specd.eval.summary import print_table, summarize
+    from specd.eval.summary import summarize
 
     if options.suite != "humaneval":
         return _fail("--rescore re-runs HumanEval's tests; the other suites' scores are computed "
@@ -159,13 +159,20 @@ def _rescore(options: Any, selected: list[Any], records: Any, args: argparse.Nam
     if options.summary_path.exists():
         run_info = json.loads(options.summary_path.read_text()).get("run") or {}
     summary = summarize(saved, options.suite, len(selected), {**run_info, "rescored": len(answers)})
+    _write_summary(summary, options, args, f"{records.path} ({len(answers)} rescored)")
+    return 0
+
+
+def _write_summary(summary: dict[str, Any], options: Any, args: argparse.Namespace, records: str) -> None:
+    """summary.json, and the summary on stdout: JSON with --json, else the table and the paths."""
+    from specd.eval.summary import print_table
+
     options.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary))
     else:
         print_table(summary, sys.stdout)
-        print(f"records: {records.path} ({len(answers)} rescored)\nsummary: {options.summary_path}")
-    return 0
+        print(f"records: {records}\nsummary: {options.summary_path}")
 
 
 def _unmet_needs(settings: Settings, options: Any, args: argparse.Namespace) -> str:
@@ -189,7 +196,7 @@ def _evaluate(settings: Settings, options: Any, selected: list[Any], records: An
               args: argparse.Namespace) -> int:
     from specd.eval.progress import Progress
     from specd.eval.quality import QualityUnavailableError
-    from specd.eval.summary import print_table, summarize
+    from specd.eval.summary import summarize
 
     records.start(options.resume)
     done = records.done_ids() if options.resume else set()
@@ -210,12 +217,7 @@ def _evaluate(settings: Settings, options: Any, selected: list[Any], records: An
         summary = summarize(records.read(), options.suite, len(selected), info)
     except QualityUnavailableError as exc:
         return _fail(str(exc))
-    options.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print_table(summary, sys.stdout)
-        print(f"records: {records.path}\nsummary: {options.summary_path}")
+    _write_summary(summary, options, args, str(records.path))
     if args.plot:
         rc = _plot(summary, args.plot)
         if rc:
