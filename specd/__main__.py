@@ -1,25 +1,25 @@
+"""``python -m specd`` and the ``specd`` script: the CLI, with stop signals handled from the start."""
+
+import os
 import signal
 import sys
 
-# Until the CLI takes over (importing torch takes seconds), Ctrl-C or SIGTERM exits quietly:
-# nothing has been started yet that would need stopping. An exit that lands in an import's
-# clean-up would be reported by Python as "Exception ignored": it is not an error.
-signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-_hook = sys.unraisablehook
+
+def _exit_now(_signum: int, _frame: object) -> None:
+    os._exit(130)
 
 
-def _quiet(info: object) -> None:
-    if isinstance(getattr(info, "exc_value", None), SystemExit | KeyboardInterrupt):
-        # Python could not raise the exit where it landed: deliver it again, where it can land
-        # (going on would run the command with whatever import it interrupted half done).
-        signal.raise_signal(signal.SIGINT)
-        return
-    _hook(info)  # type: ignore[arg-type]
+def run() -> int:
+    # Until the CLI takes over, Ctrl-C or SIGTERM exits at once (130): nothing has been started
+    # yet that would need stopping, and an exception raised by a signal inside an import's native
+    # code cannot always unwind (specd.signals.exit_at_once). After the command, the same holds:
+    # it has stopped what it started, and the interpreter is only shutting down.
+    signal.signal(signal.SIGINT, _exit_now)
+    signal.signal(signal.SIGTERM, _exit_now)
+    from specd.cli import main
+
+    return main()
 
 
-sys.unraisablehook = _quiet
-
-from specd.cli import main  # noqa: E402
-
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(run())

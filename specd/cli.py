@@ -39,6 +39,7 @@ from specd.flags import (
     add_setting_flags,
 )
 from specd.prompts import PromptError, read_prompts
+from specd.signals import exit_at_once
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -352,6 +353,7 @@ _SIGNALS = _SignalLog()
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad flag: one line, exit 2
+    _import_native_stack(args)
     settings: Settings | None = None
     try:
         if getattr(args, "needs_settings", True) is False:  # e.g. the pair tools: no settings
@@ -373,6 +375,20 @@ def _main(argv: list[str] | None) -> int:
         return report(args.command, exc, bool(getattr(args, "debug", False)), url)
     finally:
         tracing.shutdown()  # flush the spans of a traced run (a no-op when tracing is off)
+
+
+# Commands that never load a model start without importing torch (a second or two).
+_NO_MODELS = frozenset({"logs", "pool", "acl", "models"})
+
+
+def _import_native_stack(args: argparse.Namespace) -> None:
+    """Import torch and transformers first, before the command starts anything: a Ctrl-C or
+    SIGTERM meanwhile exits at once, as it cannot unwind through their imports (signals.exit_at_once)."""
+    if args.command in _NO_MODELS or getattr(args, "check", False):
+        return
+    with exit_at_once(f"specd {args.command}: interrupted"):
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
 
 
 def _reader_gone() -> int:

@@ -4,16 +4,19 @@
 that stops more gently (a worker drains, ``serve`` finishes its streams, ``eval`` cancels its run)
 installs its handler here, for both signals at once, in its event loop (``on_stop_signals``) or,
 in a process without one, for the whole process (``forward_stop_signals``). Workers also bound
-the drain: ``drain_then_exit`` (a second signal, or the grace period, exits at once).
+the drain: ``drain_then_exit`` (a second signal, or the grace period, exits at once). Before a
+command has started anything, while it imports the native stack, a signal exits at once
+(``exit_at_once``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from common.logs import get_logger
@@ -34,6 +37,31 @@ def on_stop_signals(handler: Callable[[int], Any]) -> Callable[[], None]:
             loop.remove_signal_handler(sig)
 
     return remove
+
+
+@contextlib.contextmanager
+def exit_at_once(line: str) -> Iterator[None]:
+    """While nothing that would need stopping has started: SIGINT/SIGTERM print ``line`` and exit
+    130 at once, without unwinding.
+
+    Why not ``KeyboardInterrupt``: importing torch runs Python callbacks from C++ (pybind11). An
+    exception raised by a signal inside one cannot unwind through the C++ frames around it, and
+    the process aborts (``terminate called after throwing ... error_already_set``, a core dump)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    message = (line + "\n").encode()
+
+    def exit_now(_signum: int, _frame: Any) -> None:
+        os.write(2, message)
+        os._exit(130)
+
+    previous = {sig: signal.signal(sig, exit_now) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def forward_stop_signals(handler: Callable[[int], Any]) -> None:

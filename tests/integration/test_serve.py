@@ -447,6 +447,16 @@ def test_client_killed_mid_stream_frees_its_session_on_the_verifier(served: Serv
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl is not installed")
+    for _attempt in range(3):
+        ended = _kill_a_client_mid_stream(served, curl)
+        if ended.get("length") != 1:  # else the generation ran to its end before the kill: again
+            break
+    assert ended == {"aborted": 1}  # closed by the edge's close message, not by an expiry
+
+
+def _kill_a_client_mid_stream(served: Served, curl: str) -> dict[str, float]:
+    """Kill a streaming client while its session lives on the verifier; wait for the verifier to
+    free the session and return how its sessions ended meanwhile ({reason: count})."""
     body = json.dumps({"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 900, "temperature": 0,
                        "stream": True})
     before = _scrape(served.metrics_port)
@@ -469,11 +479,13 @@ def test_client_killed_mid_stream_frees_its_session_on_the_verifier(served: Serv
         time.sleep(0.1)
     assert _sum(now, "specd_verifier_sessions") == 0
     assert _sum(now, "specd_verifier_kv_cache_bytes") == 0
-    aborted = (_sum(now, "specd_verifier_sessions_finished_total", reason="aborted")
-               - _sum(before, "specd_verifier_sessions_finished_total", reason="aborted"))
-    assert aborted == 1  # closed by the edge's close message, not by an expiry
-    raw = _get(served.url + "/metrics")[1]
-    assert b"specd_serve_client_disconnects_total 1.0" in raw
+    serve = _get(served.url + "/metrics")[1]
+    assert b"specd_serve_client_disconnects_total 0.0" not in serve  # serve saw the client go
+    finished = "specd_verifier_sessions_finished_total"
+    reasons = {key.split("reason=")[1].split(",")[0].rstrip("}") for key in now if key.startswith(finished)}
+    ended = {reason: _sum(now, finished, reason=reason) - _sum(before, finished, reason=reason)
+             for reason in reasons}
+    return {reason: count for reason, count in ended.items() if count}
 
 
 # --------------------------------------------------------------------------- done means 4
