@@ -206,9 +206,10 @@ async def gather_by_slot(keys: Iterable[str], run: Callable[[list[str]], Awaitab
 async def run_scripts(redis: Any, calls: list[tuple[Any, list[Any], list[Any]]]) -> list[Any]:
     """Run ``(script, keys, args)`` calls in one pipeline; each reply, or its error.
 
-    redis-py refuses pipelined scripts on a cluster, so these go as plain EVALSHA commands (one
-    pipeline per node). A node without the script (a replica just promoted, a restarted node)
-    answers NOSCRIPT: the scripts are loaded on every master and those calls run again.
+    They go as plain EVALSHA commands: redis-py refuses pipelined scripts on a cluster (one
+    pipeline per node here), and on one node its pipelined scripts cost a SCRIPT EXISTS round
+    trip first. A node without the script (a replica just promoted, a restarted node) answers
+    NOSCRIPT: the scripts are loaded on every master and those calls run again.
     """
     from redis.exceptions import NoScriptError
 

@@ -131,14 +131,9 @@ class RoundWriter:
         if not commits:
             return []
         groups = self._groups(commits)
-        calls = [self._call(commits, group) for group in groups]
-        if self.broker.cluster:
-            replies = await run_scripts(self.broker.redis, calls)
-        else:
-            async with self.broker.redis.pipeline(transaction=False) as pipe:
-                for script, script_keys, args in calls:
-                    await script(keys=script_keys, args=args, client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+        # As plain EVALSHA commands, on one node too: a pipeline of redis-py Script objects asks
+        # SCRIPT EXISTS first, one more round trip between every forward pass and its verdicts.
+        replies = await run_scripts(self.broker.redis, [self._call(commits, group) for group in groups])
         out: list[int | Exception] = [0] * len(commits)
         for group, reply in zip(groups, replies, strict=True):
             for n, i in enumerate(group):
