@@ -15,7 +15,11 @@ the same ``--max-new-tokens``:
     this process, the edge drafting with the torch backend, gamma ``--gamma``;
   * ``specd_speculative_ahead``: the same with ``edge.draft_ahead`` on (``--ahead``);
   * ``specd_speculative_same``: when ``--hf-draft`` differs, specd drafting with it too (the
-    very pair transformers runs).
+    very pair transformers runs);
+  * ``specd_split`` and ``specd_split_ahead`` (``--split``): the verifier in a process of its
+    own (``specd verifier``, one torch thread), as in a deployment where the edge and the
+    verifier are different machines: the edge's drafting ahead no longer shares a process (and
+    its interpreter lock) with the target's pass.
 
 ``--chat`` wraps each prompt in the target's chat template (an instruct model's use).
 
@@ -134,8 +138,9 @@ class SpecdStack:
     """``specd generate``'s speculative path kept open: embedded Redis, in-process verifier, edge."""
 
     def __init__(self, args: argparse.Namespace, ahead: bool, draft: str = "",
-                 confidence: float | None = None) -> None:
+                 confidence: float | None = None, split: bool = False) -> None:
         self.settings = settings_for(args, ahead, draft, confidence)
+        self.split = split  # the verifier in a process of its own
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
         self.client: Any = None
@@ -146,10 +151,28 @@ class SpecdStack:
         from specd.runtime import build_edge, open_broker
 
         url, _ = await self.stack.enter_async_context(redis_url_for(self.settings))
-        await self.stack.enter_async_context(local_verifier(self.settings, url))
+        if self.split:
+            await self._verifier_process(url)
+        else:
+            await self.stack.enter_async_context(local_verifier(self.settings, url))
         broker = await open_broker(self.settings, url)
         self.stack.push_async_callback(broker.close)
         self.client = build_edge(self.settings, broker)
+
+    async def _verifier_process(self, url: str) -> None:
+        import tempfile
+
+        from specd.loadtest import VerifierPool
+
+        models, edge = self.settings.models, self.settings.edge
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
+        env.update(SPECD_REDIS__URL=url, SPECD_REDIS__VERDICT_SECRET=self.settings.redis.verdict_secret,
+                   SPECD_MODELS__TARGET=models.target, SPECD_MODELS__TORCH_THREADS="1",
+                   OMP_NUM_THREADS="1", SPECD_EDGE__GAMMA=str(edge.gamma), SPECD_LOG__LEVEL="warning",
+                   PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        pool = VerifierPool(env, 1, Path(tempfile.mkdtemp(prefix="side-by-side-verifier-")))
+        self.stack.push_async_callback(pool.stop)
+        await pool.start(self.settings, url, 600)
 
     def __call__(self, ids: list[int]) -> list[int]:
         from specd.workers import sampling_spec
@@ -202,6 +225,11 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     if args.hf_draft != args.draft:
         stacks.append(SpecdStack(args, ahead=False, draft=args.hf_draft))
         runners["specd_speculative_same"] = stacks[-1]
+    if args.split:
+        stacks.append(SpecdStack(args, ahead=False, split=True))
+        runners["specd_split"] = stacks[-1]
+        stacks.append(SpecdStack(args, ahead=True, split=True))
+        runners["specd_split_ahead"] = stacks[-1]
     for cut in args.also_confidence:  # the same specd with another confidence cut
         stacks.append(SpecdStack(args, ahead=False, confidence=cut))
         runners[f"specd_speculative_c{cut:g}"] = stacks[-1]
@@ -311,6 +339,11 @@ def ratios(median: dict[str, float]) -> dict[str, float]:
         ahead = median["specd_speculative_ahead"]
         out["specd_speculative_ahead / hf_assisted"] = ahead / median["hf_assisted"]
         out["ahead / no ahead"] = median["specd_speculative_ahead"] / median["specd_speculative"]
+    if "specd_split" in median:
+        out["specd_split / specd_speculative"] = median["specd_split"] / median["specd_speculative"]
+        out["specd_split / hf_assisted"] = median["specd_split"] / median["hf_assisted"]
+        out["split: ahead / no ahead"] = median["specd_split_ahead"] / median["specd_split"]
+        out["specd_split_ahead / hf_assisted"] = median["specd_split_ahead"] / median["hf_assisted"]
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -353,6 +386,9 @@ def main() -> None:
     parser.add_argument("--fresh-prompts", type=int, default=6)
     parser.add_argument("--ahead", action=argparse.BooleanOptionalAction, default=True,
                         help="also run speculative with edge.draft_ahead on")
+    parser.add_argument("--split", action="store_true",
+                        help="warm only: also run specd with its verifier in a process of its own, "
+                             "with and without drafting ahead")
     parser.add_argument("--tag", default="tiny")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-prompt", default="", help=argparse.SUPPRESS)
