@@ -384,7 +384,8 @@ _NO_MODELS = frozenset({"logs", "pool", "acl", "models"})
 def _import_native_stack(args: argparse.Namespace) -> None:
     """Import torch and transformers first, before the command starts anything: a Ctrl-C or
     SIGTERM meanwhile exits at once, as it cannot unwind through their imports (signals.exit_at_once)."""
-    if args.command in _NO_MODELS or getattr(args, "check", False):
+    supervisor = args.command == "verifier" and getattr(args, "workers", 1) > 1  # its children load
+    if args.command in _NO_MODELS or getattr(args, "check", False) or supervisor:
         return
     with exit_at_once(f"specd {args.command}: interrupted"):
         import torch  # noqa: F401
