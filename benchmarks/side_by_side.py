@@ -16,6 +16,11 @@ the same ``--max-new-tokens``:
   * ``specd_speculative_ahead``: the same with ``edge.draft_ahead`` on (``--ahead``);
   * ``specd_speculative_same``: when ``--hf-draft`` differs, specd drafting with it too (the
     very pair transformers runs);
+  * ``hf_lookup`` and ``specd_lookup_draft`` (``--lookup``): transformers' prompt-lookup decoding
+    (``prompt_lookup_num_tokens`` = ``--gamma``: n-grams of the prompt as the draft, no draft
+    model) beside specd's prompt lookup with the draft model filling in where no n-gram matches
+    (``edge.backend = "prompt_lookup"``, ``edge.lookup_with_model``), a combination
+    transformers' ``generate`` does not offer (it takes an assistant model or prompt lookup);
   * ``specd_split`` and ``specd_split_ahead`` (``--split``): the verifier in a process of its
     own (``specd verifier``, one torch thread), as in a deployment where the edge and the
     verifier are different machines: the edge's drafting ahead no longer shares a process (and
@@ -87,9 +92,9 @@ def hf_model(name: str) -> Any:
 
 
 def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int,
-              confidence: float = 0.0) -> Callable[[list[int]], list[int]]:
-    """One prompt through ``generate`` (plain, or assisted when ``draft`` is given)."""
-    kwargs: dict[str, Any] = {}
+              confidence: float = 0.0, lookup: bool = False) -> Callable[[list[int]], list[int]]:
+    """One prompt through ``generate`` (plain, assisted when ``draft`` is given, or prompt lookup)."""
+    kwargs: dict[str, Any] = {"prompt_lookup_num_tokens": gamma} if lookup else {}
     if draft is not None:
         draft.model.generation_config.num_assistant_tokens = gamma
         draft.model.generation_config.num_assistant_tokens_schedule = "constant"
@@ -112,12 +117,13 @@ def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int,
 
 
 def settings_for(args: argparse.Namespace, ahead: bool = False, draft: str = "",
-                 confidence: float | None = None) -> Any:
+                 confidence: float | None = None, lookup: bool = False) -> Any:
     from common.settings import Settings
 
     cut = args.confidence if confidence is None else confidence
+    backend = {"backend": "prompt_lookup", "lookup_with_model": True} if lookup else {}
     return Settings(models={"target": args.target, "draft": draft or args.draft, "torch_threads": 1},
-                    edge={"gamma": args.gamma, "draft_ahead": ahead, "draft_confidence": cut},
+                    edge={"gamma": args.gamma, "draft_ahead": ahead, "draft_confidence": cut, **backend},
                     sampling={"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": 0},
                     log={"level": "warning"})
 
@@ -138,8 +144,8 @@ class SpecdStack:
     """``specd generate``'s speculative path kept open: embedded Redis, in-process verifier, edge."""
 
     def __init__(self, args: argparse.Namespace, ahead: bool, draft: str = "",
-                 confidence: float | None = None, split: bool = False) -> None:
-        self.settings = settings_for(args, ahead, draft, confidence)
+                 confidence: float | None = None, split: bool = False, lookup: bool = False) -> None:
+        self.settings = settings_for(args, ahead, draft, confidence, lookup)
         self.split = split  # the verifier in a process of its own
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
@@ -225,6 +231,11 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     if args.hf_draft != args.draft:
         stacks.append(SpecdStack(args, ahead=False, draft=args.hf_draft))
         runners["specd_speculative_same"] = stacks[-1]
+    if args.lookup:
+        runners["hf_lookup"] = hf_runner(hf_model(args.target), None, args.gamma, args.max_new_tokens,
+                                         lookup=True)
+        stacks.append(SpecdStack(args, ahead=False, lookup=True))
+        runners["specd_lookup_draft"] = stacks[-1]
     if args.split:
         stacks.append(SpecdStack(args, ahead=False, split=True))
         runners["specd_split"] = stacks[-1]
@@ -339,6 +350,9 @@ def ratios(median: dict[str, float]) -> dict[str, float]:
         ahead = median["specd_speculative_ahead"]
         out["specd_speculative_ahead / hf_assisted"] = ahead / median["hf_assisted"]
         out["ahead / no ahead"] = median["specd_speculative_ahead"] / median["specd_speculative"]
+    if "specd_lookup_draft" in median:
+        for other in ("hf_assisted", "hf_lookup", "specd_speculative"):
+            out[f"specd_lookup_draft / {other}"] = median["specd_lookup_draft"] / median[other]
     if "specd_split" in median:
         out["specd_split / specd_speculative"] = median["specd_split"] / median["specd_speculative"]
         out["specd_split / hf_assisted"] = median["specd_split"] / median["hf_assisted"]
@@ -386,6 +400,9 @@ def main() -> None:
     parser.add_argument("--fresh-prompts", type=int, default=6)
     parser.add_argument("--ahead", action=argparse.BooleanOptionalAction, default=True,
                         help="also run speculative with edge.draft_ahead on")
+    parser.add_argument("--lookup", action="store_true",
+                        help="warm only: also run transformers' prompt lookup and specd's prompt lookup "
+                             "beside the draft")
     parser.add_argument("--split", action="store_true",
                         help="warm only: also run specd with its verifier in a process of its own, "
                              "with and without drafting ahead")
