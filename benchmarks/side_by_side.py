@@ -168,14 +168,11 @@ class SpecdStack:
     async def _verifier_process(self, url: str) -> None:
         import tempfile
 
+        from common.procs import child_env
         from specd.loadtest import VerifierPool
 
-        models, edge = self.settings.models, self.settings.edge
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
-        env.update(SPECD_REDIS__URL=url, SPECD_REDIS__VERDICT_SECRET=self.settings.redis.verdict_secret,
-                   SPECD_MODELS__TARGET=models.target, SPECD_MODELS__TORCH_THREADS="1",
-                   OMP_NUM_THREADS="1", SPECD_EDGE__GAMMA=str(edge.gamma), SPECD_LOG__LEVEL="warning",
-                   PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        # These settings (target, verdict secret, gamma for the warm-up, one thread), as loadtest's.
+        env = child_env(self.settings, url)
         pool = VerifierPool(env, 1, Path(tempfile.mkdtemp(prefix="side-by-side-verifier-")))
         self.stack.push_async_callback(pool.stop)
         await pool.start(self.settings, url, 600)
