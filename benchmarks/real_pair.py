@@ -96,7 +96,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     eos = sorted(target.eos_token_ids)
     questions = held_out_questions(args.data / "specbench_questions.jsonl", args.per_category)
     variants = {f"specd_c{c:g}": c for c in args.confidence}
-    modes = MODES + (("specd_plain",) if args.specd_plain else ()) + tuple(variants)
+    bars = {f"specd_o{b:g}": b for b in args.open}
+    modes = MODES + (("specd_plain",) if args.specd_plain else ()) + tuple(variants) + tuple(bars)
     runs: list[dict[str, Any]] = []
     async with redis_url_for(settings) as (url, _embedded), local_verifier(settings, url):
         broker = await open_broker(settings, url)
@@ -108,6 +109,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for mode, confidence in variants.items():  # the same draft, ending rounds on low confidence
             variant = settings.model_copy(deep=True)
             variant.edge.draft_confidence = confidence
+            clients[mode] = build_edge(variant, broker)
+        for mode, bar in bars.items():  # the same draft with another first-token bar (0: always draft)
+            variant = settings.model_copy(deep=True)
+            variant.edge.draft_open_confidence = bar
             clients[mode] = build_edge(variant, broker)
         spec = sampling_spec(settings, clients["specd"].backend.eos_token_ids)
         try:
@@ -208,6 +213,8 @@ def main() -> int:
     parser.add_argument("--specd-plain", action="store_true", help="also run specd with --hf-draft")
     parser.add_argument("--confidence", type=float, nargs="*", default=[],
                         help="also run specd with edge.draft_confidence at each of these values")
+    parser.add_argument("--open", type=float, nargs="*", default=[],
+                        help="also run specd with edge.draft_open_confidence at each of these values")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--per-category", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)

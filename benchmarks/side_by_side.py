@@ -14,6 +14,9 @@ the same ``--max-new-tokens``:
   * ``specd_speculative``: ``specd generate``'s path: an embedded Redis, the verifier running in
     this process, the edge drafting with the torch backend, gamma ``--gamma``;
   * ``specd_speculative_ahead``: the same with ``edge.draft_ahead`` on (``--ahead``);
+  * ``specd_speculative_o<bar>`` (``--also-open``): the same with another first-token bar
+    (``edge.draft_open_confidence``; ``specd_speculative`` uses the draft's recommendation, 0.5
+    for the shipped SmolLM2 draft): with 0 every round drafts, as transformers' always does;
   * ``specd_speculative_same``: when ``--hf-draft`` differs, specd drafting with it too (the
     very pair transformers runs);
   * ``hf_lookup`` and ``specd_lookup_draft`` (``--lookup``): transformers' prompt-lookup decoding
@@ -117,13 +120,17 @@ def hf_runner(target: Any, draft: Any | None, gamma: int, max_new: int,
 
 
 def settings_for(args: argparse.Namespace, ahead: bool = False, draft: str = "",
-                 confidence: float | None = None, lookup: bool = False) -> Any:
+                 confidence: float | None = None, lookup: bool = False,
+                 open_bar: float | None = None) -> Any:
+    """``open_bar`` None: ``edge.draft_open_confidence`` unset, so the draft's recommendation."""
     from common.settings import Settings
 
     cut = args.confidence if confidence is None else confidence
     backend = {"backend": "prompt_lookup", "lookup_with_model": True} if lookup else {}
+    bar = {} if open_bar is None else {"draft_open_confidence": open_bar}
     return Settings(models={"target": args.target, "draft": draft or args.draft, "torch_threads": 1},
-                    edge={"gamma": args.gamma, "draft_ahead": ahead, "draft_confidence": cut, **backend},
+                    edge={"gamma": args.gamma, "draft_ahead": ahead, "draft_confidence": cut, **backend,
+                          **bar},
                     sampling={"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "seed": 0},
                     log={"level": "warning"})
 
@@ -144,8 +151,9 @@ class SpecdStack:
     """``specd generate``'s speculative path kept open: embedded Redis, in-process verifier, edge."""
 
     def __init__(self, args: argparse.Namespace, ahead: bool, draft: str = "",
-                 confidence: float | None = None, split: bool = False, lookup: bool = False) -> None:
-        self.settings = settings_for(args, ahead, draft, confidence, lookup)
+                 confidence: float | None = None, split: bool = False, lookup: bool = False,
+                 open_bar: float | None = None) -> None:
+        self.settings = settings_for(args, ahead, draft, confidence, lookup, open_bar)
         self.split = split  # the verifier in a process of its own
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
@@ -207,6 +215,17 @@ def timed(run: Callable[[list[int]], list[int]], prompts: list[list[int]]) -> tu
     return sum(len(o) for o in outputs) / wall, outputs
 
 
+def add_variants(args: argparse.Namespace, runners: dict[str, Callable[[list[int]], list[int]]],
+                 stacks: list[SpecdStack]) -> None:
+    """specd speculative again with another confidence cut or first-token bar (0: always draft)."""
+    for cut in args.also_confidence:
+        stacks.append(SpecdStack(args, ahead=False, confidence=cut))
+        runners[f"specd_speculative_c{cut:g}"] = stacks[-1]
+    for bar in args.also_open:
+        stacks.append(SpecdStack(args, ahead=False, open_bar=bar))
+        runners[f"specd_speculative_o{bar:g}"] = stacks[-1]
+
+
 def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     from common.models import load_tokenizer
 
@@ -238,9 +257,7 @@ def warm(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
         runners["specd_split"] = stacks[-1]
         stacks.append(SpecdStack(args, ahead=True, split=True))
         runners["specd_split_ahead"] = stacks[-1]
-    for cut in args.also_confidence:  # the same specd with another confidence cut
-        stacks.append(SpecdStack(args, ahead=False, confidence=cut))
-        runners[f"specd_speculative_c{cut:g}"] = stacks[-1]
+    add_variants(args, runners, stacks)
     try:
         names = list(runners)
         first = {name: round(timed(runners[name], prompts)[0], 2) for name in names}  # warm-up
@@ -341,6 +358,9 @@ def ratios(median: dict[str, float]) -> dict[str, float]:
     for name in median:
         if name.startswith("specd_speculative_c"):
             out[f"{name} / hf_assisted"] = median[name] / median["hf_assisted"]
+        if name.startswith("specd_speculative_o"):
+            out[f"{name} / hf_assisted"] = median[name] / median["hf_assisted"]
+            out[f"specd_speculative / {name}"] = median["specd_speculative"] / median[name]
     if "specd_speculative_same" in median:
         out["specd_speculative_same / hf_assisted"] = median["specd_speculative_same"] / median["hf_assisted"]
     if "specd_speculative_ahead" in median:
@@ -392,6 +412,9 @@ def main() -> None:
                              "and transformers' assistant_confidence_threshold alike (0: off)")
     parser.add_argument("--also-confidence", type=float, nargs="*", default=[],
                         help="warm only: also run specd speculative with each of these cuts")
+    parser.add_argument("--also-open", type=float, nargs="*", default=[],
+                        help="warm only: also run specd speculative with each of these first-token "
+                             "bars (edge.draft_open_confidence; 0: every round drafts)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--fresh-reps", type=int, default=1)
     parser.add_argument("--fresh-prompts", type=int, default=6)

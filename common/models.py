@@ -145,15 +145,17 @@ def resolve_model_path(name: str, cache_dir: str | Path = "") -> str:
     return name
 
 
-def recommended_draft_confidence(name: str, cache_dir: str | Path = "") -> float:
-    """The confidence cut a draft's own ``generation_config.json`` recommends: transformers'
+def recommended_draft_confidence(name: str, cache_dir: str | Path = "",
+                                 key: str = "assistant_confidence_threshold") -> float:
+    """A confidence a draft's own ``generation_config.json`` recommends: by default transformers'
     ``assistant_confidence_threshold`` (so transformers' assisted generation with the same draft
-    cuts the same way); 0 when the draft names none or is not a local folder."""
+    cuts the same way; ``specd_open_confidence`` is specd's own first-token bar); 0 when the draft
+    names none or is not a local folder."""
     config = Path(resolve_model_path(name, cache_dir)) / "generation_config.json"
     if not config.is_file():
         return 0.0
     try:
-        value = json.loads(config.read_text()).get("assistant_confidence_threshold")
+        value = json.loads(config.read_text()).get(key)
     except (OSError, ValueError):
         return 0.0
     return float(value) if isinstance(value, int | float) and 0.0 <= value <= 1.0 else 0.0

@@ -360,6 +360,14 @@ class EdgeSettings(Section):
     (model drafts; 0: always draft gamma tokens). Unset: what the draft's generation_config.json
     recommends (transformers' ``assistant_confidence_threshold``; the shipped SmolLM2 draft: 0.6),
     else 0. Output is unchanged; a weak draft wastes fewer drafted tokens and verifier rows."""
+    draft_open_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    """A round drafts nothing when the draft's most likely first token has less than this
+    probability (model drafts; 0: always draft). Worth it where a verifier pass over one row is
+    much cheaper than over two (a CPU verifier: 55 against 87 ms for SmolLM2-135M, see
+    docs/edge.md); on a GPU, rows are nearly free, so set 0 there. Unset: what the draft's
+    generation_config.json recommends (``specd_open_confidence``; the shipped SmolLM2 draft: 0.5),
+    else 0. Decided before the token is chosen, from the context alone: output is unchanged and
+    sampling stays exact."""
     max_support: int = Field(64, ge=1)
     """Largest sparse support of a sampled draft distribution sent per position."""
     max_concurrent_sessions: int = Field(8, ge=1)

@@ -163,6 +163,7 @@ class EdgeConfig:
     gamma_max: int = 8
     draft_ahead: bool = False
     draft_confidence: float = 0.0  # stop a round's drafting below this draft probability
+    draft_open_confidence: float = 0.0  # draft nothing when the first token is less likely than this
     max_context: int = 0  # positions of the draft model (0: unknown); prompts are checked against it
     resend_after_s: float = 0.0  # 0: a quarter of verdict_timeout_s, at most 5 s
     verdict_secret: str = ""
@@ -398,7 +399,8 @@ class _EdgeSession(VerdictWaiter):
             backend = self.client.backend
             proposal = backend.propose(self.state, context, gamma, self.params, seq, self.stops,
                                        config.max_support, None,
-                                       **cut_options(backend, config.draft_confidence))
+                                       **cut_options(backend, config.draft_confidence,
+                                                                 config.draft_open_confidence))
             return proposal, (time.perf_counter() - started) * 1000
 
         async with self.client._draft_lock:
@@ -423,7 +425,8 @@ class _EdgeSession(VerdictWaiter):
             config = self.client.config
             proposal = backend.propose(self.state, context, gamma, self.params, seq + 1, self.stops,
                                        config.max_support, ahead.cancel,
-                                       **cut_options(backend, config.draft_confidence))
+                                       **cut_options(backend, config.draft_confidence,
+                                                                 config.draft_open_confidence))
             return _Draft(proposal, (time.perf_counter() - started) * 1000, 0.0)
 
         async def run() -> _Draft | None:

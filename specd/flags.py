@@ -55,6 +55,7 @@ SETTING_FLAGS: dict[str, list[SettingFlag]] = {
         SettingFlag("edge.gamma_max", "--gamma-max"),
         SettingFlag("edge.draft_ahead", "--draft-ahead"),
         SettingFlag("edge.draft_confidence", "--draft-confidence"),
+        SettingFlag("edge.draft_open_confidence", "--draft-open-confidence"),
         SettingFlag("edge.max_support", "--max-support"),
         SettingFlag("edge.tenant", "--tenant"),
         SettingFlag("sampling.temperature", "--temperature"),

@@ -116,16 +116,20 @@ def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:
                       target_model=settings.models.target, adaptive_gamma=edge.adaptive_gamma,
                       gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead,
                       draft_confidence=draft_confidence(settings),
+                      draft_open_confidence=draft_confidence(settings, opening=True),
                       resend_after_s=edge.resend_after_s, verdict_secret=settings.redis.verdict_secret,
                       max_context=max_context)
 
 
-def draft_confidence(settings: Settings) -> float:
-    """``edge.draft_confidence``, or when unset what models.draft recommends (0 without a model)."""
-    if settings.edge.draft_confidence is not None:
-        return settings.edge.draft_confidence
+def draft_confidence(settings: Settings, opening: bool = False) -> float:
+    """``edge.draft_confidence`` (``edge.draft_open_confidence`` when ``opening``), or when unset
+    what models.draft recommends (0 without a model)."""
+    chosen = settings.edge.draft_open_confidence if opening else settings.edge.draft_confidence
+    if chosen is not None:
+        return chosen
+    key = "specd_open_confidence" if opening else "assistant_confidence_threshold"
     try:
-        return recommended_draft_confidence(settings.models.draft, settings.edge.cache_dir)
+        return recommended_draft_confidence(settings.models.draft, settings.edge.cache_dir, key)
     except ModelLoadError:  # a draft that cannot load fails where it is loaded, with its own error
         return 0.0
 

@@ -57,7 +57,10 @@ class FeatureDraftBackend(DraftBackend):
     @torch.inference_mode()
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0,
+                open_confidence: float = 0.0) -> Proposal:
+        """``open_confidence`` is not applied: a feature draft's round is already the target's
+        token alone whenever it lacks a feature, and its steps cost a fraction of a model draft's."""
         assert isinstance(state, FeatureDraftState)
         proposal = Proposal(token_ids=[])
         if gamma == 0 or state.feature is None or state.length != len(context):

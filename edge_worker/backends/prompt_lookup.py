@@ -103,8 +103,10 @@ class PromptLookupBackend(DraftBackend):
 
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
-        """An n-gram match has no probabilities: ``min_confidence`` applies to the fallback only."""
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0,
+                open_confidence: float = 0.0) -> Proposal:
+        """An n-gram match has no probabilities: ``min_confidence`` and ``open_confidence`` apply to
+        the fallback only."""
         assert isinstance(state, LookupState)
         if gamma == 0:
             return Proposal(token_ids=[])
@@ -112,7 +114,8 @@ class PromptLookupBackend(DraftBackend):
         if not tokens and self.fallback is not None and state.fallback is not None:
             state.model_rounds += 1
             return self.fallback.propose(state.fallback, context, gamma, params, seq, stop_token_ids,
-                                         max_support, cancel, **cut_options(self.fallback, min_confidence))
+                                         max_support, cancel, **cut_options(self.fallback, min_confidence,
+                                                                   open_confidence))
         if tokens:
             state.lookup_rounds += 1
         else:

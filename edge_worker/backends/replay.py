@@ -115,7 +115,8 @@ class ReplayDraftBackend(DraftBackend):
 
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0,
+                open_confidence: float = 0.0) -> Proposal:
         """Replay needs no cancellation (a proposal costs microseconds) and has no confidence."""
         assert isinstance(state, ReplayState)
         proposal = Proposal(token_ids=[])

@@ -109,7 +109,8 @@ class RouterBackend(DraftBackend):
 
     def propose(self, state: DraftState, context: list[int], gamma: int, params: SamplingParams,
                 seq: int, stop_token_ids: frozenset[int], max_support: int,
-                cancel: threading.Event | None = None, *, min_confidence: float = 0.0) -> Proposal:
+                cancel: threading.Event | None = None, *, min_confidence: float = 0.0,
+                open_confidence: float = 0.0) -> Proposal:
         assert isinstance(state, RouterState)
         now = self.clock()
         ahead = cancel is not None
@@ -122,7 +123,8 @@ class RouterBackend(DraftBackend):
         began = self.clock()
         child = self.children[arm]
         proposal = child.propose(self._child_state(state, arm), context, gamma, params, seq,
-                                 stop_token_ids, max_support, cancel, **cut_options(child, min_confidence))
+                                 stop_token_ids, max_support, cancel, **cut_options(child, min_confidence,
+                                                                       open_confidence))
         state.records.append(_Record(len(context), list(proposal.token_ids), arm, now, ahead,
                                      self.clock() - began))
         return proposal

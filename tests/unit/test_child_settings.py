@@ -18,7 +18,7 @@ DRAFT_FLAGS = {  # a value other than the default for every flag of the demo's d
     "--draft-model": "some/draft", "--backend": "prompt_lookup", "--device": "auto",
     "--device-fallback": "fail", "--precision": "f16", "--draft-cache-dir": "/tmp/specd-cache",
     "--gamma": "5", "--adaptive-gamma": None, "--gamma-min": "2", "--gamma-max": "7", "--draft-ahead": None,
-    "--draft-confidence": "0.45",
+    "--draft-confidence": "0.45", "--draft-open-confidence": "0.35",
     "--max-support": "32", "--tenant": "acme", "--temperature": "0.7", "--top-p": "0.9", "--top-k": "40",
     "--seed": "11", "--max-new-tokens": "99", "--replay-file": "/tmp/replay.json",
     "--replay-acceptance": "0.5", "--network-delay-ms": "3", "--network-jitter-ms": "1",

@@ -137,3 +137,68 @@ def test_a_drafter_written_before_the_cut_still_drafts() -> None:
     assert cut_options(Legacy(), 0.6) == {}
     assert cut_options(Scripted(SCRIPT, 3), 0.6) == {"min_confidence": 0.6}
     assert cut_options(Scripted(SCRIPT, 3), 0.0) == {}
+
+
+# ---------------------------------------------------------------- the first-token bar
+
+
+@pytest.mark.parametrize(("bar", "drafted"), [
+    (0.0, [5, 6, 7, 5]),  # off
+    (0.85, [5, 6, 7, 5]),  # the first token has 0.9: the round drafts as usual
+    (0.95, []),  # below the bar: the round is the target's token alone
+])
+def test_a_round_drafts_nothing_below_the_first_token_bar(bar: float, drafted: list[int]) -> None:
+    backend = Scripted(SCRIPT, context=3)
+    proposal = backend.propose(backend.new_state(), [1, 2, 3], 4, SamplingParams(), 0, frozenset(), 8,
+                               open_confidence=bar)
+    assert proposal.token_ids == drafted
+
+
+def test_the_bar_reads_the_distribution_not_a_sample() -> None:
+    """Sampled: whether a round drafts depends on the draft's distribution at the context alone
+    (never on which token a draw picks), and a round that drafts is the one drafted without the
+    bar, draw for draw, so the verifier's rejection test sees the distributions it always did."""
+    unsure = Scripted([(5, 0.4)] * 5, context=3)
+    sure = Scripted([(5, 0.9), (6, 0.7), (7, 0.8), (5, 0.9), (6, 0.9)], context=3)
+    for seed in range(20):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        assert unsure.propose(unsure.new_state(), [1, 2, 3], 4, params, 0, frozenset(), 8,
+                              open_confidence=0.5).token_ids == []
+        barred = sure.propose(sure.new_state(), [1, 2, 3], 4, params, 0, frozenset(), 8, open_confidence=0.5)
+        free = sure.propose(sure.new_state(), [1, 2, 3], 4, params, 0, frozenset(), 8)
+        assert barred.token_ids == free.token_ids and len(free.token_ids) == 4
+        pairs = zip(barred.support_probs, free.support_probs, strict=True)
+        assert all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_the_bar_defaults_to_what_the_draft_recommends(tmp_path, tiny_pair) -> None:
+    import json
+    import shutil
+
+    from common.settings import Settings
+    from edge_worker.backends.base import cut_options
+    from specd.runtime import draft_confidence, edge_config
+
+    folder = tmp_path / "draft"
+    shutil.copytree(tiny_pair["draft"], folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"assistant_confidence_threshold": 0.6, "specd_open_confidence": 0.5}))
+    settings = Settings(models={"draft": str(folder)})
+    assert draft_confidence(settings, opening=True) == 0.5 and draft_confidence(settings) == 0.6
+    config = edge_config(settings)
+    assert (config.draft_confidence, config.draft_open_confidence) == (0.6, 0.5)
+    assert draft_confidence(Settings(models={"draft": str(folder)}, edge={"draft_open_confidence": 0}),
+                            opening=True) == 0.0
+    assert draft_confidence(Settings(models={"draft": "bundled:draft"}), opening=True) == 0.0
+    assert cut_options(Scripted(SCRIPT, 3), 0.6, 0.5) == {"min_confidence": 0.6, "open_confidence": 0.5}
+    assert cut_options(Scripted(SCRIPT, 3), 0.0, 0.5) == {"open_confidence": 0.5}
+
+
+def test_the_shipped_real_draft_recommends_the_bar() -> None:
+    import json
+    from pathlib import Path
+
+    import common
+
+    shipped = Path(common.__file__).parent / "assets" / "smollm2_draft" / "generation_config.json"
+    assert json.loads(shipped.read_text())["specd_open_confidence"] == 0.5
