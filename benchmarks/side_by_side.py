@@ -27,7 +27,11 @@ the same ``--max-new-tokens``:
   * ``specd_split`` and ``specd_split_ahead`` (``--split``): the verifier in a process of its
     own (``specd verifier``, one torch thread), as in a deployment where the edge and the
     verifier are different machines: the edge's drafting ahead no longer shares a process (and
-    its interpreter lock) with the target's pass.
+    its interpreter lock) with the target's pass;
+  * ``hf_generate_onednn`` and ``hf_assisted_onednn`` (``--hf-onednn``): transformers' two
+    systems with the CPU linear kernel specd's engine and torch draft use
+    (``common/cpu_linear.py``), so the comparison holds the kernels equal and shows what is
+    specd's beyond them.
 
 ``--chat`` wraps each prompt in the target's chat template (an instruct model's use).
 
@@ -217,7 +221,19 @@ def timed(run: Callable[[list[int]], list[int]], prompts: list[list[int]]) -> tu
 
 def add_variants(args: argparse.Namespace, runners: dict[str, Callable[[list[int]], list[int]]],
                  stacks: list[SpecdStack]) -> None:
-    """specd speculative again with another confidence cut or first-token bar (0: always draft)."""
+    """specd speculative again with another confidence cut or first-token bar (0: always draft);
+    with ``--hf-onednn``, transformers' two systems again with specd's CPU linear kernel."""
+    if args.hf_onednn:
+        from common.cpu_linear import use_onednn_linears
+
+        target, draft = hf_model(args.target), hf_model(args.hf_draft)
+        use_onednn_linears(target.model)
+        use_onednn_linears(draft.model)
+        runners["hf_generate_onednn"] = hf_runner(target, None, args.gamma, args.max_new_tokens)
+        assisted = hf_model(args.target)
+        use_onednn_linears(assisted.model)
+        runners["hf_assisted_onednn"] = hf_runner(assisted, draft, args.gamma, args.max_new_tokens,
+                                                  args.confidence)
     for cut in args.also_confidence:
         stacks.append(SpecdStack(args, ahead=False, confidence=cut))
         runners[f"specd_speculative_c{cut:g}"] = stacks[-1]
@@ -355,6 +371,10 @@ def fresh(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
 def ratios(median: dict[str, float]) -> dict[str, float]:
     out = {"specd_target / hf_generate": median["specd_target"] / median["hf_generate"],
            "specd_speculative / hf_assisted": median["specd_speculative"] / median["hf_assisted"]}
+    if "hf_generate_onednn" in median:
+        out["specd_target / hf_generate_onednn"] = median["specd_target"] / median["hf_generate_onednn"]
+        out["specd_speculative / hf_assisted_onednn"] = (median["specd_speculative"]
+                                                         / median["hf_assisted_onednn"])
     for name in median:
         if name.startswith("specd_speculative_c"):
             out[f"{name} / hf_assisted"] = median[name] / median["hf_assisted"]
@@ -415,6 +435,9 @@ def main() -> None:
     parser.add_argument("--also-open", type=float, nargs="*", default=[],
                         help="warm only: also run specd speculative with each of these first-token "
                              "bars (edge.draft_open_confidence; 0: every round drafts)")
+    parser.add_argument("--hf-onednn", action="store_true",
+                        help="warm only: also run transformers' generate and assisted generation with "
+                             "specd's CPU linear kernel (common/cpu_linear.py), kernels matched")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--fresh-reps", type=int, default=1)
     parser.add_argument("--fresh-prompts", type=int, default=6)

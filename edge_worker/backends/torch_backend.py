@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from common.cpu_linear import use_onednn_linears
 from common.models import LoadedModel, crop_cache, forward_with_cache
 from edge_worker.backends.base import IncrementalBackend, IncrementalState
 
@@ -23,6 +24,7 @@ class TorchDraftBackend(IncrementalBackend):
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.model = loaded.model
+        use_onednn_linears(self.model)  # CPU float32 only (common/cpu_linear.py)
         self.device = str(loaded.device)
         self.vocab_size = loaded.vocab_size
         self.fingerprint = loaded.fingerprint
