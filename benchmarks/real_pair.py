@@ -8,6 +8,8 @@ draft), chat-templated, greedy, ``--max-new-tokens``:
   shipped standalone draft smollm2-135m-draft; its reduced head returns full-vocabulary logits with
   -inf outside its subset, so it is a valid HF assistant). transformers' assisted generation takes
   a standalone draft model only: it has no way to hand a draft the target's hidden state;
+* ``specd_target``: ``specd generate --mode target``'s path (the verifier's engine, one pass per
+  token, its own copy of the target), the baseline specd's speculation is measured against;
 * ``specd``: ``specd generate``'s speculative path (an edge with ``--draft``, default the shipped
   standalone draft; a feature draft's folder works too, see docs/drafters.md, and a verifier
   worker in this process, through an embedded
@@ -38,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES: tuple[str, ...] = ("target", "hf_assisted", "specd")
+MODES: tuple[str, ...] = ("target", "hf_assisted", "specd_target", "specd")
 
 
 def held_out_questions(path: Path, per_category: int) -> list[dict[str, Any]]:
@@ -77,12 +79,25 @@ def hf_generate(target: Any, ids: list[int], new: int, eos: list[int], assistant
     return tokens, elapsed
 
 
+def target_engine(args: argparse.Namespace) -> Any:
+    """The verifier's engine on its own copy of the target (it swaps the copy's CPU kernels)."""
+    from common.models import load_causal_lm
+    from verifier_worker.engine import TargetEngine
+
+    own = load_causal_lm(args.target)
+    engine = TargetEngine(own.model, own.vocab_size, args.kv_budget_tokens)
+    engine.warm_up(gamma=0)
+    return engine
+
+
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from common.models import load_causal_lm
+    from common.sampling import SamplingParams
     from common.settings import Settings
     from specd.generation import local_verifier, redis_url_for
     from specd.runtime import build_edge, open_broker
     from specd.workers import sampling_spec
+    from verifier_worker.engine import generate_target_only
 
     torch.set_num_threads(1)
     settings = Settings()
@@ -94,6 +109,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     target = load_causal_lm(args.target)
     assistant = load_causal_lm(args.hf_draft)
     eos = sorted(target.eos_token_ids)
+    engine = target_engine(args)
     questions = held_out_questions(args.data / "specbench_questions.jsonl", args.per_category)
     variants = {f"specd_c{c:g}": c for c in args.confidence}
     bars = {f"specd_o{b:g}": b for b in args.open}
@@ -121,7 +137,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     ids = prompt_ids(target.tokenizer, q["text"], args.prompt_limit)
                     shift = (qi + rep) % len(modes)
                     for mode in modes[shift:] + modes[:shift]:
-                        if mode in clients:
+                        if mode == "specd_target":
+                            started = time.perf_counter()
+                            tokens = generate_target_only(engine, ids, SamplingParams(), target.eos_token_ids,
+                                                          args.max_new_tokens)
+                            elapsed, extra = time.perf_counter() - started, {}
+                        elif mode in clients:
                             started = time.perf_counter()
                             result = await clients[mode].generate(ids, spec, None)
                             elapsed = time.perf_counter() - started
@@ -159,8 +180,10 @@ def summarise(args: argparse.Namespace, runs: list[dict[str, Any]], modes: tuple
                         "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
                         "all_equal_to_target": all(r["equal_to_target"] for r in mine)}
     base = totals["target"]["tokens_per_s"]
+    own = totals["specd_target"]["tokens_per_s"]
     for mode in modes:
         totals[mode]["speedup_vs_target"] = round(totals[mode]["tokens_per_s"] / base, 3) if base else 0.0
+        totals[mode]["speedup_vs_specd_target"] = round(totals[mode]["tokens_per_s"] / own, 3) if own else 0.0
     ratios: dict[str, list[float]] = {mode: [] for mode in modes[1:]}
     for rep in range(args.reps):
         for q in {r["question"] for r in runs}:
@@ -188,11 +211,13 @@ def summarise(args: argparse.Namespace, runs: list[dict[str, Any]], modes: tuple
 def write_markdown(summary: dict[str, Any], path: Path) -> None:
     lines = ["# Real pair, one session: target-only vs HF assisted vs specd", "",
              f"Settings: `{json.dumps(summary['settings'])}`", "",
-             "| mode | runs | tokens | seconds | tokens/s | vs target | all outputs equal target |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | runs | tokens | seconds | tokens/s | vs target | vs specd_target "
+             "| all outputs equal target |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, t in summary["totals"].items():
         lines.append(f"| {mode} | {t['runs']} | {t['tokens']} | {t['seconds']} | {t['tokens_per_s']} | "
-                     f"{t['speedup_vs_target']}x | {t['all_equal_to_target']} |")
+                     f"{t['speedup_vs_target']}x | {t['speedup_vs_specd_target']}x | "
+                     f"{t['all_equal_to_target']} |")
     lines += ["", f"Median per-question speedup: {summary['median_per_question_speedup']}; "
               f"specd mean acceptance rate (accepted/drafted): {summary['specd_mean_acceptance_rate']}", "",
               "Every run:", "", "| rep | question | category | mode | tokens | s | tokens/s | acceptance |",
