@@ -3,10 +3,11 @@
 Why: torch's CPU build sends a float32 ``F.linear`` to MKL's GEMM, which on this project's
 machines (AMD EPYC with AVX-512) is far from what the memory allows at the row counts decoding
 has. One torch thread, SmolLM2-135M's MLP weights (576 x 1,536), per product
-(``benchmarks/cpu_linear.py``): MKL 0.166 ms at 1 row, 0.28 at 2 and 0.32 at 5; oneDNN's
-linear (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor uses on the CPU) 0.10,
-0.17 and 0.17, and half MKL's time at prefill sizes too. A verifier's pass over 1 to 9 rows then
-costs 1.2x to 1.4x less, and more rows cost less extra, which is what speculation buys with.
+(``benchmarks/results/cpu_linear.md``): MKL 0.168 ms at 1 row, 0.301 at 2 and 0.327 at 5;
+oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor uses on the CPU)
+0.103, 0.189 and 0.199, and about half MKL's time at prefill sizes. A SmolLM2 verifier pass over
+1 to 9 rows then costs 1.12x to 1.46x less, and more rows cost less extra, which is what
+speculation buys with.
 
 The product stays float32 (no reduced precision anywhere); only the order of the sums differs,
 as it already does between MKL's own kernels at different row counts. Where oneDNN loses (a
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 
 # A layer with at least WIDE_INPUT inputs and LARGE_WEIGHT weights goes through oneDNN at every
 # row count; a smaller one (a tiny draft's) only at prefill sizes, from PREFILL_ROWS rows: below,
-# oneDNN's per-call cost outweighs what it saves (the bundled 128-wide draft's decode step: 0.68
-# ms with MKL, 0.89 with oneDNN throughout, 0.67 with this rule; prefill 2.5 against 2.1).
+# oneDNN's per-call cost outweighs what it saves (the bundled 128-wide draft's one-row step: 0.68
+# ms with MKL, 0.89 with oneDNN in every layer; its prefill 2.5 against 2.1).
 WIDE_INPUT = 256
 LARGE_WEIGHT = 1 << 17
 PREFILL_ROWS = 16

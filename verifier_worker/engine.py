@@ -109,10 +109,10 @@ class TargetEngine:
 
     def warm_up(self, prompt_tokens: int = 64, gamma: int = 4, rounds: int = 4) -> None:
         """Run a throw-away session through the pass shapes a user's first rounds will have (a
-        prefill of ``prompt_tokens``, then verification rounds of ``gamma`` drafts, of none and
-        of each length between),
-        so the allocator's pages and the kernels are warm before the first real token: a fresh
-        process then decodes at its warm speed. Leaves no blocks held and no counters moved."""
+        prefill of ``prompt_tokens``, then verification rounds of ``gamma`` drafts, of none and of
+        each length between), so the allocator's pages and the kernels are warm before the first
+        real token: a fresh process then decodes at its warm speed. Leaves no blocks held and no
+        counters moved."""
         rehearsal = prompt_tokens + (3 * rounds + gamma) * (gamma + 1) + 2 * self.arena.block_tokens
         if self.arena.free_tokens < rehearsal:
             return  # a budget this small has no room to spare for a rehearsal
