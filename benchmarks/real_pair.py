@@ -5,13 +5,14 @@ draft), chat-templated, greedy, ``--max-new-tokens``:
 
 * ``target``: the target's own ``generate`` (HF, greedy, KV cache);
 * ``hf_assisted``: ``target.generate(assistant_model=draft)`` with ``--hf-draft`` (default the
-  shipped standalone draft smollm2-135m-draft; its reduced head returns full-vocabulary logits with
-  -inf outside its subset, so it is a valid HF assistant). transformers' assisted generation takes
+  product's draft smollm2-135m-int4, the target in 4-bit weights; the distilled
+  smollm2-135m-draft's reduced head returns full-vocabulary logits with -inf outside its subset,
+  so it is a valid HF assistant too). transformers' assisted generation takes
   a standalone draft model only: it has no way to hand a draft the target's hidden state;
 * ``specd_target``: ``specd generate --mode target``'s path (the verifier's engine, one pass per
   token, its own copy of the target), the baseline specd's speculation is measured against;
-* ``specd``: ``specd generate``'s speculative path (an edge with ``--draft``, default the shipped
-  standalone draft; a feature draft's folder works too, see docs/drafters.md, and a verifier
+* ``specd``: ``specd generate``'s speculative path (an edge with ``--draft``, default
+  smollm2-135m-int4; a feature draft's folder works too, see docs/drafters.md, and a verifier
   worker in this process, through an embedded
   Redis), fixed gamma;
 * ``specd_plain`` (with ``--specd-plain``): the same with ``--hf-draft`` as specd's draft, so
@@ -21,7 +22,8 @@ One torch thread for everything; the three run in rotating order per question an
 machine noise hits them alike; every run is reported, and every specd/assisted output is checked
 equal to the target's. Tokens/s counts generated tokens over wall time of the generation alone.
 
-    PYTHONPATH=. python benchmarks/real_pair.py --target smollm2-135m-instruct --draft smollm2-135m-draft
+    PYTHONPATH=. python benchmarks/real_pair.py --per-category 2 --reps 3 \
+        --out benchmarks/results/real_pair_int4
 """
 
 from __future__ import annotations
@@ -231,9 +233,9 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m-instruct")
-    parser.add_argument("--draft", default="smollm2-135m-draft",
+    parser.add_argument("--draft", default="smollm2-135m-int4",
                         help="specd's draft (a feature draft's folder too)")
-    parser.add_argument("--hf-draft", default="smollm2-135m-draft",
+    parser.add_argument("--hf-draft", default="smollm2-135m-int4",
                         help="HF assisted generation's draft (a standalone model)")
     parser.add_argument("--specd-plain", action="store_true", help="also run specd with --hf-draft")
     parser.add_argument("--confidence", type=float, nargs="*", default=[],

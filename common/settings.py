@@ -126,11 +126,11 @@ class RedisSettings(Section):
 
 
 MODEL_PAIRS: dict[str, tuple[str, str]] = {
-    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-draft"),
+    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-int4"),
     "tiny": ("bundled:target", "bundled:draft"),
 }
-"""``--pair NAME``: (target, draft). smollm2 is the default (a real instruct model and its
-distilled draft), tiny the bundled 14M-parameter code pair that the tests run on."""
+"""``--pair NAME``: (target, draft). smollm2 is the default (a real instruct model and, as its
+draft, itself in 4-bit weights), tiny the bundled 14M-parameter code pair that the tests run on."""
 
 
 class ModelSettings(Section):

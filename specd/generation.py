@@ -25,6 +25,7 @@ from specd.runtime import (
     build_edge,
     build_verifier,
     check_models,
+    draft_gamma,
     open_broker,
     require_standalone,
 )
@@ -112,7 +113,7 @@ def speculative_summary(settings: Settings, result: SessionResult, tokenizer: An
                         embedded: bool) -> dict[str, Any]:
     """What ``generate --json`` prints for a speculative session (and the Python API returns)."""
     summary = result.summary()
-    summary.update(mode="speculative", gamma=settings.edge.gamma,
+    summary.update(mode="speculative", gamma=draft_gamma(settings),
                    text=tokenizer.decode(result.token_ids, skip_special_tokens=True),
                    redis="embedded" if embedded else redacted(url))
     return summary

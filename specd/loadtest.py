@@ -28,6 +28,7 @@ from common.procs import child_env, dies_with_parent
 from common.settings import Settings
 from specd.generation import redis_url_for
 from specd.loadreport import PointData, print_table, read_verifier_rounds, summarise_point, write_plots
+from specd.runtime import draft_gamma
 
 LINE_LIMIT = 1 << 22  # bytes of one event line on an edge's stdout
 
@@ -250,7 +251,7 @@ async def run_point(settings: Settings, options: LoadTestOptions, url: str, env:
 
 def sweep(options: LoadTestOptions, settings: Settings) -> list[tuple[int, int]]:
     sessions = options.sweep_sessions or [options.edges * options.sessions_per_edge]
-    gammas = options.sweep_gamma or [settings.edge.gamma]
+    gammas = options.sweep_gamma or [draft_gamma(settings)]
     return [(s, g) for g in gammas for s in sessions]
 
 

@@ -14,6 +14,7 @@ from common.models import (
     hub_options,
     load_causal_lm,
     recommended_draft_confidence,
+    recommended_gamma,
     resolve_model_path,
     set_torch_threads,
 )
@@ -55,7 +56,7 @@ def build_verifier(settings: Settings, broker: Broker, worker_id: str = "") -> V
     target = load_causal_lm(models.target, models.dtype, models.target_device, models.trust_remote_code,
                             cache_dir=settings.edge.cache_dir)
     engine = target_engine(target.model, target.vocab_size, settings.pool.kv_budget_tokens)
-    engine.warm_up(gamma=settings.edge.gamma)  # the first user's rounds run at warm speed
+    engine.warm_up(gamma=draft_gamma(settings))  # the first user's rounds run at warm speed
     return VerifierWorker(settings, engine, broker, models.target, target.fingerprint, worker_id)
 
 
@@ -111,7 +112,7 @@ def require_standalone(backend: DraftBackend, name: str) -> None:
 
 def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:
     edge = settings.edge
-    return EdgeConfig(gamma=edge.gamma, max_support=edge.max_support,
+    return EdgeConfig(gamma=draft_gamma(settings), max_support=edge.max_support,
                       verdict_timeout_s=edge.verdict_timeout_s, tenant=edge.tenant,
                       target_model=settings.models.target, adaptive_gamma=edge.adaptive_gamma,
                       gamma_min=edge.gamma_min, gamma_max=edge.gamma_max, draft_ahead=edge.draft_ahead,
@@ -119,6 +120,18 @@ def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:
                       draft_open_confidence=draft_confidence(settings, opening=True),
                       resend_after_s=edge.resend_after_s, verdict_secret=settings.redis.verdict_secret,
                       max_context=max_context)
+
+
+def draft_gamma(settings: Settings) -> int:
+    """``edge.gamma`` when set anywhere (settings file, environment, flag), else what models.draft
+    recommends (``smollm2-135m-int4``: 8), else the default 4; at most ``limits.max_gamma``."""
+    if "gamma" in settings.edge.model_fields_set:
+        return settings.edge.gamma
+    try:
+        recommended = recommended_gamma(settings.models.draft, settings.edge.cache_dir)
+    except ModelLoadError:  # a draft that cannot load fails where it is loaded, with its own error
+        recommended = 0
+    return min(recommended or settings.edge.gamma, settings.limits.max_gamma)
 
 
 def draft_confidence(settings: Settings, opening: bool = False) -> float:
@@ -153,7 +166,7 @@ def build_edge(settings: Settings, broker: Broker) -> EdgeClient:
     if not settings.redis.verdict_secret:
         log.warning("edge.no_verdict_secret", risk=NO_SECRET_RISK)
     backend = build_draft_backend(settings)
-    backend.warm_up(gamma=settings.edge.gamma)  # kernels and allocator warm before a user's tokens
+    backend.warm_up(gamma=draft_gamma(settings))  # kernels and allocator warm before a user's tokens
     context = backend_context(backend)
     check_fits_model(settings, context, "models.draft")
     return EdgeClient(backend, edge_broker(settings, broker), edge_config(settings, context),

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from specd.eval.records import MODES, RecordFile
     from specd.eval.runner import EvalOptions
     from specd.eval.suites import SuiteError, read_suite, select
+    from specd.runtime import draft_gamma
 
     try:
         questions = read_suite(args.suite, args.data, args.field)
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     options = EvalOptions(
         suite=args.suite, out_dir=args.out or Path("specd-eval") / args.suite,
         modes=tuple(m for m in MODES if m in (args.modes or default_modes(settings))),
-        gammas=tuple(args.gammas or [settings.edge.gamma]), concurrency=max(1, args.concurrency),
+        gammas=tuple(args.gammas or [draft_gamma(settings)]), concurrency=max(1, args.concurrency),
         resume=args.resume, progress=args.progress, exec_timeout_s=args.exec_timeout)
     records = RecordFile(options.records_path)
     if args.rescore:

@@ -119,3 +119,34 @@ def test_greedy_speculative_output_equals_target_only(pair: tuple[Any, Any], pro
     ids = chat_ids(target.tokenizer, prompt)
     expected = target_only(target.model, ids, 24)
     assert speculative(target.model, TorchDraftBackend(draft), ids, 24) == expected
+
+
+@pytest.fixture(scope="module")
+def int4_draft() -> Any:
+    return load_causal_lm("smollm2-135m-int4")
+
+
+def test_the_int4_draft_is_the_target_in_four_bit_weights(pair: tuple[Any, Any], int4_draft: Any) -> None:
+    from common.int4_draft import Int4Linear, Int8RowLinear, int4_kernels_available
+
+    if not int4_kernels_available():
+        pytest.skip("this torch lacks the int4 CPU kernels")
+    target, _ = pair
+    layer = int4_draft.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+    assert isinstance(int4_draft.model.get_output_embeddings(), Int8RowLinear)
+    assert int4_draft.vocab_size == 49152 and int4_draft.fingerprint == load_causal_lm(
+        "smollm2-135m-instruct").fingerprint
+    assert torch.equal(int4_draft.model.get_input_embeddings().weight,
+                       target.model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_output_with_the_int4_draft_equals_target_only(
+        pair: tuple[Any, Any], int4_draft: Any, prompt: str) -> None:
+    from edge_worker.backends.torch_backend import TorchDraftBackend
+
+    target, _ = pair
+    ids = chat_ids(target.tokenizer, prompt)
+    expected = target_only(target.model, ids, 24)
+    assert speculative(target.model, TorchDraftBackend(int4_draft), ids, 24) == expected

@@ -139,7 +139,7 @@ def test_pair_flag_sets_both_models_and_explicit_flags_win(monkeypatch: pytest.M
         monkeypatch.delenv(name)
     parser = build_parser()
     default = settings_from_args(parser.parse_args(["generate", "--prompt", "x"])).models
-    assert (default.target, default.draft) == ("smollm2-135m-instruct", "smollm2-135m-draft")
+    assert (default.target, default.draft) == ("smollm2-135m-instruct", "smollm2-135m-int4")
     tiny = settings_from_args(parser.parse_args(["demo", "--pair", "tiny"])).models
     assert (tiny.target, tiny.draft) == ("bundled:target", "bundled:draft")
     mixed = settings_from_args(parser.parse_args(["chat", "--pair", "tiny", "--draft-model", "d"])).models
