@@ -49,6 +49,21 @@ def test_every_demo_draft_flag_reaches_the_children(monkeypatch, tmp_path) -> No
     assert seen.redis.url == "redis://127.0.0.1:1/0" and seen.log.format == "json"
 
 
+def test_an_unset_gamma_stays_unset_so_children_take_the_drafts_choice(monkeypatch, tmp_path) -> None:
+    from specd.runtime import draft_gamma
+
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.upper().startswith("SPECD_")]:
+        monkeypatch.delenv(name)
+    parent = settings_from_args(build_parser().parse_args(["demo"]))
+    env = child_env(parent, "redis://127.0.0.1:1/0")
+    assert "SPECD_EDGE__GAMMA" not in env
+    with monkeypatch.context() as child:
+        for name, value in env.items():
+            child.setenv(name, value)
+        assert draft_gamma(load_settings()) == draft_gamma(parent) == 8  # smollm2-135m-int4's
+
+
 @pytest.mark.parametrize("flag", ["--draft-ahead", "--adaptive-gamma", "--multiplex-verdicts"])
 def test_a_boolean_flag_survives_the_environment(flag, monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
