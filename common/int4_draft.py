@@ -3,7 +3,7 @@
 Why: a speculative draft pays when it agrees with the target often and costs a small part of a
 target pass. A separately trained small draft is cheap but, trained on a 2-core machine, agrees
 with SmolLM2-135M-Instruct at only ~0.29 of positions (``common/assets/smollm2_draft``). The
-target's own network with its weights in 4 bits agrees at ~0.98 and, at one row, streams about
+target's own network with its weights in 4 bits agrees at 0.988 (``benchmarks/results/int4_draft.md``) and, at one row, streams about
 an eighth of the float32 target's bytes: decoding one token is bound by memory, so it costs a
 fraction of a target pass (figures in docs/drafters.md).
 
@@ -17,8 +17,8 @@ SmolLM2-135M-Instruct comes as a GGUF file whose linear layers are Q4_1 (blocks 
 each holding a 16-value grid from its minimum), so the dequantised float32 target's layers
 already lie on this module's grids: re-packing them loses nothing but the rounding of scale
 and offset to bfloat16. Its output layer (the Q8_0 embedding, tied) goes to 8 bits per weight
-with one scale per row (``_weight_int8pack_mm``): in 4 bits it would lose ~10 points of
-agreement, and it is a fifth of the model.
+with one scale per row (``_weight_int8pack_mm``): in 4 bits agreement falls from 0.988 to 0.916,
+and it is a fifth of the model (``benchmarks/results/int4_draft.md``).
 
 The products take bfloat16 inputs (the kernels' fast path) and give float32 back; the rest of
 the model (norms, attention, softmax) stays float32. A draft's numbers only steer which tokens
