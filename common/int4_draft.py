@@ -3,8 +3,9 @@
 Why: a speculative draft pays when it agrees with the target often and costs a small part of a
 target pass. A separately trained small draft is cheap but, trained on a 2-core machine, agrees
 with SmolLM2-135M-Instruct at only ~0.29 of positions (``common/assets/smollm2_draft``). The
-target's own network with its weights in 4 bits agrees at 0.988 (``benchmarks/results/int4_draft.md``) and, at one row, streams about
-an eighth of the float32 target's bytes: decoding one token is bound by memory, so it costs a
+target's own network with its weights in 4 bits agrees at 0.988
+(``benchmarks/results/int4_draft.md``) and, at one row, streams about an eighth of the float32
+target's bytes: decoding one token is bound by memory, so it costs a
 fraction of a target pass (figures in docs/drafters.md).
 
 Terms:
