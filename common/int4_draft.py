@@ -77,9 +77,13 @@ class Int4Linear(nn.Module):
                    torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(ACTIVATIONS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACTIVATIONS)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scale_and_zero)
+        out = self.product(x.reshape(-1, self.in_features).to(ACTIVATIONS))
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] bfloat16 -> [T, N] bfloat16: the kernel alone, for callers that keep
+        bfloat16 between products (each conversion is an op of its own at one row)."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scale_and_zero)
 
 
 class Int8RowLinear(nn.Module):

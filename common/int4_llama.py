@@ -3,10 +3,11 @@
 Why: with its products in 4 bits, a SmolLM2-135M step spends as long in transformers' per-layer
 bookkeeping (cache objects, masks, separate q/k/v and gate/up products, six-op norms) as in
 the products themselves. This decoder runs the same network as a few fused steps per layer:
-one product for q, k and v, one for gate and up, torch's fused RMS norm, rotary tables from the
-model's own rotary module, and a key/value buffer per sequence that grows by doubling. One
-SmolLM2 step: 13.6 ms through transformers, 10.8 ms here (one thread;
-``benchmarks/results/int4_draft.md``).
+one product for q, k and v, one for gate and up, torch's fused RMS norm, q and k rotated
+together by one roll with rotary tables from the model's own rotary module, activations kept in
+bfloat16 from one product to the next (at one row each conversion is an op of its own), and a
+key/value buffer per sequence that grows by doubling. Figures against transformers' forward of
+the same model: ``benchmarks/results/int4_draft.md``.
 
 It is a draft's decoder: its numbers only choose what gets proposed, the target checks every
 token, so a difference in the last bits (fused versus separate products) cannot reach the
@@ -15,8 +16,8 @@ every projection 4-bit; anything else keeps transformers' own forward.
 
 Terms and shapes (one sequence; T new tokens after S cached ones; L layers, Hq query heads,
 Hkv key/value heads, D per head):
-  h        [T, hidden]          the residual stream
-  qkv      [T, (Hq + 2 Hkv) D]  one product's output, split into q, k, v
+  h        [T, hidden]          the residual stream, float32
+  qkv      [T, (Hq + 2 Hkv) D]  one product's output, split into q, k, v (float32 for attention)
   keys     [L, Hkv, capacity, D] the buffer; positions [0, S + T) are valid after a step
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.int4_draft import Int4Linear, stack_int4
+from common.int4_draft import ACTIVATIONS, Int4Linear, stack_int4
 
 FIRST_CAPACITY = 256
 
@@ -65,14 +66,17 @@ class _Layer:
 
 
 def _product(layer: Int4Linear | tuple[Int4Linear, ...], x: torch.Tensor) -> torch.Tensor:
-    return layer(x) if isinstance(layer, Int4Linear) else torch.cat([part(x) for part in layer], -1)
+    """x [T, K] bfloat16 -> [T, N] bfloat16, the parts of an unstacked layer side by side."""
+    if isinstance(layer, Int4Linear):
+        return layer.product(x)
+    return torch.cat([part.product(x) for part in layer], -1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in transformers' half-split form. x [T, heads, D], cos/sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in transformers' half-split form, as one roll:
+    rotate_half(x) * sin == roll(x, D/2) * signed_sin with the first half of sin negated.
+    x [T, heads, D], cos/signed_sin [T, 1, D]."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 @dataclass
@@ -121,28 +125,27 @@ class Int4Llama:
         shape = (len(self.layers), self.kv_heads, FIRST_CAPACITY, self.head_dim)
         return KeyValues(torch.zeros(shape), torch.zeros(shape))
 
-    def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(h, (h.shape[-1],), weight, self.eps)
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # float32 -> bfloat16
+        return F.rms_norm(h, (h.shape[-1],), weight, self.eps).to(ACTIVATIONS)
 
     def _attention(self, index: int, layer: _Layer, x: torch.Tensor, cache: KeyValues,
                    rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         steps, start = x.shape[0], cache.length
-        q_width, kv_width = self.query_heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = _product(layer.qkv, x)  # [T, (Hq + 2 Hkv) D]
-        q = _rotate(qkv[:, :q_width].view(steps, self.query_heads, self.head_dim), *rotary)
-        k = _rotate(qkv[:, q_width:q_width + kv_width].view(steps, self.kv_heads, self.head_dim), *rotary)
-        v = qkv[:, q_width + kv_width:].view(steps, self.kv_heads, self.head_dim)
-        cache.keys[index, :, start:start + steps] = k.transpose(0, 1)
-        cache.values[index, :, start:start + steps] = v.transpose(0, 1)
+        heads = self.query_heads + self.kv_heads  # q and k: rotated together
+        qkv = _product(layer.qkv, x).float().view(steps, heads + self.kv_heads, self.head_dim)
+        qk = _rotate(qkv[:, :heads], *rotary)  # [T, Hq + Hkv, D]
         seen = start + steps
+        cache.keys[index, :, start:seen] = qk[:, self.query_heads:].transpose(0, 1)
+        cache.values[index, :, start:seen] = qkv[:, heads:].transpose(0, 1)
         keys, values = cache.keys[index:index + 1, :, :seen], cache.values[index:index + 1, :, :seen]
-        attended = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values,
-                                                  attn_mask=mask, enable_gqa=True)  # [1, Hq, T, D]
-        return layer.out(attended[0].transpose(0, 1).reshape(steps, q_width))
+        queries = qk[:, :self.query_heads].transpose(0, 1)[None]  # [1, Hq, T, D]
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                  enable_gqa=True)  # [1, Hq, T, D]
+        return layer.out.product(attended[0].transpose(0, 1).reshape(steps, -1).to(ACTIVATIONS))
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate_up = _product(layer.gate_up, x)  # [T, 2 intermediate]
-        return layer.down(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
+        gate_up = _product(layer.gate_up, x)  # [T, 2 intermediate] bfloat16
+        return layer.down.product(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
 
     @torch.inference_mode()
     def step(self, cache: KeyValues, tokens: list[int]) -> torch.Tensor:  # [V] float32
@@ -150,13 +153,15 @@ class Int4Llama:
         start, steps = cache.length, len(tokens)
         cache.reserve(start + steps)
         inner = self.model.model
-        h = inner.embed_tokens(torch.tensor(tokens))  # [T, hidden]
+        h = inner.embed_tokens(torch.tensor(tokens))  # [T, hidden] float32
         positions = torch.arange(start, start + steps)[None]
         cos, sin = inner.rotary_emb(h[None], positions)  # [1, T, D] each, scaling applied
-        rotary = (cos[0, :, None], sin[0, :, None])
+        half = self.head_dim // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        rotary = (cos[0, :, None], signed_sin[0, :, None])
         # each new token sees the cache and the new tokens up to itself; one token sees everything
         mask = None if steps == 1 else torch.ones(steps, start + steps, dtype=torch.bool).tril(start)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers):  # the residual stream stays float32
             h = h + self._attention(index, layer, self._norm(h, layer.attention_norm), cache, rotary, mask)
             h = h + self._mlp(layer, self._norm(h, layer.mlp_norm))
         cache.length = start + steps
