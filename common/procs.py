@@ -38,11 +38,6 @@ def _env_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
-# Settings whose default stands in for "what the draft recommends" while no one sets them
-# (specd.runtime.draft_gamma): a child must see them unset too, not the default as if chosen.
-DRAFT_RECOMMENDS = {("edge", "gamma")}
-
-
 def child_env(settings: Settings, url: str) -> dict[str, str]:
     """The one way settings reach a child ``specd`` process: every effective setting as a
     ``SPECD_*`` variable (they win over any settings file; never on a command line, where the
@@ -51,9 +46,7 @@ def child_env(settings: Settings, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX.upper())}
     for section, values in settings.model_dump().items():
         for key, value in values.items():
-            if (section, key) in DRAFT_RECOMMENDS and key not in getattr(settings, section).model_fields_set:
-                continue  # unset means "what models.draft recommends": the child works it out the same way
-            if value is not None:
+            if value is not None:  # unset (None) stays unset: the child resolves it the same way
                 env[f"{ENV_PREFIX.upper()}{section.upper()}__{key.upper()}"] = _env_value(value)
     env.update({f"{ENV_PREFIX.upper()}REDIS__URL": url, f"{ENV_PREFIX.upper()}LOG__FORMAT": "json",
                 "PYTHONUNBUFFERED": "1"})

@@ -320,6 +320,9 @@ class DraftSpec(Section):
         return _known_drafter(name, routable=True)
 
 
+DEFAULT_GAMMA = 4  # draft tokens per round when neither the settings nor the draft say
+
+
 class EdgeSettings(Section):
     worker_id: str = Field("", pattern=WORKER_ID_PATTERN)
     """Empty: hostname-pid."""
@@ -345,8 +348,10 @@ class EdgeSettings(Section):
     cache_dir: str = ""
     """Where converted models are kept (OpenVINO IR, GenAI folders, GGUF files dequantised to
     safetensors, for the target too); empty: ~/.cache/specd."""
-    gamma: int = Field(4, ge=0)
-    """Draft tokens per round (fixed), or the starting point of adaptive gamma."""
+    gamma: int | None = Field(None, ge=0)
+    """Draft tokens per round (fixed), or the starting point of adaptive gamma. Unset: what
+    models.draft recommends (a named model's own figure, a folder's ``num_assistant_tokens`` in
+    its generation_config.json), else DEFAULT_GAMMA (``specd.runtime.draft_gamma``)."""
     adaptive_gamma: Bool = False
     """Choose gamma per round from observed acceptance and costs, within gamma_min..gamma_max."""
     gamma_min: int = Field(1, ge=1)
@@ -396,7 +401,7 @@ class EdgeSettings(Section):
 
     @field_validator("gamma")
     @classmethod
-    def _drafts_at_all(cls, value: int) -> int:
+    def _drafts_at_all(cls, value: int | None) -> int | None:
         if value == 0:  # a "speculative" session that never drafts: the target alone, but slower
             raise ValueError("must be at least 1: each round drafts gamma tokens; for the target "
                              "alone use `specd generate --mode target`")
@@ -521,7 +526,7 @@ class Settings(BaseSettings):
              self.limits.max_new_tokens),
         ]
         for name, value, bound_name, bound in bounds:
-            if value > bound:
+            if value is not None and value > bound:
                 raise ValueError(f"{name} ({value}) exceeds {bound_name} ({bound})")
         return self
 

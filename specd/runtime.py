@@ -18,7 +18,14 @@ from common.models import (
     resolve_model_path,
     set_torch_threads,
 )
-from common.settings import ConfigError, Settings, check_fits_model, check_kv_budget, context_length
+from common.settings import (
+    DEFAULT_GAMMA,
+    ConfigError,
+    Settings,
+    check_fits_model,
+    check_kv_budget,
+    context_length,
+)
 from edge_worker.backends import DraftBackend, build_drafter
 from edge_worker.client import EdgeClient, EdgeConfig
 from edge_worker.shaping import ShapedBroker
@@ -124,14 +131,14 @@ def edge_config(settings: Settings, max_context: int = 0) -> EdgeConfig:
 
 def draft_gamma(settings: Settings) -> int:
     """``edge.gamma`` when set anywhere (settings file, environment, flag), else what models.draft
-    recommends (``smollm2-135m-int4``: 8), else the default 4; at most ``limits.max_gamma``."""
-    if "gamma" in settings.edge.model_fields_set:
+    recommends (``smollm2-135m-int4``: 8), else DEFAULT_GAMMA; at most ``limits.max_gamma``."""
+    if settings.edge.gamma is not None:
         return settings.edge.gamma
     try:
         recommended = recommended_gamma(settings.models.draft, settings.edge.cache_dir)
     except ModelLoadError:  # a draft that cannot load fails where it is loaded, with its own error
         recommended = 0
-    return min(recommended or settings.edge.gamma, settings.limits.max_gamma)
+    return min(recommended or DEFAULT_GAMMA, settings.limits.max_gamma)
 
 
 def draft_confidence(settings: Settings, opening: bool = False) -> float:

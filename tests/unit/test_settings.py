@@ -19,7 +19,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_defaults_without_a_file() -> None:
     settings = load_settings()
-    assert settings.edge.gamma == 4 and settings.redis.url == ""
+    assert settings.edge.gamma is None and settings.redis.url == ""  # None: the draft's recommendation
 
 
 def test_precedence_toml_env_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
