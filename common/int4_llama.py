@@ -8,8 +8,8 @@ together by one roll with rotary tables from the model's own rotary module, each
 bfloat16 output added to the float32 residual stream as it is (at one row every conversion is
 an op of its own), and a key/value buffer per sequence that grows by doubling. The MLP's
 ``silu(gate) * up`` stays float32: in bfloat16 it cost 3 more rejected tokens over 12 held-out
-Spec-Bench answers. Figures against transformers' forward of
-the same model: ``benchmarks/results/int4_draft.md``.
+Spec-Bench answers. Figures against transformers' forward of the same model:
+``benchmarks/results/int4_draft.md``.
 
 It is a draft's decoder: its numbers only choose what gets proposed, the target checks every
 token, so a difference in the last bits (fused versus separate products) cannot reach the
