@@ -17,6 +17,9 @@ the weights with NNCF (``pip install nncf``) and keeps the default hint.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -178,9 +181,20 @@ def _convert(folder: Path, out: Path, precision: str, trust_remote_code: bool) -
 
 
 def _compress_int8(ov_model: Any) -> Any:
-    try:
-        import nncf  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise BackendUnavailableError("openvino precision int8 needs NNCF: pip install nncf "
-                                      "(or use precision f32/bf16/f16)") from exc
-    return nncf.compress_weights(ov_model)
+    # NNCF reports on stdout (a log handler bound to it at import, a progress bar), and stdout
+    # is the product's: `specd generate --json` writes its one JSON document there.
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            import nncf  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise BackendUnavailableError("openvino precision int8 needs NNCF: pip install nncf "
+                                          "(or use precision f32/bf16/f16)") from exc
+        _handlers_to_stderr(logging.getLogger("nncf"), (stdout, sys.__stdout__))
+        return nncf.compress_weights(ov_model)
+
+
+def _handlers_to_stderr(logger: logging.Logger, streams: tuple[Any, ...]) -> None:
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and any(handler.stream is s for s in streams):
+            handler.setStream(sys.stderr)

@@ -172,6 +172,38 @@ def test_missing_package_names_the_install_command(monkeypatch) -> None:
     assert report["torch"]["installed"] and "cpu" in report["torch"]["devices"]
 
 
+def test_int8_compression_keeps_stdout_clean(capsys, monkeypatch) -> None:
+    """NNCF logs through a handler bound to stdout at import and draws a progress bar there;
+    `specd generate --json` owns stdout, so both must land on stderr. A stand-in module plays NNCF
+    (the real one is an optional extra): it binds its handler at import, as NNCF does."""
+    import logging
+    import sys
+    import types
+
+    from edge_worker.backends import openvino_backend
+
+    def fake_import() -> types.ModuleType:
+        logger = logging.getLogger("nncf")
+        logger.handlers = [logging.StreamHandler(sys.stdout)]
+        logger.propagate = False
+
+        def compress_weights(model: object) -> str:
+            logger.warning("Statistics of the bitwidth distribution")
+            print("Applying Weight Compression 100%")
+            return f"compressed {model}"
+
+        return types.SimpleNamespace(compress_weights=compress_weights)  # type: ignore[return-value]
+
+    monkeypatch.setitem(sys.modules, "nncf", fake_import())
+    try:
+        assert openvino_backend._compress_int8("ir") == "compressed ir"
+    finally:
+        logging.getLogger("nncf").handlers = []
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "bitwidth" in captured.err and "Weight Compression" in captured.err
+
+
 def test_specd_devices_lists_every_backend(capsys, monkeypatch, tmp_path) -> None:
     from specd import cli
     from specd.cli import main
