@@ -130,6 +130,8 @@ def main() -> None:
     expected, tokens, wall_ms = [], 0, 0.0
     for prompt in PROMPTS:
         result, _ = generate(prompt, ["--mode", "target"], common)
+        if "error" in result:  # no baseline: nothing else can be compared
+            raise SystemExit(f"target-only run failed: {' '.join(result['error'])}")
         expected.append(result["text"])
         tokens, wall_ms = tokens + result["tokens"], wall_ms + result["wall_ms"]
     target_tokens_per_s = round(1000 * tokens / wall_ms, 2)

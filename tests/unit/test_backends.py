@@ -182,7 +182,7 @@ def test_int8_compression_keeps_stdout_clean(capsys, monkeypatch) -> None:
 
     from edge_worker.backends import openvino_backend
 
-    def fake_import() -> types.ModuleType:
+    def fake_import() -> types.SimpleNamespace:
         logger = logging.getLogger("nncf")
         logger.handlers = [logging.StreamHandler(sys.stdout)]
         logger.propagate = False
@@ -192,7 +192,7 @@ def test_int8_compression_keeps_stdout_clean(capsys, monkeypatch) -> None:
             print("Applying Weight Compression 100%")
             return f"compressed {model}"
 
-        return types.SimpleNamespace(compress_weights=compress_weights)  # type: ignore[return-value]
+        return types.SimpleNamespace(compress_weights=compress_weights)
 
     monkeypatch.setitem(sys.modules, "nncf", fake_import())
     try:
